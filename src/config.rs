@@ -1,0 +1,382 @@
+//! The daemon's configuration: one TOML file plus `LANRAGE__SECTION__KEY` environment overrides,
+//! merged by the `config` crate. Unknown keys and bad values refuse to start with a message that
+//! names the key and where it came from.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment overrides: `LANRAGE__NETWORK__MTU=1380`.
+pub const ENV_PREFIX: &str = "LANRAGE";
+/// Config file read by `lanrage up` when `--config` is not given (only if it exists).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/lanrage/lanrage.toml";
+
+/// Everything the daemon can be told. Every field has a default, so an empty file is valid.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Who this node is and where it keeps its state.
+    pub node: NodeConfig,
+    /// The virtual network: TUN interface, party subnet, UDP port.
+    pub network: NetworkConfig,
+    /// The local HTTP API used by the CLI and the web UI.
+    pub api: ApiConfig,
+    /// How parties are found.
+    pub discovery: DiscoveryConfig,
+    /// Heartbeats and timeouts.
+    pub timers: TimersConfig,
+}
+
+/// `[node]`
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name shown to other players; defaults to the hostname.
+    pub name: String,
+    /// Where the private key and the remembered party live.
+    pub state_dir: PathBuf,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        let name = hostname::get()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "lanrage".to_string());
+        NodeConfig { name, state_dir: PathBuf::from("/var/lib/lanrage") }
+    }
+}
+
+/// `[network]`
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Name of the TUN interface.
+    pub interface: String,
+    /// The party subnet; the host takes its first address.
+    pub subnet: Ipv4Net,
+    /// MTU of the TUN interface (underlay MTU minus 80 bytes of WireGuard/UDP/IPv6 overhead).
+    pub mtu: u16,
+    /// The one UDP port for WireGuard, STUN and lanrage's own messages.
+    pub listen_port: u16,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            interface: "lanrage0".into(),
+            subnet: Ipv4Net::new(Ipv4Addr::new(10, 66, 0, 0), 16).expect("valid default subnet"),
+            mtu: 1420,
+            listen_port: 51820,
+        }
+    }
+}
+
+/// `[api]`
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address of the local HTTP API and web UI. Keep it on loopback.
+    pub listen: SocketAddr,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8666)) }
+    }
+}
+
+/// `[discovery]`
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// Announce and browse parties with mDNS/DNS-SD on the LAN.
+    pub mdns: bool,
+    /// A JSON file several daemons share (e.g. on a network share); unset = off.
+    pub file: Option<PathBuf>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig { mdns: true, file: None }
+    }
+}
+
+/// `[timers]`
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimersConfig {
+    /// How often members tell each other they are alive.
+    pub heartbeat_secs: u64,
+    /// A member silent this long is dropped by everyone (a crashed host is replaced after it).
+    pub peer_timeout_secs: u64,
+}
+
+impl Default for TimersConfig {
+    fn default() -> Self {
+        TimersConfig { heartbeat_secs: 2, peer_timeout_secs: 10 }
+    }
+}
+
+/// Why the configuration was refused. The message always says which key and where it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or is not TOML.
+    #[error("{file}: {message}")]
+    File { file: String, message: String },
+    /// A key that lanrage does not know (a typo, most likely).
+    #[error("{origin}: unknown key `{key}`")]
+    UnknownKey { origin: String, key: String },
+    /// A key with a value of the wrong type or out of range.
+    #[error("{origin}: bad value for `{key}`: {message}")]
+    BadValue { origin: String, key: String, message: String },
+}
+
+impl Config {
+    /// Loads `path` (if given; it must exist) or [`DEFAULT_CONFIG_PATH`] (if it exists), then applies
+    /// `LANRAGE__SECTION__KEY` overrides from `env`, then checks every value.
+    pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let (file, required) = match path {
+            Some(p) => (Some(p.to_path_buf()), true),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+                (p.exists().then_some(p), false)
+            }
+        };
+        let origin = file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "defaults".into());
+        let known = known_keys();
+
+        let mut builder = config::Config::builder();
+        if let Some(file) = &file {
+            let text = std::fs::read_to_string(file).map_err(|e| ConfigError::File {
+                file: file.display().to_string(),
+                message: if required { e.to_string() } else { format!("cannot read: {e}") },
+            })?;
+            let table: toml::Table = toml::from_str(&text)
+                .map_err(|e| ConfigError::File { file: origin.clone(), message: e.to_string() })?;
+            for key in flatten_keys(&table) {
+                if !known.contains(&key) {
+                    return Err(ConfigError::UnknownKey { origin: origin.clone(), key });
+                }
+            }
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+
+        let mut overrides: Vec<(String, String, String)> = Vec::new();
+        let prefix = format!("{ENV_PREFIX}__");
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(&prefix) else { continue };
+            let key = rest.to_ascii_lowercase().replace("__", ".");
+            if !known.contains(&key) {
+                return Err(ConfigError::UnknownKey { origin: format!("environment variable {name}"), key });
+            }
+            overrides.push((name.clone(), key, value.clone()));
+        }
+        for (_, key, value) in &overrides {
+            builder = builder
+                .set_override(key.as_str(), value.as_str())
+                .map_err(|e| ConfigError::File { file: origin.clone(), message: e.to_string() })?;
+        }
+
+        let merged = builder
+            .build()
+            .map_err(|e| ConfigError::File { file: origin.clone(), message: e.to_string() })?;
+        let cfg: Config = merged.try_deserialize().map_err(|e| {
+            let message = e.to_string();
+            // Name the environment variable when the bad value came from one.
+            let blamed = overrides.iter().find(|(_, key, _)| message.contains(key.as_str()));
+            match blamed {
+                Some((var, key, _)) => ConfigError::BadValue {
+                    origin: format!("environment variable {var}"),
+                    key: key.clone(),
+                    message,
+                },
+                None => ConfigError::BadValue { origin: origin.clone(), key: key_in(&message), message },
+            }
+        })?;
+        cfg.validate(&origin)?;
+        Ok(cfg)
+    }
+
+    /// Range checks that types alone cannot express.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::BadValue {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        let n = &self.network;
+        if n.interface.is_empty() || n.interface.len() > 15 || !n.interface.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+            return Err(bad("network.interface", format!("{:?} is not a valid interface name (1-15 of a-z, 0-9, - _ .)", n.interface)));
+        }
+        if n.subnet.prefix_len() > 30 || n.subnet.prefix_len() < 8 {
+            return Err(bad("network.subnet", format!("{} must be between /8 and /30", n.subnet)));
+        }
+        if n.subnet.network() != n.subnet.addr() {
+            return Err(bad("network.subnet", format!("{} has host bits set; did you mean {}?", n.subnet, n.subnet.trunc())));
+        }
+        if !(576..=9000).contains(&n.mtu) {
+            return Err(bad("network.mtu", format!("{} is outside 576..=9000", n.mtu)));
+        }
+        if n.listen_port == 0 {
+            return Err(bad("network.listen_port", "0 is not a usable port".into()));
+        }
+        if self.node.name.trim().is_empty() || self.node.name.len() > 32 {
+            return Err(bad("node.name", "must be 1 to 32 bytes".into()));
+        }
+        if self.node.state_dir.as_os_str().is_empty() {
+            return Err(bad("node.state_dir", "must not be empty".into()));
+        }
+        let t = &self.timers;
+        if !(1..=60).contains(&t.heartbeat_secs) {
+            return Err(bad("timers.heartbeat_secs", format!("{} is outside 1..=60", t.heartbeat_secs)));
+        }
+        if t.peer_timeout_secs < 2 * t.heartbeat_secs || t.peer_timeout_secs > 600 {
+            return Err(bad(
+                "timers.peer_timeout_secs",
+                format!("{} must be at least twice heartbeat_secs ({}) and at most 600", t.peer_timeout_secs, t.heartbeat_secs),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Every dotted key the config knows, derived from the defaults so it can never drift from the structs.
+fn known_keys() -> BTreeSet<String> {
+    let mut cfg = Config::default();
+    cfg.discovery.file = Some(PathBuf::new()); // optional keys must appear too
+    let table = toml::Table::try_from(&cfg).unwrap_or_default();
+    flatten_keys(&table).into_iter().collect()
+}
+
+fn flatten_keys(table: &toml::Table) -> Vec<String> {
+    let mut out = Vec::new();
+    for (section, value) in table {
+        match value {
+            toml::Value::Table(inner) => {
+                for (key, v) in inner {
+                    out.push(format!("{section}.{key}"));
+                    if v.is_table() {
+                        out.push(format!("{section}.{key}.*"));
+                    }
+                }
+            }
+            _ => out.push(section.clone()),
+        }
+    }
+    out
+}
+
+/// Pulls "`a.b`" out of a `config` crate message ("... for key `network.mtu` ...").
+fn key_in(message: &str) -> String {
+    message
+        .split('`')
+        .nth(1)
+        .filter(|k| k.contains('.'))
+        .map(str::to_string)
+        .unwrap_or_else(|| "?".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let f = write("");
+        let cfg = Config::load(Some(f.path()), &[]).unwrap();
+        assert_eq!(cfg.network.listen_port, 51820);
+        assert_eq!(cfg.network.interface, "lanrage0");
+        assert_eq!(cfg.api.listen.to_string(), "127.0.0.1:8666");
+        assert!(cfg.discovery.mdns);
+        assert_eq!(cfg.discovery.file, None);
+        assert!(cfg.timers.peer_timeout_secs <= 30);
+    }
+
+    #[test]
+    fn documented_example_file_is_valid_and_complete() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/lanrage.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Every known key is documented (commented or not) in the example file.
+        for key in known_keys() {
+            let leaf = key.rsplit('.').next().unwrap();
+            assert!(text.contains(&format!("{leaf} =")), "config/lanrage.toml does not document {key}");
+        }
+        Config::load(Some(&path), &[]).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let f = write("[network]\nmtuu = 1400\n");
+        let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("network.mtuu"), "{err}");
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+        let f = write("[netwrk]\nmtu = 1400\n");
+        let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("netwrk"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_key_and_file() {
+        let f = write("[network]\nmtu = \"big\"\n");
+        let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("network.mtu"), "{err}");
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+        let f = write("[network]\nmtu = 100\n");
+        let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("network.mtu") && err.contains("576"), "{err}");
+        let f = write("[network]\nsubnet = \"10.66.1.0/16\"\n");
+        let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("network.subnet"), "{err}");
+        let f = write("[timers]\nheartbeat_secs = 5\npeer_timeout_secs = 6\n");
+        let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("timers.peer_timeout_secs"), "{err}");
+        let f = write("[network\n");
+        let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let f = write("[network]\nmtu = 1400\n[node]\nname = \"alice\"\n");
+        let env = vec![
+            ("LANRAGE__NETWORK__MTU".to_string(), "1380".to_string()),
+            ("LANRAGE__DISCOVERY__MDNS".to_string(), "false".to_string()),
+            ("LANRAGE__DISCOVERY__FILE".to_string(), "/tmp/x.json".to_string()),
+            ("UNRELATED".to_string(), "1".to_string()),
+        ];
+        let cfg = Config::load(Some(f.path()), &env).unwrap();
+        assert_eq!(cfg.network.mtu, 1380);
+        assert_eq!(cfg.node.name, "alice");
+        assert!(!cfg.discovery.mdns);
+        assert_eq!(cfg.discovery.file, Some(PathBuf::from("/tmp/x.json")));
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let f = write("");
+        let env = vec![("LANRAGE__NETWORK__MTUX".to_string(), "1".to_string())];
+        let err = Config::load(Some(f.path()), &env).unwrap_err().to_string();
+        assert!(err.contains("LANRAGE__NETWORK__MTUX") && err.contains("network.mtux"), "{err}");
+        let env = vec![("LANRAGE__NETWORK__MTU".to_string(), "lots".to_string())];
+        let err = Config::load(Some(f.path()), &env).unwrap_err().to_string();
+        assert!(err.contains("LANRAGE__NETWORK__MTU"), "{err}");
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/lanrage.toml")), &[]).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/lanrage.toml"), "{err}");
+    }
+}

@@ -1,0 +1,111 @@
+//! Virtual IP allocation on the party subnet. Pure: the host asks it for an address given the
+//! addresses in use; it prefers the address a key had before, so a player who drops out and
+//! comes back (or restarts) keeps their IP while it is free.
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+/// How many key → address memories the host keeps.
+const MAX_REMEMBERED: usize = 1024;
+
+/// Hands out virtual IPs on one subnet.
+#[derive(Clone, Debug)]
+pub struct Ipam {
+    subnet: Ipv4Net,
+    remembered: HashMap<[u8; 32], Ipv4Addr>,
+}
+
+impl Ipam {
+    /// An allocator for `subnet` (at most /30, checked by the config).
+    pub fn new(subnet: Ipv4Net) -> Self {
+        Ipam { subnet, remembered: HashMap::new() }
+    }
+
+    /// The subnet's first usable address: the creator's (10.66.0.1).
+    pub fn first(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.subnet.network()).saturating_add(1))
+    }
+
+    /// Whether `ip` is a usable host address of the subnet (not network, not broadcast).
+    pub fn is_usable(&self, ip: Ipv4Addr) -> bool {
+        self.subnet.contains(&ip) && ip != self.subnet.network() && ip != self.subnet.broadcast()
+    }
+
+    /// Remembers that `key` holds `ip` (so it gets it back later).
+    pub fn remember(&mut self, key: [u8; 32], ip: Ipv4Addr) {
+        if self.remembered.len() >= MAX_REMEMBERED && !self.remembered.contains_key(&key) {
+            self.remembered.clear();
+        }
+        self.remembered.insert(key, ip);
+    }
+
+    /// An address for `key`: the one it had before if free, else the one it asks for if usable
+    /// and free, else the lowest free one. `None` when the subnet is full.
+    pub fn allocate(&mut self, key: [u8; 32], used: &HashSet<Ipv4Addr>, wish: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+        let free = |ip: &Ipv4Addr| self.is_usable(*ip) && !used.contains(ip);
+        let pick = self
+            .remembered
+            .get(&key)
+            .copied()
+            .filter(free)
+            .or_else(|| wish.filter(free))
+            .or_else(|| {
+                let start = u32::from(self.first());
+                let end = u32::from(self.subnet.broadcast());
+                (start..end).map(Ipv4Addr::from).find(|ip| !used.contains(ip))
+            })?;
+        self.remember(key, pick);
+        Some(pick)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn sequential_then_sticky() {
+        let mut ipam = Ipam::new(net("10.66.0.0/16"));
+        assert_eq!(ipam.first(), Ipv4Addr::new(10, 66, 0, 1));
+        let mut used: HashSet<_> = [ipam.first()].into();
+        let a = ipam.allocate([1; 32], &used, None).unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 66, 0, 2));
+        used.insert(a);
+        let b = ipam.allocate([2; 32], &used, None).unwrap();
+        assert_eq!(b, Ipv4Addr::new(10, 66, 0, 3));
+        used.insert(b);
+        // a leaves and comes back: same address.
+        used.remove(&a);
+        assert_eq!(ipam.allocate([1; 32], &used, None), Some(a));
+        // a's address taken by someone else meanwhile: a gets another one.
+        let c = ipam.allocate([3; 32], &used, None).unwrap();
+        assert_eq!(c, a);
+        used.insert(c);
+        assert_ne!(ipam.allocate([1; 32], &used, None), Some(a));
+    }
+
+    #[test]
+    fn wish_is_honoured_only_if_usable_and_free() {
+        let mut ipam = Ipam::new(net("10.66.0.0/16"));
+        let used: HashSet<_> = [ipam.first()].into();
+        assert_eq!(ipam.allocate([1; 32], &used, Some(Ipv4Addr::new(10, 66, 7, 7))), Some(Ipv4Addr::new(10, 66, 7, 7)));
+        assert_eq!(ipam.allocate([2; 32], &used, Some(Ipv4Addr::new(10, 66, 0, 1))), Some(Ipv4Addr::new(10, 66, 0, 2)));
+        assert_eq!(ipam.allocate([3; 32], &used, Some(Ipv4Addr::new(10, 66, 255, 255))), Some(Ipv4Addr::new(10, 66, 0, 2)));
+        assert_eq!(ipam.allocate([4; 32], &used, Some(Ipv4Addr::new(192, 0, 2, 1))), Some(Ipv4Addr::new(10, 66, 0, 2)));
+    }
+
+    #[test]
+    fn full_subnet_gives_none() {
+        let mut ipam = Ipam::new(net("10.66.0.0/30"));
+        let mut used: HashSet<_> = [ipam.first()].into();
+        let a = ipam.allocate([1; 32], &used, None).unwrap();
+        used.insert(a);
+        assert_eq!(ipam.allocate([2; 32], &used, None), None);
+    }
+}

@@ -1,0 +1,363 @@
+//! lanrage's own control messages and how datagrams on the shared UDP socket are told apart.
+//!
+//! One UDP socket carries three protocols, demultiplexed by their first bytes:
+//! - WireGuard: type byte 1..=4 followed by three zero bytes;
+//! - STUN: first two bits zero and the magic cookie 0x2112A442 at offset 4;
+//! - lanrage: the ASCII magic `LR` (0x4C 0x52), then a version byte, then a sealed envelope
+//!   ([`crate::seal`]) whose plaintext is a postcard-encoded [`Message`].
+//!
+//! Postcard encodes enums by variant index, so variants are only ever appended, never reordered
+//! or removed; [`WIRE_VERSION`] changes only for incompatible envelope changes.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{NodeId, PartyId};
+
+/// First two bytes of every lanrage control datagram.
+pub const MAGIC: [u8; 2] = *b"LR";
+/// Envelope format version (third byte).
+pub const WIRE_VERSION: u8 = 1;
+/// Largest control datagram we send or accept.
+pub const MAX_CONTROL_DATAGRAM: usize = 8192;
+/// Most members a party can have; keeps a roster inside one (possibly fragmented) datagram.
+pub const MAX_MEMBERS: usize = 32;
+/// Most endpoints one member advertises.
+pub const MAX_ENDPOINTS: usize = 8;
+/// Longest party or node name, in bytes.
+pub const MAX_NAME: usize = 32;
+/// Longest password, in bytes.
+pub const MAX_PASSWORD: usize = 128;
+
+const STUN_MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
+
+/// Which protocol a datagram on the shared socket belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramKind {
+    /// A WireGuard message (handshake, cookie or data).
+    WireGuard,
+    /// A STUN message.
+    Stun,
+    /// A lanrage control envelope.
+    Control,
+    /// Nothing we speak: drop and count.
+    Garbage,
+}
+
+/// Classifies a datagram by its first bytes without parsing it.
+#[inline]
+pub fn classify(datagram: &[u8]) -> DatagramKind {
+    if datagram.len() >= 4 && (1..=4).contains(&datagram[0]) && datagram[1..4] == [0, 0, 0] {
+        DatagramKind::WireGuard
+    } else if datagram.len() >= 20 && datagram[0] & 0xC0 == 0 && datagram[4..8] == STUN_MAGIC_COOKIE {
+        DatagramKind::Stun
+    } else if datagram.len() >= 3 && datagram[..2] == MAGIC {
+        DatagramKind::Control
+    } else {
+        DatagramKind::Garbage
+    }
+}
+
+/// A party member as every member sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Derived from `key`.
+    pub id: NodeId,
+    /// Display name.
+    pub name: String,
+    /// WireGuard static public key.
+    pub key: [u8; 32],
+    /// Address on the party subnet.
+    pub ip: Ipv4Addr,
+    /// UDP endpoints where the member can be reached, best first.
+    pub endpoints: Vec<SocketAddr>,
+    /// Join order: lower joined earlier. The lowest non-host member becomes host when the host goes.
+    pub since: u64,
+}
+
+/// What lets a host check a party password without keeping the password: BLAKE2s over a random
+/// salt, the party id and the password. Only members ever see it (inside sealed messages).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordVerifier {
+    /// Random per party.
+    pub salt: [u8; 16],
+    /// BLAKE2s(salt, party id, password).
+    pub hash: [u8; 32],
+}
+
+/// The host's authoritative view of a party; every change bumps `version`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Roster {
+    /// Which party.
+    pub party: PartyId,
+    /// The party's name.
+    pub name: String,
+    /// Monotonic; a member applies a roster only if it is newer than the one it has.
+    pub version: u64,
+    /// Current host (a member of `members`).
+    pub host: NodeId,
+    /// Next `since` the host will hand out (so a new host continues the order).
+    pub next_since: u64,
+    /// Password check for protected parties; `None` = open party.
+    pub verifier: Option<PasswordVerifier>,
+    /// Everyone in the party, host included.
+    pub members: Vec<Member>,
+}
+
+/// Why a join was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// The receiver is not in (or no longer hosts any) party with that id.
+    UnknownParty,
+    /// Protected party, wrong or missing password.
+    WrongPassword,
+    /// [`MAX_MEMBERS`] reached or the subnet is exhausted.
+    PartyFull,
+    /// Too many wrong passwords from this key recently.
+    TooManyAttempts,
+}
+
+/// lanrage's control messages. Append new variants at the end only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Joiner → host: let me in. Retransmitted until answered.
+    JoinRequest {
+        /// Party to join.
+        party: PartyId,
+        /// Joiner's display name.
+        name: String,
+        /// Password for protected parties (sealed, so only the host reads it).
+        password: Option<String>,
+        /// Where the joiner can be reached.
+        endpoints: Vec<SocketAddr>,
+        /// The virtual IP the joiner had before (after a restart), if any.
+        previous_ip: Option<Ipv4Addr>,
+        /// Matches the answer to the request.
+        nonce: u64,
+    },
+    /// Host → joiner: welcome; the roster contains the joiner.
+    JoinAccept {
+        /// Echo of the request's nonce.
+        nonce: u64,
+        /// The party as it is now.
+        roster: Roster,
+    },
+    /// Host (or any node) → joiner: refused.
+    JoinReject {
+        /// Echo of the request's nonce.
+        nonce: u64,
+        /// Which party was asked for.
+        party: PartyId,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// A member that is not host → joiner: ask the host instead.
+    Redirect {
+        /// Echo of the request's nonce.
+        nonce: u64,
+        /// Which party.
+        party: PartyId,
+        /// The host's public key.
+        host_key: [u8; 32],
+        /// The host's endpoints.
+        endpoints: Vec<SocketAddr>,
+    },
+    /// Host → members: the party changed.
+    Roster(Roster),
+    /// Member ↔ member: alive; carries the roster version the sender has (an ack for the host).
+    Heartbeat {
+        /// Which party.
+        party: PartyId,
+        /// Roster version the sender holds.
+        roster_version: u64,
+        /// Sender's clock, echoed back for round-trip time.
+        sent_ms: u64,
+    },
+    /// Answer to a heartbeat, for round-trip time.
+    HeartbeatAck {
+        /// Which party.
+        party: PartyId,
+        /// The heartbeat's `sent_ms`.
+        echo_ms: u64,
+    },
+    /// Member → everyone: I am leaving the party now.
+    Leave {
+        /// Which party.
+        party: PartyId,
+    },
+}
+
+/// Why bytes did not decode into a [`Message`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not valid postcard for any variant.
+    #[error("malformed message")]
+    Malformed,
+    /// Decoded, but a field breaks a limit (too many members, name too long, ...).
+    #[error("message breaks a limit: {0}")]
+    Limit(&'static str),
+}
+
+impl Message {
+    /// Encodes to postcard bytes (appended to `out`).
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Decodes postcard bytes and enforces the limits, so nothing downstream sees absurd sizes.
+    pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+        if bytes.len() > MAX_CONTROL_DATAGRAM {
+            return Err(DecodeError::Limit("too long"));
+        }
+        let msg: Message = postcard::from_bytes(bytes).map_err(|_| DecodeError::Malformed)?;
+        msg.check_limits()?;
+        Ok(msg)
+    }
+
+    fn check_limits(&self) -> Result<(), DecodeError> {
+        fn name(n: &str) -> Result<(), DecodeError> {
+            if n.len() > MAX_NAME {
+                return Err(DecodeError::Limit("name too long"));
+            }
+            Ok(())
+        }
+        fn endpoints(e: &[SocketAddr]) -> Result<(), DecodeError> {
+            if e.len() > MAX_ENDPOINTS {
+                return Err(DecodeError::Limit("too many endpoints"));
+            }
+            Ok(())
+        }
+        match self {
+            Message::JoinRequest { name: n, password, endpoints: e, .. } => {
+                name(n)?;
+                endpoints(e)?;
+                if password.as_ref().is_some_and(|p| p.len() > MAX_PASSWORD) {
+                    return Err(DecodeError::Limit("password too long"));
+                }
+            }
+            Message::JoinAccept { roster, .. } | Message::Roster(roster) => {
+                name(&roster.name)?;
+                if roster.members.len() > MAX_MEMBERS || roster.members.is_empty() {
+                    return Err(DecodeError::Limit("member count"));
+                }
+                for m in &roster.members {
+                    name(&m.name)?;
+                    endpoints(&m.endpoints)?;
+                    if m.id != NodeId::from_public_key(&m.key) {
+                        return Err(DecodeError::Limit("member id does not match key"));
+                    }
+                }
+                if !roster.members.iter().any(|m| m.id == roster.host) {
+                    return Err(DecodeError::Limit("host is not a member"));
+                }
+            }
+            Message::Redirect { endpoints: e, .. } => endpoints(e)?,
+            Message::JoinReject { .. }
+            | Message::Heartbeat { .. }
+            | Message::HeartbeatAck { .. }
+            | Message::Leave { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_addr() -> impl Strategy<Value = SocketAddr> {
+        (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port)))
+    }
+
+    fn arb_member() -> impl Strategy<Value = Member> {
+        ("[a-z]{1,32}", any::<[u8; 32]>(), any::<[u8; 4]>(), prop::collection::vec(arb_addr(), 0..8), any::<u64>())
+            .prop_map(|(name, key, ip, endpoints, since)| Member {
+                id: NodeId::from_public_key(&key),
+                name,
+                key,
+                ip: Ipv4Addr::from(ip),
+                endpoints,
+                since,
+            })
+    }
+
+    fn arb_roster() -> impl Strategy<Value = Roster> {
+        (any::<[u8; 10]>(), "[a-z ]{0,32}", any::<u64>(), prop::collection::vec(arb_member(), 1..32), any::<bool>(), any::<u64>())
+            .prop_map(|(party, name, version, members, protected, next_since)| Roster {
+                party: PartyId(party),
+                name,
+                version,
+                host: members[0].id,
+                next_since,
+                verifier: protected.then_some(PasswordVerifier { salt: [7; 16], hash: [9; 32] }),
+                members,
+            })
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (any::<[u8; 10]>(), "[a-z]{0,32}", prop::option::of("[ -~]{0,128}"), prop::collection::vec(arb_addr(), 0..8), prop::option::of(any::<[u8; 4]>()), any::<u64>())
+                .prop_map(|(p, name, password, endpoints, prev, nonce)| Message::JoinRequest {
+                    party: PartyId(p), name, password, endpoints, previous_ip: prev.map(Ipv4Addr::from), nonce
+                }),
+            (any::<u64>(), arb_roster()).prop_map(|(nonce, roster)| Message::JoinAccept { nonce, roster }),
+            (any::<u64>(), any::<[u8; 10]>()).prop_map(|(nonce, p)| Message::JoinReject { nonce, party: PartyId(p), reason: RejectReason::WrongPassword }),
+            (any::<u64>(), any::<[u8; 10]>(), any::<[u8; 32]>(), prop::collection::vec(arb_addr(), 0..8))
+                .prop_map(|(nonce, p, host_key, endpoints)| Message::Redirect { nonce, party: PartyId(p), host_key, endpoints }),
+            arb_roster().prop_map(Message::Roster),
+            (any::<[u8; 10]>(), any::<u64>(), any::<u64>()).prop_map(|(p, v, t)| Message::Heartbeat { party: PartyId(p), roster_version: v, sent_ms: t }),
+            (any::<[u8; 10]>(), any::<u64>()).prop_map(|(p, t)| Message::HeartbeatAck { party: PartyId(p), echo_ms: t }),
+            any::<[u8; 10]>().prop_map(|p| Message::Leave { party: PartyId(p) }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn messages_roundtrip(msg in arb_message()) {
+            let bytes = msg.encode();
+            prop_assert!(bytes.len() <= MAX_CONTROL_DATAGRAM);
+            prop_assert_eq!(Message::decode(&bytes).unwrap(), msg);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = Message::decode(&bytes);
+        }
+
+        #[test]
+        fn classify_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            let _ = classify(&bytes);
+        }
+    }
+
+    #[test]
+    fn classify_tells_protocols_apart() {
+        let mut wg = [0u8; 32];
+        wg[0] = 4;
+        assert_eq!(classify(&wg), DatagramKind::WireGuard);
+        // STUN binding request and success response.
+        let mut stun = [0u8; 20];
+        stun[1] = 1;
+        stun[4..8].copy_from_slice(&STUN_MAGIC_COOKIE);
+        assert_eq!(classify(&stun), DatagramKind::Stun);
+        stun[0] = 1;
+        assert_eq!(classify(&stun), DatagramKind::Stun);
+        assert_eq!(classify(b"LR\x01rest"), DatagramKind::Control);
+        assert_eq!(classify(b""), DatagramKind::Garbage);
+        assert_eq!(classify(&[5, 0, 0, 0, 1]), DatagramKind::Garbage);
+    }
+
+    #[test]
+    fn oversized_rosters_are_refused() {
+        let key = [1u8; 32];
+        let m = Member { id: NodeId::from_public_key(&key), name: "a".into(), key, ip: Ipv4Addr::new(10, 66, 0, 1), endpoints: vec![], since: 0 };
+        let roster = Roster { party: PartyId([0; 10]), name: "p".into(), version: 1, host: m.id, next_since: 1, verifier: None, members: vec![m.clone(); MAX_MEMBERS + 1] };
+        assert_eq!(Message::decode(&Message::Roster(roster).encode()), Err(DecodeError::Limit("member count")));
+        let mut forged = m.clone();
+        forged.id = NodeId([0; 8]);
+        let roster = Roster { party: PartyId([0; 10]), name: "p".into(), version: 1, host: forged.id, next_since: 1, verifier: None, members: vec![forged] };
+        assert!(Message::decode(&Message::Roster(roster).encode()).is_err());
+    }
+}
