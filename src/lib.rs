@@ -1,9 +1,16 @@
 //! lanrage: play LAN games with friends over a userspace WireGuard mesh.
+//!
+//! The party logic ([`party`]) and the control-message crypto ([`seal`]) and codecs ([`wire`]) are
+//! plain data with no I/O; [`daemon`] and [`tunnel`] move bytes between them and the world.
 
+pub mod api;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod discovery;
 pub mod identity;
 pub mod ids;
 pub mod party;
 pub mod seal;
+pub mod tunnel;
 pub mod wire;

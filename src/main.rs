@@ -1,1 +1,33 @@
-fn main(){}
+//! `lanrage`: the daemon (`lanrage up`) and the CLI that drives it.
+
+use clap::Parser;
+use lanrage::cli::{run_client, Cli, Command};
+use lanrage::config::Config;
+
+fn main() {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Up) {
+        std::process::exit(run_client(&cli));
+    }
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let cfg = match Config::load(cli.config.as_deref(), &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lanrage: invalid configuration: {e}");
+            std::process::exit(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LANRAGE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lanrage: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(lanrage::daemon::run(cfg)) {
+        eprintln!("lanrage: {e:#}");
+        std::process::exit(1);
+    }
+}

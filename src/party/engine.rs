@@ -83,6 +83,16 @@ pub struct SavedParty {
     pub ip: Ipv4Addr,
     /// Everyone else we knew, to ask to let us back in.
     pub targets: Vec<JoinTarget>,
+    /// Set when we hosted the party (to restore it if we were alone in it).
+    #[serde(default)]
+    pub hosted: Option<SavedHost>,
+}
+
+/// What a host needs to bring back a party it hosted alone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedHost {
+    /// The password verifier, if the party is protected.
+    pub verifier: Option<crate::wire::PasswordVerifier>,
 }
 
 /// What this node announces while it hosts a party.
@@ -314,7 +324,7 @@ impl Engine {
 
     /// Starts joining `party` through `target` (found by discovery). The outcome arrives as
     /// [`Action::JoinFinished`].
-    pub fn join(&mut self, now: Instant, party: PartyId, target: JoinTarget, password: Option<&str>) -> Result<(), EngineError> {
+    pub fn join(&mut self, now: Instant, party: PartyId, targets: Vec<JoinTarget>, password: Option<&str>) -> Result<(), EngineError> {
         if let State::InParty(p) = &self.state {
             if p.roster.party == party {
                 self.actions.push_back(Action::JoinFinished { party, by_user: true, result: Ok(()) });
@@ -323,13 +333,27 @@ impl Engine {
         }
         self.check_idle()?;
         check_password(password)?;
-        self.start_join(now, party, vec![target], password.map(str::to_string), None, JOIN_TIMEOUT, true);
+        self.start_join(now, party, targets, password.map(str::to_string), None, JOIN_TIMEOUT, true);
         Ok(())
     }
 
     /// After a restart: asks everyone we knew to let us back into `saved.party`.
     pub fn rejoin(&mut self, now: Instant, saved: SavedParty) -> Result<(), EngineError> {
         self.check_idle()?;
+        if saved.targets.is_empty() {
+            // We were alone in the party: nobody can let us back in, so bring it back ourselves.
+            let Some(hosted) = saved.hosted.clone() else {
+                self.actions.push_back(Action::Persist(None));
+                return Ok(());
+            };
+            let ip = if self.ipam.is_usable(saved.ip) { saved.ip } else { self.ipam.first() };
+            self.ipam.remember(self.cfg.key, ip);
+            let roster = Roster { party: saved.party, name: saved.name.clone(), version: 1, host: self.id, next_since: 1, verifier: hosted.verifier, members: vec![self.me(ip, 0)] };
+            tracing::info!(party = %saved.party, name = %saved.name, "restored the party we hosted alone");
+            self.state = State::InParty(InParty { roster, password: saved.password, live: HashMap::new(), next_heartbeat: now });
+            self.after_roster_change(None);
+            return Ok(());
+        }
         let wait = self.cfg.peer_timeout * 2 + JOIN_TIMEOUT;
         tracing::info!(party = %saved.party, name = %saved.name, "rejoining the remembered party");
         self.start_join(now, saved.party, saved.targets, saved.password, Some(saved.ip), wait, false);
@@ -602,8 +626,8 @@ impl Engine {
             tracing::info!(%party, name = %roster.name, ip = %me.ip, "joined the party");
         }
         self.state = State::InParty(InParty { roster, password, live, next_heartbeat: now });
-        self.actions.push_back(Action::JoinFinished { party, by_user, result: Ok(()) });
         self.after_roster_change(None);
+        self.actions.push_back(Action::JoinFinished { party, by_user, result: Ok(()) });
     }
 
     fn on_join_reject(&mut self, _now: Instant, key: [u8; 32], nonce: u64, party: PartyId, reason: RejectReason) {
@@ -833,6 +857,7 @@ impl Engine {
                     JoinTarget { key: m.key, endpoints }
                 })
                 .collect(),
+            hosted: (p.roster.host == my_id).then(|| SavedHost { verifier: p.roster.verifier.clone() }),
         });
         self.actions.push_back(Action::Address(me));
         self.actions.push_back(Action::Announce(hosted));
@@ -1068,7 +1093,7 @@ mod tests {
         fn join(&mut self, i: usize, via: usize, party: PartyId, password: Option<&str>) -> Result<(), JoinError> {
             let now = self.now;
             let target = self.target(via);
-            self.nodes[i].engine.join(now, party, target, password).unwrap();
+            self.nodes[i].engine.join(now, party, vec![target], password).unwrap();
             self.settle();
             self.advance(Duration::from_millis(500));
             self.nodes[i].finished.pop().expect("join finished")
@@ -1210,7 +1235,7 @@ mod tests {
         let party = sim.roster(0).party;
         let now = sim.now;
         let target = sim.target(0);
-        sim.nodes[1].engine.join(now, party, target, None).unwrap();
+        sim.nodes[1].engine.join(now, party, vec![target], None).unwrap();
         sim.advance(JOIN_TIMEOUT + Duration::from_secs(1));
         assert_eq!(sim.nodes[1].finished.pop(), Some(Err(JoinError::Timeout)));
     }
@@ -1284,6 +1309,26 @@ mod tests {
         assert!(sim.nodes[0].hosted.is_none());
         assert!(sim.nodes[0].engine.roster().is_none());
         assert_eq!(sim.nodes[0].engine.leave(now), Err(EngineError::NotInParty));
+    }
+
+    #[test]
+    fn lone_host_restart_restores_the_party() {
+        let mut sim = Sim::new(2);
+        let party = sim.create(0, Some("pw"));
+        let saved = sim.nodes[0].saved.clone().unwrap();
+        assert!(saved.targets.is_empty() && saved.hosted.is_some());
+        let key = sim.nodes[0].key;
+        sim.nodes[0].engine = Engine::new(
+            EngineConfig { key, name: "n0".into(), subnet: "10.66.0.0/16".parse().unwrap(), heartbeat: HB, peer_timeout: TIMEOUT },
+            sim.now,
+        );
+        let now = sim.now;
+        sim.nodes[0].engine.rejoin(now, saved).unwrap();
+        sim.settle();
+        assert_eq!(sim.roster(0).party, party);
+        assert_eq!(sim.nodes[0].address, Some(ip(1)));
+        assert_eq!(sim.join(1, 0, party, Some("wrong")), Err(JoinError::WrongPassword));
+        assert_eq!(sim.join(1, 0, party, Some("pw")), Ok(()));
     }
 
     #[test]

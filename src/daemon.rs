@@ -1,0 +1,657 @@
+//! The running daemon: wires the sans-IO party engine to the tunnel, discovery, the local API
+//! and the state directory. One control task owns the engine and the sealer; it reacts to control
+//! datagrams, API requests and a 100 ms tick, and executes the engine's actions.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::api::{self, ApiError, ApiRequest, NodeView, PartyListing, PartyView, PeerView, StatusView};
+use crate::config::Config;
+use crate::discovery::file::DiscoveryFile;
+use crate::discovery::mdns::Mdns;
+use crate::discovery::{PartyAd, Source, AD_VERSION};
+use crate::identity::Identity;
+use crate::ids::PartyId;
+use crate::party::engine::Hosted;
+use crate::party::{Action, Engine, EngineConfig, JoinError, JoinTarget, SavedParty};
+use crate::seal::Sealer;
+use crate::tunnel::{self, Tunnel};
+
+/// File in state_dir that remembers the party across restarts.
+pub const PARTY_FILE: &str = "party.json";
+/// How often the control task ticks the engine.
+const TICK: Duration = Duration::from_millis(100);
+/// A peer without a handshake for this long after being added is shown as "failed".
+const CONNECT_GRACE: Duration = Duration::from_secs(15);
+/// WireGuard rekeys every 2 minutes; a session older than 3 minutes is gone.
+const SESSION_FRESH: Duration = Duration::from_secs(180);
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let identity = Identity::load_or_create(&cfg.node.state_dir)?;
+    tracing::info!(node_id = %identity.id, name = %cfg.node.name, public_key = %identity.public_b64(), "starting lanrage");
+
+    let socket = tunnel::open_udp(cfg.network.listen_port).with_context(|| {
+        format!("cannot use UDP port {} (network.listen_port): is another lanrage or WireGuard running?", cfg.network.listen_port)
+    })?;
+    let tun = tunnel::open_tun(&cfg.network).with_context(|| {
+        format!("cannot create the TUN interface {:?}: lanrage needs root (or CAP_NET_ADMIN) and /dev/net/tun", cfg.network.interface)
+    })?;
+    let tunnel = Tunnel::new(socket, tun, &identity, cfg.network.subnet)?;
+    let port = tunnel.local_port();
+
+    let (control_tx, control_rx) = mpsc::channel(tunnel::CONTROL_QUEUE);
+    let datapath = tunnel.spawn(control_tx);
+
+    let mdns = if cfg.discovery.mdns {
+        match Mdns::start(std::slice::from_ref(&cfg.network.interface)) {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                tracing::warn!(error = %e, "mDNS discovery is off: could not start it");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let stale_after = Duration::from_secs(cfg.timers.peer_timeout_secs.max(3 * cfg.timers.heartbeat_secs));
+    let file = cfg.discovery.file.clone().map(|p| Arc::new(DiscoveryFile::new(p, stale_after)));
+
+    let (api_tx, api_rx) = mpsc::channel(64);
+    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (api.listen): is another lanrage running?", cfg.api.listen))?;
+    let api_task = tokio::spawn(api::serve(listener, cfg.api.listen, api_tx));
+    tracing::info!(api = %cfg.api.listen, udp_port = port, interface = %cfg.network.interface, "ready");
+
+    let (persist_tx, persist_rx) = watch::channel::<Option<Option<SavedParty>>>(None);
+    let persist_path = cfg.node.state_dir.join(PARTY_FILE);
+    let persister = tokio::spawn(persist_loop(persist_path.clone(), persist_rx));
+
+    let now = Instant::now();
+    let mut engine = Engine::new(
+        EngineConfig {
+            key: identity.public,
+            name: cfg.node.name.clone(),
+            subnet: cfg.network.subnet,
+            heartbeat: Duration::from_secs(cfg.timers.heartbeat_secs),
+            peer_timeout: Duration::from_secs(cfg.timers.peer_timeout_secs),
+        },
+        now,
+    );
+    let endpoints = local_endpoints(port, &cfg.network.interface);
+    engine.set_endpoints(endpoints.clone());
+
+    let mut control = Control {
+        cfg,
+        identity: identity.clone(),
+        sealer: Sealer::new(identity.secret.clone()),
+        engine,
+        tunnel,
+        mdns,
+        file,
+        persist_tx,
+        pending_join: None,
+        announced: None,
+        last_file_publish: None,
+        endpoints,
+        port,
+        open_errors: HashMap::new(),
+    };
+
+    match load_saved(&persist_path) {
+        Ok(Some(saved)) => {
+            let _ = control.engine.rejoin(now, saved);
+            control.drain().await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(path = %persist_path.display(), error = %e, "ignoring an unreadable remembered party"),
+    }
+
+    control.run(control_rx, api_rx).await;
+
+    // Shut down: tell the others we are going (they drop us at once; a host hands over), but
+    // keep the remembered party so a restart rejoins it.
+    if control.engine.leave(Instant::now()).is_ok() {
+        control.shutting_down_drain().await;
+    }
+    if let Some(m) = &control.mdns {
+        m.shutdown();
+    }
+    if let (Some(file), Some(id)) = (&control.file, control.announced) {
+        let file = file.clone();
+        let host = control.identity.id;
+        let _ = tokio::task::spawn_blocking(move || file.withdraw_if_host(id, host)).await;
+    }
+    let _ = control.tunnel.set_address(None);
+    api_task.abort();
+    for t in datapath {
+        t.abort();
+    }
+    drop(control);
+    let _ = persister.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+struct PendingJoin {
+    party: PartyId,
+    reply: oneshot::Sender<Result<serde_json::Value, ApiError>>,
+}
+
+struct Control {
+    cfg: Config,
+    identity: Identity,
+    sealer: Sealer,
+    engine: Engine,
+    tunnel: Arc<Tunnel>,
+    mdns: Option<Arc<Mdns>>,
+    file: Option<Arc<DiscoveryFile>>,
+    persist_tx: watch::Sender<Option<Option<SavedParty>>>,
+    pending_join: Option<PendingJoin>,
+    announced: Option<PartyId>,
+    last_file_publish: Option<Instant>,
+    endpoints: Vec<SocketAddr>,
+    port: u16,
+    open_errors: HashMap<&'static str, u64>,
+}
+
+impl Control {
+    async fn run(&mut self, mut control_rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>, mut api_rx: mpsc::Receiver<ApiRequest>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the SIGTERM handler");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                Some((from, bytes)) = control_rx.recv() => {
+                    let now = Instant::now();
+                    match self.sealer.open(&bytes, now) {
+                        Ok((key, msg)) => {
+                            tracing::trace!(%from, ?msg, "control message");
+                            self.engine.handle_message(now, from, key, msg);
+                        }
+                        Err(e) => {
+                            let reason = open_error_name(&e);
+                            *self.open_errors.entry(reason).or_default() += 1;
+                            tracing::debug!(%from, error = %e, "dropped a control datagram");
+                        }
+                    }
+                }
+                Some(req) = api_rx.recv() => self.handle_api(req).await,
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    self.engine.handle_timeout(now);
+                    self.refresh_file(now);
+                }
+                _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); return; }
+                _ = sigterm.recv() => { tracing::info!("terminated"); return; }
+            }
+            self.drain().await;
+        }
+    }
+
+    /// Executes every pending engine action.
+    async fn drain(&mut self) {
+        while let Some(action) = self.engine.poll_action() {
+            self.execute(action).await;
+        }
+    }
+
+    /// During shutdown: only send what the engine wants sent (goodbyes), change nothing else.
+    async fn shutting_down_drain(&mut self) {
+        while let Some(action) = self.engine.poll_action() {
+            if let Action::Send { to, key, msg } = action {
+                if let Some(bytes) = self.sealer.seal(&key, &msg, Instant::now()) {
+                    self.tunnel.send_control(&bytes, to).await;
+                }
+            }
+        }
+    }
+
+    async fn execute(&mut self, action: Action) {
+        match action {
+            Action::Send { to, key, msg } => {
+                if let Some(bytes) = self.sealer.seal(&key, &msg, Instant::now()) {
+                    self.tunnel.send_control(&bytes, to).await;
+                }
+            }
+            Action::Peers(specs) => self.tunnel.set_peers(&specs),
+            Action::Address(ip) => {
+                if let Err(e) = self.tunnel.set_address(ip) {
+                    tracing::error!(error = %e, ?ip, "could not set the virtual IP on the TUN interface");
+                }
+            }
+            Action::Announce(hosted) => self.announce(hosted),
+            Action::Persist(saved) => {
+                let _ = self.persist_tx.send(Some(saved));
+            }
+            Action::JoinFinished { party, by_user, result } => {
+                if !by_user {
+                    if let Err(e) = result {
+                        tracing::warn!(%party, error = %e, "could not rejoin the remembered party");
+                    }
+                    return;
+                }
+                if let Some(p) = self.pending_join.take() {
+                    if p.party == party {
+                        let answer = match result {
+                            Ok(()) => Ok(self.party_answer()),
+                            Err(e) => Err(join_error(e)),
+                        };
+                        let _ = p.reply.send(answer);
+                    } else {
+                        self.pending_join = Some(p);
+                    }
+                }
+            }
+        }
+    }
+
+    fn ad(&self, h: &Hosted) -> PartyAd {
+        PartyAd {
+            id: h.party,
+            name: h.name.clone(),
+            host_id: self.identity.id,
+            host_name: self.cfg.node.name.clone(),
+            host_key: self.identity.public_b64(),
+            endpoints: self.endpoints.clone(),
+            members: h.members,
+            protected: h.protected,
+            version: AD_VERSION,
+        }
+    }
+
+    fn announce(&mut self, hosted: Option<Hosted>) {
+        match hosted {
+            Some(h) => {
+                if self.announced.is_some_and(|id| id != h.party) {
+                    self.withdraw();
+                }
+                let ad = self.ad(&h);
+                if let Some(m) = &self.mdns {
+                    let addrs: Vec<Ipv4Addr> = self.endpoints.iter().filter_map(|e| match e.ip() {
+                        std::net::IpAddr::V4(v4) => Some(v4),
+                        _ => None,
+                    }).collect();
+                    if let Err(e) = m.announce(&ad, &addrs, self.port) {
+                        tracing::warn!(error = %e, "mDNS announcement failed");
+                    }
+                }
+                if let Some(f) = &self.file {
+                    let f = f.clone();
+                    self.last_file_publish = Some(Instant::now());
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = f.publish(&ad) {
+                            tracing::warn!(path = %f.path().display(), error = %e, "could not publish to the discovery file");
+                        }
+                    });
+                }
+                self.announced = Some(h.party);
+            }
+            None => self.withdraw(),
+        }
+    }
+
+    fn withdraw(&mut self) {
+        let Some(id) = self.announced.take() else { return };
+        if let Some(m) = &self.mdns {
+            m.withdraw(id);
+        }
+        if let Some(f) = &self.file {
+            let f = f.clone();
+            let host = self.identity.id;
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = f.withdraw_if_host(id, host) {
+                    tracing::warn!(path = %f.path().display(), error = %e, "could not update the discovery file");
+                }
+            });
+        }
+    }
+
+    /// Keeps our discovery-file entry fresh (entries carry last-seen and go stale).
+    fn refresh_file(&mut self, now: Instant) {
+        let every = Duration::from_secs(self.cfg.timers.heartbeat_secs);
+        if self.file.is_none() || self.announced.is_none() || self.last_file_publish.is_some_and(|t| now.saturating_duration_since(t) < every) {
+            return;
+        }
+        let Some(r) = self.engine.roster() else { return };
+        let hosted = Hosted { party: r.party, name: r.name.clone(), members: r.members.len() as u32, protected: r.verifier.is_some() };
+        let ad = self.ad(&hosted);
+        if let Some(f) = &self.file {
+            let f = f.clone();
+            self.last_file_publish = Some(now);
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = f.publish(&ad) {
+                    tracing::warn!(path = %f.path().display(), error = %e, "could not refresh the discovery file");
+                }
+            });
+        }
+    }
+
+    async fn handle_api(&mut self, req: ApiRequest) {
+        let now = Instant::now();
+        match req {
+            ApiRequest::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            ApiRequest::Parties { reply } => {
+                let list = self.listings().await;
+                let _ = reply.send(list);
+            }
+            ApiRequest::Create { name, password, reply } => {
+                let answer = match self.engine.create(now, &name, password.as_deref()) {
+                    Ok(_) => {
+                        self.drain().await;
+                        Ok(self.party_answer())
+                    }
+                    Err(e) => Err(ApiError::conflict_or_bad(&e)),
+                };
+                let _ = reply.send(answer);
+            }
+            ApiRequest::Join { party_id, password, reply } => {
+                let Ok(party) = party_id.parse::<PartyId>() else {
+                    let _ = reply.send(Err(ApiError::bad_request(format!("{party_id:?} is not a party id (like k3m9-x2pq-7hvd-a8te)"))));
+                    return;
+                };
+                if self.engine.roster().is_some_and(|r| r.party == party) {
+                    let _ = reply.send(Ok(self.party_answer()));
+                    return;
+                }
+                let targets = self.targets_for(party).await;
+                if targets.is_empty() {
+                    let _ = reply.send(Err(ApiError::not_found(format!(
+                        "unknown party {party}: not seen on the LAN (mDNS) or in the discovery file"
+                    ))));
+                    return;
+                }
+                match self.engine.join(now, party, targets, password.as_deref()) {
+                    Ok(()) => {
+                        if let Some(old) = self.pending_join.replace(PendingJoin { party, reply }) {
+                            let _ = old.reply.send(Err(join_error(JoinError::Cancelled)));
+                        }
+                        self.drain().await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::conflict_or_bad(&e)));
+                    }
+                }
+            }
+            ApiRequest::Leave { reply } => {
+                let answer = match self.engine.leave(now) {
+                    Ok(()) => {
+                        self.drain().await;
+                        Ok(serde_json::json!({"left": true}))
+                    }
+                    Err(e) => Err(ApiError::conflict_or_bad(&e)),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Every advertised way into `party`: hosts seen by mDNS and in the discovery file.
+    async fn targets_for(&self, party: PartyId) -> Vec<JoinTarget> {
+        let mut targets: Vec<JoinTarget> = Vec::new();
+        for (ad, _) in self.discovered().await {
+            if ad.id != party {
+                continue;
+            }
+            let Some(key) = decode_key(&ad.host_key) else { continue };
+            if key == self.identity.public {
+                continue;
+            }
+            match targets.iter_mut().find(|t| t.key == key) {
+                Some(t) => {
+                    for e in ad.endpoints {
+                        if !t.endpoints.contains(&e) {
+                            t.endpoints.push(e);
+                        }
+                    }
+                }
+                None => targets.push(JoinTarget { key, endpoints: ad.endpoints }),
+            }
+        }
+        targets
+    }
+
+    async fn discovered(&self) -> Vec<(PartyAd, Source)> {
+        let mut out: Vec<(PartyAd, Source)> = Vec::new();
+        if let Some(m) = &self.mdns {
+            out.extend(m.parties().into_iter().map(|a| (a, Source::Mdns)));
+        }
+        if let Some(f) = &self.file {
+            let f = f.clone();
+            match tokio::task::spawn_blocking(move || f.read()).await {
+                Ok(Ok(ads)) => out.extend(ads.into_iter().map(|a| (a, Source::File))),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not read the discovery file"),
+                Err(e) => tracing::warn!(error = %e, "discovery file reader failed"),
+            }
+        }
+        out
+    }
+
+    async fn listings(&self) -> Vec<PartyListing> {
+        let mut list: Vec<PartyListing> = Vec::new();
+        if let Some(r) = self.engine.roster() {
+            let host = r.members.iter().find(|m| m.id == r.host);
+            list.push(PartyListing {
+                id: r.party.to_string(),
+                name: r.name.clone(),
+                host: host.map(|h| h.name.clone()).unwrap_or_default(),
+                host_id: r.host.to_string(),
+                members: r.members.len() as u32,
+                protected: r.verifier.is_some(),
+                source: Source::Local,
+            });
+        }
+        for (ad, source) in self.discovered().await {
+            if list.iter().any(|l| l.id == ad.id.to_string()) {
+                continue;
+            }
+            list.push(PartyListing {
+                id: ad.id.to_string(),
+                name: ad.name,
+                host: ad.host_name,
+                host_id: ad.host_id.to_string(),
+                members: ad.members,
+                protected: ad.protected,
+                source,
+            });
+        }
+        list
+    }
+
+    fn party_answer(&self) -> serde_json::Value {
+        let party = self.party_view();
+        serde_json::json!({
+            "party_id": party.as_ref().map(|p| p.id.clone()),
+            "party": party,
+        })
+    }
+
+    fn party_view(&self) -> Option<PartyView> {
+        let r = self.engine.roster()?;
+        let now = Instant::now();
+        let mut peers: Vec<PeerView> = r
+            .members
+            .iter()
+            .map(|m| {
+                if m.key == self.identity.public {
+                    return PeerView {
+                        id: m.id.to_string(),
+                        name: m.name.clone(),
+                        virtual_ip: m.ip.to_string(),
+                        connection: "self".into(),
+                        endpoint: None,
+                        latency_ms: None,
+                        last_handshake_secs: None,
+                    };
+                }
+                let live = self.engine.live(&m.key);
+                let tun = self.tunnel.peer_status(&m.key);
+                let handshake = tun.as_ref().and_then(|t| t.last_handshake);
+                let connection = match (&tun, handshake) {
+                    (_, Some(h)) if h < SESSION_FRESH => "direct",
+                    (Some(t), _) if now.saturating_duration_since(t.added) < CONNECT_GRACE => "connecting",
+                    (None, _) => "connecting",
+                    _ => "failed",
+                };
+                PeerView {
+                    id: m.id.to_string(),
+                    name: m.name.clone(),
+                    virtual_ip: m.ip.to_string(),
+                    connection: connection.into(),
+                    endpoint: tun.and_then(|t| t.endpoint).or_else(|| live.and_then(|l| l.observed)).map(|e| e.to_string()),
+                    latency_ms: live.and_then(|l| l.rtt).map(|d| d.as_secs_f64() * 1000.0),
+                    last_handshake_secs: handshake.map(|d| d.as_secs()),
+                }
+            })
+            .collect();
+        peers.sort_by(|a, b| a.virtual_ip.cmp(&b.virtual_ip));
+        Some(PartyView { id: r.party.to_string(), name: r.name.clone(), host_id: r.host.to_string(), protected: r.verifier.is_some(), peers })
+    }
+
+    fn status(&self) -> StatusView {
+        let s = &self.tunnel.stats;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let mut counters: HashMap<String, u64> = HashMap::from([
+            ("udp_garbage".to_string(), load(&s.garbage)),
+            ("wg_invalid".to_string(), load(&s.wg_invalid)),
+            ("wg_unknown_peer".to_string(), load(&s.wg_unknown_peer)),
+            ("wg_cookies_sent".to_string(), load(&s.wg_cookies_sent)),
+            ("bad_source".to_string(), load(&s.bad_source)),
+            ("control_dropped".to_string(), load(&s.control_dropped)),
+            ("stun_ignored".to_string(), load(&s.stun)),
+            ("no_route".to_string(), load(&s.no_route)),
+            ("not_ipv4".to_string(), load(&s.not_ipv4)),
+            ("no_endpoint".to_string(), load(&s.no_endpoint)),
+            ("tx_packets".to_string(), load(&s.tx_packets)),
+            ("rx_packets".to_string(), load(&s.rx_packets)),
+        ]);
+        for (reason, n) in &self.open_errors {
+            counters.insert(format!("control_{reason}"), *n);
+        }
+        StatusView {
+            node: NodeView {
+                id: self.identity.id.to_string(),
+                name: self.cfg.node.name.clone(),
+                public_key: self.identity.public_b64(),
+                virtual_ip: self.engine.address().map(|ip| ip.to_string()),
+                nat_type: "unknown".into(),
+            },
+            party: self.party_view(),
+            joining: self.engine.joining().map(|p| p.to_string()),
+            counters,
+        }
+    }
+}
+
+fn open_error_name(e: &crate::seal::OpenError) -> &'static str {
+    use crate::seal::OpenError::*;
+    match e {
+        Header => "bad_header",
+        RateLimited => "rate_limited",
+        WeakKey => "weak_key",
+        Auth => "auth_failed",
+        Replay => "replayed",
+        Decode(_) => "malformed",
+    }
+}
+
+fn join_error(e: JoinError) -> ApiError {
+    match e {
+        JoinError::UnknownParty => ApiError::not_found(format!("{e}")),
+        JoinError::WrongPassword | JoinError::TooManyAttempts => ApiError { status: 403, message: e.to_string() },
+        JoinError::PartyFull | JoinError::Cancelled => ApiError { status: 409, message: e.to_string() },
+        JoinError::Timeout => ApiError { status: 504, message: e.to_string() },
+    }
+}
+
+fn decode_key(b64: &str) -> Option<[u8; 32]> {
+    B64.decode(b64).ok()?.try_into().ok()
+}
+
+/// This node's LAN endpoints: every IPv4 address of an up, non-loopback interface other than
+/// the TUN interface, with the UDP port.
+pub fn local_endpoints(port: u16, tun_name: &str) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = match if_addrs::get_if_addrs() {
+        Ok(ifs) => ifs
+            .into_iter()
+            .filter(|i| !i.is_loopback() && i.name != tun_name)
+            .filter_map(|i| match i.ip() {
+                std::net::IpAddr::V4(v4) if !v4.is_link_local() => Some(SocketAddr::from((v4, port))),
+                _ => None,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list network interfaces");
+            Vec::new()
+        }
+    };
+    out.sort();
+    out.dedup();
+    out.truncate(crate::wire::MAX_ENDPOINTS);
+    out
+}
+
+fn load_saved(path: &Path) -> anyhow::Result<Option<SavedParty>> {
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.len() > 64 * 1024 => anyhow::bail!("file too large"),
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes the remembered party atomically (temp file, fsync, rename), at most twice a second:
+/// a burst of roster changes costs one write.
+async fn persist_loop(path: PathBuf, mut rx: watch::Receiver<Option<Option<SavedParty>>>) {
+    while rx.changed().await.is_ok() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Some(value) = rx.borrow_and_update().clone() else { continue };
+        let path = path.clone();
+        let result = tokio::task::spawn_blocking(move || write_atomic(&path, value.as_ref())).await;
+        match result {
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not remember the party in state_dir"),
+            Err(e) => tracing::warn!(error = %e, "state writer failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+fn write_atomic<T: Serialize>(path: &Path, value: Option<&T>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(value) = value else {
+        return match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    };
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,434 @@
+//! The datapath: a TUN device with this node's virtual IP, one UDP socket shared by all peers
+//! (and by STUN and lanrage control messages), and one boringtun `Tunn` per peer.
+//!
+//! Three tasks move bytes: TUN → encrypt → UDP, UDP → demux → decrypt → TUN (control datagrams go
+//! to the control task through a bounded channel), and a 250 ms timer tick for WireGuard's
+//! timers. Buffers are allocated once per task; nothing is allocated per data packet.
+
+pub mod packet;
+pub mod peers;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use ipnet::Ipv4Net;
+use parking_lot::RwLock;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tun_rs::AsyncDevice;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::config::NetworkConfig;
+use crate::identity::Identity;
+use crate::party::PeerSpec;
+use crate::tunnel::peers::{Peer, PeerTable};
+use crate::wire::{classify, DatagramKind, MAX_CONTROL_DATAGRAM};
+
+/// Handshakes per second before WireGuard's cookie mechanism kicks in (as in boringtun's device).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Datagram buffer: the largest UDP payload.
+const BUF: usize = 65536;
+/// Control datagrams queued for the control task before new ones are dropped.
+pub const CONTROL_QUEUE: usize = 1024;
+
+/// Counters of what the datapath dropped or handled, exposed in `/status` for troubleshooting.
+#[derive(Default, Debug)]
+pub struct Stats {
+    /// Datagrams that were no protocol we speak.
+    pub garbage: AtomicU64,
+    /// WireGuard messages that failed parsing, MACs or decryption.
+    pub wg_invalid: AtomicU64,
+    /// WireGuard messages for no known peer.
+    pub wg_unknown_peer: AtomicU64,
+    /// Cookie replies sent because of handshake load.
+    pub wg_cookies_sent: AtomicU64,
+    /// Decrypted packets whose source IP was not the peer's virtual IP.
+    pub bad_source: AtomicU64,
+    /// Control datagrams dropped because the control task was behind.
+    pub control_dropped: AtomicU64,
+    /// STUN datagrams (no STUN client yet).
+    pub stun: AtomicU64,
+    /// Packets from the TUN device to an address no peer has.
+    pub no_route: AtomicU64,
+    /// Packets from the TUN device that were not IPv4.
+    pub not_ipv4: AtomicU64,
+    /// Packets to a peer without a known endpoint.
+    pub no_endpoint: AtomicU64,
+    /// Data packets sent through the tunnel.
+    pub tx_packets: AtomicU64,
+    /// Data packets received through the tunnel.
+    pub rx_packets: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What the status API shows about one peer's tunnel.
+#[derive(Clone, Debug)]
+pub struct PeerStatus {
+    /// Current UDP endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// Time since the last completed handshake.
+    pub last_handshake: Option<Duration>,
+    /// When the peer was added.
+    pub added: Instant,
+    /// Payload bytes sent.
+    pub tx_bytes: u64,
+    /// Payload bytes received.
+    pub rx_bytes: u64,
+}
+
+/// The running datapath. Shared by the tasks and the control task.
+pub struct Tunnel {
+    socket: Arc<UdpSocket>,
+    tun: Arc<AsyncDevice>,
+    peers: RwLock<PeerTable>,
+    secret: StaticSecret,
+    public: PublicKey,
+    limiter: Arc<RateLimiter>,
+    subnet: Ipv4Net,
+    address: RwLock<Option<Ipv4Addr>>,
+    /// Drop and traffic counters.
+    pub stats: Stats,
+}
+
+/// Opens the UDP socket on `0.0.0.0:port` with large buffers (socket2 for the options).
+pub fn open_udp(port: u16) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = sock.set_recv_buffer_size(4 << 20);
+    let _ = sock.set_send_buffer_size(4 << 20);
+    sock.set_nonblocking(true)?;
+    sock.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    Ok(sock.into())
+}
+
+/// Creates the TUN device (no address until we are in a party), up, with the MTU and the
+/// multicast flag (LAN games discover each other by multicast).
+pub fn open_tun(cfg: &NetworkConfig) -> io::Result<AsyncDevice> {
+    let dev = tun_rs::DeviceBuilder::new().name(&cfg.interface).mtu(cfg.mtu).build_async()?;
+    ensure_multicast(&cfg.interface)?;
+    Ok(dev)
+}
+
+/// Sets IFF_MULTICAST on an interface if it is not set (Linux TUN devices usually have it).
+fn ensure_multicast(ifname: &str) -> io::Result<()> {
+    // SAFETY: plain ioctls on a throwaway socket with a zeroed, NUL-terminated ifreq.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(ifname.as_bytes().iter().take(libc::IFNAMSIZ - 1)) {
+            *dst = *src as libc::c_char;
+        }
+        let mut result = Ok(());
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            result = Err(io::Error::last_os_error());
+        } else if req.ifr_ifru.ifru_flags & libc::IFF_MULTICAST as libc::c_short == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_MULTICAST as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+                result = Err(io::Error::last_os_error());
+            }
+        }
+        libc::close(fd);
+        result
+    }
+}
+
+impl Tunnel {
+    /// Wraps an open socket and TUN device. Call [`Tunnel::spawn`] to start moving packets.
+    pub fn new(socket: std::net::UdpSocket, tun: AsyncDevice, identity: &Identity, subnet: Ipv4Net) -> io::Result<Arc<Self>> {
+        let public = PublicKey::from(identity.public);
+        Ok(Arc::new(Tunnel {
+            socket: Arc::new(UdpSocket::from_std(socket)?),
+            tun: Arc::new(tun),
+            peers: RwLock::new(PeerTable::default()),
+            secret: identity.secret.clone(),
+            public,
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            subnet,
+            address: RwLock::new(None),
+            stats: Stats::default(),
+        }))
+    }
+
+    /// The UDP port actually bound.
+    pub fn local_port(&self) -> u16 {
+        self.socket.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Starts the datapath tasks; control datagrams go to `control`.
+    pub fn spawn(self: &Arc<Self>, control: mpsc::Sender<(SocketAddr, Vec<u8>)>) -> Vec<tokio::task::JoinHandle<()>> {
+        let a = self.clone();
+        let b = self.clone();
+        let c = self.clone();
+        vec![
+            tokio::spawn(async move { a.udp_loop(control).await }),
+            tokio::spawn(async move { b.tun_loop().await }),
+            tokio::spawn(async move { c.timer_loop().await }),
+        ]
+    }
+
+    /// Sends a control datagram (already sealed).
+    pub async fn send_control(&self, bytes: &[u8], to: SocketAddr) {
+        if let Err(e) = self.socket.send_to(bytes, to).await {
+            tracing::debug!(%to, error = %e, "control send failed");
+        }
+    }
+
+    /// Makes the peer set exactly `specs` and starts handshakes with new peers.
+    pub fn set_peers(&self, specs: &[PeerSpec]) {
+        let added = self.peers.write().apply(specs, &self.secret, &self.limiter, Instant::now());
+        let mut buf = vec![0u8; 256];
+        for peer in added {
+            tracing::debug!(ip = %peer.ip, endpoint = ?peer.endpoint(), "tunnel peer added");
+            let len = match peer.tunn.lock().format_handshake_initiation(&mut buf, false) {
+                TunnResult::WriteToNetwork(p) => p.len(),
+                _ => continue,
+            };
+            if let Some(ep) = peer.endpoint() {
+                let _ = self.socket.try_send_to(&buf[..len], ep);
+            }
+        }
+    }
+
+    /// Gives the TUN device our virtual IP on the party subnet, or takes it away.
+    pub fn set_address(&self, ip: Option<Ipv4Addr>) -> io::Result<()> {
+        let mut current = self.address.write();
+        if *current == ip {
+            return Ok(());
+        }
+        if let Some(old) = *current {
+            if let Err(e) = self.tun.remove_address(IpAddr::V4(old)) {
+                tracing::warn!(error = %e, "could not remove the old virtual IP");
+            }
+        }
+        if let Some(ip) = ip {
+            self.tun.set_network_address(ip, self.subnet.prefix_len(), None)?;
+            tracing::info!(%ip, "virtual IP set");
+        }
+        *current = ip;
+        Ok(())
+    }
+
+    /// Our virtual IP, if any.
+    pub fn address(&self) -> Option<Ipv4Addr> {
+        *self.address.read()
+    }
+
+    /// Tunnel state of one peer.
+    pub fn peer_status(&self, key: &[u8; 32]) -> Option<PeerStatus> {
+        let peers = self.peers.read();
+        let p = peers.by_key(key)?;
+        let last_handshake = p.tunn.lock().time_since_last_handshake();
+        Some(PeerStatus {
+            endpoint: p.endpoint(),
+            last_handshake,
+            added: p.added,
+            tx_bytes: p.tx_bytes.load(Ordering::Relaxed),
+            rx_bytes: p.rx_bytes.load(Ordering::Relaxed),
+        })
+    }
+
+    async fn send(&self, bytes: &[u8], to: SocketAddr) {
+        match self.socket.try_send_to(bytes, to) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let _ = self.socket.send_to(bytes, to).await;
+            }
+            Err(e) => tracing::trace!(%to, error = %e, "udp send failed"),
+        }
+    }
+
+    async fn udp_loop(self: Arc<Self>, control: mpsc::Sender<(SocketAddr, Vec<u8>)>) {
+        let mut buf = vec![0u8; BUF];
+        let mut out = vec![0u8; BUF];
+        loop {
+            let (n, src) = match self.socket.recv_from(&mut buf).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // ICMP-induced errors (ECONNREFUSED) surface here on Linux; keep going.
+                    tracing::trace!(error = %e, "udp recv error");
+                    continue;
+                }
+            };
+            let datagram = &buf[..n];
+            match classify(datagram) {
+                DatagramKind::WireGuard => self.handle_wireguard(src, datagram, &mut out).await,
+                DatagramKind::Control => {
+                    if n > MAX_CONTROL_DATAGRAM || control.try_send((src, datagram.to_vec())).is_err() {
+                        bump(&self.stats.control_dropped);
+                    }
+                }
+                DatagramKind::Stun => bump(&self.stats.stun),
+                DatagramKind::Garbage => bump(&self.stats.garbage),
+            }
+        }
+    }
+
+    fn find_peer(&self, packet: &Packet) -> Option<Arc<Peer>> {
+        let peers = self.peers.read();
+        match packet {
+            Packet::HandshakeInit(init) => {
+                let half = parse_handshake_anon(&self.secret, &self.public, init).ok()?;
+                peers.by_key(&half.peer_static_public).cloned()
+            }
+            Packet::HandshakeResponse(p) => peers.by_receiver_index(p.receiver_idx).cloned(),
+            Packet::PacketCookieReply(p) => peers.by_receiver_index(p.receiver_idx).cloned(),
+            Packet::PacketData(p) => peers.by_receiver_index(p.receiver_idx).cloned(),
+        }
+    }
+
+    async fn handle_wireguard(&self, src: SocketAddr, datagram: &[u8], out: &mut [u8]) {
+        // MACs and the handshake rate limit first, before any Diffie-Hellman on our side.
+        let packet = match self.limiter.verify_packet(Some(src.ip()), datagram, out) {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                let len = cookie.len();
+                bump(&self.stats.wg_cookies_sent);
+                self.send(&out[..len], src).await;
+                return;
+            }
+            Err(_) => {
+                bump(&self.stats.wg_invalid);
+                return;
+            }
+        };
+        let Some(peer) = self.find_peer(&packet) else {
+            bump(&self.stats.wg_unknown_peer);
+            return;
+        };
+        let mut input = datagram;
+        loop {
+            enum Next {
+                Network(usize),
+                Tunnel(usize, Ipv4Addr),
+                Done,
+                Error,
+            }
+            let next = match peer.tunn.lock().decapsulate(Some(src.ip()), input, out) {
+                TunnResult::WriteToNetwork(p) => Next::Network(p.len()),
+                TunnResult::WriteToTunnelV4(p, addr) => Next::Tunnel(p.len(), addr),
+                TunnResult::WriteToTunnelV6(..) => Next::Done,
+                TunnResult::Done => Next::Done,
+                TunnResult::Err(e) => {
+                    tracing::trace!(%src, error = ?e, "wireguard decapsulate");
+                    Next::Error
+                }
+            };
+            match next {
+                Next::Network(len) => {
+                    // A handshake answer or queued packets: send, then ask for more.
+                    *peer.endpoint.lock() = Some(src);
+                    self.send(&out[..len], src).await;
+                    input = &[];
+                }
+                Next::Tunnel(len, addr) => {
+                    *peer.endpoint.lock() = Some(src);
+                    if len == 0 {
+                        break; // keepalive
+                    }
+                    if addr != peer.ip || packet::ipv4_src(&out[..len]) != Some(peer.ip) {
+                        bump(&self.stats.bad_source);
+                        break;
+                    }
+                    peer.count_rx(len);
+                    bump(&self.stats.rx_packets);
+                    if let Err(e) = self.tun.send(&out[..len]).await {
+                        tracing::trace!(error = %e, "tun write failed");
+                    }
+                    break;
+                }
+                Next::Done => break,
+                Next::Error => {
+                    bump(&self.stats.wg_invalid);
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn tun_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; BUF];
+        let mut out = vec![0u8; BUF + 148];
+        loop {
+            let n = match self.tun.recv(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "tun read failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let pkt = &buf[..n];
+            let Some(dst) = packet::ipv4_dst(pkt) else {
+                bump(&self.stats.not_ipv4);
+                continue;
+            };
+            let target = self.peers.read().by_ip(&dst).cloned();
+            if let Some(peer) = target {
+                self.encrypt_and_send(&peer, pkt, &mut out).await;
+            } else if packet::is_for_everyone(dst, &self.subnet) {
+                let all: Vec<Arc<Peer>> = self.peers.read().iter().cloned().collect();
+                for peer in all {
+                    self.encrypt_and_send(&peer, pkt, &mut out).await;
+                }
+            } else {
+                bump(&self.stats.no_route);
+            }
+        }
+    }
+
+    async fn encrypt_and_send(&self, peer: &Peer, pkt: &[u8], out: &mut [u8]) {
+        let Some(ep) = peer.endpoint() else {
+            bump(&self.stats.no_endpoint);
+            return;
+        };
+        let len = match peer.tunn.lock().encapsulate(pkt, out) {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => return,
+        };
+        peer.count_tx(pkt.len());
+        bump(&self.stats.tx_packets);
+        self.send(&out[..len], ep).await;
+    }
+
+    async fn timer_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut out = vec![0u8; BUF];
+        let mut n = 0u32;
+        loop {
+            tick.tick().await;
+            n = n.wrapping_add(1);
+            if n % 4 == 0 {
+                self.limiter.reset_count();
+            }
+            let all: Vec<Arc<Peer>> = self.peers.read().iter().cloned().collect();
+            for peer in all {
+                let len = match peer.tunn.lock().update_timers(&mut out) {
+                    TunnResult::WriteToNetwork(p) => p.len(),
+                    _ => continue,
+                };
+                if let Some(ep) = peer.endpoint() {
+                    self.send(&out[..len], ep).await;
+                }
+            }
+        }
+    }
+}
+
+/// Tunn is used behind a mutex from several tasks; make sure it stays Send.
+const _: fn() = || {
+    fn is_send<T: Send>() {}
+    is_send::<Tunn>();
+};
