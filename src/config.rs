@@ -225,8 +225,8 @@ impl Config {
         if n.listen_port == 0 {
             return Err(bad("network.listen_port", "0 is not a usable port".into()));
         }
-        if self.node.name.trim().is_empty() || self.node.name.len() > 32 {
-            return Err(bad("node.name", "must be 1 to 32 bytes".into()));
+        if self.node.name.trim().is_empty() || self.node.name.len() > 32 || self.node.name.chars().any(char::is_control) {
+            return Err(bad("node.name", "must be 1 to 32 bytes without control characters".into()));
         }
         if self.node.state_dir.as_os_str().is_empty() {
             return Err(bad("node.state_dir", "must not be empty".into()));

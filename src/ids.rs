@@ -12,7 +12,7 @@ const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 
 /// A node's stable id: the first 8 bytes of BLAKE2s(public key), printed as 16 hex digits.
 /// Deriving it from the key means nobody can claim another node's id without its private key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(pub [u8; 8]);
 
 impl NodeId {
@@ -56,7 +56,7 @@ impl FromStr for NodeId {
 
 /// A party's id: 80 random bits, shown as four dash-separated groups of four base32 characters
 /// (`k3m9-x2pq-7hvd-a8te`). Parsing ignores case and dashes and maps look-alikes (i, l → 1; o → 0).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PartyId(pub [u8; 10]);
 
 impl PartyId {
@@ -123,6 +123,36 @@ impl FromStr for PartyId {
     }
 }
 
+/// Ids are text in human-readable formats (JSON files, the API) and raw bytes in binary ones
+/// (postcard on the wire).
+macro_rules! id_serde {
+    ($ty:ident, $len:expr) => {
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                if s.is_human_readable() {
+                    s.collect_str(self)
+                } else {
+                    self.0.serialize(s)
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                if d.is_human_readable() {
+                    let text = String::deserialize(d)?;
+                    text.parse().map_err(serde::de::Error::custom)
+                } else {
+                    <[u8; $len]>::deserialize(d).map($ty)
+                }
+            }
+        }
+    };
+}
+
+id_serde!(NodeId, 8);
+id_serde!(PartyId, 10);
+
 /// Why a typed id was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
@@ -159,6 +189,21 @@ mod tests {
         fn party_id_parse_never_panics(s in ".{0,40}") {
             let _ = s.parse::<PartyId>();
         }
+    }
+
+    #[test]
+    fn ids_are_text_in_json_and_bytes_in_postcard() {
+        let id = PartyId([0xab; 10]);
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{id}\""));
+        assert_eq!(serde_json::from_str::<PartyId>(&json).unwrap(), id);
+        assert!(serde_json::from_str::<PartyId>("\"nope\"").is_err());
+        let bin = postcard::to_allocvec(&id).unwrap();
+        assert_eq!(bin.len(), 10);
+        assert_eq!(postcard::from_bytes::<PartyId>(&bin).unwrap(), id);
+        let node = NodeId([7; 8]);
+        assert_eq!(serde_json::to_string(&node).unwrap(), "\"0707070707070707\"");
+        assert_eq!(postcard::from_bytes::<NodeId>(&postcard::to_allocvec(&node).unwrap()).unwrap(), node);
     }
 
     #[test]

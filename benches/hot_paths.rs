@@ -1,0 +1,95 @@
+//! Hot paths of the daemon, measured in isolation: datagram demux, control-envelope opening, and
+//! a WireGuard data packet through boringtun (encapsulate on one side, decapsulate on the other),
+//! the per-packet work of the tunnel loops. Run: `cargo bench --bench hot_paths`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use boringtun::noise::{Tunn, TunnResult};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use lanrage::identity::Identity;
+use lanrage::ids::PartyId;
+use lanrage::seal::Sealer;
+use lanrage::wire::{classify, Message};
+use x25519_dalek::PublicKey;
+
+fn ipv4_packet(len: usize) -> Vec<u8> {
+    let mut p = vec![0u8; len];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[9] = 17;
+    p[12..16].copy_from_slice(&[10, 66, 0, 1]);
+    p[16..20].copy_from_slice(&[10, 66, 0, 2]);
+    p
+}
+
+/// Two tunnels with a completed handshake.
+fn tunnel_pair() -> (Tunn, Tunn) {
+    let a = Identity::generate();
+    let b = Identity::generate();
+    let mut ta = Tunn::new(a.secret.clone(), PublicKey::from(b.public), None, None, 1, None);
+    let mut tb = Tunn::new(b.secret.clone(), PublicKey::from(a.public), None, None, 2, None);
+    let mut buf = vec![0u8; 2048];
+    let mut buf2 = vec![0u8; 2048];
+    let init = match ta.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    let resp = match tb.decapsulate(None, &init, &mut buf2) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    let keepalive = match ta.decapsulate(None, &resp, &mut buf) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    let _ = tb.decapsulate(None, &keepalive, &mut buf2);
+    (ta, tb)
+}
+
+fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("datapath");
+    let mut wg = vec![0u8; 1452];
+    wg[0] = 4;
+    g.bench_function("classify", |b| b.iter(|| classify(std::hint::black_box(&wg))));
+
+    for size in [64usize, 1420] {
+        let (mut ta, mut tb) = tunnel_pair();
+        let pkt = ipv4_packet(size);
+        let mut out = vec![0u8; 2048];
+        let mut back = vec![0u8; 2048];
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_function(format!("wireguard_roundtrip_{size}B"), |b| {
+            b.iter(|| {
+                let len = match ta.encapsulate(&pkt, &mut out) {
+                    TunnResult::WriteToNetwork(p) => p.len(),
+                    other => panic!("{other:?}"),
+                };
+                match tb.decapsulate(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), &out[..len], &mut back) {
+                    TunnResult::WriteToTunnelV4(p, _) => p.len(),
+                    other => panic!("{other:?}"),
+                }
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("control");
+    let a = Identity::generate();
+    let b = Identity::generate();
+    let mut sa = Sealer::new(a.secret.clone());
+    let mut sb = Sealer::new(b.secret.clone());
+    let msg = Message::Heartbeat { party: PartyId([1; 10]), roster_version: 7, sent_ms: 123 };
+    let now = Instant::now();
+    // Warm the derived-key caches, as in steady state.
+    let first = sa.seal(&b.public, &msg, now).unwrap();
+    sb.open(&first, now).unwrap();
+    g.bench_function("seal_heartbeat", |bench| bench.iter(|| sa.seal(&b.public, &msg, now)));
+    g.bench_function("seal_open_heartbeat", |bench| {
+        bench.iter_batched(|| sa.seal(&b.public, &msg, now).unwrap(), |env| sb.open(&env, now).unwrap(), BatchSize::SmallInput)
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
