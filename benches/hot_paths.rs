@@ -27,8 +27,22 @@ fn ipv4_packet(len: usize) -> Vec<u8> {
 fn tunnel_pair() -> (Tunn, Tunn) {
     let a = Identity::generate();
     let b = Identity::generate();
-    let mut ta = Tunn::new(a.secret.clone(), PublicKey::from(b.public), None, None, 1, None);
-    let mut tb = Tunn::new(b.secret.clone(), PublicKey::from(a.public), None, None, 2, None);
+    let mut ta = Tunn::new(
+        a.secret.clone(),
+        PublicKey::from(b.public),
+        None,
+        None,
+        1,
+        None,
+    );
+    let mut tb = Tunn::new(
+        b.secret.clone(),
+        PublicKey::from(a.public),
+        None,
+        None,
+        2,
+        None,
+    );
     let mut buf = vec![0u8; 2048];
     let mut buf2 = vec![0u8; 2048];
     let init = match ta.format_handshake_initiation(&mut buf, false) {
@@ -51,7 +65,9 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("datapath");
     let mut wg = vec![0u8; 1452];
     wg[0] = 4;
-    g.bench_function("classify", |b| b.iter(|| classify(std::hint::black_box(&wg))));
+    g.bench_function("classify", |b| {
+        b.iter(|| classify(std::hint::black_box(&wg)))
+    });
 
     for size in [64usize, 1420] {
         let (mut ta, mut tb) = tunnel_pair();
@@ -65,7 +81,11 @@ fn bench(c: &mut Criterion) {
                     TunnResult::WriteToNetwork(p) => p.len(),
                     other => panic!("{other:?}"),
                 };
-                match tb.decapsulate(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), &out[..len], &mut back) {
+                match tb.decapsulate(
+                    Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                    &out[..len],
+                    &mut back,
+                ) {
                     TunnResult::WriteToTunnelV4(p, _) => p.len(),
                     other => panic!("{other:?}"),
                 }
@@ -79,14 +99,24 @@ fn bench(c: &mut Criterion) {
     let b = Identity::generate();
     let mut sa = Sealer::new(a.secret.clone());
     let mut sb = Sealer::new(b.secret.clone());
-    let msg = Message::Heartbeat { party: PartyId([1; 10]), roster_version: 7, sent_ms: 123 };
+    let msg = Message::Heartbeat {
+        party: PartyId([1; 10]),
+        roster_version: 7,
+        sent_ms: 123,
+    };
     let now = Instant::now();
     // Warm the derived-key caches, as in steady state.
     let first = sa.seal(&b.public, &msg, now).unwrap();
     sb.open(&first, now).unwrap();
-    g.bench_function("seal_heartbeat", |bench| bench.iter(|| sa.seal(&b.public, &msg, now)));
+    g.bench_function("seal_heartbeat", |bench| {
+        bench.iter(|| sa.seal(&b.public, &msg, now))
+    });
     g.bench_function("seal_open_heartbeat", |bench| {
-        bench.iter_batched(|| sa.seal(&b.public, &msg, now).unwrap(), |env| sb.open(&env, now).unwrap(), BatchSize::SmallInput)
+        bench.iter_batched(
+            || sa.seal(&b.public, &msg, now).unwrap(),
+            |env| sb.open(&env, now).unwrap(),
+            BatchSize::SmallInput,
+        )
     });
     g.finish();
 }

@@ -38,11 +38,17 @@ pub struct ApiError {
 impl ApiError {
     /// 400.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        ApiError { status: 400, message: message.into() }
+        ApiError {
+            status: 400,
+            message: message.into(),
+        }
     }
     /// 404.
     pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError { status: 404, message: message.into() }
+        ApiError {
+            status: 404,
+            message: message.into(),
+        }
     }
     /// 409 for state conflicts, 400 for invalid input.
     pub fn conflict_or_bad(e: &EngineError) -> Self {
@@ -50,7 +56,10 @@ impl ApiError {
             EngineError::Invalid(_) => 400,
             EngineError::AlreadyInParty(_) | EngineError::NotInParty => 409,
         };
-        ApiError { status, message: e.to_string() }
+        ApiError {
+            status,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -221,7 +230,12 @@ pub fn router(listen: SocketAddr, tx: Tx) -> Router {
 /// The hosts and origins a request may name: this listener, as an IP or as localhost.
 fn allowed_hosts(listen: SocketAddr) -> Vec<String> {
     let port = listen.port();
-    let mut hosts = vec![listen.to_string(), format!("localhost:{port}"), format!("127.0.0.1:{port}"), format!("[::1]:{port}")];
+    let mut hosts = vec![
+        listen.to_string(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ];
     hosts.dedup();
     hosts
 }
@@ -236,26 +250,46 @@ async fn guard(State(listen): State<SocketAddr>, req: Request, next: Next) -> Re
             .is_some_and(|o| hosts.iter().any(|h| h == o));
         if !ok {
             tracing::warn!(origin = ?origin, "refused an API request from a foreign origin");
-            return ApiError { status: 403, message: "requests from other web origins are refused".into() }.into_response();
+            return ApiError {
+                status: 403,
+                message: "requests from other web origins are refused".into(),
+            }
+            .into_response();
         }
     }
     if let Some(host) = req.headers().get(header::HOST) {
         if !host.to_str().is_ok_and(|h| hosts.iter().any(|a| a == h)) {
             tracing::warn!(host = ?host, "refused an API request with a foreign Host header");
-            return ApiError { status: 403, message: "unexpected Host header".into() }.into_response();
+            return ApiError {
+                status: 403,
+                message: "unexpected Host header".into(),
+            }
+            .into_response();
         }
     }
     next.run(req).await
 }
 
 fn rejection(r: JsonRejection) -> ApiError {
-    ApiError { status: r.status().as_u16(), message: r.body_text() }
+    ApiError {
+        status: r.status().as_u16(),
+        message: r.body_text(),
+    }
 }
 
-async fn ask<T>(tx: &Tx, make: impl FnOnce(oneshot::Sender<T>) -> ApiRequest) -> Result<T, ApiError> {
+async fn ask<T>(
+    tx: &Tx,
+    make: impl FnOnce(oneshot::Sender<T>) -> ApiRequest,
+) -> Result<T, ApiError> {
     let (reply, rx) = oneshot::channel();
-    tx.send(make(reply)).await.map_err(|_| ApiError { status: 503, message: "daemon is shutting down".into() })?;
-    rx.await.map_err(|_| ApiError { status: 503, message: "daemon is shutting down".into() })
+    tx.send(make(reply)).await.map_err(|_| ApiError {
+        status: 503,
+        message: "daemon is shutting down".into(),
+    })?;
+    rx.await.map_err(|_| ApiError {
+        status: 503,
+        message: "daemon is shutting down".into(),
+    })
 }
 
 async fn status(State(tx): State<Tx>) -> Result<Json<StatusView>, ApiError> {
@@ -266,14 +300,34 @@ async fn parties(State(tx): State<Tx>) -> Result<Json<Vec<PartyListing>>, ApiErr
     Ok(Json(ask(&tx, |reply| ApiRequest::Parties { reply }).await?))
 }
 
-async fn create(State(tx): State<Tx>, body: Result<Json<CreateBody>, JsonRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn create(
+    State(tx): State<Tx>,
+    body: Result<Json<CreateBody>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(b) = body.map_err(rejection)?;
-    Ok(Json(ask(&tx, |reply| ApiRequest::Create { name: b.name, password: b.password, reply }).await??))
+    Ok(Json(
+        ask(&tx, |reply| ApiRequest::Create {
+            name: b.name,
+            password: b.password,
+            reply,
+        })
+        .await??,
+    ))
 }
 
-async fn join(State(tx): State<Tx>, body: Result<Json<JoinBody>, JsonRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn join(
+    State(tx): State<Tx>,
+    body: Result<Json<JoinBody>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(b) = body.map_err(rejection)?;
-    Ok(Json(ask(&tx, |reply| ApiRequest::Join { party_id: b.party_id, password: b.password, reply }).await??))
+    Ok(Json(
+        ask(&tx, |reply| ApiRequest::Join {
+            party_id: b.party_id,
+            password: b.password,
+            reply,
+        })
+        .await??,
+    ))
 }
 
 async fn leave(State(tx): State<Tx>) -> Result<Json<serde_json::Value>, ApiError> {

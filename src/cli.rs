@@ -117,7 +117,11 @@ impl Api {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .into();
-        Api { base: format!("http://{addr}"), addr, agent }
+        Api {
+            base: format!("http://{addr}"),
+            addr,
+            agent,
+        }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
@@ -136,12 +140,22 @@ impl Api {
             other => format!("cannot reach the lanrage daemon on {}: {other}", self.addr),
         })?;
         let status = resp.status();
-        let text = resp.body_mut().with_config().limit(4 << 20).read_to_string().map_err(|e| format!("bad answer from the daemon: {e}"))?;
-        let value: Value = serde_json::from_str(&text).map_err(|_| format!("bad answer from the daemon (HTTP {status})"))?;
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(4 << 20)
+            .read_to_string()
+            .map_err(|e| format!("bad answer from the daemon: {e}"))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|_| format!("bad answer from the daemon (HTTP {status})"))?;
         if status.is_success() {
             Ok(value)
         } else {
-            Err(value.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| format!("HTTP {status}")))
+            Err(value
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("HTTP {status}")))
         }
     }
 }
@@ -159,18 +173,37 @@ fn client(cli: &Cli) -> Result<(), String> {
             }
         }
         Command::Party { action } => match action {
-            PartyCommand::Create { name, password, json } => {
-                let v = api.call("POST", "/party/create", Some(serde_json::json!({"name": name, "password": password})))?;
+            PartyCommand::Create {
+                name,
+                password,
+                json,
+            } => {
+                let v = api.call(
+                    "POST",
+                    "/party/create",
+                    Some(serde_json::json!({"name": name, "password": password})),
+                )?;
                 if *json {
                     print_json(&v);
                 } else {
                     println!("Party created: {}", v["party_id"].as_str().unwrap_or("?"));
-                    println!("Friends join with: lanrage party join {}", v["party_id"].as_str().unwrap_or("?"));
+                    println!(
+                        "Friends join with: lanrage party join {}",
+                        v["party_id"].as_str().unwrap_or("?")
+                    );
                     print_party(&v["party"]);
                 }
             }
-            PartyCommand::Join { party_id, password, json } => {
-                let v = api.call("POST", "/party/join", Some(serde_json::json!({"party_id": party_id, "password": password})))?;
+            PartyCommand::Join {
+                party_id,
+                password,
+                json,
+            } => {
+                let v = api.call(
+                    "POST",
+                    "/party/join",
+                    Some(serde_json::json!({"party_id": party_id, "password": password})),
+                )?;
                 if *json {
                     print_json(&v);
                 } else {
@@ -220,7 +253,9 @@ fn print_status(v: &Value) {
     if v["party"].is_null() {
         match v["joining"].as_str() {
             Some(p) => println!("Party     joining {p}..."),
-            None => println!("Party     none (lanrage party create NAME, or lanrage party join ID)"),
+            None => {
+                println!("Party     none (lanrage party create NAME, or lanrage party join ID)")
+            }
         }
     } else {
         print_party(&v["party"]);
@@ -231,16 +266,31 @@ fn print_party(p: &Value) {
     if p.is_null() {
         return;
     }
-    println!("Party     {} ({}){}", s(&p["name"]), s(&p["id"]), if p["protected"].as_bool() == Some(true) { ", protected" } else { "" });
+    println!(
+        "Party     {} ({}){}",
+        s(&p["name"]),
+        s(&p["id"]),
+        if p["protected"].as_bool() == Some(true) {
+            ", protected"
+        } else {
+            ""
+        }
+    );
     println!();
-    println!("{:<18} {:<16} {:<15} {:<11} {:<22} {:>8}", "NAME", "ID", "VIRTUAL IP", "CONNECTION", "ENDPOINT", "LATENCY");
+    println!(
+        "{:<18} {:<16} {:<15} {:<11} {:<22} {:>8}",
+        "NAME", "ID", "VIRTUAL IP", "CONNECTION", "ENDPOINT", "LATENCY"
+    );
     let host = p["host_id"].as_str().unwrap_or("");
     for peer in p["peers"].as_array().into_iter().flatten() {
         let mut name = s(&peer["name"]);
         if peer["id"].as_str() == Some(host) {
             name.push_str(" *");
         }
-        let latency = peer["latency_ms"].as_f64().map(|l| format!("{l:.1} ms")).unwrap_or_else(|| "-".into());
+        let latency = peer["latency_ms"]
+            .as_f64()
+            .map(|l| format!("{l:.1} ms"))
+            .unwrap_or_else(|| "-".into());
         println!(
             "{:<18} {:<16} {:<15} {:<11} {:<22} {:>8}",
             name,
@@ -260,7 +310,10 @@ fn print_parties(v: &Value) {
         println!("No parties visible. Create one with: lanrage party create NAME");
         return;
     }
-    println!("{:<20} {:<20} {:<16} {:>7} {:<9} {:<6}", "ID", "NAME", "HOST", "MEMBERS", "PASSWORD", "SEEN");
+    println!(
+        "{:<20} {:<20} {:<16} {:>7} {:<9} {:<6}",
+        "ID", "NAME", "HOST", "MEMBERS", "PASSWORD", "SEEN"
+    );
     for p in list {
         println!(
             "{:<20} {:<20} {:<16} {:>7} {:<9} {:<6}",
@@ -268,7 +321,11 @@ fn print_parties(v: &Value) {
             s(&p["name"]),
             s(&p["host"]),
             s(&p["members"]),
-            if p["protected"].as_bool() == Some(true) { "yes" } else { "no" },
+            if p["protected"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
             s(&p["source"])
         );
     }

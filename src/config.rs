@@ -47,7 +47,10 @@ impl Default for NodeConfig {
             .and_then(|h| h.into_string().ok())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "lanrage".to_string());
-        NodeConfig { name, state_dir: PathBuf::from("/var/lib/lanrage") }
+        NodeConfig {
+            name,
+            state_dir: PathBuf::from("/var/lib/lanrage"),
+        }
     }
 }
 
@@ -86,7 +89,9 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8666)) }
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8666)),
+        }
     }
 }
 
@@ -102,7 +107,10 @@ pub struct DiscoveryConfig {
 
 impl Default for DiscoveryConfig {
     fn default() -> Self {
-        DiscoveryConfig { mdns: true, file: None }
+        DiscoveryConfig {
+            mdns: true,
+            file: None,
+        }
     }
 }
 
@@ -118,7 +126,10 @@ pub struct TimersConfig {
 
 impl Default for TimersConfig {
     fn default() -> Self {
-        TimersConfig { heartbeat_secs: 2, peer_timeout_secs: 10 }
+        TimersConfig {
+            heartbeat_secs: 2,
+            peer_timeout_secs: 10,
+        }
     }
 }
 
@@ -133,7 +144,11 @@ pub enum ConfigError {
     UnknownKey { origin: String, key: String },
     /// A key with a value of the wrong type or out of range.
     #[error("{origin}: bad value for `{key}`: {message}")]
-    BadValue { origin: String, key: String, message: String },
+    BadValue {
+        origin: String,
+        key: String,
+        message: String,
+    },
 }
 
 impl Config {
@@ -147,20 +162,32 @@ impl Config {
                 (p.exists().then_some(p), false)
             }
         };
-        let origin = file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "defaults".into());
+        let origin = file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "defaults".into());
         let known = known_keys();
 
         let mut builder = config::Config::builder();
         if let Some(file) = &file {
             let text = std::fs::read_to_string(file).map_err(|e| ConfigError::File {
                 file: file.display().to_string(),
-                message: if required { e.to_string() } else { format!("cannot read: {e}") },
+                message: if required {
+                    e.to_string()
+                } else {
+                    format!("cannot read: {e}")
+                },
             })?;
-            let table: toml::Table = toml::from_str(&text)
-                .map_err(|e| ConfigError::File { file: origin.clone(), message: e.to_string() })?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::File {
+                file: origin.clone(),
+                message: e.to_string(),
+            })?;
             for key in flatten_keys(&table) {
                 if !known.contains(&key) {
-                    return Err(ConfigError::UnknownKey { origin: origin.clone(), key });
+                    return Err(ConfigError::UnknownKey {
+                        origin: origin.clone(),
+                        key,
+                    });
                 }
             }
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
@@ -169,33 +196,48 @@ impl Config {
         let mut overrides: Vec<(String, String, String)> = Vec::new();
         let prefix = format!("{ENV_PREFIX}__");
         for (name, value) in env {
-            let Some(rest) = name.strip_prefix(&prefix) else { continue };
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                continue;
+            };
             let key = rest.to_ascii_lowercase().replace("__", ".");
             if !known.contains(&key) {
-                return Err(ConfigError::UnknownKey { origin: format!("environment variable {name}"), key });
+                return Err(ConfigError::UnknownKey {
+                    origin: format!("environment variable {name}"),
+                    key,
+                });
             }
             overrides.push((name.clone(), key, value.clone()));
         }
         for (_, key, value) in &overrides {
             builder = builder
                 .set_override(key.as_str(), value.as_str())
-                .map_err(|e| ConfigError::File { file: origin.clone(), message: e.to_string() })?;
+                .map_err(|e| ConfigError::File {
+                    file: origin.clone(),
+                    message: e.to_string(),
+                })?;
         }
 
-        let merged = builder
-            .build()
-            .map_err(|e| ConfigError::File { file: origin.clone(), message: e.to_string() })?;
+        let merged = builder.build().map_err(|e| ConfigError::File {
+            file: origin.clone(),
+            message: e.to_string(),
+        })?;
         let cfg: Config = merged.try_deserialize().map_err(|e| {
             let message = e.to_string();
             // Name the environment variable when the bad value came from one.
-            let blamed = overrides.iter().find(|(_, key, _)| message.contains(key.as_str()));
+            let blamed = overrides
+                .iter()
+                .find(|(_, key, _)| message.contains(key.as_str()));
             match blamed {
                 Some((var, key, _)) => ConfigError::BadValue {
                     origin: format!("environment variable {var}"),
                     key: key.clone(),
                     message,
                 },
-                None => ConfigError::BadValue { origin: origin.clone(), key: key_in(&message), message },
+                None => ConfigError::BadValue {
+                    origin: origin.clone(),
+                    key: key_in(&message),
+                    message,
+                },
             }
         })?;
         cfg.validate(&origin)?;
@@ -210,35 +252,72 @@ impl Config {
             message,
         };
         let n = &self.network;
-        if n.interface.is_empty() || n.interface.len() > 15 || !n.interface.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
-            return Err(bad("network.interface", format!("{:?} is not a valid interface name (1-15 of a-z, 0-9, - _ .)", n.interface)));
+        if n.interface.is_empty()
+            || n.interface.len() > 15
+            || !n
+                .interface
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(bad(
+                "network.interface",
+                format!(
+                    "{:?} is not a valid interface name (1-15 of a-z, 0-9, - _ .)",
+                    n.interface
+                ),
+            ));
         }
         if n.subnet.prefix_len() > 30 || n.subnet.prefix_len() < 8 {
-            return Err(bad("network.subnet", format!("{} must be between /8 and /30", n.subnet)));
+            return Err(bad(
+                "network.subnet",
+                format!("{} must be between /8 and /30", n.subnet),
+            ));
         }
         if n.subnet.network() != n.subnet.addr() {
-            return Err(bad("network.subnet", format!("{} has host bits set; did you mean {}?", n.subnet, n.subnet.trunc())));
+            return Err(bad(
+                "network.subnet",
+                format!(
+                    "{} has host bits set; did you mean {}?",
+                    n.subnet,
+                    n.subnet.trunc()
+                ),
+            ));
         }
         if !(576..=9000).contains(&n.mtu) {
-            return Err(bad("network.mtu", format!("{} is outside 576..=9000", n.mtu)));
+            return Err(bad(
+                "network.mtu",
+                format!("{} is outside 576..=9000", n.mtu),
+            ));
         }
         if n.listen_port == 0 {
             return Err(bad("network.listen_port", "0 is not a usable port".into()));
         }
-        if self.node.name.trim().is_empty() || self.node.name.len() > 32 || self.node.name.chars().any(char::is_control) {
-            return Err(bad("node.name", "must be 1 to 32 bytes without control characters".into()));
+        if self.node.name.trim().is_empty()
+            || self.node.name.len() > 32
+            || self.node.name.chars().any(char::is_control)
+        {
+            return Err(bad(
+                "node.name",
+                "must be 1 to 32 bytes without control characters".into(),
+            ));
         }
         if self.node.state_dir.as_os_str().is_empty() {
             return Err(bad("node.state_dir", "must not be empty".into()));
         }
         let t = &self.timers;
         if !(1..=60).contains(&t.heartbeat_secs) {
-            return Err(bad("timers.heartbeat_secs", format!("{} is outside 1..=60", t.heartbeat_secs)));
+            return Err(bad(
+                "timers.heartbeat_secs",
+                format!("{} is outside 1..=60", t.heartbeat_secs),
+            ));
         }
         if t.peer_timeout_secs < 2 * t.heartbeat_secs || t.peer_timeout_secs > 600 {
             return Err(bad(
                 "timers.peer_timeout_secs",
-                format!("{} must be at least twice heartbeat_secs ({}) and at most 600", t.peer_timeout_secs, t.heartbeat_secs),
+                format!(
+                    "{} must be at least twice heartbeat_secs ({}) and at most 600",
+                    t.peer_timeout_secs, t.heartbeat_secs
+                ),
             ));
         }
         Ok(())
@@ -311,7 +390,10 @@ mod tests {
         // Every known key is documented (commented or not) in the example file.
         for key in known_keys() {
             let leaf = key.rsplit('.').next().unwrap();
-            assert!(text.contains(&format!("{leaf} =")), "config/lanrage.toml does not document {key}");
+            assert!(
+                text.contains(&format!("{leaf} =")),
+                "config/lanrage.toml does not document {key}"
+            );
         }
         Config::load(Some(&path), &[]).unwrap();
     }
@@ -353,7 +435,10 @@ mod tests {
         let env = vec![
             ("LANRAGE__NETWORK__MTU".to_string(), "1380".to_string()),
             ("LANRAGE__DISCOVERY__MDNS".to_string(), "false".to_string()),
-            ("LANRAGE__DISCOVERY__FILE".to_string(), "/tmp/x.json".to_string()),
+            (
+                "LANRAGE__DISCOVERY__FILE".to_string(),
+                "/tmp/x.json".to_string(),
+            ),
             ("UNRELATED".to_string(), "1".to_string()),
         ];
         let cfg = Config::load(Some(f.path()), &env).unwrap();
@@ -368,7 +453,10 @@ mod tests {
         let f = write("");
         let env = vec![("LANRAGE__NETWORK__MTUX".to_string(), "1".to_string())];
         let err = Config::load(Some(f.path()), &env).unwrap_err().to_string();
-        assert!(err.contains("LANRAGE__NETWORK__MTUX") && err.contains("network.mtux"), "{err}");
+        assert!(
+            err.contains("LANRAGE__NETWORK__MTUX") && err.contains("network.mtux"),
+            "{err}"
+        );
         let env = vec![("LANRAGE__NETWORK__MTU".to_string(), "lots".to_string())];
         let err = Config::load(Some(f.path()), &env).unwrap_err().to_string();
         assert!(err.contains("LANRAGE__NETWORK__MTU"), "{err}");
@@ -376,7 +464,9 @@ mod tests {
 
     #[test]
     fn missing_explicit_file_is_an_error() {
-        let err = Config::load(Some(Path::new("/nonexistent/lanrage.toml")), &[]).unwrap_err().to_string();
+        let err = Config::load(Some(Path::new("/nonexistent/lanrage.toml")), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/lanrage.toml"), "{err}");
     }
 }

@@ -14,7 +14,9 @@ use base64::Engine as _;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::api::{self, ApiError, ApiRequest, NodeView, PartyListing, PartyView, PeerView, StatusView};
+use crate::api::{
+    self, ApiError, ApiRequest, NodeView, PartyListing, PartyView, PeerView, StatusView,
+};
 use crate::config::Config;
 use crate::discovery::file::DiscoveryFile;
 use crate::discovery::mdns::Mdns;
@@ -63,13 +65,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     } else {
         None
     };
-    let stale_after = Duration::from_secs(cfg.timers.peer_timeout_secs.max(3 * cfg.timers.heartbeat_secs));
-    let file = cfg.discovery.file.clone().map(|p| Arc::new(DiscoveryFile::new(p, stale_after)));
+    let stale_after = Duration::from_secs(
+        cfg.timers
+            .peer_timeout_secs
+            .max(3 * cfg.timers.heartbeat_secs),
+    );
+    let file = cfg
+        .discovery
+        .file
+        .clone()
+        .map(|p| Arc::new(DiscoveryFile::new(p, stale_after)));
 
     let (api_tx, api_rx) = mpsc::channel(64);
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (api.listen): is another lanrage running?", cfg.api.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (api.listen): is another lanrage running?",
+                cfg.api.listen
+            )
+        })?;
     let api_task = tokio::spawn(api::serve(listener, cfg.api.listen, api_tx));
     tracing::info!(api = %cfg.api.listen, udp_port = port, interface = %cfg.network.interface, "ready");
 
@@ -114,7 +129,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             control.drain().await;
         }
         Ok(None) => {}
-        Err(e) => tracing::warn!(path = %persist_path.display(), error = %e, "ignoring an unreadable remembered party"),
+        Err(e) => {
+            tracing::warn!(path = %persist_path.display(), error = %e, "ignoring an unreadable remembered party")
+        }
     }
 
     control.run(control_rx, api_rx).await;
@@ -166,16 +183,21 @@ struct Control {
 }
 
 impl Control {
-    async fn run(&mut self, mut control_rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>, mut api_rx: mpsc::Receiver<ApiRequest>) {
+    async fn run(
+        &mut self,
+        mut control_rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+        mut api_rx: mpsc::Receiver<ApiRequest>,
+    ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot install the SIGTERM handler");
-                return;
-            }
-        };
+        let mut sigterm =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install the SIGTERM handler");
+                    return;
+                }
+            };
         loop {
             tokio::select! {
                 Some((from, bytes)) = control_rx.recv() => {
@@ -240,7 +262,11 @@ impl Control {
             Action::Persist(saved) => {
                 let _ = self.persist_tx.send(Some(saved));
             }
-            Action::JoinFinished { party, by_user, result } => {
+            Action::JoinFinished {
+                party,
+                by_user,
+                result,
+            } => {
                 if !by_user {
                     if let Err(e) = result {
                         tracing::warn!(%party, error = %e, "could not rejoin the remembered party");
@@ -284,10 +310,14 @@ impl Control {
                 }
                 let ad = self.ad(&h);
                 if let Some(m) = &self.mdns {
-                    let addrs: Vec<Ipv4Addr> = self.endpoints.iter().filter_map(|e| match e.ip() {
-                        std::net::IpAddr::V4(v4) => Some(v4),
-                        _ => None,
-                    }).collect();
+                    let addrs: Vec<Ipv4Addr> = self
+                        .endpoints
+                        .iter()
+                        .filter_map(|e| match e.ip() {
+                            std::net::IpAddr::V4(v4) => Some(v4),
+                            _ => None,
+                        })
+                        .collect();
                     if let Err(e) = m.announce(&ad, &addrs, self.port) {
                         tracing::warn!(error = %e, "mDNS announcement failed");
                     }
@@ -308,7 +338,9 @@ impl Control {
     }
 
     fn withdraw(&mut self) {
-        let Some(id) = self.announced.take() else { return };
+        let Some(id) = self.announced.take() else {
+            return;
+        };
         if let Some(m) = &self.mdns {
             m.withdraw(id);
         }
@@ -326,11 +358,23 @@ impl Control {
     /// Keeps our discovery-file entry fresh (entries carry last-seen and go stale).
     fn refresh_file(&mut self, now: Instant) {
         let every = Duration::from_secs(self.cfg.timers.heartbeat_secs);
-        if self.file.is_none() || self.announced.is_none() || self.last_file_publish.is_some_and(|t| now.saturating_duration_since(t) < every) {
+        if self.file.is_none()
+            || self.announced.is_none()
+            || self
+                .last_file_publish
+                .is_some_and(|t| now.saturating_duration_since(t) < every)
+        {
             return;
         }
-        let Some(r) = self.engine.roster() else { return };
-        let hosted = Hosted { party: r.party, name: r.name.clone(), members: r.members.len() as u32, protected: r.verifier.is_some() };
+        let Some(r) = self.engine.roster() else {
+            return;
+        };
+        let hosted = Hosted {
+            party: r.party,
+            name: r.name.clone(),
+            members: r.members.len() as u32,
+            protected: r.verifier.is_some(),
+        };
         let ad = self.ad(&hosted);
         if let Some(f) = &self.file {
             let f = f.clone();
@@ -353,7 +397,11 @@ impl Control {
                 let list = self.listings().await;
                 let _ = reply.send(list);
             }
-            ApiRequest::Create { name, password, reply } => {
+            ApiRequest::Create {
+                name,
+                password,
+                reply,
+            } => {
                 let answer = match self.engine.create(now, &name, password.as_deref()) {
                     Ok(_) => {
                         self.drain().await;
@@ -363,9 +411,15 @@ impl Control {
                 };
                 let _ = reply.send(answer);
             }
-            ApiRequest::Join { party_id, password, reply } => {
+            ApiRequest::Join {
+                party_id,
+                password,
+                reply,
+            } => {
                 let Ok(party) = party_id.parse::<PartyId>() else {
-                    let _ = reply.send(Err(ApiError::bad_request(format!("{party_id:?} is not a party id (like k3m9-x2pq-7hvd-a8te)"))));
+                    let _ = reply.send(Err(ApiError::bad_request(format!(
+                        "{party_id:?} is not a party id (like k3m9-x2pq-7hvd-a8te)"
+                    ))));
                     return;
                 };
                 if self.engine.roster().is_some_and(|r| r.party == party) {
@@ -411,7 +465,9 @@ impl Control {
             if ad.id != party {
                 continue;
             }
-            let Some(key) = decode_key(&ad.host_key) else { continue };
+            let Some(key) = decode_key(&ad.host_key) else {
+                continue;
+            };
             if key == self.identity.public {
                 continue;
             }
@@ -423,7 +479,10 @@ impl Control {
                         }
                     }
                 }
-                None => targets.push(JoinTarget { key, endpoints: ad.endpoints }),
+                None => targets.push(JoinTarget {
+                    key,
+                    endpoints: ad.endpoints,
+                }),
             }
         }
         targets
@@ -507,7 +566,9 @@ impl Control {
                 let handshake = tun.as_ref().and_then(|t| t.last_handshake);
                 let connection = match (&tun, handshake) {
                     (_, Some(h)) if h < SESSION_FRESH => "direct",
-                    (Some(t), _) if now.saturating_duration_since(t.added) < CONNECT_GRACE => "connecting",
+                    (Some(t), _) if now.saturating_duration_since(t.added) < CONNECT_GRACE => {
+                        "connecting"
+                    }
                     (None, _) => "connecting",
                     _ => "failed",
                 };
@@ -516,14 +577,23 @@ impl Control {
                     name: m.name.clone(),
                     virtual_ip: m.ip.to_string(),
                     connection: connection.into(),
-                    endpoint: tun.and_then(|t| t.endpoint).or_else(|| live.and_then(|l| l.observed)).map(|e| e.to_string()),
+                    endpoint: tun
+                        .and_then(|t| t.endpoint)
+                        .or_else(|| live.and_then(|l| l.observed))
+                        .map(|e| e.to_string()),
                     latency_ms: live.and_then(|l| l.rtt).map(|d| d.as_secs_f64() * 1000.0),
                     last_handshake_secs: handshake.map(|d| d.as_secs()),
                 }
             })
             .collect();
         peers.sort_by(|a, b| a.virtual_ip.cmp(&b.virtual_ip));
-        Some(PartyView { id: r.party.to_string(), name: r.name.clone(), host_id: r.host.to_string(), protected: r.verifier.is_some(), peers })
+        Some(PartyView {
+            id: r.party.to_string(),
+            name: r.name.clone(),
+            host_id: r.host.to_string(),
+            protected: r.verifier.is_some(),
+            peers,
+        })
     }
 
     fn status(&self) -> StatusView {
@@ -576,9 +646,18 @@ fn open_error_name(e: &crate::seal::OpenError) -> &'static str {
 fn join_error(e: JoinError) -> ApiError {
     match e {
         JoinError::UnknownParty => ApiError::not_found(format!("{e}")),
-        JoinError::WrongPassword | JoinError::TooManyAttempts => ApiError { status: 403, message: e.to_string() },
-        JoinError::PartyFull | JoinError::Cancelled => ApiError { status: 409, message: e.to_string() },
-        JoinError::Timeout => ApiError { status: 504, message: e.to_string() },
+        JoinError::WrongPassword | JoinError::TooManyAttempts => ApiError {
+            status: 403,
+            message: e.to_string(),
+        },
+        JoinError::PartyFull | JoinError::Cancelled => ApiError {
+            status: 409,
+            message: e.to_string(),
+        },
+        JoinError::Timeout => ApiError {
+            status: 504,
+            message: e.to_string(),
+        },
     }
 }
 
@@ -594,7 +673,9 @@ pub fn local_endpoints(port: u16, tun_name: &str) -> Vec<SocketAddr> {
             .into_iter()
             .filter(|i| !i.is_loopback() && i.name != tun_name)
             .filter_map(|i| match i.ip() {
-                std::net::IpAddr::V4(v4) if !v4.is_link_local() => Some(SocketAddr::from((v4, port))),
+                std::net::IpAddr::V4(v4) if !v4.is_link_local() => {
+                    Some(SocketAddr::from((v4, port)))
+                }
                 _ => None,
             })
             .collect(),
@@ -618,12 +699,18 @@ fn load_saved(path: &Path) -> anyhow::Result<Option<SavedParty>> {
     }
 }
 
-/// Writes the remembered party atomically (temp file, fsync, rename), at most twice a second:
-/// a burst of roster changes costs one write.
+/// Writes the remembered party atomically (temp file, fsync, rename). The first change is written
+/// at once; changes during the following 500 ms are coalesced into one more write.
 async fn persist_loop(path: PathBuf, mut rx: watch::Receiver<Option<Option<SavedParty>>>) {
+    let mut last_write: Option<tokio::time::Instant> = None;
     while rx.changed().await.is_ok() {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let Some(value) = rx.borrow_and_update().clone() else { continue };
+        if let Some(t) = last_write {
+            tokio::time::sleep_until(t + Duration::from_millis(500)).await;
+        }
+        last_write = Some(tokio::time::Instant::now());
+        let Some(value) = rx.borrow_and_update().clone() else {
+            continue;
+        };
         let path = path.clone();
         let result = tokio::task::spawn_blocking(move || write_atomic(&path, value.as_ref())).await;
         match result {
@@ -644,7 +731,12 @@ fn write_atomic<T: Serialize>(path: &Path, value: Option<&T>) -> std::io::Result
         };
     };
     let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;

@@ -31,7 +31,11 @@ impl Identity {
     /// Builds an identity from a private key.
     pub fn from_secret(secret: StaticSecret) -> Self {
         let public = PublicKey::from(&secret).to_bytes();
-        Identity { secret, public, id: NodeId::from_public_key(&public) }
+        Identity {
+            secret,
+            public,
+            id: NodeId::from_public_key(&public),
+        }
     }
 
     /// A fresh random identity (tests, first start).
@@ -56,7 +60,12 @@ impl Identity {
             Ok(text) => {
                 let mode = fs::metadata(&path)?.permissions().mode();
                 if mode & 0o077 != 0 {
-                    anyhow::bail!("{} is readable by other users (mode {:o}); run: chmod 600 {}", path.display(), mode & 0o777, path.display());
+                    anyhow::bail!(
+                        "{} is readable by other users (mode {:o}); run: chmod 600 {}",
+                        path.display(),
+                        mode & 0o777,
+                        path.display()
+                    );
                 }
                 let bytes = B64
                     .decode(text.trim())
@@ -69,7 +78,12 @@ impl Identity {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let id = Self::generate();
                 let tmp = state_dir.join(format!("{KEY_FILE}.tmp"));
-                let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
                 f.write_all(format!("{}\n", B64.encode(id.secret.to_bytes())).as_bytes())?;
                 f.sync_all()?;
                 fs::rename(&tmp, &path)?;
@@ -92,7 +106,10 @@ mod tests {
         let b = Identity::load_or_create(dir.path()).unwrap();
         assert_eq!(a.public, b.public);
         assert_eq!(a.id, b.id);
-        let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 

@@ -18,7 +18,9 @@ pub struct NodeId(pub [u8; 8]);
 impl NodeId {
     /// The id that belongs to a WireGuard/X25519 public key.
     pub fn from_public_key(key: &[u8; 32]) -> Self {
-        let digest = Blake2s256::new_with_prefix(b"lanrage node id").chain_update(key).finalize();
+        let digest = Blake2s256::new_with_prefix(b"lanrage node id")
+            .chain_update(key)
+            .finalize();
         let mut id = [0u8; 8];
         id.copy_from_slice(&digest[..8]);
         NodeId(id)
@@ -105,7 +107,10 @@ impl FromStr for PartyId {
                 'o' => '0',
                 c => c,
             };
-            let v = ALPHABET.iter().position(|&a| a as char == c).ok_or(IdError::Character)?;
+            let v = ALPHABET
+                .iter()
+                .position(|&a| a as char == c)
+                .ok_or(IdError::Character)?;
             n += 1;
             if n > 16 {
                 return Err(IdError::Length);
@@ -202,8 +207,14 @@ mod tests {
         assert_eq!(bin.len(), 10);
         assert_eq!(postcard::from_bytes::<PartyId>(&bin).unwrap(), id);
         let node = NodeId([7; 8]);
-        assert_eq!(serde_json::to_string(&node).unwrap(), "\"0707070707070707\"");
-        assert_eq!(postcard::from_bytes::<NodeId>(&postcard::to_allocvec(&node).unwrap()).unwrap(), node);
+        assert_eq!(
+            serde_json::to_string(&node).unwrap(),
+            "\"0707070707070707\""
+        );
+        assert_eq!(
+            postcard::from_bytes::<NodeId>(&postcard::to_allocvec(&node).unwrap()).unwrap(),
+            node
+        );
     }
 
     #[test]
@@ -212,7 +223,10 @@ mod tests {
         let s = id.to_string();
         assert_eq!(s, "zzzz-zzzz-zzzz-zzzz");
         let zero = PartyId([0; 10]).to_string();
-        assert_eq!(zero.replace('0', "O").parse::<PartyId>().unwrap(), PartyId([0; 10]));
+        assert_eq!(
+            zero.replace('0', "O").parse::<PartyId>().unwrap(),
+            PartyId([0; 10])
+        );
         assert!("zzzz-zzzz-zzzz-zzz".parse::<PartyId>().is_err());
         assert!("zzzz-zzzz-zzzz-zzzzz".parse::<PartyId>().is_err());
         assert!("zzzz-zzzz-zzzz-zzzu".parse::<PartyId>().is_err());

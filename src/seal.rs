@@ -16,7 +16,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::wire::{Message, DecodeError, MAGIC, MAX_CONTROL_DATAGRAM, WIRE_VERSION};
+use crate::wire::{DecodeError, Message, MAGIC, MAX_CONTROL_DATAGRAM, WIRE_VERSION};
 
 const HEADER_LEN: usize = 2 + 1 + 32 + 8 + 12;
 const TAG_LEN: usize = 16;
@@ -66,8 +66,19 @@ impl Sealer {
     /// A sealer for the node owning `secret`.
     pub fn new(secret: StaticSecret) -> Self {
         let public = PublicKey::from(&secret).to_bytes();
-        let counter = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1);
-        Sealer { secret, public, counter, keys: HashMap::new(), last_counter: HashMap::new(), budget_window: None, budget_used: 0 }
+        let counter = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        Sealer {
+            secret,
+            public,
+            counter,
+            keys: HashMap::new(),
+            last_counter: HashMap::new(),
+            budget_window: None,
+            budget_used: 0,
+        }
     }
 
     /// Our public key.
@@ -80,7 +91,11 @@ impl Sealer {
         if !shared.was_contributory() {
             return None;
         }
-        let (from, to) = if outgoing { (&self.public, peer) } else { (peer, &self.public) };
+        let (from, to) = if outgoing {
+            (&self.public, peer)
+        } else {
+            (peer, &self.public)
+        };
         let digest = Blake2s256::new()
             .chain_update(b"lanrage seal v1")
             .chain_update(shared.as_bytes())
@@ -129,15 +144,29 @@ impl Sealer {
         out.extend_from_slice(&nonce);
         let plaintext = msg.encode();
         let ct = ChaCha20Poly1305::new(&key)
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: &plaintext, aad: &out[..HEADER_LEN] })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &plaintext,
+                    aad: &out[..HEADER_LEN],
+                },
+            )
             .ok()?;
         out.extend_from_slice(&ct);
         Some(out)
     }
 
     /// Opens an envelope addressed to us: returns the sender's public key and the message.
-    pub fn open(&mut self, datagram: &[u8], now: Instant) -> Result<([u8; 32], Message), OpenError> {
-        if datagram.len() < HEADER_LEN + TAG_LEN || datagram.len() > MAX_CONTROL_DATAGRAM || datagram[..2] != MAGIC || datagram[2] != WIRE_VERSION {
+    pub fn open(
+        &mut self,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Result<([u8; 32], Message), OpenError> {
+        if datagram.len() < HEADER_LEN + TAG_LEN
+            || datagram.len() > MAX_CONTROL_DATAGRAM
+            || datagram[..2] != MAGIC
+            || datagram[2] != WIRE_VERSION
+        {
             return Err(OpenError::Header);
         }
         let mut sender = [0u8; 32];
@@ -145,12 +174,22 @@ impl Sealer {
         let mut counter_bytes = [0u8; 8];
         counter_bytes.copy_from_slice(&datagram[35..43]);
         let counter = u64::from_be_bytes(counter_bytes);
-        if self.last_counter.get(&sender).is_some_and(|&last| counter <= last) {
+        if self
+            .last_counter
+            .get(&sender)
+            .is_some_and(|&last| counter <= last)
+        {
             return Err(OpenError::Replay);
         }
         let key = self.key(&sender, false, now)?;
         let plaintext = ChaCha20Poly1305::new(&key)
-            .decrypt(Nonce::from_slice(&datagram[43..55]), Payload { msg: &datagram[HEADER_LEN..], aad: &datagram[..HEADER_LEN] })
+            .decrypt(
+                Nonce::from_slice(&datagram[43..55]),
+                Payload {
+                    msg: &datagram[HEADER_LEN..],
+                    aad: &datagram[..HEADER_LEN],
+                },
+            )
             .map_err(|_| OpenError::Auth)?;
         if self.last_counter.len() >= MAX_KEYS && !self.last_counter.contains_key(&sender) {
             // Forget the oldest-looking half rather than grow without bound.
@@ -178,7 +217,9 @@ mod tests {
     }
 
     fn leave() -> Message {
-        Message::Leave { party: PartyId([1; 10]) }
+        Message::Leave {
+            party: PartyId([1; 10]),
+        }
     }
 
     #[test]

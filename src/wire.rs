@@ -50,7 +50,8 @@ pub enum DatagramKind {
 pub fn classify(datagram: &[u8]) -> DatagramKind {
     if datagram.len() >= 4 && (1..=4).contains(&datagram[0]) && datagram[1..4] == [0, 0, 0] {
         DatagramKind::WireGuard
-    } else if datagram.len() >= 20 && datagram[0] & 0xC0 == 0 && datagram[4..8] == STUN_MAGIC_COOKIE {
+    } else if datagram.len() >= 20 && datagram[0] & 0xC0 == 0 && datagram[4..8] == STUN_MAGIC_COOKIE
+    {
         DatagramKind::Stun
     } else if datagram.len() >= 3 && datagram[..2] == MAGIC {
         DatagramKind::Control
@@ -229,7 +230,12 @@ impl Message {
             Ok(())
         }
         match self {
-            Message::JoinRequest { name: n, password, endpoints: e, .. } => {
+            Message::JoinRequest {
+                name: n,
+                password,
+                endpoints: e,
+                ..
+            } => {
                 name(n)?;
                 endpoints(e)?;
                 if password.as_ref().is_some_and(|p| p.len() > MAX_PASSWORD) {
@@ -272,7 +278,13 @@ mod tests {
     }
 
     fn arb_member() -> impl Strategy<Value = Member> {
-        ("[a-z]{1,32}", any::<[u8; 32]>(), any::<[u8; 4]>(), prop::collection::vec(arb_addr(), 0..8), any::<u64>())
+        (
+            "[a-z]{1,32}",
+            any::<[u8; 32]>(),
+            any::<[u8; 4]>(),
+            prop::collection::vec(arb_addr(), 0..8),
+            any::<u64>(),
+        )
             .prop_map(|(name, key, ip, endpoints, since)| Member {
                 id: NodeId::from_public_key(&key),
                 name,
@@ -284,31 +296,81 @@ mod tests {
     }
 
     fn arb_roster() -> impl Strategy<Value = Roster> {
-        (any::<[u8; 10]>(), "[a-z ]{0,32}", any::<u64>(), prop::collection::vec(arb_member(), 1..32), any::<bool>(), any::<u64>())
-            .prop_map(|(party, name, version, members, protected, next_since)| Roster {
-                party: PartyId(party),
-                name,
-                version,
-                host: members[0].id,
-                next_since,
-                verifier: protected.then_some(PasswordVerifier { salt: [7; 16], hash: [9; 32] }),
-                members,
-            })
+        (
+            any::<[u8; 10]>(),
+            "[a-z ]{0,32}",
+            any::<u64>(),
+            prop::collection::vec(arb_member(), 1..32),
+            any::<bool>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(party, name, version, members, protected, next_since)| Roster {
+                    party: PartyId(party),
+                    name,
+                    version,
+                    host: members[0].id,
+                    next_since,
+                    verifier: protected.then_some(PasswordVerifier {
+                        salt: [7; 16],
+                        hash: [9; 32],
+                    }),
+                    members,
+                },
+            )
     }
 
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<[u8; 10]>(), "[a-z]{0,32}", prop::option::of("[ -~]{0,128}"), prop::collection::vec(arb_addr(), 0..8), prop::option::of(any::<[u8; 4]>()), any::<u64>())
-                .prop_map(|(p, name, password, endpoints, prev, nonce)| Message::JoinRequest {
-                    party: PartyId(p), name, password, endpoints, previous_ip: prev.map(Ipv4Addr::from), nonce
+            (
+                any::<[u8; 10]>(),
+                "[a-z]{0,32}",
+                prop::option::of("[ -~]{0,128}"),
+                prop::collection::vec(arb_addr(), 0..8),
+                prop::option::of(any::<[u8; 4]>()),
+                any::<u64>()
+            )
+                .prop_map(|(p, name, password, endpoints, prev, nonce)| {
+                    Message::JoinRequest {
+                        party: PartyId(p),
+                        name,
+                        password,
+                        endpoints,
+                        previous_ip: prev.map(Ipv4Addr::from),
+                        nonce,
+                    }
                 }),
-            (any::<u64>(), arb_roster()).prop_map(|(nonce, roster)| Message::JoinAccept { nonce, roster }),
-            (any::<u64>(), any::<[u8; 10]>()).prop_map(|(nonce, p)| Message::JoinReject { nonce, party: PartyId(p), reason: RejectReason::WrongPassword }),
-            (any::<u64>(), any::<[u8; 10]>(), any::<[u8; 32]>(), prop::collection::vec(arb_addr(), 0..8))
-                .prop_map(|(nonce, p, host_key, endpoints)| Message::Redirect { nonce, party: PartyId(p), host_key, endpoints }),
+            (any::<u64>(), arb_roster())
+                .prop_map(|(nonce, roster)| Message::JoinAccept { nonce, roster }),
+            (any::<u64>(), any::<[u8; 10]>()).prop_map(|(nonce, p)| Message::JoinReject {
+                nonce,
+                party: PartyId(p),
+                reason: RejectReason::WrongPassword
+            }),
+            (
+                any::<u64>(),
+                any::<[u8; 10]>(),
+                any::<[u8; 32]>(),
+                prop::collection::vec(arb_addr(), 0..8)
+            )
+                .prop_map(|(nonce, p, host_key, endpoints)| Message::Redirect {
+                    nonce,
+                    party: PartyId(p),
+                    host_key,
+                    endpoints
+                }),
             arb_roster().prop_map(Message::Roster),
-            (any::<[u8; 10]>(), any::<u64>(), any::<u64>()).prop_map(|(p, v, t)| Message::Heartbeat { party: PartyId(p), roster_version: v, sent_ms: t }),
-            (any::<[u8; 10]>(), any::<u64>()).prop_map(|(p, t)| Message::HeartbeatAck { party: PartyId(p), echo_ms: t }),
+            (any::<[u8; 10]>(), any::<u64>(), any::<u64>()).prop_map(|(p, v, t)| {
+                Message::Heartbeat {
+                    party: PartyId(p),
+                    roster_version: v,
+                    sent_ms: t,
+                }
+            }),
+            (any::<[u8; 10]>(), any::<u64>()).prop_map(|(p, t)| Message::HeartbeatAck {
+                party: PartyId(p),
+                echo_ms: t
+            }),
             any::<[u8; 10]>().prop_map(|p| Message::Leave { party: PartyId(p) }),
         ]
     }
@@ -352,12 +414,38 @@ mod tests {
     #[test]
     fn oversized_rosters_are_refused() {
         let key = [1u8; 32];
-        let m = Member { id: NodeId::from_public_key(&key), name: "a".into(), key, ip: Ipv4Addr::new(10, 66, 0, 1), endpoints: vec![], since: 0 };
-        let roster = Roster { party: PartyId([0; 10]), name: "p".into(), version: 1, host: m.id, next_since: 1, verifier: None, members: vec![m.clone(); MAX_MEMBERS + 1] };
-        assert_eq!(Message::decode(&Message::Roster(roster).encode()), Err(DecodeError::Limit("member count")));
+        let m = Member {
+            id: NodeId::from_public_key(&key),
+            name: "a".into(),
+            key,
+            ip: Ipv4Addr::new(10, 66, 0, 1),
+            endpoints: vec![],
+            since: 0,
+        };
+        let roster = Roster {
+            party: PartyId([0; 10]),
+            name: "p".into(),
+            version: 1,
+            host: m.id,
+            next_since: 1,
+            verifier: None,
+            members: vec![m.clone(); MAX_MEMBERS + 1],
+        };
+        assert_eq!(
+            Message::decode(&Message::Roster(roster).encode()),
+            Err(DecodeError::Limit("member count"))
+        );
         let mut forged = m.clone();
         forged.id = NodeId([0; 8]);
-        let roster = Roster { party: PartyId([0; 10]), name: "p".into(), version: 1, host: forged.id, next_since: 1, verifier: None, members: vec![forged] };
+        let roster = Roster {
+            party: PartyId([0; 10]),
+            name: "p".into(),
+            version: 1,
+            host: forged.id,
+            next_since: 1,
+            verifier: None,
+            members: vec![forged],
+        };
         assert!(Message::decode(&Message::Roster(roster).encode()).is_err());
     }
 }

@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{NodeId, PartyId};
 use crate::party::ipam::Ipam;
 use crate::party::password;
-use crate::wire::{Member, Message, RejectReason, Roster, MAX_ENDPOINTS, MAX_MEMBERS, MAX_NAME, MAX_PASSWORD};
+use crate::wire::{
+    Member, Message, RejectReason, Roster, MAX_ENDPOINTS, MAX_MEMBERS, MAX_NAME, MAX_PASSWORD,
+};
 
 /// How often an unanswered join request is sent again.
 const JOIN_RETRY: Duration = Duration::from_millis(400);
@@ -243,7 +245,16 @@ impl Engine {
     pub fn new(cfg: EngineConfig, now: Instant) -> Self {
         let id = NodeId::from_public_key(&cfg.key);
         let ipam = Ipam::new(cfg.subnet);
-        Engine { cfg, id, endpoints: Vec::new(), state: State::Idle, ipam, wrong_passwords: HashMap::new(), actions: VecDeque::new(), epoch: now }
+        Engine {
+            cfg,
+            id,
+            endpoints: Vec::new(),
+            state: State::Idle,
+            ipam,
+            wrong_passwords: HashMap::new(),
+            actions: VecDeque::new(),
+            epoch: now,
+        }
     }
 
     /// This node's id.
@@ -293,16 +304,27 @@ impl Engine {
 
     /// Our virtual IP, if in a party.
     pub fn address(&self) -> Option<Ipv4Addr> {
-        self.roster().and_then(|r| r.members.iter().find(|m| m.key == self.cfg.key)).map(|m| m.ip)
+        self.roster()
+            .and_then(|r| r.members.iter().find(|m| m.key == self.cfg.key))
+            .map(|m| m.ip)
     }
 
     /// Starts a new party with this node as host at the subnet's first address.
-    pub fn create(&mut self, now: Instant, name: &str, password: Option<&str>) -> Result<PartyId, EngineError> {
+    pub fn create(
+        &mut self,
+        now: Instant,
+        name: &str,
+        password: Option<&str>,
+    ) -> Result<PartyId, EngineError> {
         self.check_idle()?;
         if name.len() > MAX_NAME {
-            return Err(EngineError::Invalid(format!("party name must be 1 to {MAX_NAME} bytes")));
+            return Err(EngineError::Invalid(format!(
+                "party name must be 1 to {MAX_NAME} bytes"
+            )));
         }
-        let name = clean_name(name).ok_or_else(|| EngineError::Invalid(format!("party name must be 1 to {MAX_NAME} bytes")))?;
+        let name = clean_name(name).ok_or_else(|| {
+            EngineError::Invalid(format!("party name must be 1 to {MAX_NAME} bytes"))
+        })?;
         check_password(password)?;
         let party = PartyId::random();
         let ip = self.ipam.first();
@@ -317,23 +339,46 @@ impl Engine {
             members: vec![self.me(ip, 0)],
         };
         tracing::info!(%party, name = %roster.name, protected = password.is_some(), "party created");
-        self.state = State::InParty(InParty { roster, password: password.map(str::to_string), live: HashMap::new(), next_heartbeat: now });
+        self.state = State::InParty(InParty {
+            roster,
+            password: password.map(str::to_string),
+            live: HashMap::new(),
+            next_heartbeat: now,
+        });
         self.after_roster_change(None);
         Ok(party)
     }
 
     /// Starts joining `party` through `target` (found by discovery). The outcome arrives as
     /// [`Action::JoinFinished`].
-    pub fn join(&mut self, now: Instant, party: PartyId, targets: Vec<JoinTarget>, password: Option<&str>) -> Result<(), EngineError> {
+    pub fn join(
+        &mut self,
+        now: Instant,
+        party: PartyId,
+        targets: Vec<JoinTarget>,
+        password: Option<&str>,
+    ) -> Result<(), EngineError> {
         if let State::InParty(p) = &self.state {
             if p.roster.party == party {
-                self.actions.push_back(Action::JoinFinished { party, by_user: true, result: Ok(()) });
+                self.actions.push_back(Action::JoinFinished {
+                    party,
+                    by_user: true,
+                    result: Ok(()),
+                });
                 return Ok(());
             }
         }
         self.check_idle()?;
         check_password(password)?;
-        self.start_join(now, party, targets, password.map(str::to_string), None, JOIN_TIMEOUT, true);
+        self.start_join(
+            now,
+            party,
+            targets,
+            password.map(str::to_string),
+            None,
+            JOIN_TIMEOUT,
+            true,
+        );
         Ok(())
     }
 
@@ -346,17 +391,42 @@ impl Engine {
                 self.actions.push_back(Action::Persist(None));
                 return Ok(());
             };
-            let ip = if self.ipam.is_usable(saved.ip) { saved.ip } else { self.ipam.first() };
+            let ip = if self.ipam.is_usable(saved.ip) {
+                saved.ip
+            } else {
+                self.ipam.first()
+            };
             self.ipam.remember(self.cfg.key, ip);
-            let roster = Roster { party: saved.party, name: saved.name.clone(), version: 1, host: self.id, next_since: 1, verifier: hosted.verifier, members: vec![self.me(ip, 0)] };
+            let roster = Roster {
+                party: saved.party,
+                name: saved.name.clone(),
+                version: 1,
+                host: self.id,
+                next_since: 1,
+                verifier: hosted.verifier,
+                members: vec![self.me(ip, 0)],
+            };
             tracing::info!(party = %saved.party, name = %saved.name, "restored the party we hosted alone");
-            self.state = State::InParty(InParty { roster, password: saved.password, live: HashMap::new(), next_heartbeat: now });
+            self.state = State::InParty(InParty {
+                roster,
+                password: saved.password,
+                live: HashMap::new(),
+                next_heartbeat: now,
+            });
             self.after_roster_change(None);
             return Ok(());
         }
         let wait = self.cfg.peer_timeout * 2 + JOIN_TIMEOUT;
         tracing::info!(party = %saved.party, name = %saved.name, "rejoining the remembered party");
-        self.start_join(now, saved.party, saved.targets, saved.password, Some(saved.ip), wait, false);
+        self.start_join(
+            now,
+            saved.party,
+            saved.targets,
+            saved.password,
+            Some(saved.ip),
+            wait,
+            false,
+        );
         Ok(())
     }
 
@@ -366,7 +436,11 @@ impl Engine {
         match std::mem::replace(&mut self.state, State::Idle) {
             State::Idle => Err(EngineError::NotInParty),
             State::Joining(j) => {
-                self.actions.push_back(Action::JoinFinished { party: j.party, by_user: j.by_user, result: Err(JoinError::Cancelled) });
+                self.actions.push_back(Action::JoinFinished {
+                    party: j.party,
+                    by_user: j.by_user,
+                    result: Err(JoinError::Cancelled),
+                });
                 self.actions.push_back(Action::Persist(None));
                 Ok(())
             }
@@ -379,15 +453,25 @@ impl Engine {
                         p.roster.version += 1;
                         tracing::info!(%party, new_host = %successor, "handing the host role over");
                         for m in &p.roster.members {
-                            for to in endpoints_of(m, p.live.get(&m.key), now, self.cfg.peer_timeout) {
-                                self.actions.push_back(Action::Send { to, key: m.key, msg: Message::Roster(p.roster.clone()) });
+                            for to in
+                                endpoints_of(m, p.live.get(&m.key), now, self.cfg.peer_timeout)
+                            {
+                                self.actions.push_back(Action::Send {
+                                    to,
+                                    key: m.key,
+                                    msg: Message::Roster(p.roster.clone()),
+                                });
                             }
                         }
                     }
                 }
                 for m in p.roster.members.iter().filter(|m| m.key != self.cfg.key) {
                     for to in endpoints_of(m, p.live.get(&m.key), now, self.cfg.peer_timeout) {
-                        self.actions.push_back(Action::Send { to, key: m.key, msg: Message::Leave { party } });
+                        self.actions.push_back(Action::Send {
+                            to,
+                            key: m.key,
+                            msg: Message::Leave { party },
+                        });
                     }
                 }
                 tracing::info!(%party, "left the party");
@@ -404,15 +488,47 @@ impl Engine {
     /// Handles an authenticated control message from `key`, received from `from`.
     pub fn handle_message(&mut self, now: Instant, from: SocketAddr, key: [u8; 32], msg: Message) {
         match msg {
-            Message::JoinRequest { party, name, password, endpoints, previous_ip, nonce } => {
-                self.on_join_request(now, from, key, party, &name, password.as_deref(), endpoints, previous_ip, nonce)
+            Message::JoinRequest {
+                party,
+                name,
+                password,
+                endpoints,
+                previous_ip,
+                nonce,
+            } => self.on_join_request(
+                now,
+                from,
+                key,
+                party,
+                &name,
+                password.as_deref(),
+                endpoints,
+                previous_ip,
+                nonce,
+            ),
+            Message::JoinAccept { nonce, roster } => {
+                self.on_join_accept(now, from, key, nonce, roster)
             }
-            Message::JoinAccept { nonce, roster } => self.on_join_accept(now, from, key, nonce, roster),
-            Message::JoinReject { nonce, party, reason } => self.on_join_reject(now, key, nonce, party, reason),
-            Message::Redirect { nonce, party, host_key, endpoints } => self.on_redirect(now, nonce, party, host_key, endpoints),
+            Message::JoinReject {
+                nonce,
+                party,
+                reason,
+            } => self.on_join_reject(now, key, nonce, party, reason),
+            Message::Redirect {
+                nonce,
+                party,
+                host_key,
+                endpoints,
+            } => self.on_redirect(now, nonce, party, host_key, endpoints),
             Message::Roster(roster) => self.on_roster(now, from, key, roster),
-            Message::Heartbeat { party, roster_version, sent_ms } => self.on_heartbeat(now, from, key, party, roster_version, sent_ms),
-            Message::HeartbeatAck { party, echo_ms } => self.on_heartbeat_ack(now, from, key, party, echo_ms),
+            Message::Heartbeat {
+                party,
+                roster_version,
+                sent_ms,
+            } => self.on_heartbeat(now, from, key, party, roster_version, sent_ms),
+            Message::HeartbeatAck { party, echo_ms } => {
+                self.on_heartbeat_ack(now, from, key, party, echo_ms)
+            }
             Message::Leave { party } => self.on_leave(now, key, party),
         }
     }
@@ -427,7 +543,11 @@ impl Engine {
                     let (party, by_user) = (j.party, j.by_user);
                     tracing::info!(%party, ?result, "join failed");
                     self.state = State::Idle;
-                    self.actions.push_back(Action::JoinFinished { party, by_user, result });
+                    self.actions.push_back(Action::JoinFinished {
+                        party,
+                        by_user,
+                        result,
+                    });
                     if !by_user {
                         self.actions.push_back(Action::Persist(None));
                     }
@@ -444,7 +564,9 @@ impl Engine {
         let timeout = self.cfg.peer_timeout;
         let my_key = self.cfg.key;
         let my_id = self.id;
-        let State::InParty(p) = &mut self.state else { return };
+        let State::InParty(p) = &mut self.state else {
+            return;
+        };
         let is_host = p.roster.host == my_id;
 
         if is_host {
@@ -452,7 +574,12 @@ impl Engine {
                 .roster
                 .members
                 .iter()
-                .filter(|m| m.key != my_key && p.live.get(&m.key).is_none_or(|l| now.saturating_duration_since(l.last_heard) > timeout))
+                .filter(|m| {
+                    m.key != my_key
+                        && p.live
+                            .get(&m.key)
+                            .is_none_or(|l| now.saturating_duration_since(l.last_heard) > timeout)
+                })
                 .cloned()
                 .collect();
             if !silent.is_empty() {
@@ -460,7 +587,9 @@ impl Engine {
                     tracing::info!(member = %m.id, name = %m.name, "member timed out");
                     p.live.remove(&m.key);
                 }
-                p.roster.members.retain(|m| !silent.iter().any(|s| s.key == m.key));
+                p.roster
+                    .members
+                    .retain(|m| !silent.iter().any(|s| s.key == m.key));
                 p.roster.version += 1;
                 self.after_roster_change(Some(now));
                 return;
@@ -469,18 +598,37 @@ impl Engine {
             let version = p.roster.version;
             let mut sends = Vec::new();
             for m in p.roster.members.iter().filter(|m| m.key != my_key) {
-                let Some(live) = p.live.get_mut(&m.key) else { continue };
-                if live.acked_version < version && live.last_roster_sent.is_none_or(|t| now.saturating_duration_since(t) >= ROSTER_RETRY) {
+                let Some(live) = p.live.get_mut(&m.key) else {
+                    continue;
+                };
+                if live.acked_version < version
+                    && live
+                        .last_roster_sent
+                        .is_none_or(|t| now.saturating_duration_since(t) >= ROSTER_RETRY)
+                {
                     live.last_roster_sent = Some(now);
                     for to in endpoints_of(m, Some(live), now, timeout) {
-                        sends.push(Action::Send { to, key: m.key, msg: Message::Roster(p.roster.clone()) });
+                        sends.push(Action::Send {
+                            to,
+                            key: m.key,
+                            msg: Message::Roster(p.roster.clone()),
+                        });
                     }
                 }
             }
             self.actions.extend(sends);
         } else {
-            let host_key = p.roster.members.iter().find(|m| m.id == p.roster.host).map(|m| m.key);
-            let host_silent = host_key.is_none_or(|k| p.live.get(&k).is_none_or(|l| now.saturating_duration_since(l.last_heard) > timeout));
+            let host_key = p
+                .roster
+                .members
+                .iter()
+                .find(|m| m.id == p.roster.host)
+                .map(|m| m.key);
+            let host_silent = host_key.is_none_or(|k| {
+                p.live
+                    .get(&k)
+                    .is_none_or(|l| now.saturating_duration_since(l.last_heard) > timeout)
+            });
             if host_silent {
                 tracing::info!(host = %p.roster.host, "host timed out");
                 self.host_gone(now);
@@ -488,14 +636,24 @@ impl Engine {
             }
         }
 
-        let State::InParty(p) = &mut self.state else { return };
+        let State::InParty(p) = &mut self.state else {
+            return;
+        };
         if now >= p.next_heartbeat {
             p.next_heartbeat = now + self.cfg.heartbeat;
             let sent_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-            let msg = Message::Heartbeat { party: p.roster.party, roster_version: p.roster.version, sent_ms };
+            let msg = Message::Heartbeat {
+                party: p.roster.party,
+                roster_version: p.roster.version,
+                sent_ms,
+            };
             for m in p.roster.members.iter().filter(|m| m.key != my_key) {
                 for to in endpoints_of(m, p.live.get(&m.key), now, timeout) {
-                    self.actions.push_back(Action::Send { to, key: m.key, msg: msg.clone() });
+                    self.actions.push_back(Action::Send {
+                        to,
+                        key: m.key,
+                        msg: msg.clone(),
+                    });
                 }
             }
         }
@@ -514,7 +672,15 @@ impl Engine {
         previous_ip: Option<Ipv4Addr>,
         nonce: u64,
     ) {
-        let reject = |reason| Action::Send { to: from, key, msg: Message::JoinReject { nonce, party, reason } };
+        let reject = |reason| Action::Send {
+            to: from,
+            key,
+            msg: Message::JoinReject {
+                nonce,
+                party,
+                reason,
+            },
+        };
         let my_id = self.id;
         let State::InParty(p) = &mut self.state else {
             self.actions.push_back(reject(RejectReason::UnknownParty));
@@ -525,17 +691,41 @@ impl Engine {
             return;
         }
         if p.roster.host != my_id {
-            let host = p.roster.members.iter().find(|m| m.id == p.roster.host).cloned();
+            let host = p
+                .roster
+                .members
+                .iter()
+                .find(|m| m.id == p.roster.host)
+                .cloned();
             match host {
                 Some(h) if h.key == key => {
                     // The host asks to join its own party: it restarted. Replace it now.
                     tracing::info!(host = %h.id, "host restarted; taking over the host role handling");
                     self.host_gone(now);
-                    self.on_join_request(now, from, key, party, name, password, endpoints, previous_ip, nonce);
+                    self.on_join_request(
+                        now,
+                        from,
+                        key,
+                        party,
+                        name,
+                        password,
+                        endpoints,
+                        previous_ip,
+                        nonce,
+                    );
                 }
                 Some(h) => {
                     let eps = endpoints_of(&h, p.live.get(&h.key), now, self.cfg.peer_timeout);
-                    self.actions.push_back(Action::Send { to: from, key, msg: Message::Redirect { nonce, party, host_key: h.key, endpoints: eps } });
+                    self.actions.push_back(Action::Send {
+                        to: from,
+                        key,
+                        msg: Message::Redirect {
+                            nonce,
+                            party,
+                            host_key: h.key,
+                            endpoints: eps,
+                        },
+                    });
                 }
                 None => self.actions.push_back(reject(RejectReason::UnknownParty)),
             }
@@ -550,7 +740,8 @@ impl Engine {
             }
             if entry.0 >= MAX_WRONG_PASSWORDS {
                 tracing::warn!(%from, "join refused: too many wrong passwords");
-                self.actions.push_back(reject(RejectReason::TooManyAttempts));
+                self.actions
+                    .push_back(reject(RejectReason::TooManyAttempts));
                 return;
             }
             if !password.is_some_and(|pw| password::check(v, party, pw)) {
@@ -561,14 +752,21 @@ impl Engine {
             }
         }
         if self.wrong_passwords.len() > 1024 {
-            self.wrong_passwords.retain(|_, (_, t)| now.saturating_duration_since(*t) <= WRONG_PASSWORD_WINDOW);
+            self.wrong_passwords
+                .retain(|_, (_, t)| now.saturating_duration_since(*t) <= WRONG_PASSWORD_WINDOW);
         }
         // The address it came from is the one that certainly works: put it first.
         endpoints.retain(|e| *e != from);
         endpoints.insert(0, from);
         endpoints.truncate(MAX_ENDPOINTS);
         let name = clean_name(name).unwrap_or_else(|| "player".to_string());
-        let live = PeerLive { last_heard: now, observed: Some(from), rtt: None, acked_version: 0, last_roster_sent: Some(now) };
+        let live = PeerLive {
+            last_heard: now,
+            observed: Some(from),
+            rtt: None,
+            acked_version: 0,
+            last_roster_sent: Some(now),
+        };
 
         let changed = if let Some(m) = p.roster.members.iter_mut().find(|m| m.key == key) {
             // A retransmitted request, or a member that restarted quickly: keep its address.
@@ -587,7 +785,14 @@ impl Engine {
                 self.actions.push_back(reject(RejectReason::PartyFull));
                 return;
             };
-            let member = Member { id: crate::ids::NodeId::from_public_key(&key), name, key, ip, endpoints, since: p.roster.next_since };
+            let member = Member {
+                id: crate::ids::NodeId::from_public_key(&key),
+                name,
+                key,
+                ip,
+                endpoints,
+                since: p.roster.next_since,
+            };
             tracing::info!(member = %member.id, name = %member.name, %ip, "member joined");
             p.roster.next_since += 1;
             p.roster.members.push(member);
@@ -597,19 +802,38 @@ impl Engine {
         if changed {
             p.roster.version += 1;
         }
-        let accept = Message::JoinAccept { nonce, roster: p.roster.clone() };
-        self.actions.push_back(Action::Send { to: from, key, msg: accept });
+        let accept = Message::JoinAccept {
+            nonce,
+            roster: p.roster.clone(),
+        };
+        self.actions.push_back(Action::Send {
+            to: from,
+            key,
+            msg: accept,
+        });
         if changed {
             self.after_roster_change(Some(now));
         }
     }
 
-    fn on_join_accept(&mut self, now: Instant, from: SocketAddr, key: [u8; 32], nonce: u64, roster: Roster) {
-        let State::Joining(j) = &self.state else { return };
+    fn on_join_accept(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        key: [u8; 32],
+        nonce: u64,
+        roster: Roster,
+    ) {
+        let State::Joining(j) = &self.state else {
+            return;
+        };
         if j.nonce != nonce || roster.party != j.party {
             return;
         }
-        let host_ok = roster.members.iter().any(|m| m.id == roster.host && m.key == key);
+        let host_ok = roster
+            .members
+            .iter()
+            .any(|m| m.id == roster.host && m.key == key);
         let me_ok = roster.members.iter().any(|m| m.key == self.cfg.key);
         if !host_ok || !me_ok {
             tracing::warn!(%from, "ignoring a join accept that is not from the host or does not contain us");
@@ -619,19 +843,46 @@ impl Engine {
         let mut live = HashMap::new();
         for m in roster.members.iter().filter(|m| m.key != self.cfg.key) {
             let observed = (m.key == key).then_some(from);
-            live.insert(m.key, PeerLive { last_heard: now, observed, rtt: None, acked_version: 0, last_roster_sent: None });
+            live.insert(
+                m.key,
+                PeerLive {
+                    last_heard: now,
+                    observed,
+                    rtt: None,
+                    acked_version: 0,
+                    last_roster_sent: None,
+                },
+            );
         }
         if let Some(me) = roster.members.iter().find(|m| m.key == self.cfg.key) {
             self.ipam.remember(me.key, me.ip);
             tracing::info!(%party, name = %roster.name, ip = %me.ip, "joined the party");
         }
-        self.state = State::InParty(InParty { roster, password, live, next_heartbeat: now });
+        self.state = State::InParty(InParty {
+            roster,
+            password,
+            live,
+            next_heartbeat: now,
+        });
         self.after_roster_change(None);
-        self.actions.push_back(Action::JoinFinished { party, by_user, result: Ok(()) });
+        self.actions.push_back(Action::JoinFinished {
+            party,
+            by_user,
+            result: Ok(()),
+        });
     }
 
-    fn on_join_reject(&mut self, _now: Instant, key: [u8; 32], nonce: u64, party: PartyId, reason: RejectReason) {
-        let State::Joining(j) = &mut self.state else { return };
+    fn on_join_reject(
+        &mut self,
+        _now: Instant,
+        key: [u8; 32],
+        nonce: u64,
+        party: PartyId,
+        reason: RejectReason,
+    ) {
+        let State::Joining(j) = &mut self.state else {
+            return;
+        };
         if j.nonce != nonce || j.party != party {
             return;
         }
@@ -647,15 +898,28 @@ impl Engine {
             let result = Err(j.last_reject.unwrap_or(err));
             tracing::info!(%party, ?result, "join refused");
             self.state = State::Idle;
-            self.actions.push_back(Action::JoinFinished { party, by_user, result });
+            self.actions.push_back(Action::JoinFinished {
+                party,
+                by_user,
+                result,
+            });
             if !by_user {
                 self.actions.push_back(Action::Persist(None));
             }
         }
     }
 
-    fn on_redirect(&mut self, _now: Instant, nonce: u64, party: PartyId, host_key: [u8; 32], mut endpoints: Vec<SocketAddr>) {
-        let State::Joining(j) = &mut self.state else { return };
+    fn on_redirect(
+        &mut self,
+        _now: Instant,
+        nonce: u64,
+        party: PartyId,
+        host_key: [u8; 32],
+        mut endpoints: Vec<SocketAddr>,
+    ) {
+        let State::Joining(j) = &mut self.state else {
+            return;
+        };
         if j.nonce != nonce || j.party != party || host_key == self.cfg.key {
             return;
         }
@@ -667,7 +931,10 @@ impl Engine {
                 }
             }
         } else if j.targets.len() < MAX_JOIN_TARGETS {
-            j.targets.push(JoinTarget { key: host_key, endpoints });
+            j.targets.push(JoinTarget {
+                key: host_key,
+                endpoints,
+            });
         } else {
             return;
         }
@@ -677,11 +944,17 @@ impl Engine {
     fn on_roster(&mut self, now: Instant, from: SocketAddr, key: [u8; 32], roster: Roster) {
         let my_key = self.cfg.key;
         let my_id = self.id;
-        let State::InParty(p) = &mut self.state else { return };
+        let State::InParty(p) = &mut self.state else {
+            return;
+        };
         if roster.party != p.roster.party || !p.roster.members.iter().any(|m| m.key == key) {
             return;
         }
-        if !roster.members.iter().any(|m| m.id == roster.host && m.key == key) {
+        if !roster
+            .members
+            .iter()
+            .any(|m| m.id == roster.host && m.key == key)
+        {
             return; // only the roster's own host may send it
         }
         if roster.version <= p.roster.version {
@@ -700,11 +973,22 @@ impl Engine {
                 // The host dropped us (we were silent too long): ask to come back.
                 let (party, ip, password) = (p.roster.party, me.ip, p.password.clone());
                 tracing::warn!(%party, "the host dropped us from the party; rejoining");
-                let target = JoinTarget { key, endpoints: vec![from] };
+                let target = JoinTarget {
+                    key,
+                    endpoints: vec![from],
+                };
                 self.state = State::Idle;
                 self.actions.push_back(Action::Peers(Vec::new()));
                 self.actions.push_back(Action::Announce(None));
-                self.start_join(now, party, vec![target], password, Some(ip), self.cfg.peer_timeout * 2, false);
+                self.start_join(
+                    now,
+                    party,
+                    vec![target],
+                    password,
+                    Some(ip),
+                    self.cfg.peer_timeout * 2,
+                    false,
+                );
             }
             return;
         }
@@ -713,24 +997,54 @@ impl Engine {
         let keys: HashSet<[u8; 32]> = p.roster.members.iter().map(|m| m.key).collect();
         p.live.retain(|k, _| keys.contains(k));
         for m in p.roster.members.iter().filter(|m| m.key != my_key) {
-            p.live.entry(m.key).or_insert(PeerLive { last_heard: now, observed: None, rtt: None, acked_version: 0, last_roster_sent: None });
+            p.live.entry(m.key).or_insert(PeerLive {
+                last_heard: now,
+                observed: None,
+                rtt: None,
+                acked_version: 0,
+                last_roster_sent: None,
+            });
         }
         if p.roster.host == my_id && !was_host {
             tracing::info!(party = %p.roster.party, "we are now the party host");
         }
         self.ack(now, from, key);
-        self.after_roster_change(if p_is_host(&self.state, my_id) { Some(now) } else { None });
+        self.after_roster_change(if p_is_host(&self.state, my_id) {
+            Some(now)
+        } else {
+            None
+        });
     }
 
     fn ack(&mut self, now: Instant, to: SocketAddr, key: [u8; 32]) {
-        let State::InParty(p) = &self.state else { return };
+        let State::InParty(p) = &self.state else {
+            return;
+        };
         let sent_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        self.actions.push_back(Action::Send { to, key, msg: Message::Heartbeat { party: p.roster.party, roster_version: p.roster.version, sent_ms } });
+        self.actions.push_back(Action::Send {
+            to,
+            key,
+            msg: Message::Heartbeat {
+                party: p.roster.party,
+                roster_version: p.roster.version,
+                sent_ms,
+            },
+        });
     }
 
-    fn on_heartbeat(&mut self, now: Instant, from: SocketAddr, key: [u8; 32], party: PartyId, roster_version: u64, sent_ms: u64) {
+    fn on_heartbeat(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        key: [u8; 32],
+        party: PartyId,
+        roster_version: u64,
+        sent_ms: u64,
+    ) {
         let my_id = self.id;
-        let State::InParty(p) = &mut self.state else { return };
+        let State::InParty(p) = &mut self.state else {
+            return;
+        };
         if p.roster.party != party {
             return;
         }
@@ -739,19 +1053,39 @@ impl Engine {
             live.last_heard = now;
             live.observed = Some(from);
             live.acked_version = live.acked_version.max(roster_version);
-            self.actions.push_back(Action::Send { to: from, key, msg: Message::HeartbeatAck { party, echo_ms: sent_ms } });
+            self.actions.push_back(Action::Send {
+                to: from,
+                key,
+                msg: Message::HeartbeatAck {
+                    party,
+                    echo_ms: sent_ms,
+                },
+            });
             if !is_host && roster_version > p.roster.version {
                 // Someone has a newer roster than us: nothing to do, the host resends it.
             }
         } else if is_host {
             // Not a member (we dropped it): tell it so it can rejoin.
-            self.actions.push_back(Action::Send { to: from, key, msg: Message::Roster(p.roster.clone()) });
+            self.actions.push_back(Action::Send {
+                to: from,
+                key,
+                msg: Message::Roster(p.roster.clone()),
+            });
         }
     }
 
-    fn on_heartbeat_ack(&mut self, now: Instant, from: SocketAddr, key: [u8; 32], party: PartyId, echo_ms: u64) {
+    fn on_heartbeat_ack(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        key: [u8; 32],
+        party: PartyId,
+        echo_ms: u64,
+    ) {
         let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        let State::InParty(p) = &mut self.state else { return };
+        let State::InParty(p) = &mut self.state else {
+            return;
+        };
         if p.roster.party != party {
             return;
         }
@@ -766,11 +1100,15 @@ impl Engine {
 
     fn on_leave(&mut self, now: Instant, key: [u8; 32], party: PartyId) {
         let my_id = self.id;
-        let State::InParty(p) = &mut self.state else { return };
+        let State::InParty(p) = &mut self.state else {
+            return;
+        };
         if p.roster.party != party {
             return;
         }
-        let Some(m) = p.roster.members.iter().find(|m| m.key == key).cloned() else { return };
+        let Some(m) = p.roster.members.iter().find(|m| m.key == key).cloned() else {
+            return;
+        };
         tracing::info!(member = %m.id, name = %m.name, "member left");
         if p.roster.host == my_id {
             p.roster.members.retain(|x| x.key != key);
@@ -790,13 +1128,17 @@ impl Engine {
     /// The host left, timed out or restarted: the oldest remaining member takes over.
     fn host_gone(&mut self, now: Instant) {
         let my_id = self.id;
-        let State::InParty(p) = &mut self.state else { return };
+        let State::InParty(p) = &mut self.state else {
+            return;
+        };
         let old = p.roster.host;
         if let Some(h) = p.roster.members.iter().find(|m| m.id == old).map(|m| m.key) {
             p.live.remove(&h);
         }
         p.roster.members.retain(|m| m.id != old);
-        let Some(successor) = oldest(&p.roster.members) else { return };
+        let Some(successor) = oldest(&p.roster.members) else {
+            return;
+        };
         p.roster.host = successor;
         if successor == my_id {
             p.roster.version += 1;
@@ -805,7 +1147,12 @@ impl Engine {
         } else {
             tracing::info!(party = %p.roster.party, new_host = %successor, "host gone; waiting for the new host");
             // Give the successor a full timeout from now to announce itself.
-            let succ_key = p.roster.members.iter().find(|m| m.id == successor).map(|m| m.key);
+            let succ_key = p
+                .roster
+                .members
+                .iter()
+                .find(|m| m.id == successor)
+                .map(|m| m.key);
             if let Some(live) = succ_key.and_then(|k| p.live.get_mut(&k)) {
                 live.last_heard = live.last_heard.max(now);
             }
@@ -819,14 +1166,20 @@ impl Engine {
         let my_key = self.cfg.key;
         let my_id = self.id;
         let timeout = self.cfg.peer_timeout;
-        let State::InParty(p) = &mut self.state else { return };
+        let State::InParty(p) = &mut self.state else {
+            return;
+        };
         if let Some(now) = broadcast_at.filter(|_| p.roster.host == my_id) {
             for m in p.roster.members.iter().filter(|m| m.key != my_key) {
                 if let Some(live) = p.live.get_mut(&m.key) {
                     live.last_roster_sent = Some(now);
                 }
                 for to in endpoints_of(m, p.live.get(&m.key), now, timeout) {
-                    self.actions.push_back(Action::Send { to, key: m.key, msg: Message::Roster(p.roster.clone()) });
+                    self.actions.push_back(Action::Send {
+                        to,
+                        key: m.key,
+                        msg: Message::Roster(p.roster.clone()),
+                    });
                 }
             }
         }
@@ -836,7 +1189,12 @@ impl Engine {
             members: p.roster.members.len() as u32,
             protected: p.roster.verifier.is_some(),
         });
-        let me = p.roster.members.iter().find(|m| m.key == my_key).map(|m| m.ip);
+        let me = p
+            .roster
+            .members
+            .iter()
+            .find(|m| m.key == my_key)
+            .map(|m| m.ip);
         let saved = me.map(|ip| SavedParty {
             party: p.roster.party,
             name: p.roster.name.clone(),
@@ -854,10 +1212,15 @@ impl Engine {
                         endpoints.insert(0, o);
                     }
                     endpoints.truncate(MAX_ENDPOINTS);
-                    JoinTarget { key: m.key, endpoints }
+                    JoinTarget {
+                        key: m.key,
+                        endpoints,
+                    }
                 })
                 .collect(),
-            hosted: (p.roster.host == my_id).then(|| SavedHost { verifier: p.roster.verifier.clone() }),
+            hosted: (p.roster.host == my_id).then(|| SavedHost {
+                verifier: p.roster.verifier.clone(),
+            }),
         });
         self.actions.push_back(Action::Address(me));
         self.actions.push_back(Action::Announce(hosted));
@@ -871,7 +1234,9 @@ impl Engine {
 
     fn emit_peers_inner(&mut self) {
         let my_key = self.cfg.key;
-        let State::InParty(p) = &self.state else { return };
+        let State::InParty(p) = &self.state else {
+            return;
+        };
         let peers = p
             .roster
             .members
@@ -880,15 +1245,31 @@ impl Engine {
             .map(|m| PeerSpec {
                 key: m.key,
                 ip: m.ip,
-                endpoint: p.live.get(&m.key).and_then(|l| l.observed).or_else(|| m.endpoints.first().copied()),
+                endpoint: p
+                    .live
+                    .get(&m.key)
+                    .and_then(|l| l.observed)
+                    .or_else(|| m.endpoints.first().copied()),
             })
             .collect();
         self.actions.push_back(Action::Peers(peers));
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn start_join(&mut self, now: Instant, party: PartyId, targets: Vec<JoinTarget>, password: Option<String>, previous_ip: Option<Ipv4Addr>, wait: Duration, by_user: bool) {
-        let mut targets: Vec<JoinTarget> = targets.into_iter().filter(|t| t.key != self.cfg.key).collect();
+    fn start_join(
+        &mut self,
+        now: Instant,
+        party: PartyId,
+        targets: Vec<JoinTarget>,
+        password: Option<String>,
+        previous_ip: Option<Ipv4Addr>,
+        wait: Duration,
+        by_user: bool,
+    ) {
+        let mut targets: Vec<JoinTarget> = targets
+            .into_iter()
+            .filter(|t| t.key != self.cfg.key)
+            .collect();
         targets.truncate(MAX_JOIN_TARGETS);
         for t in &mut targets {
             t.endpoints.truncate(MAX_ENDPOINTS);
@@ -909,7 +1290,9 @@ impl Engine {
     }
 
     fn send_join_requests(&mut self) {
-        let State::Joining(j) = &self.state else { return };
+        let State::Joining(j) = &self.state else {
+            return;
+        };
         let msg = Message::JoinRequest {
             party: j.party,
             name: self.cfg.name.clone(),
@@ -920,7 +1303,11 @@ impl Engine {
         };
         for t in j.targets.iter().filter(|t| !j.rejected_by.contains(&t.key)) {
             for &to in &t.endpoints {
-                self.actions.push_back(Action::Send { to, key: t.key, msg: msg.clone() });
+                self.actions.push_back(Action::Send {
+                    to,
+                    key: t.key,
+                    msg: msg.clone(),
+                });
             }
         }
     }
@@ -934,7 +1321,14 @@ impl Engine {
     }
 
     fn me(&self, ip: Ipv4Addr, since: u64) -> Member {
-        Member { id: self.id, name: self.cfg.name.clone(), key: self.cfg.key, ip, endpoints: self.endpoints.clone(), since }
+        Member {
+            id: self.id,
+            name: self.cfg.name.clone(),
+            key: self.cfg.key,
+            ip,
+            endpoints: self.endpoints.clone(),
+            since,
+        }
     }
 }
 
@@ -949,9 +1343,19 @@ fn oldest(members: &[Member]) -> Option<NodeId> {
 
 /// Where to send to a member: the address it was last heard from while that is fresh, else
 /// every endpoint it advertised.
-fn endpoints_of(m: &Member, live: Option<&PeerLive>, now: Instant, timeout: Duration) -> Vec<SocketAddr> {
+fn endpoints_of(
+    m: &Member,
+    live: Option<&PeerLive>,
+    now: Instant,
+    timeout: Duration,
+) -> Vec<SocketAddr> {
     match live {
-        Some(l) if l.observed.is_some() && now.saturating_duration_since(l.last_heard) <= timeout / 2 => l.observed.into_iter().collect(),
+        Some(l)
+            if l.observed.is_some()
+                && now.saturating_duration_since(l.last_heard) <= timeout / 2 =>
+        {
+            l.observed.into_iter().collect()
+        }
         _ => {
             let mut out: Vec<SocketAddr> = live.and_then(|l| l.observed).into_iter().collect();
             for e in &m.endpoints {
@@ -966,7 +1370,12 @@ fn endpoints_of(m: &Member, live: Option<&PeerLive>, now: Instant, timeout: Dura
 
 /// Trims a display name and strips control characters; `None` if nothing is left or it is too long.
 fn clean_name(name: &str) -> Option<String> {
-    let cleaned: String = name.chars().filter(|c| !c.is_control()).collect::<String>().trim().to_string();
+    let cleaned: String = name
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect::<String>()
+        .trim()
+        .to_string();
     if cleaned.is_empty() {
         return None;
     }
@@ -982,7 +1391,9 @@ fn clean_name(name: &str) -> Option<String> {
 
 fn check_password(password: Option<&str>) -> Result<(), EngineError> {
     match password {
-        Some(p) if p.is_empty() || p.len() > MAX_PASSWORD => Err(EngineError::Invalid(format!("password must be 1 to {MAX_PASSWORD} bytes"))),
+        Some(p) if p.is_empty() || p.len() > MAX_PASSWORD => Err(EngineError::Invalid(format!(
+            "password must be 1 to {MAX_PASSWORD} bytes"
+        ))),
         _ => Ok(()),
     }
 }
@@ -1017,17 +1428,35 @@ mod tests {
     impl Sim {
         fn new(n: usize) -> Self {
             let now = Instant::now();
-            let nodes = (0..n).map(|i| Sim::node(now, i, Identity::generate().secret)).collect();
+            let nodes = (0..n)
+                .map(|i| Sim::node(now, i, Identity::generate().secret))
+                .collect();
             Sim { now, nodes }
         }
 
         fn node(now: Instant, i: usize, secret: x25519_dalek::StaticSecret) -> SimNode {
             let id = Identity::from_secret(secret);
             let addr = SocketAddr::from(([192, 0, 2, 10 + i as u8], 51820));
-            let cfg = EngineConfig { key: id.public, name: format!("n{i}"), subnet: "10.66.0.0/16".parse().unwrap(), heartbeat: HB, peer_timeout: TIMEOUT };
+            let cfg = EngineConfig {
+                key: id.public,
+                name: format!("n{i}"),
+                subnet: "10.66.0.0/16".parse().unwrap(),
+                heartbeat: HB,
+                peer_timeout: TIMEOUT,
+            };
             let mut engine = Engine::new(cfg, now);
             engine.set_endpoints(vec![addr]);
-            SimNode { engine, key: id.public, addr, up: true, finished: vec![], address: None, peers: vec![], hosted: None, saved: None }
+            SimNode {
+                engine,
+                key: id.public,
+                addr,
+                up: true,
+                finished: vec![],
+                address: None,
+                peers: vec![],
+                hosted: None,
+                saved: None,
+            }
         }
 
         /// Delivers every pending message until quiet.
@@ -1058,7 +1487,8 @@ mod tests {
                     let from_key = self.nodes[from].key;
                     if let Some(dst) = self.nodes.iter_mut().find(|n| n.addr == to && n.up) {
                         if dst.key == key {
-                            dst.engine.handle_message(self.now, from_addr, from_key, msg);
+                            dst.engine
+                                .handle_message(self.now, from_addr, from_key, msg);
                         }
                     }
                 }
@@ -1080,20 +1510,35 @@ mod tests {
         }
 
         fn target(&self, i: usize) -> JoinTarget {
-            JoinTarget { key: self.nodes[i].key, endpoints: vec![self.nodes[i].addr] }
+            JoinTarget {
+                key: self.nodes[i].key,
+                endpoints: vec![self.nodes[i].addr],
+            }
         }
 
         fn create(&mut self, i: usize, password: Option<&str>) -> PartyId {
             let now = self.now;
-            let id = self.nodes[i].engine.create(now, "lan night", password).unwrap();
+            let id = self.nodes[i]
+                .engine
+                .create(now, "lan night", password)
+                .unwrap();
             self.settle();
             id
         }
 
-        fn join(&mut self, i: usize, via: usize, party: PartyId, password: Option<&str>) -> Result<(), JoinError> {
+        fn join(
+            &mut self,
+            i: usize,
+            via: usize,
+            party: PartyId,
+            password: Option<&str>,
+        ) -> Result<(), JoinError> {
             let now = self.now;
             let target = self.target(via);
-            self.nodes[i].engine.join(now, party, vec![target], password).unwrap();
+            self.nodes[i]
+                .engine
+                .join(now, party, vec![target], password)
+                .unwrap();
             self.settle();
             self.advance(Duration::from_millis(500));
             self.nodes[i].finished.pop().expect("join finished")
@@ -1104,7 +1549,12 @@ mod tests {
         }
 
         fn ips(&self, i: usize) -> Vec<(String, Ipv4Addr)> {
-            let mut v: Vec<_> = self.roster(i).members.iter().map(|m| (m.name.clone(), m.ip)).collect();
+            let mut v: Vec<_> = self
+                .roster(i)
+                .members
+                .iter()
+                .map(|m| (m.name.clone(), m.ip))
+                .collect();
             v.sort();
             v
         }
@@ -1129,8 +1579,16 @@ mod tests {
         assert_eq!(sim.nodes[1].address, Some(ip(2)));
         assert_eq!(sim.nodes[2].address, Some(ip(3)));
         for i in 0..3 {
-            assert_eq!(sim.roster(i), sim.roster(0), "node {i} has the host's roster");
-            assert_eq!(sim.nodes[i].peers.len(), 2, "node {i} tunnels to both others");
+            assert_eq!(
+                sim.roster(i),
+                sim.roster(0),
+                "node {i} has the host's roster"
+            );
+            assert_eq!(
+                sim.nodes[i].peers.len(),
+                2,
+                "node {i} tunnels to both others"
+            );
             assert!(sim.nodes[i].peers.iter().all(|p| p.endpoint.is_some()));
         }
         assert_eq!(sim.nodes[0].hosted.as_ref().map(|h| h.members), Some(3));
@@ -1142,7 +1600,8 @@ mod tests {
     fn roster_reaches_members_despite_loss() {
         let (mut sim, party) = party_of_three();
         // Node 1 is unreachable while node 3 joins, then comes back before timing out.
-        sim.nodes.push(Sim::node(sim.now, 3, Identity::generate().secret));
+        sim.nodes
+            .push(Sim::node(sim.now, 3, Identity::generate().secret));
         sim.nodes[1].up = false;
         assert_eq!(sim.join(3, 0, party, None), Ok(()));
         sim.nodes[1].up = true;
@@ -1178,7 +1637,10 @@ mod tests {
         assert_eq!(sim.roster(2), r);
         assert!(sim.nodes[1].hosted.is_some());
         let after = sim.ips(1);
-        assert!(before.iter().filter(|(n, _)| n != "n0").eq(after.iter()), "nobody's IP changed");
+        assert!(
+            before.iter().filter(|(n, _)| n != "n0").eq(after.iter()),
+            "nobody's IP changed"
+        );
         // The party goes on: a newcomer can join through the new host.
         let party = r.party;
         sim.nodes[0] = Sim::node(sim.now, 0, Identity::generate().secret);
@@ -1191,7 +1653,11 @@ mod tests {
         let (mut sim, _) = party_of_three();
         sim.nodes[2].up = false;
         sim.advance(TIMEOUT - Duration::from_millis(500));
-        assert_eq!(sim.roster(1).members.len(), 3, "not dropped before the timeout");
+        assert_eq!(
+            sim.roster(1).members.len(),
+            3,
+            "not dropped before the timeout"
+        );
         sim.advance(Duration::from_secs(2));
         assert_eq!(sim.roster(0).members.len(), 2);
         assert_eq!(sim.roster(1).members.len(), 2);
@@ -1217,9 +1683,15 @@ mod tests {
         assert_eq!(sim.join(1, 0, party, None), Err(JoinError::WrongPassword));
         assert!(sim.nodes[1].peers.is_empty() && sim.nodes[1].address.is_none());
         for _ in 0..4 {
-            assert_eq!(sim.join(1, 0, party, Some("guess")), Err(JoinError::WrongPassword));
+            assert_eq!(
+                sim.join(1, 0, party, Some("guess")),
+                Err(JoinError::WrongPassword)
+            );
         }
-        assert_eq!(sim.join(1, 0, party, Some("s3cret")), Err(JoinError::TooManyAttempts));
+        assert_eq!(
+            sim.join(1, 0, party, Some("s3cret")),
+            Err(JoinError::TooManyAttempts)
+        );
         sim.advance(WRONG_PASSWORD_WINDOW + Duration::from_secs(1));
         sim.advance(Duration::ZERO);
         assert_eq!(sim.join(1, 0, party, Some("s3cret")), Ok(()));
@@ -1230,12 +1702,18 @@ mod tests {
     fn unknown_party_and_dead_host_fail_cleanly() {
         let mut sim = Sim::new(2);
         sim.create(0, None);
-        assert_eq!(sim.join(1, 0, PartyId([9; 10]), None), Err(JoinError::UnknownParty));
+        assert_eq!(
+            sim.join(1, 0, PartyId([9; 10]), None),
+            Err(JoinError::UnknownParty)
+        );
         sim.nodes[0].up = false;
         let party = sim.roster(0).party;
         let now = sim.now;
         let target = sim.target(0);
-        sim.nodes[1].engine.join(now, party, vec![target], None).unwrap();
+        sim.nodes[1]
+            .engine
+            .join(now, party, vec![target], None)
+            .unwrap();
         sim.advance(JOIN_TIMEOUT + Duration::from_secs(1));
         assert_eq!(sim.nodes[1].finished.pop(), Some(Err(JoinError::Timeout)));
     }
@@ -1258,7 +1736,13 @@ mod tests {
         let mut restarted = Sim::node(sim.now, 2, x25519_dalek::StaticSecret::from([0u8; 32]));
         // Identity must be the same: reuse the original key by reconstructing the node's engine config.
         restarted.engine = Engine::new(
-            EngineConfig { key: secret, name: "n2".into(), subnet: "10.66.0.0/16".parse().unwrap(), heartbeat: HB, peer_timeout: TIMEOUT },
+            EngineConfig {
+                key: secret,
+                name: "n2".into(),
+                subnet: "10.66.0.0/16".parse().unwrap(),
+                heartbeat: HB,
+                peer_timeout: TIMEOUT,
+            },
             sim.now,
         );
         restarted.engine.set_endpoints(vec![restarted.addr]);
@@ -1280,7 +1764,13 @@ mod tests {
         let key = sim.nodes[0].key;
         // Quick restart: back before anyone timed it out.
         sim.nodes[0].engine = Engine::new(
-            EngineConfig { key, name: "n0".into(), subnet: "10.66.0.0/16".parse().unwrap(), heartbeat: HB, peer_timeout: TIMEOUT },
+            EngineConfig {
+                key,
+                name: "n0".into(),
+                subnet: "10.66.0.0/16".parse().unwrap(),
+                heartbeat: HB,
+                peer_timeout: TIMEOUT,
+            },
             sim.now,
         );
         let addr = sim.nodes[0].addr;
@@ -1293,7 +1783,11 @@ mod tests {
         assert_eq!(sim.nodes[0].address, Some(ip(1)));
         let r = sim.roster(1);
         assert_eq!(r.members.len(), 3);
-        assert_eq!(r.host, sim.nodes[1].engine.id(), "the longest-present member took over");
+        assert_eq!(
+            r.host,
+            sim.nodes[1].engine.id(),
+            "the longest-present member took over"
+        );
         assert_eq!(sim.roster(0), r);
         assert_eq!(sim.roster(2), r);
     }
@@ -1319,7 +1813,13 @@ mod tests {
         assert!(saved.targets.is_empty() && saved.hosted.is_some());
         let key = sim.nodes[0].key;
         sim.nodes[0].engine = Engine::new(
-            EngineConfig { key, name: "n0".into(), subnet: "10.66.0.0/16".parse().unwrap(), heartbeat: HB, peer_timeout: TIMEOUT },
+            EngineConfig {
+                key,
+                name: "n0".into(),
+                subnet: "10.66.0.0/16".parse().unwrap(),
+                heartbeat: HB,
+                peer_timeout: TIMEOUT,
+            },
             sim.now,
         );
         let now = sim.now;
@@ -1327,7 +1827,10 @@ mod tests {
         sim.settle();
         assert_eq!(sim.roster(0).party, party);
         assert_eq!(sim.nodes[0].address, Some(ip(1)));
-        assert_eq!(sim.join(1, 0, party, Some("wrong")), Err(JoinError::WrongPassword));
+        assert_eq!(
+            sim.join(1, 0, party, Some("wrong")),
+            Err(JoinError::WrongPassword)
+        );
         assert_eq!(sim.join(1, 0, party, Some("pw")), Ok(()));
     }
 
@@ -1336,10 +1839,22 @@ mod tests {
         let mut sim = Sim::new(1);
         let now = sim.now;
         let e = &mut sim.nodes[0].engine;
-        assert!(matches!(e.create(now, "", None), Err(EngineError::Invalid(_))));
-        assert!(matches!(e.create(now, &"x".repeat(33), None), Err(EngineError::Invalid(_))));
-        assert!(matches!(e.create(now, "ok", Some("")), Err(EngineError::Invalid(_))));
+        assert!(matches!(
+            e.create(now, "", None),
+            Err(EngineError::Invalid(_))
+        ));
+        assert!(matches!(
+            e.create(now, &"x".repeat(33), None),
+            Err(EngineError::Invalid(_))
+        ));
+        assert!(matches!(
+            e.create(now, "ok", Some("")),
+            Err(EngineError::Invalid(_))
+        ));
         let p = e.create(now, "ok", None).unwrap();
-        assert_eq!(e.create(now, "again", None), Err(EngineError::AlreadyInParty(p)));
+        assert_eq!(
+            e.create(now, "again", None),
+            Err(EngineError::AlreadyInParty(p))
+        );
     }
 }

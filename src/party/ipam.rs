@@ -20,7 +20,10 @@ pub struct Ipam {
 impl Ipam {
     /// An allocator for `subnet` (at most /30, checked by the config).
     pub fn new(subnet: Ipv4Net) -> Self {
-        Ipam { subnet, remembered: HashMap::new() }
+        Ipam {
+            subnet,
+            remembered: HashMap::new(),
+        }
     }
 
     /// The subnet's first usable address: the creator's (10.66.0.1).
@@ -43,7 +46,12 @@ impl Ipam {
 
     /// An address for `key`: the one it had before if free, else the one it asks for if usable
     /// and free, else the lowest free one. `None` when the subnet is full.
-    pub fn allocate(&mut self, key: [u8; 32], used: &HashSet<Ipv4Addr>, wish: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+    pub fn allocate(
+        &mut self,
+        key: [u8; 32],
+        used: &HashSet<Ipv4Addr>,
+        wish: Option<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
         let free = |ip: &Ipv4Addr| self.is_usable(*ip) && !used.contains(ip);
         let pick = self
             .remembered
@@ -54,7 +62,9 @@ impl Ipam {
             .or_else(|| {
                 let start = u32::from(self.first());
                 let end = u32::from(self.subnet.broadcast());
-                (start..end).map(Ipv4Addr::from).find(|ip| !used.contains(ip))
+                (start..end)
+                    .map(Ipv4Addr::from)
+                    .find(|ip| !used.contains(ip))
             })?;
         self.remember(key, pick);
         Some(pick)
@@ -94,10 +104,22 @@ mod tests {
     fn wish_is_honoured_only_if_usable_and_free() {
         let mut ipam = Ipam::new(net("10.66.0.0/16"));
         let used: HashSet<_> = [ipam.first()].into();
-        assert_eq!(ipam.allocate([1; 32], &used, Some(Ipv4Addr::new(10, 66, 7, 7))), Some(Ipv4Addr::new(10, 66, 7, 7)));
-        assert_eq!(ipam.allocate([2; 32], &used, Some(Ipv4Addr::new(10, 66, 0, 1))), Some(Ipv4Addr::new(10, 66, 0, 2)));
-        assert_eq!(ipam.allocate([3; 32], &used, Some(Ipv4Addr::new(10, 66, 255, 255))), Some(Ipv4Addr::new(10, 66, 0, 2)));
-        assert_eq!(ipam.allocate([4; 32], &used, Some(Ipv4Addr::new(192, 0, 2, 1))), Some(Ipv4Addr::new(10, 66, 0, 2)));
+        assert_eq!(
+            ipam.allocate([1; 32], &used, Some(Ipv4Addr::new(10, 66, 7, 7))),
+            Some(Ipv4Addr::new(10, 66, 7, 7))
+        );
+        assert_eq!(
+            ipam.allocate([2; 32], &used, Some(Ipv4Addr::new(10, 66, 0, 1))),
+            Some(Ipv4Addr::new(10, 66, 0, 2))
+        );
+        assert_eq!(
+            ipam.allocate([3; 32], &used, Some(Ipv4Addr::new(10, 66, 255, 255))),
+            Some(Ipv4Addr::new(10, 66, 0, 2))
+        );
+        assert_eq!(
+            ipam.allocate([4; 32], &used, Some(Ipv4Addr::new(192, 0, 2, 1))),
+            Some(Ipv4Addr::new(10, 66, 0, 2))
+        );
     }
 
     #[test]

@@ -5,4 +5,7 @@ pub mod engine;
 pub mod ipam;
 pub mod password;
 
-pub use engine::{Action, Engine, EngineConfig, EngineError, JoinError, JoinTarget, PeerSpec, SavedHost, SavedParty};
+pub use engine::{
+    Action, Engine, EngineConfig, EngineError, JoinError, JoinTarget, PeerSpec, SavedHost,
+    SavedParty,
+};

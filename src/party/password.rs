@@ -9,13 +9,19 @@ use crate::wire::PasswordVerifier;
 /// Makes a verifier for `password` with a fresh random salt.
 pub fn make_verifier(party: PartyId, password: &str) -> PasswordVerifier {
     let salt: [u8; 16] = rand::random();
-    PasswordVerifier { salt, hash: hash(&salt, party, password) }
+    PasswordVerifier {
+        salt,
+        hash: hash(&salt, party, password),
+    }
 }
 
 /// Whether `password` matches. Compares digests in constant time.
 pub fn check(verifier: &PasswordVerifier, party: PartyId, password: &str) -> bool {
     let got = hash(&verifier.salt, party, password);
-    got.iter().zip(verifier.hash.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    got.iter()
+        .zip(verifier.hash.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
 }
 
 fn hash(salt: &[u8; 16], party: PartyId, password: &str) -> [u8; 32] {

@@ -113,7 +113,10 @@ pub fn open_udp(port: u16) -> io::Result<std::net::UdpSocket> {
 /// Creates the TUN device (no address until we are in a party), up, with the MTU and the
 /// multicast flag (LAN games discover each other by multicast).
 pub fn open_tun(cfg: &NetworkConfig) -> io::Result<AsyncDevice> {
-    let dev = tun_rs::DeviceBuilder::new().name(&cfg.interface).mtu(cfg.mtu).build_async()?;
+    let dev = tun_rs::DeviceBuilder::new()
+        .name(&cfg.interface)
+        .mtu(cfg.mtu)
+        .build_async()?;
     ensure_multicast(&cfg.interface)?;
     Ok(dev)
 }
@@ -127,7 +130,11 @@ fn ensure_multicast(ifname: &str) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
         let mut req: libc::ifreq = std::mem::zeroed();
-        for (dst, src) in req.ifr_name.iter_mut().zip(ifname.as_bytes().iter().take(libc::IFNAMSIZ - 1)) {
+        for (dst, src) in req
+            .ifr_name
+            .iter_mut()
+            .zip(ifname.as_bytes().iter().take(libc::IFNAMSIZ - 1))
+        {
             *dst = *src as libc::c_char;
         }
         let mut result = Ok(());
@@ -146,7 +153,12 @@ fn ensure_multicast(ifname: &str) -> io::Result<()> {
 
 impl Tunnel {
     /// Wraps an open socket and TUN device. Call [`Tunnel::spawn`] to start moving packets.
-    pub fn new(socket: std::net::UdpSocket, tun: AsyncDevice, identity: &Identity, subnet: Ipv4Net) -> io::Result<Arc<Self>> {
+    pub fn new(
+        socket: std::net::UdpSocket,
+        tun: AsyncDevice,
+        identity: &Identity,
+        subnet: Ipv4Net,
+    ) -> io::Result<Arc<Self>> {
         let public = PublicKey::from(identity.public);
         Ok(Arc::new(Tunnel {
             socket: Arc::new(UdpSocket::from_std(socket)?),
@@ -167,7 +179,10 @@ impl Tunnel {
     }
 
     /// Starts the datapath tasks; control datagrams go to `control`.
-    pub fn spawn(self: &Arc<Self>, control: mpsc::Sender<(SocketAddr, Vec<u8>)>) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn(
+        self: &Arc<Self>,
+        control: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         let a = self.clone();
         let b = self.clone();
         let c = self.clone();
@@ -187,11 +202,18 @@ impl Tunnel {
 
     /// Makes the peer set exactly `specs` and starts handshakes with new peers.
     pub fn set_peers(&self, specs: &[PeerSpec]) {
-        let added = self.peers.write().apply(specs, &self.secret, &self.limiter, Instant::now());
+        let added = self
+            .peers
+            .write()
+            .apply(specs, &self.secret, &self.limiter, Instant::now());
         let mut buf = vec![0u8; 256];
         for peer in added {
             tracing::debug!(ip = %peer.ip, endpoint = ?peer.endpoint(), "tunnel peer added");
-            let len = match peer.tunn.lock().format_handshake_initiation(&mut buf, false) {
+            let len = match peer
+                .tunn
+                .lock()
+                .format_handshake_initiation(&mut buf, false)
+            {
                 TunnResult::WriteToNetwork(p) => p.len(),
                 _ => continue,
             };
@@ -213,7 +235,8 @@ impl Tunnel {
             }
         }
         if let Some(ip) = ip {
-            self.tun.set_network_address(ip, self.subnet.prefix_len(), None)?;
+            self.tun
+                .set_network_address(ip, self.subnet.prefix_len(), None)?;
             tracing::info!(%ip, "virtual IP set");
         }
         *current = ip;
@@ -265,7 +288,9 @@ impl Tunnel {
             match classify(datagram) {
                 DatagramKind::WireGuard => self.handle_wireguard(src, datagram, &mut out).await,
                 DatagramKind::Control => {
-                    if n > MAX_CONTROL_DATAGRAM || control.try_send((src, datagram.to_vec())).is_err() {
+                    if n > MAX_CONTROL_DATAGRAM
+                        || control.try_send((src, datagram.to_vec())).is_err()
+                    {
                         bump(&self.stats.control_dropped);
                     }
                 }
@@ -410,7 +435,7 @@ impl Tunnel {
         loop {
             tick.tick().await;
             n = n.wrapping_add(1);
-            if n % 4 == 0 {
+            if n.is_multiple_of(4) {
                 self.limiter.reset_count();
             }
             let all: Vec<Arc<Peer>> = self.peers.read().iter().cloned().collect();

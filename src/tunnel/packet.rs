@@ -11,7 +11,9 @@ pub fn ipv4_dst(packet: &[u8]) -> Option<Ipv4Addr> {
     if packet.len() < 20 || packet[0] >> 4 != 4 {
         return None;
     }
-    Some(Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]))
+    Some(Ipv4Addr::new(
+        packet[16], packet[17], packet[18], packet[19],
+    ))
 }
 
 /// Source of an IPv4 packet.
@@ -20,7 +22,9 @@ pub fn ipv4_src(packet: &[u8]) -> Option<Ipv4Addr> {
     if packet.len() < 20 || packet[0] >> 4 != 4 {
         return None;
     }
-    Some(Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]))
+    Some(Ipv4Addr::new(
+        packet[12], packet[13], packet[14], packet[15],
+    ))
 }
 
 /// Whether a packet to `dst` goes to every member: limited broadcast, the subnet's broadcast,

@@ -89,7 +89,13 @@ impl PeerTable {
 
     /// Makes the table exactly `specs`: keeps existing sessions, adds and removes peers. Returns
     /// the peers that were added (the caller starts their handshakes).
-    pub fn apply(&mut self, specs: &[PeerSpec], secret: &StaticSecret, limiter: &Arc<RateLimiter>, now: Instant) -> Vec<Arc<Peer>> {
+    pub fn apply(
+        &mut self,
+        specs: &[PeerSpec],
+        secret: &StaticSecret,
+        limiter: &Arc<RateLimiter>,
+        now: Instant,
+    ) -> Vec<Arc<Peer>> {
         let wanted: HashMap<[u8; 32], &PeerSpec> = specs.iter().map(|s| (s.key, s)).collect();
         self.by_key.retain(|k, _| wanted.contains_key(k));
         let mut added = Vec::new();
@@ -105,7 +111,14 @@ impl PeerTable {
                     // New peer, or its address changed (rebuild; keeps lookups consistent).
                     let old_endpoint = self.by_key.get(&spec.key).and_then(|p| p.endpoint());
                     let index = self.free_index();
-                    let tunn = Tunn::new(secret.clone(), PublicKey::from(spec.key), None, None, index, Some(limiter.clone()));
+                    let tunn = Tunn::new(
+                        secret.clone(),
+                        PublicKey::from(spec.key),
+                        None,
+                        None,
+                        index,
+                        Some(limiter.clone()),
+                    );
                     let peer = Arc::new(Peer {
                         key: spec.key,
                         index,
@@ -161,15 +174,24 @@ mod tests {
         let limiter = Arc::new(RateLimiter::new(&PublicKey::from(me.public), 10));
         let a = Identity::generate();
         let b = Identity::generate();
-        let spec = |id: &Identity, last| PeerSpec { key: id.public, ip: Ipv4Addr::new(10, 66, 0, last), endpoint: Some(SocketAddr::from(([192, 0, 2, last], 51820))) };
+        let spec = |id: &Identity, last| PeerSpec {
+            key: id.public,
+            ip: Ipv4Addr::new(10, 66, 0, last),
+            endpoint: Some(SocketAddr::from(([192, 0, 2, last], 51820))),
+        };
         let mut t = PeerTable::default();
         let now = Instant::now();
         let added = t.apply(&[spec(&a, 2), spec(&b, 3)], &me.secret, &limiter, now);
         assert_eq!(added.len(), 2);
         let ia = t.by_key(&a.public).unwrap().index;
-        assert!(Arc::ptr_eq(t.by_receiver_index(ia << 8 | 0x7f).unwrap(), t.by_ip(&Ipv4Addr::new(10, 66, 0, 2)).unwrap()));
+        assert!(Arc::ptr_eq(
+            t.by_receiver_index(ia << 8 | 0x7f).unwrap(),
+            t.by_ip(&Ipv4Addr::new(10, 66, 0, 2)).unwrap()
+        ));
         // Same set again: nothing new, sessions kept.
-        assert!(t.apply(&[spec(&a, 2), spec(&b, 3)], &me.secret, &limiter, now).is_empty());
+        assert!(t
+            .apply(&[spec(&a, 2), spec(&b, 3)], &me.secret, &limiter, now)
+            .is_empty());
         assert_eq!(t.by_key(&a.public).unwrap().index, ia);
         // b leaves.
         t.apply(&[spec(&a, 2)], &me.secret, &limiter, now);
