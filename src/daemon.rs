@@ -36,6 +36,8 @@ const TICK: Duration = Duration::from_millis(100);
 const CONNECT_GRACE: Duration = Duration::from_secs(15);
 /// WireGuard rekeys every 2 minutes; a session older than 3 minutes is gone.
 const SESSION_FRESH: Duration = Duration::from_secs(180);
+/// How often our LAN addresses are checked for changes.
+const ENDPOINT_CHECK: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -119,6 +121,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         announced: None,
         last_file_publish: None,
         endpoints,
+        last_endpoint_check: Some(now),
         port,
         open_errors: HashMap::new(),
     };
@@ -178,6 +181,7 @@ struct Control {
     announced: Option<PartyId>,
     last_file_publish: Option<Instant>,
     endpoints: Vec<SocketAddr>,
+    last_endpoint_check: Option<Instant>,
     port: u16,
     open_errors: HashMap<&'static str, u64>,
 }
@@ -219,6 +223,7 @@ impl Control {
                     let now = Instant::now();
                     self.engine.handle_timeout(now);
                     self.refresh_file(now);
+                    self.refresh_endpoints(now);
                 }
                 _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); return; }
                 _ = sigterm.recv() => { tracing::info!("terminated"); return; }
@@ -355,6 +360,28 @@ impl Control {
         }
     }
 
+    /// Follows changes of our LAN addresses (DHCP renewals, switching networks) so announcements
+    /// and join requests carry addresses that work.
+    fn refresh_endpoints(&mut self, now: Instant) {
+        if self
+            .last_endpoint_check
+            .is_some_and(|t| now.saturating_duration_since(t) < ENDPOINT_CHECK)
+        {
+            return;
+        }
+        self.last_endpoint_check = Some(now);
+        let endpoints = local_endpoints(self.port, &self.cfg.network.interface);
+        if endpoints == self.endpoints {
+            return;
+        }
+        tracing::info!(?endpoints, "our LAN addresses changed");
+        self.endpoints = endpoints.clone();
+        self.engine.set_endpoints(endpoints);
+        if let Some(hosted) = self.engine.hosted() {
+            self.announce(Some(hosted));
+        }
+    }
+
     /// Keeps our discovery-file entry fresh (entries carry last-seen and go stale).
     fn refresh_file(&mut self, now: Instant) {
         let every = Duration::from_secs(self.cfg.timers.heartbeat_secs);
@@ -366,14 +393,8 @@ impl Control {
         {
             return;
         }
-        let Some(r) = self.engine.roster() else {
+        let Some(hosted) = self.engine.hosted() else {
             return;
-        };
-        let hosted = Hosted {
-            party: r.party,
-            name: r.name.clone(),
-            members: r.members.len() as u32,
-            protected: r.verifier.is_some(),
         };
         let ad = self.ad(&hosted);
         if let Some(f) = &self.file {

@@ -302,6 +302,17 @@ impl Engine {
         self.roster().is_some_and(|r| r.host == self.id)
     }
 
+    /// What to announce, if we host a party.
+    pub fn hosted(&self) -> Option<Hosted> {
+        let r = self.roster().filter(|r| r.host == self.id)?;
+        Some(Hosted {
+            party: r.party,
+            name: r.name.clone(),
+            members: r.members.len() as u32,
+            protected: r.verifier.is_some(),
+        })
+    }
+
     /// Our virtual IP, if in a party.
     pub fn address(&self) -> Option<Ipv4Addr> {
         self.roster()
@@ -1183,12 +1194,6 @@ impl Engine {
                 }
             }
         }
-        let hosted = (p.roster.host == my_id).then(|| Hosted {
-            party: p.roster.party,
-            name: p.roster.name.clone(),
-            members: p.roster.members.len() as u32,
-            protected: p.roster.verifier.is_some(),
-        });
         let me = p
             .roster
             .members
@@ -1222,6 +1227,7 @@ impl Engine {
                 verifier: p.roster.verifier.clone(),
             }),
         });
+        let hosted = self.hosted();
         self.actions.push_back(Action::Address(me));
         self.actions.push_back(Action::Announce(hosted));
         self.actions.push_back(Action::Persist(saved));

@@ -278,9 +278,18 @@ impl Tunnel {
         loop {
             let (n, src) = match self.socket.recv_from(&mut buf).await {
                 Ok(r) => r,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    // ICMP port-unreachable from an earlier send surfaces here on Linux.
+                    continue;
+                }
                 Err(e) => {
-                    // ICMP-induced errors (ECONNREFUSED) surface here on Linux; keep going.
-                    tracing::trace!(error = %e, "udp recv error");
+                    tracing::warn!(error = %e, "udp receive failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
