@@ -90,6 +90,43 @@ fn expect_all_direct(lab: &Lab, members: &[usize]) {
     );
 }
 
+/// After the host went away (left or crashed): within `within`, `first` and `second` list exactly
+/// each other, `first` (the longest present) is host on both, and nobody's virtual IP differs
+/// from `before` (node id -> IP).
+fn expect_new_host_same_ips(
+    lab: &Lab,
+    (first, second): (usize, usize),
+    party: &str,
+    before: &BTreeMap<String, String>,
+    within: Duration,
+    what: &str,
+) {
+    let first_id = lab.node(first).id();
+    let remaining = BTreeSet::from([first_id.clone(), lab.node(second).id()]);
+    expect_members(lab, &[first, second], party, &remaining, within, what);
+    let ok = wait_until(ROSTER_WITHIN, || {
+        statuses(lab, &[first, second])
+            .iter()
+            .all(|s| host_id_of(s).as_deref() == Some(first_id.as_str()))
+    });
+    assert!(
+        ok,
+        "{what}: {} (longest present) should be host on both; statuses:\n{:#?}",
+        lab.node(first).name,
+        statuses(lab, &[first, second])
+    );
+    for s in statuses(lab, &[first, second]) {
+        for p in peers_of(&s) {
+            let id = p["id"].as_str().unwrap();
+            assert_eq!(
+                p["virtual_ip"].as_str(),
+                before.get(id).map(String::as_str),
+                "{what}: IP changed: {p}"
+            );
+        }
+    }
+}
+
 /// `members[0]` creates party `name`, the others join one after the other; after each join the
 /// roster must reach everyone within [`ROSTER_WITHIN`]. Waits for direct tunnels everywhere.
 fn form_party(lab: &Lab, members: &[usize], name: &str) -> String {
@@ -701,36 +738,17 @@ fn killed_host_is_replaced_by_longest_present_member() {
         .iter()
         .map(|&i| (lab.node(i).id(), lab.node(i).virtual_ip().unwrap()))
         .collect();
-    let first_id = lab.node(first).id();
 
     lab.node(0).kill9();
-    let remaining = BTreeSet::from([lab.node(first).id(), lab.node(second).id()]);
     let within = Duration::from_secs(PEER_TIMEOUT_SECS) + KILL_SLACK;
-    expect_members(
+    expect_new_host_same_ips(
         &lab,
-        &[first, second],
+        (first, second),
         &party,
-        &remaining,
+        &before,
         within,
         "host SIGKILLed",
     );
-    let ok = wait_until(ROSTER_WITHIN, || {
-        statuses(&lab, &[first, second])
-            .iter()
-            .all(|s| host_id_of(s).as_deref() == Some(first_id.as_str()))
-    });
-    assert!(
-        ok,
-        "the longest-present member should host now; statuses:\n{:#?}",
-        statuses(&lab, &[first, second])
-    );
-    for i in [first, second] {
-        assert_eq!(
-            lab.node(i).virtual_ip().as_ref(),
-            before.get(&lab.node(i).id()),
-            "IP changed"
-        );
-    }
     assert_full_mesh_ping(&lab, &[first, second]);
 
     // A newcomer finds the party (announced by the new host) and joins it.
@@ -777,36 +795,14 @@ fn host_leaves_and_longest_present_member_takes_over() {
     let first_id = lab.node(first).id();
 
     lab.node(0).leave();
-    let remaining = BTreeSet::from([lab.node(first).id(), lab.node(second).id()]);
-    expect_members(
+    expect_new_host_same_ips(
         &lab,
-        &[first, second],
+        (first, second),
         &party,
-        &remaining,
+        &before,
         ROSTER_WITHIN,
         "host left",
     );
-    let ok = wait_until(ROSTER_WITHIN, || {
-        statuses(&lab, &[first, second])
-            .iter()
-            .all(|s| host_id_of(s).as_deref() == Some(first_id.as_str()))
-    });
-    assert!(
-        ok,
-        "{} (longest present) should be host on both; statuses:\n{:#?}",
-        lab.node(first).name,
-        statuses(&lab, &[first, second])
-    );
-    for s in statuses(&lab, &[first, second]) {
-        for p in peers_of(&s) {
-            let id = p["id"].as_str().unwrap();
-            assert_eq!(
-                p["virtual_ip"].as_str(),
-                before.get(id).map(String::as_str),
-                "IP changed: {p}"
-            );
-        }
-    }
     assert_full_mesh_ping(&lab, &[first, second]);
     assert_no_ping(&lab, first, HOST_VIP);
 

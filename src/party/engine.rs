@@ -1515,6 +1515,23 @@ mod tests {
             }
         }
 
+        /// Node `i` restarts: a fresh engine with the same key, name and address.
+        fn restart(&mut self, i: usize) {
+            let n = &mut self.nodes[i];
+            n.engine = Engine::new(
+                EngineConfig {
+                    key: n.key,
+                    name: format!("n{i}"),
+                    subnet: "10.66.0.0/16".parse().unwrap(),
+                    heartbeat: HB,
+                    peer_timeout: TIMEOUT,
+                },
+                self.now,
+            );
+            n.engine.set_endpoints(vec![n.addr]);
+            n.up = true;
+        }
+
         fn target(&self, i: usize) -> JoinTarget {
             JoinTarget {
                 key: self.nodes[i].key,
@@ -1728,32 +1745,10 @@ mod tests {
     fn restarted_member_rejoins_with_same_ip() {
         let (mut sim, _) = party_of_three();
         let saved = sim.nodes[2].saved.clone().unwrap();
-        let secret = {
-            // Same key after restart: rebuild the node from the same identity.
-            let key = sim.nodes[2].key;
-            sim.nodes[2].up = false;
-            key
-        };
+        sim.nodes[2].up = false;
         sim.advance(TIMEOUT + Duration::from_secs(2));
         assert_eq!(sim.roster(0).members.len(), 2);
-        // Occupy nothing; restart with a fresh engine but the same key and the saved party.
-        let fresh = Identity::generate();
-        let _ = fresh;
-        let mut restarted = Sim::node(sim.now, 2, x25519_dalek::StaticSecret::from([0u8; 32]));
-        // Identity must be the same: reuse the original key by reconstructing the node's engine config.
-        restarted.engine = Engine::new(
-            EngineConfig {
-                key: secret,
-                name: "n2".into(),
-                subnet: "10.66.0.0/16".parse().unwrap(),
-                heartbeat: HB,
-                peer_timeout: TIMEOUT,
-            },
-            sim.now,
-        );
-        restarted.engine.set_endpoints(vec![restarted.addr]);
-        restarted.key = secret;
-        sim.nodes[2] = restarted;
+        sim.restart(2);
         let now = sim.now;
         sim.nodes[2].engine.rejoin(now, saved).unwrap();
         sim.settle();
@@ -1767,20 +1762,8 @@ mod tests {
     fn restarted_host_rejoins_and_keeps_its_ip() {
         let (mut sim, _) = party_of_three();
         let saved = sim.nodes[0].saved.clone().unwrap();
-        let key = sim.nodes[0].key;
         // Quick restart: back before anyone timed it out.
-        sim.nodes[0].engine = Engine::new(
-            EngineConfig {
-                key,
-                name: "n0".into(),
-                subnet: "10.66.0.0/16".parse().unwrap(),
-                heartbeat: HB,
-                peer_timeout: TIMEOUT,
-            },
-            sim.now,
-        );
-        let addr = sim.nodes[0].addr;
-        sim.nodes[0].engine.set_endpoints(vec![addr]);
+        sim.restart(0);
         let now = sim.now;
         sim.nodes[0].engine.rejoin(now, saved).unwrap();
         sim.settle();
@@ -1817,17 +1800,7 @@ mod tests {
         let party = sim.create(0, Some("pw"));
         let saved = sim.nodes[0].saved.clone().unwrap();
         assert!(saved.targets.is_empty() && saved.hosted.is_some());
-        let key = sim.nodes[0].key;
-        sim.nodes[0].engine = Engine::new(
-            EngineConfig {
-                key,
-                name: "n0".into(),
-                subnet: "10.66.0.0/16".parse().unwrap(),
-                heartbeat: HB,
-                peer_timeout: TIMEOUT,
-            },
-            sim.now,
-        );
+        sim.restart(0);
         let now = sim.now;
         sim.nodes[0].engine.rejoin(now, saved).unwrap();
         sim.settle();
