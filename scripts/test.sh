@@ -27,6 +27,7 @@ declare -A want=(
   [wireguard-go]=wireguard-go
   [wg]=wireguard-tools
   [python3]=python3
+  [turnutils_stunclient]=coturn
 )
 missing=()
 for cmd in "${!want[@]}"; do
@@ -40,6 +41,11 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# coturn's package may start a TURN server on 3478; the relay tests use their own ports, but a
+# stray server is noise nobody asked for.
+if pgrep -x turnserver >/dev/null 2>&1; then
+  systemctl disable --now coturn >/dev/null 2>&1 || pkill -x turnserver || true
 fi
 [[ -c /dev/net/tun ]] || die "/dev/net/tun is missing (load the tun module / give the container the device)"
 ip netns add "lrci-probe-$$" || die "'ip netns add' does not work here (needs CAP_SYS_ADMIN)"
@@ -70,6 +76,9 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test"
-cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
-
-step "all checks passed"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log"
+# Totals over every test binary (the last binary cargo runs is often the doc tests, with none).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' "$log"

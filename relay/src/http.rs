@@ -1,0 +1,330 @@
+//! The HTTP/JSON control plane on `control.listen` (axum). Handlers only parse and render: the
+//! rules live in [`crate::state::Relay`]. Route table and bodies: [`lanrage_proto::api`].
+//!
+//! Order of checks for every request: per-source-IP rate limit (429), body cap (413), then for
+//! authenticated routes the bearer token (401) and the per-token rate limit (429), then malformed
+//! ids or bodies (400), then the registry's 404 / 403 / 409. Errors are `{"error": "..."}`.
+//! Source IPs are the TCP peers: behind a reverse proxy they are the proxy's.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use lanrage_proto::api::{
+    ChallengeRequest, CreatePartyRequest, ErrorBody, HeartbeatRequest, JoinRequest,
+    RegisterRequest, SessionRequest, SignalRequest, SignalsResponse, MAX_WAIT_SECS,
+};
+use lanrage_proto::ids::{PartyId, PeerId};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::state::{ApiError, Caller, Relay};
+
+type Shared = State<Arc<Relay>>;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (
+            status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+fn reply<T: Serialize>(status: StatusCode, r: Result<T, ApiError>) -> Response {
+    match r {
+        Ok(v) => (status, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn empty(status: StatusCode, r: Result<(), ApiError>) -> Response {
+    match r {
+        Ok(()) => status.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+fn auth(r: &Relay, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    r.authenticate(bearer(headers))
+}
+
+fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(400, format!("malformed request body: {e}")))
+}
+
+/// A JSON body, or the default for an empty one.
+fn json_or_default<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        json(body)
+    }
+}
+
+fn party_id(s: &str) -> Result<PartyId, ApiError> {
+    s.parse()
+        .map_err(|e| ApiError::new(400, format!("malformed party id: {e}")))
+}
+
+fn peer_id(s: &str) -> Result<PeerId, ApiError> {
+    s.parse()
+        .map_err(|e| ApiError::new(400, format!("malformed peer id: {e}")))
+}
+
+/// The control-plane router for `relay`.
+pub fn router(relay: Arc<Relay>) -> Router {
+    let cap = relay.cfg.control.max_body_bytes;
+    Router::new()
+        .route("/auth/challenge", post(challenge))
+        .route("/auth/register", post(register))
+        .route("/auth/refresh", post(refresh))
+        .route("/parties", post(create_party))
+        .route("/parties/{id}", get(party_info))
+        .route("/parties/{id}/join", post(join))
+        .route("/parties/{id}/peers", get(peers))
+        .route("/parties/{id}/peers/{peer}", delete(leave))
+        .route("/parties/{id}/peers/{peer}/heartbeat", post(heartbeat))
+        .route("/parties/{id}/peers/{peer}/signal", post(signal))
+        .route("/parties/{id}/signals", get(signals))
+        .route("/parties/{id}/sessions", post(session))
+        .route("/relays", get(relays))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(404, "no such route") })
+        .layer(DefaultBodyLimit::max(cap))
+        .layer(middleware::from_fn_with_state(relay.clone(), edge))
+        .with_state(relay)
+}
+
+/// Per-IP rate limit and response counting, around every route.
+async fn edge(
+    State(r): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let resp = match r.limit_ip(peer.ip()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    };
+    r.metrics.http_response(resp.status().as_u16());
+    resp
+}
+
+async fn challenge(State(r): Shared, body: Bytes) -> Response {
+    reply(
+        StatusCode::OK,
+        json::<ChallengeRequest>(&body).and_then(|req| r.challenge(req.key)),
+    )
+}
+
+async fn register(State(r): Shared, body: Bytes) -> Response {
+    reply(
+        StatusCode::OK,
+        json::<RegisterRequest>(&body).and_then(|req| r.register(&req)),
+    )
+}
+
+async fn refresh(State(r): Shared, headers: HeaderMap) -> Response {
+    reply(
+        StatusCode::OK,
+        auth(&r, &headers).and_then(|c| r.refresh(&c)),
+    )
+}
+
+async fn create_party(State(r): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    let res = (|| {
+        let c = auth(&r, &headers)?;
+        let req: CreatePartyRequest = json(&body)?;
+        r.create_party(&c, req)
+    })();
+    reply(StatusCode::CREATED, res)
+}
+
+async fn party_info(State(r): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    reply(
+        StatusCode::OK,
+        auth(&r, &headers).and_then(|c| r.info(&c, party_id(&id)?)),
+    )
+}
+
+async fn join(
+    State(r): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let res = auth(&r, &headers).and_then(|c| {
+        let id = party_id(&id)?;
+        let req: JoinRequest = json_or_default(&body)?;
+        Ok((c, id, req))
+    });
+    // Password stretching takes milliseconds: off the async workers.
+    let res = match res {
+        Ok((c, id, req)) => {
+            let r2 = r.clone();
+            tokio::task::spawn_blocking(move || r2.join(&c, id, req))
+                .await
+                .unwrap_or_else(|_| Err(ApiError::new(500, "internal error")))
+        }
+        Err(e) => Err(e),
+    };
+    reply(StatusCode::OK, res)
+}
+
+async fn peers(State(r): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    reply(
+        StatusCode::OK,
+        auth(&r, &headers).and_then(|c| r.peers(&c, party_id(&id)?)),
+    )
+}
+
+async fn leave(
+    State(r): Shared,
+    headers: HeaderMap,
+    Path((id, peer)): Path<(String, String)>,
+) -> Response {
+    empty(
+        StatusCode::NO_CONTENT,
+        auth(&r, &headers).and_then(|c| r.leave(&c, party_id(&id)?, peer_id(&peer)?)),
+    )
+}
+
+async fn heartbeat(
+    State(r): Shared,
+    headers: HeaderMap,
+    Path((id, peer)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let res = (|| {
+        let c = auth(&r, &headers)?;
+        let (id, peer) = (party_id(&id)?, peer_id(&peer)?);
+        let req: HeartbeatRequest = json_or_default(&body)?;
+        r.heartbeat(&c, id, peer, req.endpoints)
+    })();
+    reply(StatusCode::OK, res)
+}
+
+async fn signal(
+    State(r): Shared,
+    headers: HeaderMap,
+    Path((id, peer)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let res = (|| {
+        let c = auth(&r, &headers)?;
+        let (id, peer) = (party_id(&id)?, peer_id(&peer)?);
+        let req: SignalRequest = json(&body)?;
+        r.signal(&c, id, peer, req.endpoints, req.nonce)
+    })();
+    empty(StatusCode::ACCEPTED, res)
+}
+
+fn wait_secs(query: Option<&str>) -> Result<u64, ApiError> {
+    let mut wait = 0;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("wait_secs", v)) => {
+                wait = v
+                    .parse::<u64>()
+                    .map_err(|_| ApiError::new(400, "wait_secs must be a number"))?;
+            }
+            _ => {
+                return Err(ApiError::new(
+                    400,
+                    format!("unknown query parameter {pair:?}"),
+                ))
+            }
+        }
+    }
+    Ok(wait.min(MAX_WAIT_SECS))
+}
+
+/// Long poll: answers as soon as a signal is waiting, or after `wait_secs` with none.
+async fn signals(
+    State(r): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let setup = auth(&r, &headers).and_then(|c| Ok((c, party_id(&id)?, wait_secs(q.as_deref())?)));
+    let (c, id, wait) = match setup {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    loop {
+        let notified = r.signals.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match r.take_signals(&c, id) {
+            Err(e) => return e.into_response(),
+            Ok(s) if !s.is_empty() || tokio::time::Instant::now() >= deadline => {
+                return reply(StatusCode::OK, Ok(SignalsResponse { signals: s }));
+            }
+            Ok(_) => {}
+        }
+        let _ = tokio::time::timeout_at(deadline, notified).await;
+    }
+}
+
+async fn session(
+    State(r): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let res = (|| {
+        let c = auth(&r, &headers)?;
+        let id = party_id(&id)?;
+        let req: SessionRequest = json(&body)?;
+        r.open_session(&c, id, req.peer)
+    })();
+    reply(StatusCode::OK, res)
+}
+
+async fn relays(State(r): Shared) -> Response {
+    reply(StatusCode::OK, Ok(r.relays()))
+}
+
+async fn metrics(State(r): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
+    if !r.cfg.metrics_allowed(peer.ip()) {
+        return ApiError::new(
+            403,
+            "metrics are not served to this address (control.metrics_from)",
+        )
+        .into_response();
+    }
+    let mut resp = r.metrics_text().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}

@@ -1,0 +1,37 @@
+//! lanrage-relay: the one public host that makes lanrage parties work across the internet.
+//!
+//! It tells peers their public address (STUN, RFC 8489, with RFC 5780 NAT-behaviour discovery
+//! when given two addresses), keeps the party registry behind an HTTP/JSON control plane where
+//! peers authenticate with their WireGuard key, passes "reach me at" signals between members for
+//! hole punching, and forwards WireGuard ciphertext between members that cannot reach each other,
+//! without holding any key to read it. It depends on the daemon only through `lanrage-proto`
+//! (wire types).
+//!
+//! Sans-IO cores (plain structs: time and bytes in, answers out, unit-tested without sockets):
+//! - [`stun`]: STUN responder and the UDP socket layout;
+//! - [`sessions`]: the UDP session table (bind, forward, limits, drop reasons);
+//! - [`registry`]: parties, members, signals, which sessions exist;
+//! - [`tokens`], [`challenge`], [`password`]: bearer tokens, registration challenges, party
+//!   password verifiers;
+//! - [`ratelimit`]: token buckets;
+//! - [`store`]: durable records, the `Store` trait and the journal+snapshot implementation.
+//!
+//! Glue: [`state`] (the shared state and the control-plane operations, with the lock order),
+//! [`http`] (axum routes), [`udp`] (socket tasks), [`metrics`] (Prometheus text), [`identity`]
+//! (the relay key file), [`config`], [`server`] (start, run, stop).
+
+pub mod challenge;
+pub mod config;
+pub mod http;
+pub mod identity;
+pub mod metrics;
+pub mod password;
+pub mod ratelimit;
+pub mod registry;
+pub mod server;
+pub mod sessions;
+pub mod state;
+pub mod store;
+pub mod stun;
+pub mod tokens;
+pub mod udp;

@@ -1,0 +1,379 @@
+//! The control plane over real HTTP: the auth matrix (401 / 403 / 404 / 400 / 413 / 429), the
+//! access key, token expiry and refresh, signaling with long polls, metrics access.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Http, Peer, RelayProc};
+use lanrage_proto::api::{
+    HeartbeatResponse, PartyInfo, PartyView, PeersResponse, SessionResponse, SignalsResponse,
+    TokenResponse,
+};
+
+fn create(http: &Http, p: &Peer, body: &str) -> PartyView {
+    http.post_ok("/parties", p.t(), body)
+}
+
+#[test]
+fn auth_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(dir.path(), &[]);
+    let http = relay.http();
+    let (a, b, c) = (
+        Peer::registered(&http),
+        Peer::registered(&http),
+        Peer::registered(&http),
+    );
+    let party = create(
+        &http,
+        &a,
+        r#"{"name":"lan night","peer_name":"alice","endpoints":["192.168.1.2:51820"]}"#,
+    );
+    let id = party.party.id.to_string();
+    assert_eq!(party.peers.len(), 1);
+    assert_eq!(party.peers[0].peer, a.id);
+    let base = format!("/parties/{id}");
+
+    // No token, a garbage token, a token in the wrong scheme: 401 on every protected route.
+    let protected_posts = [
+        "/parties".to_string(),
+        format!("{base}/join"),
+        format!("{base}/sessions"),
+        format!("{base}/peers/{}/heartbeat", a.id),
+        format!("{base}/peers/{}/signal", a.id),
+        "/auth/refresh".to_string(),
+    ];
+    for path in &protected_posts {
+        assert_eq!(http.post(path, None, "{}").0, 401, "{path}");
+        assert_eq!(http.post(path, Some("AAAA"), "{}").0, 401, "{path}");
+    }
+    for path in [
+        base.clone(),
+        format!("{base}/peers"),
+        format!("{base}/signals"),
+    ] {
+        assert_eq!(http.get(&path, None).0, 401, "{path}");
+        assert_eq!(http.get(&path, Some("not-a-token")).0, 401, "{path}");
+    }
+    assert_eq!(http.delete(&format!("{base}/peers/{}", a.id), None).0, 401);
+
+    // Members read; a registered stranger gets 403; unknown party 404; malformed id 400.
+    assert_eq!(http.get_ok::<PartyInfo>(&base, a.t()).members, 1);
+    assert_eq!(http.get(&base, c.t()).0, 403);
+    assert_eq!(http.get(&format!("{base}/peers"), c.t()).0, 403);
+    assert_eq!(http.get("/parties/0000-0000-0000-0000", a.t()).0, 404);
+    assert_eq!(
+        http.post("/parties/0000-0000-0000-0000/join", b.t(), "{}")
+            .0,
+        404
+    );
+    assert_eq!(http.get("/parties/not-an-id", a.t()).0, 400);
+
+    // Join; then acting for another peer is 403.
+    let v: PartyView = http.post_ok(&format!("{base}/join"), b.t(), r#"{"peer_name":"bob"}"#);
+    assert_eq!(v.peers.len(), 2);
+    assert_eq!(http.delete(&format!("{base}/peers/{}", a.id), b.t()).0, 403);
+    assert_eq!(
+        http.post(&format!("{base}/peers/{}/heartbeat", a.id), b.t(), "")
+            .0,
+        403
+    );
+    assert_eq!(http.delete(&format!("{base}/peers/{}", a.id), c.t()).0, 403);
+    assert_eq!(http.delete(&format!("{base}/peers/zzzz"), a.t()).0, 400);
+    assert_eq!(
+        http.post(
+            &format!("{base}/sessions"),
+            c.t(),
+            &format!(r#"{{"peer":"{}"}}"#, a.id)
+        )
+        .0,
+        403
+    );
+    assert_eq!(
+        http.post(
+            &format!("{base}/sessions"),
+            a.t(),
+            &format!(r#"{{"peer":"{}"}}"#, c.id)
+        )
+        .0,
+        404
+    );
+
+    // Malformed bodies: 400 (bad JSON, unknown field, bad endpoint, name too long).
+    assert_eq!(http.post("/parties", a.t(), "{").0, 400);
+    assert_eq!(
+        http.post("/parties", a.t(), r#"{"name":"x","colour":"red"}"#)
+            .0,
+        400
+    );
+    assert_eq!(
+        http.post("/parties", a.t(), r#"{"name":"x","endpoints":["nowhere"]}"#)
+            .0,
+        400
+    );
+    assert_eq!(
+        http.post(
+            "/parties",
+            a.t(),
+            &format!(r#"{{"name":"{}"}}"#, "x".repeat(33))
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        http.post("/auth/challenge", None, r#"{"key":"short"}"#).0,
+        400
+    );
+    // Bodies are capped.
+    let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(20_000));
+    assert_eq!(http.post("/parties", a.t(), &big).0, 413);
+
+    // Heartbeats (empty body ok) and peers.
+    let hb: HeartbeatResponse =
+        http.post_ok(&format!("{base}/peers/{}/heartbeat", b.id), b.t(), "");
+    assert_eq!(hb.timeout_secs, 60);
+    let peers: PeersResponse = http.get_ok(&format!("{base}/peers"), b.t());
+    assert_eq!(
+        peers
+            .peers
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>(),
+        ["alice", "bob"]
+    );
+
+    // Sessions: same id for both members.
+    let s1: SessionResponse = http.post_ok(
+        &format!("{base}/sessions"),
+        a.t(),
+        &format!(r#"{{"peer":"{}"}}"#, b.id),
+    );
+    let s2: SessionResponse = http.post_ok(
+        &format!("{base}/sessions"),
+        b.t(),
+        &format!(r#"{{"peer":"{}"}}"#, a.id),
+    );
+    assert_eq!(s1.session, s2.session);
+    assert_eq!(s1.relay, relay.udp);
+
+    // Leaving: self only; afterwards reading is 403, and the empty party disappears (404).
+    assert_eq!(http.delete(&format!("{base}/peers/{}", b.id), b.t()).0, 204);
+    assert_eq!(http.get(&base, b.t()).0, 403);
+    assert_eq!(http.delete(&format!("{base}/peers/{}", a.id), a.t()).0, 204);
+    assert_eq!(http.get(&base, a.t()).0, 404);
+    assert_eq!(relay.metric("lanrage_relay_parties "), 0);
+    assert_eq!(relay.metric("lanrage_relay_registered_peers "), 3);
+}
+
+#[test]
+fn protected_parties_and_password_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(
+        dir.path(),
+        &[("LANRAGE_RELAY__PARTIES__PASSWORD_ATTEMPTS_PER_MIN", "2")],
+    );
+    let http = relay.http();
+    let (a, b) = (Peer::registered(&http), Peer::registered(&http));
+    let party = create(
+        &http,
+        &a,
+        r#"{"name":"private","password":"correct horse"}"#,
+    );
+    assert!(party.party.protected);
+    let join = format!("/parties/{}/join", party.party.id);
+    assert_eq!(http.post(&join, b.t(), "{}").0, 403);
+    assert_eq!(http.post(&join, b.t(), r#"{"password":"wrong"}"#).0, 403);
+    // Out of attempts: even the right password is refused for a minute.
+    let (code, _) = http.post(&join, b.t(), r#"{"password":"correct horse"}"#);
+    assert_eq!(code, 429);
+    let c = Peer::registered(&http);
+    assert_eq!(
+        http.post(&join, c.t(), r#"{"password":"correct horse"}"#).0,
+        200
+    );
+    // The stored state never holds the password.
+    std::thread::sleep(Duration::from_millis(200));
+    for f in std::fs::read_dir(&relay.state_dir).unwrap() {
+        let bytes = std::fs::read(f.unwrap().path()).unwrap();
+        assert!(!bytes.windows(13).any(|w| w == b"correct horse"));
+    }
+}
+
+#[test]
+fn access_key_token_expiry_and_refresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "an-operator-access-key-0123";
+    let relay = RelayProc::start(
+        dir.path(),
+        &[
+            ("LANRAGE_RELAY__CONTROL__ACCESS_KEY", key),
+            ("LANRAGE_RELAY__CONTROL__TOKEN_TTL_SECS", "2"),
+        ],
+    );
+    let http = relay.http();
+    let mut p = Peer::new();
+    let req = p.register_request(&http, None);
+    assert_eq!(
+        http.post(
+            "/auth/register",
+            None,
+            &serde_json::to_string(&req).unwrap()
+        )
+        .0,
+        403
+    );
+    let req = p.register_request(&http, Some("wrong-key-wrong-key-wrong"));
+    assert_eq!(
+        http.post(
+            "/auth/register",
+            None,
+            &serde_json::to_string(&req).unwrap()
+        )
+        .0,
+        403
+    );
+    let req = p.register_request(&http, Some(key));
+    let body = serde_json::to_string(&req).unwrap();
+    let t: TokenResponse = http.post_ok("/auth/register", None, &body);
+    assert_eq!(t.peer, p.id);
+    assert!(t.expires_in_secs <= 2);
+    // A challenge is single use.
+    assert_eq!(http.post("/auth/register", None, &body).0, 401);
+    // Someone else's proof for p's key fails.
+    let mut mallory = Peer::new();
+    let mut forged = mallory.register_request(&http, Some(key));
+    forged.key = p.key;
+    assert_eq!(
+        http.post(
+            "/auth/register",
+            None,
+            &serde_json::to_string(&forged).unwrap()
+        )
+        .0,
+        401
+    );
+
+    let party = create(
+        &http,
+        &Peer {
+            token: t.token.clone(),
+            ..Peer::new()
+        },
+        r#"{"name":"x"}"#,
+    );
+    let refreshed: TokenResponse = http.post_ok("/auth/refresh", Some(&t.token), "");
+    assert_ne!(refreshed.token, t.token);
+    // Both expire: 401.
+    std::thread::sleep(Duration::from_millis(3100));
+    assert_eq!(
+        http.get(
+            &format!("/parties/{}", party.party.id),
+            Some(&refreshed.token)
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        http.post("/auth/refresh", Some(&refreshed.token), "").0,
+        401
+    );
+}
+
+#[test]
+fn signals_long_poll_between_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(dir.path(), &[]);
+    let http = relay.http();
+    let (a, b, c) = (
+        Peer::registered(&http),
+        Peer::registered(&http),
+        Peer::registered(&http),
+    );
+    let party = create(&http, &a, r#"{"name":"x"}"#);
+    let base = format!("/parties/{}", party.party.id);
+    let _: PartyView = http.post_ok(&format!("{base}/join"), b.t(), "{}");
+    // A stranger cannot signal a member.
+    assert_eq!(
+        http.post(
+            &format!("{base}/peers/{}/signal", a.id),
+            c.t(),
+            r#"{"endpoints":["203.0.113.9:4000"]}"#
+        )
+        .0,
+        403
+    );
+    // a waits; b signals a second later; a's long poll returns right away.
+    let http2 = http.clone();
+    let b_id = b.id;
+    let b_token = b.token.clone();
+    let a_id = a.id;
+    let path = format!("{base}/peers/{a_id}/signal");
+    let sender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let (code, text) = http2.post(
+            &path,
+            Some(&b_token),
+            r#"{"endpoints":["203.0.113.9:4000","10.0.0.2:4000"],"nonce":42}"#,
+        );
+        assert_eq!(code, 202, "{text}");
+    });
+    let start = Instant::now();
+    let got: SignalsResponse = http.get_ok(&format!("{base}/signals?wait_secs=10"), a.t());
+    let waited = start.elapsed();
+    sender.join().unwrap();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert_eq!(got.signals.len(), 1);
+    assert_eq!(got.signals[0].from, b_id);
+    assert_eq!(got.signals[0].nonce, 42);
+    assert_eq!(got.signals[0].endpoints.len(), 2);
+    // Nothing waiting: a short poll returns empty after its wait.
+    let got: SignalsResponse = http.get_ok(&format!("{base}/signals?wait_secs=1"), a.t());
+    assert!(got.signals.is_empty());
+    assert_eq!(http.get(&format!("{base}/signals?wait=1"), a.t()).0, 400);
+    // Signals also arrive with heartbeats.
+    let _ = http.post(
+        &format!("{base}/peers/{}/signal", b.id),
+        a.t(),
+        r#"{"endpoints":["203.0.113.1:1"]}"#,
+    );
+    let hb: HeartbeatResponse =
+        http.post_ok(&format!("{base}/peers/{}/heartbeat", b.id), b.t(), "{}");
+    assert_eq!(hb.signals.len(), 1);
+}
+
+#[test]
+fn rate_limits_per_ip_and_per_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(
+        dir.path(),
+        &[
+            ("LANRAGE_RELAY__CONTROL__IP_RATE_PER_SEC", "1"),
+            ("LANRAGE_RELAY__CONTROL__IP_BURST", "30"),
+            ("LANRAGE_RELAY__CONTROL__TOKEN_RATE_PER_SEC", "1"),
+            ("LANRAGE_RELAY__CONTROL__TOKEN_BURST", "5"),
+        ],
+    );
+    let http = relay.http();
+    // Startup probes used a few of the IP's 30.
+    let a = Peer::registered(&http);
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(http.get("/parties/0000-0000-0000-0000", a.t()).0);
+    }
+    assert_eq!(&codes[..5], &[404; 5]);
+    assert!(codes[5..].iter().all(|c| *c == 429), "{codes:?}");
+    let (code, _) = http.get("/relays", None);
+    let mut limited = code == 429;
+    for _ in 0..40 {
+        limited |= http.get("/relays", None).0 == 429;
+    }
+    assert!(limited, "the per-IP limit never hit");
+    // Let the IP bucket refill a little so the metrics reads get through.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(relay.metric("lanrage_relay_rate_limited_total{scope=\"token\"}") >= 3);
+    assert!(relay.metric("lanrage_relay_rate_limited_total{scope=\"ip\"}") >= 1);
+}

@@ -1,0 +1,197 @@
+//! UDP relaying between two members over loopback: only members' bound addresses get traffic, a
+//! third peer's datagrams go nowhere (and are counted), NAT rebinding needs a new proof.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Got, Http, Peer, RelayProc, UdpPeer};
+use lanrage_proto::api::{PartyView, SessionResponse};
+use lanrage_proto::frame::RebindReason;
+use lanrage_proto::ids::SessionId;
+
+struct Setup {
+    relay: RelayProc,
+    a: Peer,
+    b: Peer,
+    c: Peer,
+    session: SessionId,
+    party: String,
+    _dir: tempfile::TempDir,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(dir.path(), &[]);
+    let http: Http = relay.http();
+    let (a, b, c) = (
+        Peer::registered(&http),
+        Peer::registered(&http),
+        Peer::registered(&http),
+    );
+    let party: PartyView = http.post_ok("/parties", a.t(), r#"{"name":"x"}"#);
+    let base = format!("/parties/{}", party.party.id);
+    let _: PartyView = http.post_ok(&format!("{base}/join"), b.t(), "{}");
+    // c is registered, but in a party of its own.
+    let _: PartyView = http.post_ok("/parties", c.t(), r#"{"name":"y"}"#);
+    let s: SessionResponse = http.post_ok(
+        &format!("{base}/sessions"),
+        a.t(),
+        &format!(r#"{{"peer":"{}"}}"#, b.id),
+    );
+    Setup {
+        session: s.session,
+        party: party.party.id.to_string(),
+        relay,
+        a,
+        b,
+        c,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn forwards_only_between_members() {
+    let s = setup();
+    let relay_addr = s.relay.udp[0];
+    let (mut ua, mut ub, mut uc) = (
+        UdpPeer::new(relay_addr),
+        UdpPeer::new(relay_addr),
+        UdpPeer::new(relay_addr),
+    );
+    assert_eq!(
+        ua.bind(s.session, s.a.id, &s.a.bind_key(s.session)),
+        Some(Got::Bound(false))
+    );
+    assert_eq!(
+        ub.bind(s.session, s.b.id, &s.b.bind_key(s.session)),
+        Some(Got::Bound(true))
+    );
+
+    // Both directions, payload untouched, session id tells the receiver who sent it.
+    ua.send(s.session, b"wireguard ciphertext from a");
+    assert_eq!(
+        ub.recv_data(Duration::from_secs(2)),
+        Some((s.session, b"wireguard ciphertext from a".to_vec()))
+    );
+    ub.send(s.session, b"from b");
+    assert_eq!(
+        ua.recv_data(Duration::from_secs(2)),
+        Some((s.session, b"from b".to_vec()))
+    );
+
+    // The third peer: data with the session id from its own address goes nowhere; it only gets
+    // rebind hints (never more bytes than it sent)...
+    for _ in 0..5 {
+        uc.send(s.session, b"spoof");
+    }
+    let mut hints = 0;
+    while let Some(g) = uc.recv(None) {
+        assert_eq!(g, Got::Rebind(RebindReason::NotBound));
+        hints += 1;
+    }
+    assert_eq!(hints, 5);
+    // ...it cannot bind a's side (it does not have a's key)...
+    assert_eq!(uc.bind(s.session, s.a.id, &s.c.bind_key(s.session)), None);
+    // ...nor its own (it is not in the session).
+    assert_eq!(uc.bind(s.session, s.c.id, &s.c.bind_key(s.session)), None);
+    // ...and a session of its own with a member of another party is refused.
+    let (code, _) = s.relay.http().post(
+        &format!("/parties/{}/sessions", "0000-0000-0000-0000"),
+        s.c.t(),
+        &format!(r#"{{"peer":"{}"}}"#, s.a.id),
+    );
+    assert_eq!(code, 404);
+    assert_eq!(ua.recv_data(Duration::from_millis(500)), None);
+    assert_eq!(ub.recv_data(Duration::from_millis(500)), None);
+
+    assert_eq!(s.relay.metric("lanrage_relay_forwarded_packets_total "), 2);
+    assert_eq!(
+        s.relay
+            .metric("lanrage_relay_drops_total{reason=\"not_bound\"}"),
+        5
+    );
+    assert_eq!(
+        s.relay
+            .metric("lanrage_relay_drops_total{reason=\"bad_tag\"}"),
+        1
+    );
+    assert_eq!(
+        s.relay
+            .metric("lanrage_relay_drops_total{reason=\"not_member\"}"),
+        1
+    );
+    assert_eq!(s.relay.metric("lanrage_relay_sessions_active "), 1);
+
+    // An unknown session id: dropped, with an "unknown session" hint.
+    ua.send(SessionId(12345), b"x");
+    assert_eq!(
+        ua.recv(None),
+        Some(Got::Rebind(RebindReason::UnknownSession))
+    );
+    assert_eq!(
+        s.relay
+            .metric("lanrage_relay_drops_total{reason=\"unknown_session\"}"),
+        1
+    );
+}
+
+#[test]
+fn nat_rebinding_continues_the_session_after_a_new_proof() {
+    let s = setup();
+    let relay_addr = s.relay.udp[0];
+    let (mut ua, mut ub) = (UdpPeer::new(relay_addr), UdpPeer::new(relay_addr));
+    ua.bind(s.session, s.a.id, &s.a.bind_key(s.session));
+    ub.bind(s.session, s.b.id, &s.b.bind_key(s.session));
+    ua.send(s.session, b"1");
+    assert!(ub.recv_data(Duration::from_secs(2)).is_some());
+
+    // a's NAT gives it a new public port: simulate with a new socket.
+    let mut ua2 = UdpPeer::new(relay_addr);
+    // (A WireGuard message is at least 32 bytes; the relay never answers with more bytes than it
+    // got, so tiny frames get no hint.)
+    ua2.send(s.session, &[2u8; 32]);
+    assert_eq!(ua2.recv(None), Some(Got::Rebind(RebindReason::NotBound)));
+    assert_eq!(ub.recv_data(Duration::from_millis(300)), None);
+    assert_eq!(
+        ua2.bind(s.session, s.a.id, &s.a.bind_key(s.session)),
+        Some(Got::Bound(true))
+    );
+    ua2.send(s.session, b"3");
+    assert_eq!(
+        ub.recv_data(Duration::from_secs(2)),
+        Some((s.session, b"3".to_vec()))
+    );
+    ub.send(s.session, b"4");
+    assert_eq!(
+        ua2.recv_data(Duration::from_secs(2)),
+        Some((s.session, b"4".to_vec()))
+    );
+    // The old address is no longer a's.
+    ua.send(s.session, b"5");
+    assert_eq!(ub.recv_data(Duration::from_millis(300)), None);
+    assert_eq!(s.relay.metric("lanrage_relay_rebinds_total "), 1);
+}
+
+#[test]
+fn leaving_the_party_ends_relaying() {
+    let s = setup();
+    let relay_addr = s.relay.udp[0];
+    let (mut ua, mut ub) = (UdpPeer::new(relay_addr), UdpPeer::new(relay_addr));
+    ua.bind(s.session, s.a.id, &s.a.bind_key(s.session));
+    ub.bind(s.session, s.b.id, &s.b.bind_key(s.session));
+    let http = s.relay.http();
+    // b leaves: the session is gone, a's data goes nowhere and a is told to ask again.
+    assert_eq!(
+        http.delete(&format!("/parties/{}/peers/{}", s.party, s.b.id), s.b.t())
+            .0,
+        204
+    );
+    ua.send(s.session, b"after leave");
+    assert_eq!(ub.recv_data(Duration::from_millis(500)), None);
+    assert_eq!(
+        ua.recv(None),
+        Some(Got::Rebind(RebindReason::UnknownSession))
+    );
+    assert_eq!(s.relay.metric("lanrage_relay_sessions "), 0);
+}

@@ -1,0 +1,114 @@
+//! The forwarding hot path allocates nothing: a counting global allocator watches
+//! `SessionTable::handle` for data frames (forwarded, dropped, hinted) and binds.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use lanrage_proto::auth::BindKey;
+use lanrage_proto::frame::{data_frame, encode_bind, Bind};
+use lanrage_proto::ids::{PartyId, PeerId, SessionId};
+use lanrage_relay::sessions::{SessionLimits, SessionTable, Verdict};
+
+struct Counting;
+
+thread_local! {
+    static WATCH: Cell<bool> = const { Cell::new(false) };
+    static COUNT: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: defers to the system allocator; only counts calls on the watching thread.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if WATCH.with(Cell::get) {
+            COUNT.with(|c| c.set(c.get() + 1));
+        }
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn watched<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    COUNT.with(|c| c.set(0));
+    WATCH.with(|w| w.set(true));
+    let out = f();
+    WATCH.with(|w| w.set(false));
+    (out, COUNT.with(Cell::get))
+}
+
+#[test]
+fn forwarding_does_not_allocate() {
+    let now = Instant::now();
+    let limits = SessionLimits {
+        max_sessions: 10,
+        max_per_peer: 10,
+        idle: std::time::Duration::from_secs(60),
+        pps: 1_000_000,
+        bps: 1_000_000_000,
+        global_pps: 1_000_000,
+        global_bps: 1_000_000_000,
+    };
+    let mut t = SessionTable::new(limits, now);
+    let (ka, kb) = (BindKey([1; 32]), BindKey([2; 32]));
+    let (pa, pb) = (PeerId([1; 8]), PeerId([2; 8]));
+    let s = SessionId(77);
+    t.insert(s, PartyId([0; 10]), [(pa, ka), (pb, kb)], now)
+        .unwrap();
+    let a: SocketAddr = "198.51.100.1:1000".parse().unwrap();
+    let b: SocketAddr = "198.51.100.2:2000".parse().unwrap();
+    let c: SocketAddr = "198.51.100.3:3000".parse().unwrap();
+    let unix_us = 1_700_000_000_000_000;
+    let mut bind_a = [0u8; 64];
+    let n = encode_bind(
+        &Bind {
+            session: s,
+            peer: pa,
+            counter: unix_us,
+        },
+        &ka,
+        &mut bind_a,
+    )
+    .unwrap();
+    let bind_a = &bind_a[..n];
+    let mut bind_b = [0u8; 64];
+    let m = encode_bind(
+        &Bind {
+            session: s,
+            peer: pb,
+            counter: unix_us,
+        },
+        &kb,
+        &mut bind_b,
+    )
+    .unwrap();
+    let bind_b = &bind_b[..m];
+    let frame = data_frame(s, &[0x42; 1200]);
+    let unknown = data_frame(SessionId(1), &[0x42; 100]);
+    let mut out = [0u8; 64];
+
+    let (verdicts, allocs) = watched(|| {
+        let mut v = Vec::with_capacity(8);
+        v.push(t.handle(now, unix_us, 0, a, bind_a, &mut out));
+        v.push(t.handle(now, unix_us, 0, b, bind_b, &mut out));
+        for _ in 0..10_000 {
+            v[0] = t.handle(now, 0, 0, a, &frame, &mut out);
+            v[1] = t.handle(now, 0, 0, b, &frame, &mut out);
+        }
+        v.push(t.handle(now, 0, 0, c, &frame, &mut out));
+        v.push(t.handle(now, 0, 0, a, &unknown, &mut out));
+        v
+    });
+    // One allocation: the Vec above, made inside the watched closure.
+    assert_eq!(allocs, 1, "the hot path allocated");
+    assert_eq!(verdicts[0], Verdict::Forward { via: 0, to: b });
+    assert_eq!(verdicts[1], Verdict::Forward { via: 0, to: a });
+    assert!(matches!(verdicts[2], Verdict::Drop { hint: Some(_), .. }));
+    assert!(matches!(verdicts[3], Verdict::Drop { hint: Some(_), .. }));
+    assert_eq!(t.stats.forwarded_packets, 20_000);
+}
