@@ -163,7 +163,9 @@ impl Api {
 fn client(cli: &Cli) -> Result<(), String> {
     let api = Api::new(api_addr(cli)?);
     match &cli.command {
-        Command::Up => unreachable!("handled by main"),
+        Command::Up => {
+            return Err("`lanrage up` runs the daemon; it is not a client command".into())
+        }
         Command::Status { json } => {
             let v = api.call("GET", "/status", None)?;
             if *json {
