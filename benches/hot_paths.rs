@@ -107,14 +107,18 @@ fn bench(c: &mut Criterion) {
     let now = Instant::now();
     // Warm the derived-key caches, as in steady state.
     let first = sa.seal(&b.public, &msg, now).unwrap();
-    sb.open(&first, now).unwrap();
+    sb.open(&first, std::net::IpAddr::from([192, 0, 2, 1]), now)
+        .unwrap();
     g.bench_function("seal_heartbeat", |bench| {
         bench.iter(|| sa.seal(&b.public, &msg, now))
     });
     g.bench_function("seal_open_heartbeat", |bench| {
         bench.iter_batched(
             || sa.seal(&b.public, &msg, now).unwrap(),
-            |env| sb.open(&env, now).unwrap(),
+            |env| {
+                sb.open(&env, std::net::IpAddr::from([192, 0, 2, 1]), now)
+                    .unwrap()
+            },
             BatchSize::SmallInput,
         )
     });

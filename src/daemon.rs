@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .clone()
         .map(|p| Arc::new(DiscoveryFile::new(p, stale_after)));
 
+    let discovered: Discovered = Arc::default();
+    let discovery_task = tokio::spawn(discovery_loop(
+        mdns.clone(),
+        file.clone(),
+        discovered.clone(),
+    ));
+
     let (api_tx, api_rx) = mpsc::channel(64);
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
@@ -116,6 +124,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tunnel,
         mdns,
         file,
+        discovered,
+        publishing: Arc::new(AtomicBool::new(false)),
         persist_tx,
         pending_join: None,
         announced: None,
@@ -154,6 +164,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = control.tunnel.set_address(None);
     api_task.abort();
+    discovery_task.abort();
     for t in datapath {
         t.abort();
     }
@@ -176,6 +187,10 @@ struct Control {
     tunnel: Arc<Tunnel>,
     mdns: Option<Arc<Mdns>>,
     file: Option<Arc<DiscoveryFile>>,
+    /// What discovery shows, refreshed in the background (never blocks this task).
+    discovered: Discovered,
+    /// Set while a discovery-file publish runs (a slow share must not pile up writers).
+    publishing: Arc<AtomicBool>,
     persist_tx: watch::Sender<Option<Option<SavedParty>>>,
     pending_join: Option<PendingJoin>,
     announced: Option<PartyId>,
@@ -206,7 +221,7 @@ impl Control {
             tokio::select! {
                 Some((from, bytes)) = control_rx.recv() => {
                     let now = Instant::now();
-                    match self.sealer.open(&bytes, now) {
+                    match self.sealer.open(&bytes, from.ip(), now) {
                         Ok((key, msg)) => {
                             tracing::trace!(%from, ?msg, "control message");
                             self.engine.handle_message(now, from, key, msg);
@@ -224,6 +239,7 @@ impl Control {
                     self.engine.handle_timeout(now);
                     self.refresh_file(now);
                     self.refresh_endpoints(now);
+                    self.probe_rivals(now);
                 }
                 _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); return; }
                 _ = sigterm.recv() => { tracing::info!("terminated"); return; }
@@ -327,15 +343,7 @@ impl Control {
                         tracing::warn!(error = %e, "mDNS announcement failed");
                     }
                 }
-                if let Some(f) = &self.file {
-                    let f = f.clone();
-                    self.last_file_publish = Some(Instant::now());
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = f.publish(&ad) {
-                            tracing::warn!(path = %f.path().display(), error = %e, "could not publish to the discovery file");
-                        }
-                    });
-                }
+                self.publish_to_file(ad, Instant::now());
                 self.announced = Some(h.party);
             }
             None => self.withdraw(),
@@ -397,14 +405,46 @@ impl Control {
             return;
         };
         let ad = self.ad(&hosted);
-        if let Some(f) = &self.file {
-            let f = f.clone();
-            self.last_file_publish = Some(now);
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = f.publish(&ad) {
-                    tracing::warn!(path = %f.path().display(), error = %e, "could not refresh the discovery file");
-                }
-            });
+        self.publish_to_file(ad, now);
+    }
+
+    /// Writes our entry to the discovery file in the background, one write at a time.
+    fn publish_to_file(&mut self, ad: PartyAd, now: Instant) {
+        let Some(f) = self.file.clone() else { return };
+        if self.publishing.swap(true, Ordering::AcqRel) {
+            return; // the previous write is still running; the next refresh catches up
+        }
+        self.last_file_publish = Some(now);
+        let busy = self.publishing.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = f.publish(&ad) {
+                tracing::warn!(path = %f.path().display(), error = %e, "could not publish to the discovery file");
+            }
+            busy.store(false, Ordering::Release);
+        });
+    }
+
+    /// While we host: another host announcing our party means a network split healed; probe it
+    /// (the engine decides who yields).
+    fn probe_rivals(&mut self, now: Instant) {
+        let Some(hosted) = self.engine.hosted() else {
+            return;
+        };
+        let mine = self.identity.public_b64();
+        let rivals: Vec<JoinTarget> = self
+            .discovered
+            .read()
+            .iter()
+            .filter(|(ad, _)| ad.id == hosted.party && ad.host_key != mine)
+            .filter_map(|(ad, _)| {
+                Some(JoinTarget {
+                    key: decode_key(&ad.host_key)?,
+                    endpoints: ad.endpoints.clone(),
+                })
+            })
+            .collect();
+        for rival in rivals {
+            self.engine.probe_rival(now, rival);
         }
     }
 
@@ -415,7 +455,7 @@ impl Control {
                 let _ = reply.send(self.status());
             }
             ApiRequest::Parties { reply } => {
-                let list = self.listings().await;
+                let list = self.listings();
                 let _ = reply.send(list);
             }
             ApiRequest::Create {
@@ -447,7 +487,7 @@ impl Control {
                     let _ = reply.send(Ok(self.party_answer()));
                     return;
                 }
-                let targets = self.targets_for(party).await;
+                let targets = self.targets_for(party);
                 if targets.is_empty() {
                     let _ = reply.send(Err(ApiError::not_found(format!(
                         "unknown party {party}: not seen on the LAN (mDNS) or in the discovery file"
@@ -480,9 +520,9 @@ impl Control {
     }
 
     /// Every advertised way into `party`: hosts seen by mDNS and in the discovery file.
-    async fn targets_for(&self, party: PartyId) -> Vec<JoinTarget> {
+    fn targets_for(&self, party: PartyId) -> Vec<JoinTarget> {
         let mut targets: Vec<JoinTarget> = Vec::new();
-        for (ad, _) in self.discovered().await {
+        for (ad, _) in self.discovered() {
             if ad.id != party {
                 continue;
             }
@@ -509,23 +549,23 @@ impl Control {
         targets
     }
 
-    async fn discovered(&self) -> Vec<(PartyAd, Source)> {
+    /// What discovery shows now: mDNS live, the discovery file as last read in the background.
+    fn discovered(&self) -> Vec<(PartyAd, Source)> {
         let mut out: Vec<(PartyAd, Source)> = Vec::new();
         if let Some(m) = &self.mdns {
             out.extend(m.parties().into_iter().map(|a| (a, Source::Mdns)));
         }
-        if let Some(f) = &self.file {
-            let f = f.clone();
-            match tokio::task::spawn_blocking(move || f.read()).await {
-                Ok(Ok(ads)) => out.extend(ads.into_iter().map(|a| (a, Source::File))),
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not read the discovery file"),
-                Err(e) => tracing::warn!(error = %e, "discovery file reader failed"),
-            }
-        }
+        out.extend(
+            self.discovered
+                .read()
+                .iter()
+                .filter(|(_, s)| *s == Source::File)
+                .cloned(),
+        );
         out
     }
 
-    async fn listings(&self) -> Vec<PartyListing> {
+    fn listings(&self) -> Vec<PartyListing> {
         let mut list: Vec<PartyListing> = Vec::new();
         if let Some(r) = self.engine.roster() {
             let host = r.members.iter().find(|m| m.id == r.host);
@@ -539,7 +579,10 @@ impl Control {
                 source: Source::Local,
             });
         }
-        for (ad, source) in self.discovered().await {
+        // One row per party: the announcement with the most members (two hosts after a split).
+        let mut ads = self.discovered();
+        ads.sort_by_key(|(ad, _)| std::cmp::Reverse(ad.members));
+        for (ad, source) in ads {
             if list.iter().any(|l| l.id == ad.id.to_string()) {
                 continue;
             }
@@ -649,6 +692,56 @@ impl Control {
             joining: self.engine.joining().map(|p| p.to_string()),
             counters,
         }
+    }
+}
+
+/// What the discovery sources show: (announcement, where it was seen).
+type Discovered = Arc<parking_lot::RwLock<Vec<(PartyAd, Source)>>>;
+
+/// Refreshes [`Discovered`] every second: mDNS from memory, the discovery file read in a
+/// blocking task with a deadline, one read at a time (a hung network share stalls only this).
+async fn discovery_loop(
+    mdns: Option<Arc<Mdns>>,
+    file: Option<Arc<DiscoveryFile>>,
+    out: Discovered,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reading: Option<
+        tokio::task::JoinHandle<Result<Vec<PartyAd>, crate::discovery::file::FileError>>,
+    > = None;
+    let mut from_file: Vec<PartyAd> = Vec::new();
+    loop {
+        tick.tick().await;
+        if let Some(f) = &file {
+            let handle = reading.get_or_insert_with(|| {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || f.read())
+            });
+            match tokio::time::timeout(Duration::from_secs(3), handle).await {
+                Ok(Ok(Ok(ads))) => {
+                    from_file = ads;
+                    reading = None;
+                }
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(error = %e, "could not read the discovery file");
+                    reading = None;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "discovery file reader failed");
+                    reading = None;
+                }
+                Err(_) => tracing::warn!(
+                    "reading the discovery file takes more than 3 s (slow network share?)"
+                ),
+            }
+        }
+        let mut all: Vec<(PartyAd, Source)> = Vec::new();
+        if let Some(m) = &mdns {
+            all.extend(m.parties().into_iter().map(|a| (a, Source::Mdns)));
+        }
+        all.extend(from_file.iter().cloned().map(|a| (a, Source::File)));
+        *out.write() = all;
     }
 }
 

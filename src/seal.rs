@@ -7,8 +7,12 @@
 //! direction, so the random nonces of the two directions never share a key. The counter starts
 //! at the wall clock in microseconds and grows with every message; a receiver accepts a sender's
 //! message only if its counter is above the last one accepted from that key (replay protection).
+//! Counters follow the wall clock, so a restarted sender continues above its old counters; a
+//! receiver that restarted has no counters yet, which is why the party logic binds its
+//! disruptive messages (leave) to the membership they belong to.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blake2::{Blake2s256, Digest};
@@ -22,6 +26,8 @@ const HEADER_LEN: usize = 2 + 1 + 32 + 8 + 12;
 const TAG_LEN: usize = 16;
 /// Most distinct keys whose derived keys / replay counters are remembered.
 const MAX_KEYS: usize = 4096;
+/// Of [`NEW_KEYS_PER_SEC`], the most one source address may use.
+const NEW_KEYS_PER_SOURCE_PER_SEC: u32 = 20;
 /// Most Diffie-Hellman computations per second for keys not yet cached (a flood of forged sender
 /// keys must not eat the CPU).
 const NEW_KEYS_PER_SEC: u32 = 200;
@@ -32,7 +38,7 @@ pub enum OpenError {
     /// Too short, wrong magic or version.
     #[error("not a lanrage envelope")]
     Header,
-    /// Unknown-key budget for this second is used up.
+    /// Unknown-key budget (global or for this source address) is used up for this second.
     #[error("rate limited")]
     RateLimited,
     /// Sender key is a low-order point.
@@ -49,35 +55,72 @@ pub enum OpenError {
     Decode(#[from] DecodeError),
 }
 
+/// Derived keys and replay state for one peer.
+struct PeerKeys {
+    outgoing: Key,
+    incoming: Key,
+    /// Highest accepted counter from this peer (0: none yet).
+    last_counter: u64,
+    last_used: Instant,
+}
+
 /// Seals and opens envelopes for one node. Plain data, no I/O: the caller passes time in.
+///
+/// Keys of peers are cached (one Diffie-Hellman per peer) together with their replay counter.
+/// Only senders that authenticated enter the cache, and when it is full the least recently used
+/// quarter goes, so party members — used every heartbeat — are never evicted by a flood.
 pub struct Sealer {
     secret: StaticSecret,
     public: [u8; 32],
     counter: u64,
-    /// (peer key, outgoing?) → derived key.
-    keys: HashMap<([u8; 32], bool), Key>,
-    /// Highest accepted counter per sender.
-    last_counter: HashMap<[u8; 32], u64>,
-    budget_window: Option<Instant>,
-    budget_used: u32,
+    peers: HashMap<[u8; 32], PeerKeys>,
+    budget: DhBudget,
+}
+
+/// Diffie-Hellman computations allowed per second for keys not in the cache.
+struct DhBudget {
+    window: Option<Instant>,
+    total: u32,
+    per_source: HashMap<IpAddr, u32>,
+}
+
+impl DhBudget {
+    fn take(&mut self, from: IpAddr, now: Instant) -> bool {
+        match self.window {
+            Some(start) if now.saturating_duration_since(start) < Duration::from_secs(1) => {}
+            _ => {
+                self.window = Some(now);
+                self.total = 0;
+                self.per_source.clear();
+            }
+        }
+        if self.total >= NEW_KEYS_PER_SEC || self.per_source.len() >= MAX_KEYS {
+            return false;
+        }
+        let n = self.per_source.entry(from).or_insert(0);
+        if *n >= NEW_KEYS_PER_SOURCE_PER_SEC {
+            return false;
+        }
+        *n += 1;
+        self.total += 1;
+        true
+    }
 }
 
 impl Sealer {
     /// A sealer for the node owning `secret`.
     pub fn new(secret: StaticSecret) -> Self {
         let public = PublicKey::from(&secret).to_bytes();
-        let counter = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(1);
         Sealer {
             secret,
             public,
-            counter,
-            keys: HashMap::new(),
-            last_counter: HashMap::new(),
-            budget_window: None,
-            budget_used: 0,
+            counter: now_micros(),
+            peers: HashMap::new(),
+            budget: DhBudget {
+                window: None,
+                total: 0,
+                per_source: HashMap::new(),
+            },
         }
     }
 
@@ -86,55 +129,50 @@ impl Sealer {
         self.public
     }
 
-    fn derive(&self, peer: &[u8; 32], outgoing: bool) -> Option<Key> {
+    fn derive(&self, peer: &[u8; 32], now: Instant) -> Option<PeerKeys> {
         let shared = self.secret.diffie_hellman(&PublicKey::from(*peer));
         if !shared.was_contributory() {
             return None;
         }
-        let (from, to) = if outgoing {
-            (&self.public, peer)
-        } else {
-            (peer, &self.public)
+        let key = |from: &[u8; 32], to: &[u8; 32]| {
+            let digest = Blake2s256::new()
+                .chain_update(b"lanrage seal v1")
+                .chain_update(shared.as_bytes())
+                .chain_update(from)
+                .chain_update(to)
+                .finalize();
+            *Key::from_slice(&digest)
         };
-        let digest = Blake2s256::new()
-            .chain_update(b"lanrage seal v1")
-            .chain_update(shared.as_bytes())
-            .chain_update(from)
-            .chain_update(to)
-            .finalize();
-        Some(*Key::from_slice(&digest))
+        Some(PeerKeys {
+            outgoing: key(&self.public, peer),
+            incoming: key(peer, &self.public),
+            last_counter: 0,
+            last_used: now,
+        })
     }
 
-    fn key(&mut self, peer: &[u8; 32], outgoing: bool, now: Instant) -> Result<Key, OpenError> {
-        if let Some(k) = self.keys.get(&(*peer, outgoing)) {
-            return Ok(*k);
+    fn insert(&mut self, peer: [u8; 32], keys: PeerKeys) {
+        if self.peers.len() >= MAX_KEYS {
+            let mut ages: Vec<Instant> = self.peers.values().map(|p| p.last_used).collect();
+            ages.sort_unstable();
+            let cutoff = ages[ages.len() / 4];
+            self.peers.retain(|_, p| p.last_used > cutoff);
         }
-        if !outgoing {
-            match self.budget_window {
-                Some(start) if now.saturating_duration_since(start) < Duration::from_secs(1) => {
-                    if self.budget_used >= NEW_KEYS_PER_SEC {
-                        return Err(OpenError::RateLimited);
-                    }
-                }
-                _ => {
-                    self.budget_window = Some(now);
-                    self.budget_used = 0;
-                }
-            }
-            self.budget_used += 1;
-        }
-        let k = self.derive(peer, outgoing).ok_or(OpenError::WeakKey)?;
-        if self.keys.len() >= MAX_KEYS {
-            self.keys.clear();
-        }
-        self.keys.insert((*peer, outgoing), k);
-        Ok(k)
+        self.peers.insert(peer, keys);
     }
 
     /// Seals `msg` for the node with public key `to`. Returns `None` only for a low-order `to`.
     pub fn seal(&mut self, to: &[u8; 32], msg: &Message, now: Instant) -> Option<Vec<u8>> {
-        let key = self.key(to, true, now).ok()?;
-        self.counter += 1;
+        if !self.peers.contains_key(to) {
+            let keys = self.derive(to, now)?;
+            self.insert(*to, keys);
+        }
+        let peer = self.peers.get_mut(to)?;
+        peer.last_used = now;
+        let key = peer.outgoing;
+        // Counters follow the wall clock (so a restarted node continues above its old ones)
+        // and grow by at least one per message.
+        self.counter = (self.counter + 1).max(now_micros());
         let nonce: [u8; 12] = rand::random();
         let mut out = Vec::with_capacity(HEADER_LEN + 256);
         out.extend_from_slice(&MAGIC);
@@ -156,10 +194,12 @@ impl Sealer {
         Some(out)
     }
 
-    /// Opens an envelope addressed to us: returns the sender's public key and the message.
+    /// Opens an envelope addressed to us, received from `from`: returns the sender's public key
+    /// and the message.
     pub fn open(
         &mut self,
         datagram: &[u8],
+        from: IpAddr,
         now: Instant,
     ) -> Result<([u8; 32], Message), OpenError> {
         if datagram.len() < HEADER_LEN + TAG_LEN
@@ -174,14 +214,21 @@ impl Sealer {
         let mut counter_bytes = [0u8; 8];
         counter_bytes.copy_from_slice(&datagram[35..43]);
         let counter = u64::from_be_bytes(counter_bytes);
-        if self
-            .last_counter
-            .get(&sender)
-            .is_some_and(|&last| counter <= last)
-        {
-            return Err(OpenError::Replay);
-        }
-        let key = self.key(&sender, false, now)?;
+        let fresh = match self.peers.get(&sender) {
+            Some(p) if counter <= p.last_counter => return Err(OpenError::Replay),
+            Some(_) => None,
+            None => {
+                if !self.budget.take(from, now) {
+                    return Err(OpenError::RateLimited);
+                }
+                Some(self.derive(&sender, now).ok_or(OpenError::WeakKey)?)
+            }
+        };
+        let key = match (&fresh, self.peers.get(&sender)) {
+            (Some(k), _) => k.incoming,
+            (None, Some(p)) => p.incoming,
+            (None, None) => return Err(OpenError::Auth),
+        };
         let plaintext = ChaCha20Poly1305::new(&key)
             .decrypt(
                 Nonce::from_slice(&datagram[43..55]),
@@ -191,23 +238,35 @@ impl Sealer {
                 },
             )
             .map_err(|_| OpenError::Auth)?;
-        if self.last_counter.len() >= MAX_KEYS && !self.last_counter.contains_key(&sender) {
-            // Forget the oldest-looking half rather than grow without bound.
-            let mut counters: Vec<u64> = self.last_counter.values().copied().collect();
-            counters.sort_unstable();
-            let median = counters[counters.len() / 2];
-            self.last_counter.retain(|_, c| *c > median);
+        // Authentic: only now does the sender earn a place in the cache.
+        if let Some(keys) = fresh {
+            self.insert(sender, keys);
         }
-        self.last_counter.insert(sender, counter);
+        if let Some(p) = self.peers.get_mut(&sender) {
+            p.last_counter = counter;
+            p.last_used = now;
+        }
         let msg = Message::decode(&plaintext)?;
         Ok((sender, msg))
     }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ids::PartyId;
+    use std::net::Ipv4Addr;
+
+    fn src() -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))
+    }
 
     fn pair() -> (Sealer, Sealer) {
         (
@@ -219,6 +278,7 @@ mod tests {
     fn leave() -> Message {
         Message::Leave {
             party: PartyId([1; 10]),
+            since: 3,
         }
     }
 
@@ -227,9 +287,9 @@ mod tests {
         let (mut a, mut b) = pair();
         let now = Instant::now();
         let env = a.seal(&b.public(), &leave(), now).unwrap();
-        assert_eq!(b.open(&env, now).unwrap(), (a.public(), leave()));
+        assert_eq!(b.open(&env, src(), now).unwrap(), (a.public(), leave()));
         let env = b.seal(&a.public(), &leave(), now).unwrap();
-        assert_eq!(a.open(&env, now).unwrap(), (b.public(), leave()));
+        assert_eq!(a.open(&env, src(), now).unwrap(), (b.public(), leave()));
     }
 
     #[test]
@@ -238,19 +298,19 @@ mod tests {
         let (_, mut c) = pair();
         let now = Instant::now();
         let env = a.seal(&b.public(), &leave(), now).unwrap();
-        assert!(b.open(&env, now).is_ok());
-        assert_eq!(b.open(&env, now), Err(OpenError::Replay));
+        assert!(b.open(&env, src(), now).is_ok());
+        assert_eq!(b.open(&env, src(), now), Err(OpenError::Replay));
         let env = a.seal(&b.public(), &leave(), now).unwrap();
-        assert_eq!(c.open(&env, now), Err(OpenError::Auth));
+        assert_eq!(c.open(&env, src(), now), Err(OpenError::Auth));
         let mut tampered = env.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
-        assert_eq!(b.open(&tampered, now), Err(OpenError::Auth));
+        assert_eq!(b.open(&tampered, src(), now), Err(OpenError::Auth));
         // Claiming another sender key fails authentication.
         let mut forged = env.clone();
         forged[3..35].copy_from_slice(&c.public());
-        assert_eq!(b.open(&forged, now), Err(OpenError::Auth));
-        assert!(b.open(&env, now).is_ok());
+        assert_eq!(b.open(&forged, src(), now), Err(OpenError::Auth));
+        assert!(b.open(&env, src(), now).is_ok());
     }
 
     #[test]
@@ -259,26 +319,92 @@ mod tests {
         let mut env = vec![b'L', b'R', WIRE_VERSION];
         env.extend_from_slice(&[0u8; 32]); // the identity point
         env.extend_from_slice(&[0u8; 8 + 12 + 16]);
-        assert_eq!(b.open(&env, Instant::now()), Err(OpenError::WeakKey));
+        assert_eq!(b.open(&env, src(), Instant::now()), Err(OpenError::WeakKey));
+    }
+
+    fn ip(n: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0xc000_0200 + n))
     }
 
     #[test]
-    fn unknown_key_flood_is_rate_limited() {
+    fn unknown_keys_are_rate_limited_globally_and_per_source() {
         let (_, mut b) = pair();
         let now = Instant::now();
         let mut limited = 0;
-        for _ in 0..(NEW_KEYS_PER_SEC + 50) {
+        for n in 0..(NEW_KEYS_PER_SEC + 50) {
             let (mut x, _) = pair();
             let env = x.seal(&b.public(), &leave(), now).unwrap();
-            if b.open(&env, now) == Err(OpenError::RateLimited) {
+            if b.open(&env, ip(n), now) == Err(OpenError::RateLimited) {
                 limited += 1;
             }
         }
         assert_eq!(limited, 50);
-        // A new second refills the budget.
-        let (mut x, _) = pair();
-        let env = x.seal(&b.public(), &leave(), now).unwrap();
-        assert!(b.open(&env, now + Duration::from_secs(2)).is_ok());
+        let later = now + Duration::from_secs(2);
+        let mut from_one = 0;
+        for _ in 0..(NEW_KEYS_PER_SOURCE_PER_SEC + 5) {
+            let (mut x, _) = pair();
+            let env = x.seal(&b.public(), &leave(), later).unwrap();
+            if b.open(&env, ip(1), later).is_ok() {
+                from_one += 1;
+            }
+        }
+        assert_eq!(from_one, NEW_KEYS_PER_SOURCE_PER_SEC);
+    }
+
+    #[test]
+    fn garbage_floods_do_not_evict_or_block_members() {
+        let (mut member, mut b) = pair();
+        let mut now = Instant::now();
+        let first = member.seal(&b.public(), &leave(), now).unwrap();
+        assert!(b.open(&first, src(), now).is_ok());
+        // 20 seconds of forged envelopes from random keys and sources, at the budget's limit.
+        for second in 0..20u32 {
+            now += Duration::from_secs(1);
+            for n in 0..NEW_KEYS_PER_SEC {
+                let mut junk = b"LR\x01".to_vec();
+                junk.extend_from_slice(&rand::random::<[u8; 32]>());
+                junk.extend_from_slice(&[0u8; 8 + 12 + 40]);
+                let _ = b.open(&junk, ip(second * 1000 + n), now);
+            }
+        }
+        let env = member.seal(&b.public(), &leave(), now).unwrap();
+        assert!(
+            b.open(&env, src(), now).is_ok(),
+            "a member's message must still open"
+        );
+        assert_eq!(
+            b.open(&first, src(), now),
+            Err(OpenError::Replay),
+            "and its old ones still count as replays"
+        );
+    }
+
+    #[test]
+    fn authentic_strangers_do_not_evict_active_members() {
+        let (mut member, mut b) = pair();
+        let mut now = Instant::now();
+        let first = member.seal(&b.public(), &leave(), now).unwrap();
+        assert!(b.open(&first, src(), now).is_ok());
+        let mut n = 0;
+        for _ in 0..(MAX_KEYS / NEW_KEYS_PER_SEC as usize + 2) {
+            now += Duration::from_secs(1);
+            // The member stays active...
+            let env = member.seal(&b.public(), &leave(), now).unwrap();
+            assert!(b.open(&env, src(), now).is_ok());
+            // ...while strangers with real keys fill the cache.
+            for _ in 0..NEW_KEYS_PER_SEC {
+                let (mut x, _) = pair();
+                let env = x.seal(&b.public(), &leave(), now).unwrap();
+                let _ = b.open(&env, ip(n), now);
+                n += 1;
+            }
+        }
+        assert!(b.peers.len() <= MAX_KEYS);
+        assert_eq!(
+            b.open(&first, src(), now),
+            Err(OpenError::Replay),
+            "the member's replay state survived"
+        );
     }
 
     proptest::proptest! {
@@ -287,8 +413,8 @@ mod tests {
             let (_, mut b) = pair();
             let mut d = b"LR\x01".to_vec();
             d.extend_from_slice(&bytes);
-            let _ = b.open(&d, Instant::now());
-            let _ = b.open(&bytes, Instant::now());
+            let _ = b.open(&d, src(), Instant::now());
+            let _ = b.open(&bytes, src(), Instant::now());
         }
     }
 }

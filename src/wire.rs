@@ -117,6 +117,8 @@ pub enum RejectReason {
     PartyFull,
     /// Too many wrong passwords from this key recently.
     TooManyAttempts,
+    /// The receiver is itself trying to get back into that party (after a restart); ask again.
+    Rejoining,
 }
 
 /// lanrage's control messages. Append new variants at the end only.
@@ -186,6 +188,34 @@ pub enum Message {
     Leave {
         /// Which party.
         party: PartyId,
+        /// The leaver's join order (`Member::since`): a Leave captured during an earlier
+        /// membership and replayed later does not match and is ignored.
+        since: u64,
+    },
+    /// Host → a node it no longer counts as a member (answer to its heartbeat): rejoin.
+    NotMember {
+        /// Which party.
+        party: PartyId,
+    },
+    /// Host → members: another host runs this same party (a healed network split) and wins;
+    /// rejoin there, asking for the same virtual IP.
+    Rehost {
+        /// Which party.
+        party: PartyId,
+        /// The winning host's public key.
+        host_key: [u8; 32],
+        /// The winning host's endpoints.
+        endpoints: Vec<SocketAddr>,
+    },
+    /// Host ↔ host of the same party after a network split healed: "I host it too, with this
+    /// many members at this version". Both sides rank the two the same way; the loser yields.
+    RivalProbe {
+        /// Which party.
+        party: PartyId,
+        /// The sender's member count.
+        members: u32,
+        /// The sender's roster version.
+        version: u64,
     },
 }
 
@@ -258,11 +288,15 @@ impl Message {
                     return Err(DecodeError::Limit("host is not a member"));
                 }
             }
-            Message::Redirect { endpoints: e, .. } => endpoints(e)?,
+            Message::Redirect { endpoints: e, .. } | Message::Rehost { endpoints: e, .. } => {
+                endpoints(e)?
+            }
             Message::JoinReject { .. }
             | Message::Heartbeat { .. }
             | Message::HeartbeatAck { .. }
-            | Message::Leave { .. } => {}
+            | Message::Leave { .. }
+            | Message::NotMember { .. }
+            | Message::RivalProbe { .. } => {}
         }
         Ok(())
     }
@@ -371,7 +405,28 @@ mod tests {
                 party: PartyId(p),
                 echo_ms: t
             }),
-            any::<[u8; 10]>().prop_map(|p| Message::Leave { party: PartyId(p) }),
+            (any::<[u8; 10]>(), any::<u64>()).prop_map(|(p, since)| Message::Leave {
+                party: PartyId(p),
+                since
+            }),
+            any::<[u8; 10]>().prop_map(|p| Message::NotMember { party: PartyId(p) }),
+            (any::<[u8; 10]>(), any::<u32>(), any::<u64>()).prop_map(|(p, members, version)| {
+                Message::RivalProbe {
+                    party: PartyId(p),
+                    members,
+                    version,
+                }
+            }),
+            (
+                any::<[u8; 10]>(),
+                any::<[u8; 32]>(),
+                prop::collection::vec(arb_addr(), 0..8)
+            )
+                .prop_map(|(p, host_key, endpoints)| Message::Rehost {
+                    party: PartyId(p),
+                    host_key,
+                    endpoints
+                }),
         ]
     }
 

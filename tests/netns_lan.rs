@@ -776,6 +776,65 @@ fn killed_host_is_replaced_by_longest_present_member() {
     assert_full_mesh_ping(&lab, &[first, second, 3]);
 }
 
+/// A network split: each half carries on with its own host. When the network heals, the two
+/// hosts find each other's announcements, probe each other, and the party becomes one again
+/// with one host and everyone's address unchanged.
+#[test]
+fn split_party_merges_when_the_network_heals() {
+    let Some(mut lab) = Lab::new("split", 4) else {
+        return;
+    };
+    lab.spawn_all(&[0, 1, 2, 3], |o| o.discovery_file(true));
+    let party = form_party(&lab, &[0, 1, 2, 3], "split");
+    let before: BTreeMap<String, String> = (0..4)
+        .map(|i| (lab.node(i).id(), lab.node(i).virtual_ip().unwrap()))
+        .collect();
+
+    lab.partition(&[&[0, 3], &[1, 2]]);
+    let within = Duration::from_secs(PEER_TIMEOUT_SECS) * 2 + KILL_SLACK;
+    let a = BTreeSet::from([lab.node(0).id(), lab.node(3).id()]);
+    let b = BTreeSet::from([lab.node(1).id(), lab.node(2).id()]);
+    expect_members(&lab, &[0, 3], &party, &a, within, "half A after the split");
+    expect_members(&lab, &[1, 2], &party, &b, within, "half B after the split");
+    let hosts: BTreeSet<_> = statuses(&lab, &[0, 1, 2, 3])
+        .iter()
+        .filter_map(host_id_of)
+        .collect();
+    assert_eq!(hosts.len(), 2, "each half has its own host: {hosts:?}");
+
+    lab.heal();
+    let all: BTreeSet<String> = (0..4).map(|i| lab.node(i).id()).collect();
+    expect_members(
+        &lab,
+        &[0, 1, 2, 3],
+        &party,
+        &all,
+        Duration::from_secs(45),
+        "after healing",
+    );
+    let ok = wait_until(ROSTER_WITHIN, || {
+        let hosts: BTreeSet<_> = statuses(&lab, &[0, 1, 2, 3])
+            .iter()
+            .filter_map(host_id_of)
+            .collect();
+        hosts.len() == 1
+    });
+    assert!(
+        ok,
+        "one host after the merge: {:#?}",
+        statuses(&lab, &[0, 1, 2, 3])
+    );
+    for i in 0..4 {
+        assert_eq!(
+            lab.node(i).virtual_ip().as_ref(),
+            before.get(&lab.node(i).id()),
+            "address changed"
+        );
+    }
+    expect_all_direct(&lab, &[0, 1, 2, 3]);
+    assert_full_mesh_ping(&lab, &[0, 1, 2, 3]);
+}
+
 /// The host leaves: the party goes on, the longest-present member becomes host, nobody's
 /// address changes, tunnels keep working, and the party can still be joined.
 #[test]

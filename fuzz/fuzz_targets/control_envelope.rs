@@ -18,5 +18,5 @@ fn sealer() -> &'static Mutex<Sealer> {
 fuzz_target!(|data: &[u8]| {
     let _ = classify(data);
     let _ = Message::decode(data);
-    let _ = sealer().lock().open(data, Instant::now());
+    let _ = sealer().lock().open(data, std::net::IpAddr::from([192, 0, 2, 1]), Instant::now());
 });

@@ -189,7 +189,8 @@ impl DiscoveryFile {
         self.withdraw_at(id, Some(host), now_unix_ms())
     }
 
-    /// Non-stale entries (last_seen within stale_after of now), at most one per party id.
+    /// Non-stale entries (last_seen within stale_after of now), at most one per party and host
+    /// (a party has two hosts only after a network split, until they merge).
     pub fn read(&self) -> Result<Vec<PartyAd>, FileError> {
         self.read_at(now_unix_ms())
     }
@@ -203,7 +204,7 @@ impl DiscoveryFile {
             last_seen_unix_ms: now,
         };
         self.modify(now, |entries| {
-            entries.retain(|e| e.ad.id != ad.id);
+            entries.retain(|e| (e.ad.id, e.ad.host_id) != (ad.id, ad.host_id));
             entries.insert(0, entry);
             true
         })
@@ -235,17 +236,18 @@ impl DiscoveryFile {
         last_seen.abs_diff(now) <= window
     }
 
-    /// Keeps fresh entries, one per party id (the newest), newest first, at most [`MAX_ENTRIES`].
+    /// Keeps fresh entries, one per (party, host) (the newest), newest first, at most
+    /// [`MAX_ENTRIES`].
     fn fresh(&self, entries: Vec<Entry>, now: u64) -> Vec<Entry> {
-        let mut newest: HashMap<PartyId, Entry> = HashMap::new();
+        let mut newest: HashMap<(PartyId, NodeId), Entry> = HashMap::new();
         for e in entries
             .into_iter()
             .filter(|e| self.is_fresh(e.last_seen_unix_ms, now))
         {
-            match newest.get(&e.ad.id) {
+            match newest.get(&(e.ad.id, e.ad.host_id)) {
                 Some(old) if old.last_seen_unix_ms >= e.last_seen_unix_ms => {}
                 _ => {
-                    newest.insert(e.ad.id, e);
+                    newest.insert((e.ad.id, e.ad.host_id), e);
                 }
             }
         }

@@ -85,7 +85,6 @@ pub enum MdnsError {
 struct Seen {
     ad: PartyAd,
     /// When it was (last) resolved; the newest wins if one party id shows up under several names.
-    resolved_at: Instant,
     /// When to ask mdns-sd to re-confirm it next.
     next_verify: Instant,
 }
@@ -208,20 +207,13 @@ impl Mdns {
 
     /// Parties currently seen on the LAN (our own announcements included), fresh only: every
     /// entry has been (re)confirmed by its announcer within the last few seconds, or is being
-    /// re-confirmed right now. At most one entry per party id.
+    /// re-confirmed right now. One entry per announcing host: a party normally has one, two
+    /// after a network split (the daemon merges them).
     pub fn parties(&self) -> Vec<PartyAd> {
         let seen = self.shared.seen.lock();
-        let mut newest: HashMap<PartyId, &Seen> = HashMap::new();
-        for s in seen.values() {
-            match newest.get(&s.ad.id) {
-                Some(old) if old.resolved_at >= s.resolved_at => {}
-                _ => {
-                    newest.insert(s.ad.id, s);
-                }
-            }
-        }
-        let mut out: Vec<PartyAd> = newest.into_values().map(|s| s.ad.clone()).collect();
-        out.sort_by_key(|a| a.id);
+        let mut out: Vec<PartyAd> = seen.values().map(|s| s.ad.clone()).collect();
+        out.sort_by(|a, b| (a.id, &a.host_key).cmp(&(b.id, &b.host_key)));
+        out.dedup_by(|a, b| a.id == b.id && a.host_key == b.host_key);
         out
     }
 
@@ -338,7 +330,6 @@ fn handle_event(shared: &Shared, event: ServiceEvent) {
                         svc.fullname.clone(),
                         Seen {
                             ad,
-                            resolved_at: now,
                             next_verify: now + VERIFY_EVERY,
                         },
                     );
@@ -404,10 +395,13 @@ fn reannounce_due(daemon: &ServiceDaemon, shared: &Shared, now: Instant) {
     }
 }
 
-/// The DNS-SD instance label for a party: `"<name> <id>"`, the name part sanitized and trimmed
-/// so the label fits in 63 bytes.
+/// The DNS-SD instance label for a party: `"<name> <id> <host>"` (host: the first 8 hex digits
+/// of the host's node id), the name part sanitized and trimmed so the label fits in 63 bytes.
+/// Naming the host keeps two hosts of one party (a healed network split) from overwriting each
+/// other's records, so each can see the other and they can merge.
 fn instance_name(ad: &PartyAd) -> String {
-    let id = ad.id.to_string();
+    let host = ad.host_id.to_string();
+    let id = format!("{} {}", ad.id, &host[..8]);
     let budget = MAX_LABEL_BYTES - id.len() - 1;
     let mut name = String::new();
     for c in ad.name.chars() {
@@ -601,7 +595,7 @@ mod tests {
         let info = service_info(&a, &[Ipv4Addr::new(192, 168, 1, 10)], 4242).unwrap();
         assert_eq!(
             info.get_fullname(),
-            format!("Friday night {}._lanrage._udp.local.", a.id)
+            format!("Friday night {} 03030303._lanrage._udp.local.", a.id)
         );
         assert_eq!(info.get_hostname(), "lanrage-0303030303030303.local.");
         let back = ad_from_txt(
@@ -699,7 +693,7 @@ mod tests {
     #[test]
     fn instance_names() {
         let mut a = ad();
-        let id = a.id.to_string();
+        let id = format!("{} {}", a.id, &a.host_id.to_string()[..8]);
         assert_eq!(instance_name(&a), format!("Friday night {id}"));
         // Same name, different id: different instance.
         let mut b = ad();

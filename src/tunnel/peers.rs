@@ -102,8 +102,10 @@ impl PeerTable {
         for spec in specs {
             match self.by_key.get(&spec.key) {
                 Some(existing) if existing.ip == spec.ip => {
+                    // An endpoint the member was heard from (authenticated) replaces a guess;
+                    // an advertised one only fills a gap.
                     let mut ep = existing.endpoint.lock();
-                    if ep.is_none() {
+                    if ep.is_none() || (spec.observed && spec.endpoint.is_some()) {
                         *ep = spec.endpoint;
                     }
                 }
@@ -178,6 +180,7 @@ mod tests {
             key: id.public,
             ip: Ipv4Addr::new(10, 66, 0, last),
             endpoint: Some(SocketAddr::from(([192, 0, 2, last], 51820))),
+            observed: false,
         };
         let mut t = PeerTable::default();
         let now = Instant::now();

@@ -924,6 +924,60 @@ impl Lab {
         self.shared.as_ref().expect("shared dir").path()
     }
 
+    /// Splits the LAN: hosts in different `groups` cannot reach each other (an nftables
+    /// bridge-family rule in the switch namespace drops frames between their ports).
+    pub fn partition(&self, groups: &[&[usize]]) {
+        let mut rules = String::new();
+        for (a, ga) in groups.iter().enumerate() {
+            for (b, gb) in groups.iter().enumerate() {
+                if a == b {
+                    continue;
+                }
+                let ports = |g: &[usize]| {
+                    g.iter()
+                        .map(|i| format!("\"h{i}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                rules.push_str(&format!(
+                    "    iifname {{ {} }} oifname {{ {} }} drop\n",
+                    ports(ga),
+                    ports(gb)
+                ));
+            }
+        }
+        let script = format!(
+            "table bridge lrsplit {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n{rules}  }}\n}}\n"
+        );
+        let path = self.shared_dir().join("split.nft");
+        std::fs::write(&path, script).expect("write nft script");
+        let out = run(
+            Command::new("ip")
+                .args(["netns", "exec", &self.switch_ns, "nft", "-f"])
+                .arg(&path),
+            Duration::from_secs(10),
+        );
+        assert!(out.success(), "nft partition failed: {}", out.stderr);
+    }
+
+    /// Undoes [`Lab::partition`].
+    pub fn heal(&self) {
+        let out = run(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.switch_ns,
+                "nft",
+                "delete",
+                "table",
+                "bridge",
+                "lrsplit",
+            ]),
+            Duration::from_secs(10),
+        );
+        assert!(out.success(), "nft heal failed: {}", out.stderr);
+    }
+
     /// The shared discovery file (nodes with `discovery_file(true)` use it).
     pub fn discovery_file(&self) -> PathBuf {
         self.shared_dir().join("discovery.json")
