@@ -45,7 +45,9 @@ impl Ipam {
     }
 
     /// An address for `key`: the one it had before if free, else the one it asks for if usable
-    /// and free, else the lowest free one. `None` when the subnet is full.
+    /// and free, else the lowest free one that nobody held recently (so a player who drops out
+    /// for a moment finds their address still free), else the lowest free one. `None` when the
+    /// subnet is full.
     pub fn allocate(
         &mut self,
         key: [u8; 32],
@@ -53,6 +55,14 @@ impl Ipam {
         wish: Option<Ipv4Addr>,
     ) -> Option<Ipv4Addr> {
         let free = |ip: &Ipv4Addr| self.is_usable(*ip) && !used.contains(ip);
+        let held: HashSet<Ipv4Addr> = self
+            .remembered
+            .iter()
+            .filter(|(k, _)| **k != key)
+            .map(|(_, ip)| *ip)
+            .collect();
+        let start = u32::from(self.first());
+        let end = u32::from(self.subnet.broadcast());
         let pick = self
             .remembered
             .get(&key)
@@ -60,8 +70,11 @@ impl Ipam {
             .filter(free)
             .or_else(|| wish.filter(free))
             .or_else(|| {
-                let start = u32::from(self.first());
-                let end = u32::from(self.subnet.broadcast());
+                (start..end)
+                    .map(Ipv4Addr::from)
+                    .find(|ip| !used.contains(ip) && !held.contains(ip))
+            })
+            .or_else(|| {
                 (start..end)
                     .map(Ipv4Addr::from)
                     .find(|ip| !used.contains(ip))
@@ -93,11 +106,22 @@ mod tests {
         // a leaves and comes back: same address.
         used.remove(&a);
         assert_eq!(ipam.allocate([1; 32], &used, None), Some(a));
-        // a's address taken by someone else meanwhile: a gets another one.
+        // A newcomer does not get a's address while others are free.
         let c = ipam.allocate([3; 32], &used, None).unwrap();
-        assert_eq!(c, a);
+        assert_ne!(c, a);
         used.insert(c);
-        assert_ne!(ipam.allocate([1; 32], &used, None), Some(a));
+        assert_eq!(ipam.allocate([1; 32], &used, None), Some(a));
+        // Only when nothing else is free is a recently held address reused.
+        let mut small = Ipam::new(net("10.66.0.0/29"));
+        let mut used: HashSet<_> = [small.first()].into();
+        let mut got = Vec::new();
+        for k in 1..=5u8 {
+            let ip = small.allocate([k; 32], &used, None).unwrap();
+            used.insert(ip);
+            got.push(ip);
+        }
+        used.remove(&got[0]);
+        assert_eq!(small.allocate([9; 32], &used, None), Some(got[0]));
     }
 
     #[test]
@@ -114,11 +138,11 @@ mod tests {
         );
         assert_eq!(
             ipam.allocate([3; 32], &used, Some(Ipv4Addr::new(10, 66, 255, 255))),
-            Some(Ipv4Addr::new(10, 66, 0, 2))
+            Some(Ipv4Addr::new(10, 66, 0, 3))
         );
         assert_eq!(
             ipam.allocate([4; 32], &used, Some(Ipv4Addr::new(192, 0, 2, 1))),
-            Some(Ipv4Addr::new(10, 66, 0, 2))
+            Some(Ipv4Addr::new(10, 66, 0, 4))
         );
     }
 

@@ -394,6 +394,7 @@ impl Tunnel {
     async fn tun_loop(self: Arc<Self>) {
         let mut buf = vec![0u8; BUF];
         let mut out = vec![0u8; BUF + 148];
+        let mut everyone: Vec<Arc<Peer>> = Vec::new();
         loop {
             let n = match self.tun.recv(&mut buf).await {
                 Ok(n) => n,
@@ -412,9 +413,10 @@ impl Tunnel {
             if let Some(peer) = target {
                 self.encrypt_and_send(&peer, pkt, &mut out).await;
             } else if packet::is_for_everyone(dst, &self.subnet) {
-                let all: Vec<Arc<Peer>> = self.peers.read().iter().cloned().collect();
-                for peer in all {
-                    self.encrypt_and_send(&peer, pkt, &mut out).await;
+                everyone.clear();
+                everyone.extend(self.peers.read().iter().cloned());
+                for peer in &everyone {
+                    self.encrypt_and_send(peer, pkt, &mut out).await;
                 }
             } else {
                 bump(&self.stats.no_route);
@@ -440,6 +442,7 @@ impl Tunnel {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut out = vec![0u8; BUF];
+        let mut all: Vec<Arc<Peer>> = Vec::new();
         let mut n = 0u32;
         loop {
             tick.tick().await;
@@ -447,8 +450,9 @@ impl Tunnel {
             if n.is_multiple_of(4) {
                 self.limiter.reset_count();
             }
-            let all: Vec<Arc<Peer>> = self.peers.read().iter().cloned().collect();
-            for peer in all {
+            all.clear();
+            all.extend(self.peers.read().iter().cloned());
+            for peer in &all {
                 let len = match peer.tunn.lock().update_timers(&mut out) {
                     TunnResult::WriteToNetwork(p) => p.len(),
                     _ => continue,
