@@ -2,11 +2,11 @@
 //! merged by the `config` crate. Unknown keys and bad values refuse to start with a message that
 //! names the key and where it came from.
 
-use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
+use lanrage_proto::settings::{self, Settings};
 use serde::{Deserialize, Serialize};
 
 /// Prefix of environment overrides: `LANRAGE__NETWORK__MTU=1380`.
@@ -133,115 +133,28 @@ impl Default for TimersConfig {
     }
 }
 
-/// Why the configuration was refused. The message always says which key and where it came from.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read or is not TOML.
-    #[error("{file}: {message}")]
-    File { file: String, message: String },
-    /// A key that lanrage does not know (a typo, most likely).
-    #[error("{origin}: unknown key `{key}`")]
-    UnknownKey { origin: String, key: String },
-    /// A key with a value of the wrong type or out of range.
-    #[error("{origin}: bad value for `{key}`: {message}")]
-    BadValue {
-        origin: String,
-        key: String,
-        message: String,
-    },
+pub use lanrage_proto::settings::ConfigError;
+
+impl Settings for Config {
+    const ENV_PREFIX: &'static str = ENV_PREFIX;
+    const DEFAULT_PATH: &'static str = DEFAULT_CONFIG_PATH;
+
+    fn with_all_keys() -> Self {
+        let mut cfg = Config::default();
+        cfg.discovery.file = Some(PathBuf::new()); // optional keys must appear too
+        cfg
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        Config::validate(self, origin)
+    }
 }
 
 impl Config {
     /// Loads `path` (if given; it must exist) or [`DEFAULT_CONFIG_PATH`] (if it exists), then applies
     /// `LANRAGE__SECTION__KEY` overrides from `env`, then checks every value.
     pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
-        let (file, required) = match path {
-            Some(p) => (Some(p.to_path_buf()), true),
-            None => {
-                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
-                (p.exists().then_some(p), false)
-            }
-        };
-        let origin = file
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "defaults".into());
-        let known = known_keys();
-
-        let mut builder = config::Config::builder();
-        if let Some(file) = &file {
-            let text = std::fs::read_to_string(file).map_err(|e| ConfigError::File {
-                file: file.display().to_string(),
-                message: if required {
-                    e.to_string()
-                } else {
-                    format!("cannot read: {e}")
-                },
-            })?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::File {
-                file: origin.clone(),
-                message: e.to_string(),
-            })?;
-            for key in flatten_keys(&table) {
-                if !known.contains(&key) {
-                    return Err(ConfigError::UnknownKey {
-                        origin: origin.clone(),
-                        key,
-                    });
-                }
-            }
-            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
-        }
-
-        let mut overrides: Vec<(String, String, String)> = Vec::new();
-        let prefix = format!("{ENV_PREFIX}__");
-        for (name, value) in env {
-            let Some(rest) = name.strip_prefix(&prefix) else {
-                continue;
-            };
-            let key = rest.to_ascii_lowercase().replace("__", ".");
-            if !known.contains(&key) {
-                return Err(ConfigError::UnknownKey {
-                    origin: format!("environment variable {name}"),
-                    key,
-                });
-            }
-            overrides.push((name.clone(), key, value.clone()));
-        }
-        for (_, key, value) in &overrides {
-            builder = builder
-                .set_override(key.as_str(), value.as_str())
-                .map_err(|e| ConfigError::File {
-                    file: origin.clone(),
-                    message: e.to_string(),
-                })?;
-        }
-
-        let merged = builder.build().map_err(|e| ConfigError::File {
-            file: origin.clone(),
-            message: e.to_string(),
-        })?;
-        let cfg: Config = merged.try_deserialize().map_err(|e| {
-            let message = e.to_string();
-            // Name the environment variable when the bad value came from one.
-            let blamed = overrides
-                .iter()
-                .find(|(_, key, _)| message.contains(key.as_str()));
-            match blamed {
-                Some((var, key, _)) => ConfigError::BadValue {
-                    origin: format!("environment variable {var}"),
-                    key: key.clone(),
-                    message,
-                },
-                None => ConfigError::BadValue {
-                    origin: origin.clone(),
-                    key: key_in(&message),
-                    message,
-                },
-            }
-        })?;
-        cfg.validate(&origin)?;
-        Ok(cfg)
+        settings::load(path, env)
     }
 
     /// Range checks that types alone cannot express.
@@ -324,42 +237,6 @@ impl Config {
     }
 }
 
-/// Every dotted key the config knows, derived from the defaults so it can never drift from the structs.
-fn known_keys() -> BTreeSet<String> {
-    let mut cfg = Config::default();
-    cfg.discovery.file = Some(PathBuf::new()); // optional keys must appear too
-    let table = toml::Table::try_from(&cfg).unwrap_or_default();
-    flatten_keys(&table).into_iter().collect()
-}
-
-fn flatten_keys(table: &toml::Table) -> Vec<String> {
-    let mut out = Vec::new();
-    for (section, value) in table {
-        match value {
-            toml::Value::Table(inner) => {
-                for (key, v) in inner {
-                    out.push(format!("{section}.{key}"));
-                    if v.is_table() {
-                        out.push(format!("{section}.{key}.*"));
-                    }
-                }
-            }
-            _ => out.push(section.clone()),
-        }
-    }
-    out
-}
-
-/// Pulls "`a.b`" out of a `config` crate message ("... for key `network.mtu` ...").
-fn key_in(message: &str) -> String {
-    message
-        .split('`')
-        .nth(1)
-        .filter(|k| k.contains('.'))
-        .map(str::to_string)
-        .unwrap_or_else(|| "?".to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,7 +265,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/lanrage.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         // Every known key is documented (commented or not) in the example file.
-        for key in known_keys() {
+        for key in settings::known_keys::<Config>().0 {
             let leaf = key.rsplit('.').next().unwrap();
             assert!(
                 text.contains(&format!("{leaf} =")),

@@ -107,8 +107,13 @@ pub struct PeerId(pub [u8; 8]);
 impl PeerId {
     /// The id that belongs to a WireGuard/X25519 public key.
     pub fn from_key(key: &PublicKey) -> Self {
+        Self::from_public_key(&key.0)
+    }
+
+    /// The id that belongs to the raw bytes of a public key.
+    pub fn from_public_key(key: &[u8; 32]) -> Self {
         let digest = Blake2s256::new_with_prefix(b"lanrage node id")
-            .chain_update(key.0)
+            .chain_update(key)
             .finalize();
         let mut id = [0u8; 8];
         id.copy_from_slice(&digest[..8]);

@@ -7,11 +7,11 @@
 //! List values (`udp.listen`, `udp.public`, `control.metrics_from`) are comma-separated in the
 //! environment: `LANRAGE_RELAY__UDP__LISTEN=0.0.0.0:3478,0.0.0.0:3479`.
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
+use lanrage_proto::settings::{self, Settings};
 use serde::{Deserialize, Serialize};
 
 /// Prefix of environment overrides: `LANRAGE_RELAY__CONTROL__LISTEN=0.0.0.0:8667`.
@@ -197,149 +197,29 @@ impl Default for StoreConfig {
     }
 }
 
-/// Why the configuration was refused. The message always says which key and where it came from.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read or is not TOML.
-    #[error("{file}: {message}")]
-    File {
-        /// The file.
-        file: String,
-        /// What went wrong.
-        message: String,
-    },
-    /// A key the relay does not know (a typo, most likely).
-    #[error("{origin}: unknown key `{key}`")]
-    UnknownKey {
-        /// File or environment variable.
-        origin: String,
-        /// Dotted key.
-        key: String,
-    },
-    /// A value of the wrong type or out of range.
-    #[error("{origin}: bad value for `{key}`: {message}")]
-    BadValue {
-        /// File or environment variable.
-        origin: String,
-        /// Dotted key.
-        key: String,
-        /// Why.
-        message: String,
-    },
+pub use lanrage_proto::settings::ConfigError;
+
+impl Settings for Config {
+    const ENV_PREFIX: &'static str = ENV_PREFIX;
+    const DEFAULT_PATH: &'static str = DEFAULT_CONFIG_PATH;
+
+    fn with_all_keys() -> Self {
+        let mut cfg = Config::default();
+        cfg.control.access_key = Some(String::new()); // optional keys must appear too
+        cfg
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        Config::validate(self, origin)
+    }
 }
 
 impl Config {
     /// Loads `path` (if given; it must exist) or [`DEFAULT_CONFIG_PATH`] (if it exists), applies
-    /// `LANRAGE_RELAY__SECTION__KEY` overrides from `env`, then checks every value.
+    /// `LANRAGE_RELAY__SECTION__KEY` overrides from `env` (lists comma-separated), then checks
+    /// every value.
     pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
-        let (file, required) = match path {
-            Some(p) => (Some(p.to_path_buf()), true),
-            None => {
-                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
-                (p.exists().then_some(p), false)
-            }
-        };
-        let origin = file
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "defaults".into());
-        let (known, lists) = known_keys();
-
-        let mut builder = config::Config::builder();
-        if let Some(file) = &file {
-            let text = std::fs::read_to_string(file).map_err(|e| ConfigError::File {
-                file: file.display().to_string(),
-                message: if required {
-                    e.to_string()
-                } else {
-                    format!("cannot read: {e}")
-                },
-            })?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::File {
-                file: origin.clone(),
-                message: e.to_string(),
-            })?;
-            for key in flatten_keys(&table) {
-                if !known.contains(&key) {
-                    return Err(ConfigError::UnknownKey {
-                        origin: origin.clone(),
-                        key,
-                    });
-                }
-            }
-            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
-        }
-
-        let mut overrides: Vec<(String, String)> = Vec::new();
-        let prefix = format!("{ENV_PREFIX}__");
-        for (name, value) in env {
-            let Some(rest) = name.strip_prefix(&prefix) else {
-                continue;
-            };
-            let key = rest.to_ascii_lowercase().replace("__", ".");
-            if !known.contains(&key) {
-                return Err(ConfigError::UnknownKey {
-                    origin: format!("environment variable {name}"),
-                    key,
-                });
-            }
-            let set = if lists.contains(&key) {
-                let items: Vec<String> = value
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                builder.set_override(key.as_str(), items)
-            } else {
-                builder.set_override(key.as_str(), value.as_str())
-            };
-            builder = set.map_err(|e| ConfigError::BadValue {
-                origin: format!("environment variable {name}"),
-                key: key.clone(),
-                message: e.to_string(),
-            })?;
-            overrides.push((name.clone(), key));
-        }
-
-        let merged = builder.build().map_err(|e| ConfigError::File {
-            file: origin.clone(),
-            message: e.to_string(),
-        })?;
-        let cfg: Config = merged.try_deserialize().map_err(|e| {
-            let message = e.to_string();
-            let blamed = overrides
-                .iter()
-                .find(|(_, key)| message.contains(key.as_str()));
-            match blamed {
-                Some((var, key)) => ConfigError::BadValue {
-                    origin: format!("environment variable {var}"),
-                    key: key.clone(),
-                    message,
-                },
-                None => ConfigError::BadValue {
-                    origin: origin.clone(),
-                    key: key_in(&message),
-                    message,
-                },
-            }
-        })?;
-        // Blame range errors on the variable when the key was overridden from the environment.
-        cfg.validate(&origin).map_err(|e| match e {
-            ConfigError::BadValue { key, message, .. } => {
-                let origin = overrides
-                    .iter()
-                    .find(|(_, k)| *k == key)
-                    .map(|(var, _)| format!("environment variable {var}"))
-                    .unwrap_or_else(|| origin.clone());
-                ConfigError::BadValue {
-                    origin,
-                    key,
-                    message,
-                }
-            }
-            other => other,
-        })?;
-        Ok(cfg)
+        settings::load(path, env)
     }
 
     /// Range checks that types alone cannot express.
@@ -516,50 +396,6 @@ impl Config {
     }
 }
 
-/// Every dotted key the config knows (derived from the defaults), and which of them are lists.
-fn known_keys() -> (BTreeSet<String>, BTreeSet<String>) {
-    let mut cfg = Config::default();
-    cfg.control.access_key = Some(String::new()); // optional keys must appear too
-    let table = toml::Table::try_from(&cfg).unwrap_or_default();
-    let mut lists = BTreeSet::new();
-    for (section, value) in &table {
-        if let toml::Value::Table(inner) = value {
-            for (key, v) in inner {
-                if v.is_array() {
-                    lists.insert(format!("{section}.{key}"));
-                }
-            }
-        }
-    }
-    (flatten_keys(&table).into_iter().collect(), lists)
-}
-
-fn flatten_keys(table: &toml::Table) -> Vec<String> {
-    let mut out = Vec::new();
-    for (section, value) in table {
-        match value {
-            toml::Value::Table(inner) => {
-                for key in inner.keys() {
-                    out.push(format!("{section}.{key}"));
-                }
-            }
-            _ => out.push(section.clone()),
-        }
-    }
-    out
-}
-
-/// Pulls "`a.b`" out of a `config` crate message ("... for key `udp.listen` ...").
-fn key_in(message: &str) -> String {
-    message
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .find(|k| k.contains('.'))
-        .map(|k| k.split('[').next().unwrap_or(k).to_string())
-        .unwrap_or_else(|| "?".to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,7 +433,7 @@ mod tests {
     fn documented_example_file_is_valid_and_complete() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/relay.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        let (known, _) = known_keys();
+        let (known, _) = settings::known_keys::<Config>();
         for key in &known {
             let (section, leaf) = key.split_once('.').unwrap();
             assert!(

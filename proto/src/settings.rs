@@ -1,0 +1,211 @@
+//! Loading a binary's configuration: one TOML file plus `PREFIX__SECTION__KEY` environment
+//! overrides, merged by the `config` crate, for both `lanrage` and `lanrage-relay`. Unknown keys
+//! and bad values are refused with a message naming the key and where it came from (the file or
+//! the environment variable); the set of known keys is derived from the config struct itself, so
+//! it cannot drift.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Why a configuration was refused. The message always says which key and where it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or is not TOML.
+    #[error("{file}: {message}")]
+    File {
+        /// The file.
+        file: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A key the program does not know (a typo, most likely).
+    #[error("{origin}: unknown key `{key}`")]
+    UnknownKey {
+        /// File or environment variable.
+        origin: String,
+        /// Dotted key.
+        key: String,
+    },
+    /// A value of the wrong type or out of range.
+    #[error("{origin}: bad value for `{key}`: {message}")]
+    BadValue {
+        /// File or environment variable.
+        origin: String,
+        /// Dotted key.
+        key: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A configuration struct that [`load`] can fill. `Default` gives every default.
+pub trait Settings: Serialize + DeserializeOwned + Default {
+    /// Prefix of environment overrides (`LANRAGE` → `LANRAGE__NETWORK__MTU`).
+    const ENV_PREFIX: &'static str;
+    /// File read when no path is given, if it exists.
+    const DEFAULT_PATH: &'static str;
+
+    /// The defaults with every optional key set to some value, so that optional keys count as
+    /// known.
+    fn with_all_keys() -> Self;
+
+    /// Range checks types cannot express; errors name the key, `origin` is the file.
+    fn validate(&self, origin: &str) -> Result<(), ConfigError>;
+}
+
+/// Loads `path` (if given; it must exist) or `T::DEFAULT_PATH` (if it exists), applies the
+/// environment overrides found in `env` (list keys take comma-separated values), then validates.
+pub fn load<T: Settings>(path: Option<&Path>, env: &[(String, String)]) -> Result<T, ConfigError> {
+    let (file, required) = match path {
+        Some(p) => (Some(p.to_path_buf()), true),
+        None => {
+            let p = PathBuf::from(T::DEFAULT_PATH);
+            (p.exists().then_some(p), false)
+        }
+    };
+    let origin = file
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "defaults".into());
+    let (known, lists) = known_keys::<T>();
+
+    let mut builder = config::Config::builder();
+    if let Some(file) = &file {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::File {
+            file: file.display().to_string(),
+            message: if required {
+                e.to_string()
+            } else {
+                format!("cannot read: {e}")
+            },
+        })?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::File {
+            file: origin.clone(),
+            message: e.to_string(),
+        })?;
+        if let Some(key) = flatten_keys(&table)
+            .into_iter()
+            .find(|k| !known.contains(k))
+        {
+            return Err(ConfigError::UnknownKey { origin, key });
+        }
+        builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+    }
+
+    let mut overrides: Vec<(String, String)> = Vec::new();
+    let prefix = format!("{}__", T::ENV_PREFIX);
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let key = rest.to_ascii_lowercase().replace("__", ".");
+        if !known.contains(&key) {
+            return Err(ConfigError::UnknownKey {
+                origin: format!("environment variable {name}"),
+                key,
+            });
+        }
+        let set = if lists.contains(&key) {
+            let items: Vec<String> = value
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            builder.set_override(key.as_str(), items)
+        } else {
+            builder.set_override(key.as_str(), value.as_str())
+        };
+        builder = set.map_err(|e| ConfigError::BadValue {
+            origin: format!("environment variable {name}"),
+            key: key.clone(),
+            message: e.to_string(),
+        })?;
+        overrides.push((name.clone(), key));
+    }
+    let from_env = |key: &str| {
+        overrides
+            .iter()
+            .find(|(_, k)| k == key)
+            .map(|(var, _)| format!("environment variable {var}"))
+    };
+
+    let merged = builder.build().map_err(|e| ConfigError::File {
+        file: origin.clone(),
+        message: e.to_string(),
+    })?;
+    let cfg: T = merged.try_deserialize().map_err(|e| {
+        let message = e.to_string();
+        // Name the environment variable when the bad value came from one.
+        match overrides
+            .iter()
+            .find(|(_, key)| message.contains(key.as_str()))
+        {
+            Some((var, key)) => ConfigError::BadValue {
+                origin: format!("environment variable {var}"),
+                key: key.clone(),
+                message,
+            },
+            None => ConfigError::BadValue {
+                origin: origin.clone(),
+                key: key_in(&message),
+                message,
+            },
+        }
+    })?;
+    cfg.validate(&origin).map_err(|e| match e {
+        ConfigError::BadValue {
+            key,
+            message,
+            origin,
+        } => ConfigError::BadValue {
+            origin: from_env(&key).unwrap_or(origin),
+            key,
+            message,
+        },
+        other => other,
+    })?;
+    Ok(cfg)
+}
+
+/// Every dotted key `T` knows, and those that hold lists.
+pub fn known_keys<T: Settings>() -> (BTreeSet<String>, BTreeSet<String>) {
+    let table = toml::Table::try_from(T::with_all_keys()).unwrap_or_default();
+    let mut lists = BTreeSet::new();
+    for (section, value) in &table {
+        if let toml::Value::Table(inner) = value {
+            for (key, v) in inner {
+                if v.is_array() {
+                    lists.insert(format!("{section}.{key}"));
+                }
+            }
+        }
+    }
+    (flatten_keys(&table).into_iter().collect(), lists)
+}
+
+fn flatten_keys(table: &toml::Table) -> Vec<String> {
+    let mut out = Vec::new();
+    for (section, value) in table {
+        match value {
+            toml::Value::Table(inner) => {
+                out.extend(inner.keys().map(|key| format!("{section}.{key}")))
+            }
+            _ => out.push(section.clone()),
+        }
+    }
+    out
+}
+
+/// Pulls "`a.b`" out of a `config` crate message ("... for key `network.mtu` ...").
+fn key_in(message: &str) -> String {
+    message
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .find(|k| k.contains('.'))
+        .map(|k| k.split('[').next().unwrap_or(k).to_string())
+        .unwrap_or_else(|| "?".to_string())
+}
