@@ -902,6 +902,55 @@ fn host_leaves_and_longest_present_member_takes_over() {
     assert_full_mesh_ping(&lab, &[0, first, second]);
 }
 
+/// The whole party goes down at once (a power cut at the LAN party) and comes back: the former
+/// host brings the party back, everyone rejoins it with the same address.
+#[test]
+fn whole_party_restart_comes_back() {
+    let Some(mut lab) = Lab::new("blackout", 3) else {
+        return;
+    };
+    lab.spawn_all(&[0, 1, 2], |o| o);
+    let party = form_party(&lab, &[0, 1, 2], "blackout");
+    let before: BTreeMap<String, String> = (0..3)
+        .map(|i| (lab.node(i).id(), lab.node(i).virtual_ip().unwrap()))
+        .collect();
+    let host = lab.node(0).id();
+    thread::sleep(STATE_SETTLE);
+
+    for i in 0..3 {
+        lab.node(i).kill9();
+    }
+    for i in (0..3).rev() {
+        lab.node(i).start();
+    }
+    let ids: BTreeSet<String> = before.keys().cloned().collect();
+    expect_members(
+        &lab,
+        &[0, 1, 2],
+        &party,
+        &ids,
+        REJOIN_WITHIN,
+        "after the blackout",
+    );
+    for s in statuses(&lab, &[0, 1, 2]) {
+        assert_eq!(
+            host_id_of(&s).as_deref(),
+            Some(host.as_str()),
+            "the former host hosts again"
+        );
+        for p in peers_of(&s) {
+            let id = p["id"].as_str().unwrap();
+            assert_eq!(
+                p["virtual_ip"].as_str(),
+                before.get(id).map(String::as_str),
+                "address changed: {p}"
+            );
+        }
+    }
+    expect_all_direct(&lab, &[0, 1, 2]);
+    assert_full_mesh_ping(&lab, &[0, 1, 2]);
+}
+
 /// A daemon restarted with the same state dir rejoins its party by itself, same id, same IP.
 #[test]
 fn restarted_member_rejoins_with_same_ip() {
