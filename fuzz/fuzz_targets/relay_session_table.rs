@@ -1,15 +1,17 @@
-//! The relay's session table driven by a fuzzed script of datagrams from three sources: raw bytes,
-//! data frames, and valid binds (the harness knows both members' bind keys, so the fuzzer reaches
-//! the forwarding paths). Checks: never panics; forwards only from an address whose last valid
-//! bind made it a member's side, and only to the other member's bound address; never answers
-//! junk with more bytes than it got.
+//! The relay's session table driven by a fuzzed script of datagrams from four sources: raw bytes,
+//! data frames, and valid binds with or without the cookie the relay last sent to that source (the
+//! harness knows both members' bind keys and plays the client's cookie round trip, so the fuzzer
+//! reaches the forwarding paths). Checks: never panics; forwards only from an address whose last
+//! accepted bind made it a member's side, and only to the other member's bound address; a side
+//! only ever moves to an address the relay sent a challenge to (return routability) and never to
+//! the relay's own address or the other side's; never answers with more bytes than it got.
 #![no_main]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use lanrage_proto::auth::BindKey;
-use lanrage_proto::frame::{data_frame, encode_bind, Bind};
+use lanrage_proto::frame::{data_frame, decode, encode_bind, Bind, Cookie, Frame};
 use lanrage_proto::ids::{PartyId, PeerId, SessionId};
 use lanrage_relay::sessions::{SessionLimits, SessionTable, Verdict};
 use libfuzzer_sys::fuzz_target;
@@ -26,8 +28,12 @@ fuzz_target!(|data: &[u8]| {
         bps: 10_000,
         global_pps: 80,
         global_bps: 20_000,
+        hints_pps: 40,
+        hints_per_source_pps: 10,
     };
+    let relay_addr = SocketAddr::from(([203, 0, 113, 1], 3478));
     let mut t = SessionTable::new(limits, t0);
+    t.set_own_addresses([relay_addr]);
     let session = SessionId(1);
     let peers = [PeerId([1; 8]), PeerId([2; 8])];
     let keys = [BindKey([1; 32]), BindKey([2; 32])];
@@ -35,14 +41,19 @@ fuzz_target!(|data: &[u8]| {
         session,
         PartyId([0; 10]),
         [(peers[0], keys[0]), (peers[1], keys[1])],
+        0,
         t0,
     );
-    let sources: [SocketAddr; 3] = [
+    // The last source is the relay itself (a spoofed source): nothing may ever be bound there.
+    let sources: [SocketAddr; 4] = [
         SocketAddr::from(([198, 51, 100, 1], 4000)),
         SocketAddr::from(([198, 51, 100, 2], 4000)),
         SocketAddr::from(([198, 51, 100, 3], 4000)),
+        relay_addr,
     ];
     let mut bound: [Option<SocketAddr>; 2] = [None, None];
+    let mut cookies: [Option<Cookie>; 4] = [None; 4];
+    let mut challenged: Vec<SocketAddr> = Vec::new();
     let mut counter = UNIX_US;
     let mut out = [0u8; 128];
     let mut bind_buf = [0u8; 128];
@@ -52,17 +63,20 @@ fuzz_target!(|data: &[u8]| {
             [op, a, rest @ ..] => (*op, *a, rest),
             _ => (2, 0, chunk),
         };
-        let from = sources[usize::from(a) % 3];
-        let datagram: Vec<u8> = match op % 4 {
-            0 => {
-                let side = usize::from(a / 3) % 2;
+        let src = usize::from(a) % sources.len();
+        let from = sources[src];
+        let datagram: Vec<u8> = match op % 5 {
+            0 | 3 => {
+                let side = usize::from(a / 4) % 2;
                 counter += 1;
+                let cookie = if op % 5 == 3 { cookies[src] } else { None };
                 let n = encode_bind(
                     &Bind {
                         session,
                         peer: peers[side],
                         counter,
                     },
+                    cookie.as_ref(),
                     &keys[side],
                     &mut bind_buf,
                 )
@@ -83,12 +97,24 @@ fuzz_target!(|data: &[u8]| {
             }
             Verdict::Reply { len, to, .. } => {
                 assert!(len <= out.len());
-                // A reply is the Bound answer to a valid bind: that side now lives at `to`.
-                assert_eq!(op % 4, 0, "replied to something that is not a valid bind");
-                let side = usize::from(a / 3) % 2;
+                // A reply is the Bound answer to an accepted bind: that side now lives at `to`.
+                assert!(matches!(op % 5, 0 | 3), "replied to something that is not a bind");
+                let side = usize::from(a / 4) % 2;
+                assert!(
+                    bound[side] == Some(to) || challenged.contains(&to),
+                    "bound to {to} without a challenge round trip"
+                );
+                assert_ne!(to, relay_addr, "bound a side to the relay itself");
+                assert_ne!(bound[1 - side], Some(to), "bound both sides to one address");
                 bound[side] = Some(to);
             }
-            Verdict::Drop { hint: Some(n), .. } => assert!(n <= datagram.len()),
+            Verdict::Drop { hint: Some(n), .. } => {
+                assert!(n <= datagram.len(), "answered {n} bytes to {}", datagram.len());
+                if let Ok(Frame::Challenge(c)) = decode(&out[..n]) {
+                    cookies[src] = Some(c.cookie);
+                    challenged.push(from);
+                }
+            }
             Verdict::Drop { hint: None, .. } => {}
         }
     }

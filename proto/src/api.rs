@@ -1,11 +1,14 @@
 //! The relay's control plane: HTTP routes and their JSON bodies.
 //!
-//! Every route except `/auth/challenge`, `/auth/register`, `/relays` and `/metrics` needs
+//! Every route except `/auth/challenge`, `/auth/register` and `/relays` needs
 //! `Authorization: Bearer <token>`. Errors are `{"error": "..."}` ([`ErrorBody`]) with:
-//! 400 malformed request, 401 missing/unknown/expired token or failed proof, 403 acting for another
+//! 400 malformed request, 401 missing/unknown/expired token, failed proof, or a token registered
+//! under an access key the relay no longer has (register again), 403 acting for another
 //! peer / reading a party you are not in / wrong party password / missing access key, 404 unknown
-//! party or peer, 409 a limit of the party or relay is reached, 413 body too large, 429 rate limited
-//! (with `Retry-After`).
+//! party or peer, 408 request not finished in time, 409 a limit of the party or relay is reached,
+//! 413 body too large, 429 rate limited, too many wrong passwords, or a per-address limit
+//! (tokens, challenges, parties, sessions from one IPv4 address or IPv6 /64) reached (with
+//! `Retry-After`).
 //!
 //! | Route | Request | Answer |
 //! |---|---|---|
@@ -22,12 +25,19 @@
 //! | `GET /parties/{id}/signals?wait_secs=N` | | [`SignalsResponse`] (long poll up to N ≤ 25 s) |
 //! | `POST /parties/{id}/sessions` | [`SessionRequest`] | [`SessionResponse`] |
 //! | `GET /relays` | | [`RelaysResponse`] |
-//! | `GET /metrics` | | Prometheus text |
 //!
-//! Registration: `POST /auth/challenge {key}` gives a one-time 32-byte challenge (base64) and the
-//! relay's key; the peer answers with `proof = SharedKey::register_proof(challenge, key)`
-//! ([`crate::auth`]) in `POST /auth/register`. The token is bound to that key: every other route
-//! acts as the peer with id `PeerId::from_key(key)`.
+//! (`GET /metrics`, Prometheus text, is served on the operator's separate metrics listener, not
+//! here.)
+//!
+//! Registration: `POST /auth/challenge {key, access_key?}` gives a one-time 32-byte challenge
+//! (base64) and the relay's key; the peer answers with
+//! `proof = SharedKey::register_proof(challenge, key)` ([`crate::auth`]) in `POST /auth/register`.
+//! A relay with an access key wants it in both requests. The token is bound to that key: every
+//! other route acts as the peer with id `PeerId::from_key(key)`.
+//!
+//! Token lifetimes: a key in no party gets a short-lived token (minutes); creating or joining a
+//! party makes the key's tokens last the relay's full token lifetime, and refreshing gives a long
+//! or short token by the same rule. Refresh at about two thirds of `expires_in_secs`.
 
 use std::net::SocketAddr;
 
@@ -57,6 +67,10 @@ pub struct ErrorBody {
 pub struct ChallengeRequest {
     /// The peer's WireGuard public key.
     pub key: PublicKey,
+    /// The operator's access key, when the relay has one (checked here too, so strangers cannot
+    /// fill the relay's challenge table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key: Option<String>,
 }
 
 /// Answer to `POST /auth/challenge`.

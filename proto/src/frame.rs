@@ -11,14 +11,23 @@
 //!   relay forwards it without decoding or copying: the bytes a member sends are the bytes the other
 //!   member receives, and the session id tells the receiver which peer it came from. The payload is
 //!   WireGuard ciphertext the relay cannot read.
-//! - `Bind` (peer → relay): `header | postcard(Bind) | tag (16)`. "My side of this session is the
-//!   address this frame comes from." The tag is BLAKE2s-MAC-128 under the member's bind key
-//!   ([`crate::auth::SharedKey::bind_key`]) over everything before it. `counter` must be the sender's
-//!   wall clock in microseconds since the Unix epoch, strictly increasing per session: the relay
-//!   accepts a bind only if the counter is above the last one it accepted for that member and within
-//!   [`BIND_WINDOW_SECS`] of its own clock, so a captured bind cannot be replayed to steal the side.
-//!   Peers send a bind when a session starts, after a `Rebind` hint, and every
-//!   [`BIND_KEEPALIVE_SECS`] as a keepalive (it also keeps NAT mappings open).
+//! - `Bind` (peer → relay): `header | postcard(Bind) | [cookie (16)] | tag (16)`. "My side of this
+//!   session is the address this frame comes from." The tag is BLAKE2s-MAC-128 under the member's
+//!   bind key ([`crate::auth::SharedKey::bind_key`]) over everything before it, cookie included.
+//!   `counter` must be the sender's wall clock in microseconds since the Unix epoch, strictly
+//!   increasing per session: the relay accepts a bind only if the counter is above the last one it
+//!   accepted for that member and within [`BIND_WINDOW_SECS`] of its own clock, so a captured bind
+//!   cannot be replayed to steal the side. The optional cookie is the one from the relay's latest
+//!   `Challenge` to this address (see below); binds without one keep their original layout.
+//! - `Challenge` (relay → peer): `header | postcard(Challenge)`. The answer to a valid bind from
+//!   an address the side is not bound to yet. A tag proves the sender holds the member's key, not
+//!   that it can receive at the source address it claims: without this round trip a member could
+//!   bind its side to a spoofed address (a victim, an echo service, the relay itself) and have the
+//!   relay send the other member's traffic there. The cookie is a MAC, under a secret only the
+//!   relay knows, over the session, the side, the source address and a coarse time slot; the relay
+//!   keeps no state for it. It is never larger than the bind that caused it and unauthenticated:
+//!   the worst a forged one does is make the peer send one bind the relay refuses and answers
+//!   with a real challenge.
 //! - `Bound` (relay → peer): `header | postcard(Bound) | tag (16)`, tagged with the same bind key:
 //!   the bind was accepted, and whether the other member is bound yet.
 //! - `Rebind` (relay → peer): `header | postcard(Rebind)`. Unauthenticated hint: the relay got a data
@@ -30,17 +39,29 @@
 //! What a peer does (the daemon, in a later issue):
 //! 1. `POST /parties/{id}/sessions {"peer": ...}` gives the session id and the relay's UDP
 //!    addresses; the other member gets the same session by asking for this peer.
-//! 2. From the socket it uses for WireGuard, send `Bind` to the first relay address; resend every
-//!    second until a `Bound` (verified with the same bind key) arrives, then every
-//!    [`BIND_KEEPALIVE_SECS`].
-//! 3. Wrap each WireGuard datagram for that peer in a `Data` frame to the relay; a `Data` frame
+//! 2. From the socket it uses for WireGuard, send `Bind` (no cookie) to the first relay address.
+//!    The relay answers `Challenge { session, cookie }`.
+//! 3. Send a new `Bind` (a higher counter) carrying that cookie, from the same socket. The relay
+//!    answers `Bound` (verify it with the same bind key). Resend steps 2–3 every second until a
+//!    `Bound` arrives. A cookie is good for [`COOKIE_VALID_SECS`] at least; a bind with a stale or
+//!    wrong cookie is answered with a fresh `Challenge`, so a peer may simply always attach the
+//!    latest cookie it got and answer every `Challenge` with a bind carrying the new one.
+//! 4. Every [`BIND_KEEPALIVE_SECS`] send a `Bind` (a cookie is not needed while the address is
+//!    still the bound one; the relay answers `Bound`). This also keeps NAT mappings open.
+//! 5. Wrap each WireGuard datagram for that peer in a `Data` frame to the relay; a `Data` frame
 //!    from the relay carries the other member's datagram (the session id says which peer). Data
 //!    sent before the other member has bound is dropped (WireGuard retransmits its handshake).
-//! 4. On `Rebind { NotBound }` send a `Bind` at once (the relay restarted, or our NAT moved us);
-//!    on `Rebind { UnknownSession }` ask the control plane for a session again.
+//! 6. On `Rebind { NotBound }` go back to step 2 (the relay restarted, or our NAT moved us; the
+//!    new address has to be proven again); on `Rebind { UnknownSession }` ask the control plane
+//!    for a session again.
+//!
+//! The relay refuses to bind a side to one of its own UDP addresses or to the address the other
+//! side is bound to (that would loop traffic), and after a restart refuses binds whose counter is
+//! older than its own start (captured binds from before the restart are worthless).
 //!
 //! Postcard bodies only ever gain new kinds, never change an existing layout; an incompatible
-//! change bumps [`VERSION`].
+//! change bumps [`VERSION`]. (The optional bind cookie sits after the postcard body, so binds
+//! without one are byte-for-byte what they were.)
 
 use serde::{Deserialize, Serialize};
 
@@ -61,6 +82,13 @@ pub const MAX_FRAME: usize = 65507;
 pub const BIND_WINDOW_SECS: u64 = 120;
 /// How often a peer re-sends its bind while a session is in use.
 pub const BIND_KEEPALIVE_SECS: u64 = 15;
+/// Length of a bind cookie.
+pub const COOKIE_LEN: usize = 16;
+/// A relay's cookie stays valid at least this long after it was sent (at most twice that).
+pub const COOKIE_VALID_SECS: u64 = 30;
+
+/// What a `Challenge` carries and a cookie-carrying `Bind` echoes.
+pub type Cookie = [u8; COOKIE_LEN];
 
 /// The fourth byte of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +102,8 @@ pub enum Kind {
     Data = 3,
     /// Relay → peer: please bind again.
     Rebind = 4,
+    /// Relay → peer: prove you receive at this address (echo the cookie in a bind).
+    Challenge = 5,
 }
 
 /// Body of a `Bind` frame.
@@ -85,6 +115,15 @@ pub struct Bind {
     pub peer: PeerId,
     /// Sender's clock in microseconds since the Unix epoch; strictly increasing.
     pub counter: u64,
+}
+
+/// Body of a `Challenge` frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// The session the bind named.
+    pub session: SessionId,
+    /// To be echoed in the next bind from the same address.
+    pub cookie: Cookie,
 }
 
 /// Body of a `Bound` frame.
@@ -125,12 +164,21 @@ pub struct Tagged<'a, T> {
     pub body: T,
     covered: &'a [u8],
     tag: &'a [u8],
+    /// Covered bytes after the postcard body: a bind's cookie, or nothing.
+    extra: &'a [u8],
 }
 
 impl<T> Tagged<'_, T> {
     /// Whether the tag is right for `key` (constant time).
     pub fn verify(&self, key: &BindKey) -> bool {
         key.verify(self.covered, self.tag)
+    }
+}
+
+impl Tagged<'_, Bind> {
+    /// The cookie the bind echoes, if it carries one (covered by the tag).
+    pub fn cookie(&self) -> Option<&Cookie> {
+        self.extra.try_into().ok()
     }
 }
 
@@ -150,6 +198,8 @@ pub enum Frame<'a> {
     },
     /// See [`Kind::Rebind`].
     Rebind(Rebind),
+    /// See [`Kind::Challenge`].
+    Challenge(Challenge),
 }
 
 /// Why bytes are not a relay frame. Each is a drop reason the relay counts.
@@ -203,31 +253,44 @@ pub fn decode(datagram: &[u8]) -> Result<Frame<'_>, FrameError> {
                 payload,
             })
         }
-        k if k == Kind::Bind as u8 => tagged(datagram).map(Frame::Bind),
-        k if k == Kind::Bound as u8 => tagged(datagram).map(Frame::Bound),
-        k if k == Kind::Rebind as u8 => {
-            let (r, rest) =
-                postcard::take_from_bytes::<Rebind>(body).map_err(|_| FrameError::Body)?;
-            if !rest.is_empty() {
-                return Err(FrameError::Body);
-            }
-            Ok(Frame::Rebind(r))
-        }
+        k if k == Kind::Bind as u8 => tagged(datagram, COOKIE_LEN).map(Frame::Bind),
+        k if k == Kind::Bound as u8 => tagged(datagram, 0).map(Frame::Bound),
+        k if k == Kind::Rebind as u8 => whole(body).map(Frame::Rebind),
+        k if k == Kind::Challenge as u8 => whole(body).map(Frame::Challenge),
         _ => Err(FrameError::Kind),
     }
 }
 
-fn tagged<'a, T: Deserialize<'a>>(datagram: &'a [u8]) -> Result<Tagged<'a, T>, FrameError> {
+/// A postcard body that must use every byte.
+fn whole<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    let (v, rest) = postcard::take_from_bytes::<T>(body).map_err(|_| FrameError::Body)?;
+    if !rest.is_empty() {
+        return Err(FrameError::Body);
+    }
+    Ok(v)
+}
+
+/// A tagged body; between the body and the tag there may be exactly `extra_len` more bytes or
+/// none (a bind's optional cookie).
+fn tagged<'a, T: Deserialize<'a>>(
+    datagram: &'a [u8],
+    extra_len: usize,
+) -> Result<Tagged<'a, T>, FrameError> {
     if datagram.len() < HEADER_LEN + TAG_LEN {
         return Err(FrameError::Length);
     }
     let (covered, tag) = datagram.split_at(datagram.len() - TAG_LEN);
-    let (body, rest) =
+    let (body, extra) =
         postcard::take_from_bytes::<T>(&covered[HEADER_LEN..]).map_err(|_| FrameError::Body)?;
-    if !rest.is_empty() {
+    if !extra.is_empty() && extra.len() != extra_len {
         return Err(FrameError::Body);
     }
-    Ok(Tagged { body, covered, tag })
+    Ok(Tagged {
+        body,
+        covered,
+        tag,
+        extra,
+    })
 }
 
 fn header(kind: Kind, out: &mut [u8]) -> Result<(), FrameError> {
@@ -239,6 +302,7 @@ fn header(kind: Kind, out: &mut [u8]) -> Result<(), FrameError> {
 fn encode_tagged<T: Serialize>(
     kind: Kind,
     body: &T,
+    extra: &[u8],
     key: &BindKey,
     out: &mut [u8],
 ) -> Result<usize, FrameError> {
@@ -246,7 +310,11 @@ fn encode_tagged<T: Serialize>(
     let n = postcard::to_slice(body, &mut out[HEADER_LEN..])
         .map_err(|_| FrameError::Buffer)?
         .len();
-    let end = HEADER_LEN + n;
+    let body_end = HEADER_LEN + n;
+    let end = body_end + extra.len();
+    out.get_mut(body_end..end)
+        .ok_or(FrameError::Buffer)?
+        .copy_from_slice(extra);
     let tag = key.tag(&out[..end]);
     out.get_mut(end..end + TAG_LEN)
         .ok_or(FrameError::Buffer)?
@@ -254,23 +322,41 @@ fn encode_tagged<T: Serialize>(
     Ok(end + TAG_LEN)
 }
 
-/// Writes a `Bind` frame into `out`; returns its length.
-pub fn encode_bind(bind: &Bind, key: &BindKey, out: &mut [u8]) -> Result<usize, FrameError> {
-    encode_tagged(Kind::Bind, bind, key, out)
+/// Writes a `Bind` frame into `out`, echoing `cookie` if given; returns its length.
+pub fn encode_bind(
+    bind: &Bind,
+    cookie: Option<&Cookie>,
+    key: &BindKey,
+    out: &mut [u8],
+) -> Result<usize, FrameError> {
+    let extra: &[u8] = match cookie {
+        Some(c) => c,
+        None => &[],
+    };
+    encode_tagged(Kind::Bind, bind, extra, key, out)
 }
 
 /// Writes a `Bound` frame into `out`; returns its length.
 pub fn encode_bound(bound: &Bound, key: &BindKey, out: &mut [u8]) -> Result<usize, FrameError> {
-    encode_tagged(Kind::Bound, bound, key, out)
+    encode_tagged(Kind::Bound, bound, &[], key, out)
+}
+
+fn encode_plain<T: Serialize>(kind: Kind, body: &T, out: &mut [u8]) -> Result<usize, FrameError> {
+    header(kind, out)?;
+    let n = postcard::to_slice(body, &mut out[HEADER_LEN..])
+        .map_err(|_| FrameError::Buffer)?
+        .len();
+    Ok(HEADER_LEN + n)
 }
 
 /// Writes a `Rebind` frame into `out`; returns its length.
 pub fn encode_rebind(rebind: &Rebind, out: &mut [u8]) -> Result<usize, FrameError> {
-    header(Kind::Rebind, out)?;
-    let n = postcard::to_slice(rebind, &mut out[HEADER_LEN..])
-        .map_err(|_| FrameError::Buffer)?
-        .len();
-    Ok(HEADER_LEN + n)
+    encode_plain(Kind::Rebind, rebind, out)
+}
+
+/// Writes a `Challenge` frame into `out`; returns its length.
+pub fn encode_challenge(challenge: &Challenge, out: &mut [u8]) -> Result<usize, FrameError> {
+    encode_plain(Kind::Challenge, challenge, out)
 }
 
 /// Writes a data frame's 12-byte header into `out[..12]`; the caller puts the payload after it
@@ -309,11 +395,12 @@ mod tests {
             counter: 1_700_000_000_000_000,
         };
         let mut buf = [0u8; 128];
-        let n = encode_bind(&bind, &key(1), &mut buf).unwrap();
+        let n = encode_bind(&bind, None, &key(1), &mut buf).unwrap();
         let Frame::Bind(t) = decode(&buf[..n]).unwrap() else {
             panic!("not a bind")
         };
         assert_eq!(t.body, bind);
+        assert_eq!(t.cookie(), None);
         assert!(t.verify(&key(1)));
         assert!(!t.verify(&key(2)));
         // Any flipped bit breaks the tag or the body.
@@ -384,11 +471,93 @@ mod tests {
                     peer: PeerId([0; 8]),
                     counter: 1
                 },
+                None,
                 &key(0),
                 &mut buf
             ),
             Err(FrameError::Buffer)
         );
+    }
+
+    #[test]
+    fn bind_cookie_is_optional_tagged_and_exact() {
+        let bind = Bind {
+            session: SessionId(u64::MAX),
+            peer: PeerId([3; 8]),
+            counter: u64::MAX,
+        };
+        let cookie = [0xC0; COOKIE_LEN];
+        let mut plain = [0u8; 128];
+        let p = encode_bind(&bind, None, &key(1), &mut plain).unwrap();
+        let mut buf = [0u8; 128];
+        let n = encode_bind(&bind, Some(&cookie), &key(1), &mut buf).unwrap();
+        assert_eq!(n, p + COOKIE_LEN);
+        // Without a cookie the layout is the old one: body then tag.
+        assert_eq!(&plain[..p - TAG_LEN], &buf[..p - TAG_LEN]);
+        let Frame::Bind(t) = decode(&buf[..n]).unwrap() else {
+            panic!("not a bind")
+        };
+        assert_eq!((t.body, t.cookie()), (bind, Some(&cookie)));
+        assert!(t.verify(&key(1)));
+        // The tag covers the cookie.
+        for i in p - TAG_LEN..n - TAG_LEN {
+            let mut bad = buf;
+            bad[i] ^= 0x40;
+            let Ok(Frame::Bind(t)) = decode(&bad[..n]) else {
+                panic!("flip at {i} no longer decodes")
+            };
+            assert!(
+                !t.verify(&key(1)),
+                "flip at {i} in the cookie still verifies"
+            );
+        }
+        // Anything but 0 or COOKIE_LEN extra bytes is malformed.
+        for extra in [1, COOKIE_LEN - 1, COOKIE_LEN + 1] {
+            let mut f = plain[..p - TAG_LEN].to_vec();
+            f.extend(std::iter::repeat_n(0u8, extra));
+            let tag = key(1).tag(&f);
+            f.extend_from_slice(&tag);
+            assert_eq!(decode(&f), Err(FrameError::Body), "{extra} extra bytes");
+        }
+        // Bound frames take no extra bytes at all.
+        let bound = Bound {
+            session: SessionId(1),
+            counter: 1,
+            peer_bound: false,
+        };
+        let b = encode_bound(&bound, &key(1), &mut buf).unwrap();
+        let mut f = buf[..b - TAG_LEN].to_vec();
+        f.extend_from_slice(&cookie);
+        let tag = key(1).tag(&f);
+        f.extend_from_slice(&tag);
+        assert_eq!(decode(&f), Err(FrameError::Body));
+    }
+
+    #[test]
+    fn challenge_roundtrips_and_is_never_larger_than_a_bind() {
+        let c = Challenge {
+            session: SessionId(u64::MAX),
+            cookie: [7; COOKIE_LEN],
+        };
+        let mut buf = [0u8; 64];
+        let n = encode_challenge(&c, &mut buf).unwrap();
+        assert_eq!(&buf[..4], b"RL\x01\x05");
+        assert_eq!(decode(&buf[..n]), Ok(Frame::Challenge(c)));
+        assert_eq!(decode(&buf[..n + 1]), Err(FrameError::Body));
+        // The smallest bind that can name this session: the shortest counter and no cookie.
+        let mut bind = [0u8; 64];
+        let b = encode_bind(
+            &Bind {
+                session: c.session,
+                peer: PeerId([0; 8]),
+                counter: 0,
+            },
+            None,
+            &key(0),
+            &mut bind,
+        )
+        .unwrap();
+        assert!(n <= b, "challenge {n} bytes, bind {b} bytes");
     }
 
     #[test]
@@ -419,12 +588,16 @@ mod tests {
         }
 
         #[test]
-        fn bind_roundtrips(session in any::<u64>(), peer in any::<[u8; 8]>(), counter in any::<u64>(), k in any::<u8>()) {
+        fn bind_roundtrips(session in any::<u64>(), peer in any::<[u8; 8]>(), counter in any::<u64>(), k in any::<u8>(), cookie in any::<Option<[u8; COOKIE_LEN]>>()) {
             let bind = Bind { session: SessionId(session), peer: PeerId(peer), counter };
-            let mut buf = [0u8; 64];
-            let n = encode_bind(&bind, &key(k), &mut buf).unwrap();
+            let mut buf = [0u8; 80];
+            let n = encode_bind(&bind, cookie.as_ref(), &key(k), &mut buf).unwrap();
             match decode(&buf[..n]) {
-                Ok(Frame::Bind(t)) => { prop_assert_eq!(t.body, bind); prop_assert!(t.verify(&key(k))); }
+                Ok(Frame::Bind(t)) => {
+                    prop_assert_eq!(t.body, bind);
+                    prop_assert_eq!(t.cookie(), cookie.as_ref());
+                    prop_assert!(t.verify(&key(k)));
+                }
                 other => prop_assert!(false, "{:?}", other),
             }
         }

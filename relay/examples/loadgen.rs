@@ -1,5 +1,5 @@
 //! Load run on loopback: starts a release `lanrage-relay`, sets up N sessions (N parties of two
-//! registered peers), binds both sides, then for each session sends M packets/s in each direction
+//! registered peers), binds both sides (each with the bind–challenge–bind round trip), then for each session sends M packets/s in each direction
 //! for S seconds and reports offered and forwarded packets per second, drops by reason, and the
 //! relay's CPU use (from /proc, in % of one core). The generator runs on the same machine and
 //! competes for the same cores; its own CPU is reported too.
@@ -75,7 +75,7 @@ fn rcvbuf_errors() -> u64 {
 }
 
 fn metrics(relay: &RelayProc) -> BTreeMap<String, u64> {
-    let (_, text) = relay.http().get("/metrics", None);
+    let (_, text) = relay.metrics_http().get("/metrics", None);
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -103,6 +103,32 @@ fn main() {
             "1000000".into(),
         ),
         ("LANRAGE_RELAY__RELAY__MAX_SESSIONS".into(), "100000".into()),
+        // Every generated peer is 127.0.0.1: lift the per-source caps (tokens, challenges,
+        // parties, sessions, bind challenges) that would otherwise treat them as one client.
+        (
+            "LANRAGE_RELAY__CONTROL__MAX_TOKENS_PER_IP".into(),
+            "1000000".into(),
+        ),
+        (
+            "LANRAGE_RELAY__CONTROL__MAX_CHALLENGES_PER_IP".into(),
+            "1000000".into(),
+        ),
+        (
+            "LANRAGE_RELAY__PARTIES__MAX_PARTIES_PER_IP".into(),
+            "1000000".into(),
+        ),
+        (
+            "LANRAGE_RELAY__RELAY__MAX_SESSIONS_PER_IP".into(),
+            "1000000".into(),
+        ),
+        (
+            "LANRAGE_RELAY__RELAY__HINTS_PER_SEC".into(),
+            "1000000".into(),
+        ),
+        (
+            "LANRAGE_RELAY__RELAY__HINTS_PER_SOURCE_PER_SEC".into(),
+            "1000000".into(),
+        ),
         (
             "LANRAGE_RELAY__PARTIES__MAX_PARTIES".into(),
             "100000".into(),

@@ -46,6 +46,10 @@ pub struct UdpConfig {
     pub public: Vec<SocketAddr>,
     /// SO_RCVBUF / SO_SNDBUF of each socket, in bytes (the kernel may cap it).
     pub socket_buffer_bytes: usize,
+    /// STUN answers per second to one source (IPv4 address or IPv6 /64); burst twice that.
+    pub stun_per_source_per_sec: u64,
+    /// STUN answers per second over all sources.
+    pub stun_per_sec: u64,
 }
 
 impl Default for UdpConfig {
@@ -54,6 +58,8 @@ impl Default for UdpConfig {
             listen: vec![SocketAddr::from(([0, 0, 0, 0], 3478))],
             public: Vec::new(),
             socket_buffer_bytes: 4 << 20,
+            stun_per_source_per_sec: 20,
+            stun_per_sec: 20_000,
         }
     }
 }
@@ -64,6 +70,9 @@ impl Default for UdpConfig {
 pub struct ControlConfig {
     /// Address of the HTTP control plane.
     pub listen: SocketAddr,
+    /// Address `GET /metrics` is served on (a listener of its own, so a reverse proxy in front
+    /// of `listen` cannot make it public by accident).
+    pub metrics_listen: SocketAddr,
     /// Relay key, journal and snapshot live here.
     pub state_dir: PathBuf,
     /// When set, `POST /auth/register` without this key is refused.
@@ -76,6 +85,20 @@ pub struct ControlConfig {
     pub challenge_ttl_secs: u64,
     /// Most tokens alive at once (all peers together).
     pub max_tokens: usize,
+    /// Most live tokens registered from one source (IPv4 address or IPv6 /64).
+    pub max_tokens_per_ip: usize,
+    /// Lifetime of a token whose key is in no party yet (registration and refresh; never longer
+    /// than `token_ttl_secs`); joining or creating a party extends it to `token_ttl_secs`.
+    pub unaffiliated_token_ttl_secs: u64,
+    /// Most outstanding registration challenges per source (IPv4 address or IPv6 /64).
+    pub max_challenges_per_ip: usize,
+    /// Most open control-plane connections (metrics listener included).
+    pub max_connections: usize,
+    /// Most open control-plane connections from one source (IPv4 address or IPv6 /64).
+    pub max_connections_per_ip: usize,
+    /// A connection that has not sent a whole request head this long after connecting or after
+    /// its previous answer is closed (slow or idle clients).
+    pub header_timeout_secs: u64,
     /// Requests per second per source IP (sustained).
     pub ip_rate_per_sec: u32,
     /// Burst per source IP.
@@ -92,12 +115,19 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8667)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 8668)),
             state_dir: PathBuf::from("/var/lib/lanrage-relay"),
             access_key: None,
             max_body_bytes: 16 * 1024,
             token_ttl_secs: 24 * 3600,
             challenge_ttl_secs: 60,
             max_tokens: 100_000,
+            max_tokens_per_ip: 64,
+            unaffiliated_token_ttl_secs: 600,
+            max_challenges_per_ip: 64,
+            max_connections: 10_000,
+            max_connections_per_ip: 64,
+            header_timeout_secs: 10,
             ip_rate_per_sec: 20,
             ip_burst: 60,
             token_rate_per_sec: 10,
@@ -120,6 +150,8 @@ pub struct PartiesConfig {
     pub max_members: usize,
     /// Most parties one peer can be in at once.
     pub max_parties_per_peer: usize,
+    /// Most live parties created from one source (IPv4 address or IPv6 /64).
+    pub max_parties_per_ip: usize,
     /// A member without a heartbeat for this long is removed.
     pub peer_timeout_secs: u64,
     /// Most undelivered signals per member (the oldest is dropped).
@@ -128,6 +160,11 @@ pub struct PartiesConfig {
     pub signal_ttl_secs: u64,
     /// Wrong passwords one peer may try per party per minute.
     pub password_attempts_per_min: u32,
+    /// Wrong passwords per party per minute, all peers together (fresh keys do not help a guesser).
+    pub password_failures_per_party_per_min: u32,
+    /// Wrong passwords per minute from one source (IPv4 address or IPv6 /64), all parties
+    /// together.
+    pub password_failures_per_ip_per_min: u32,
 }
 
 impl Default for PartiesConfig {
@@ -136,10 +173,13 @@ impl Default for PartiesConfig {
             max_parties: 10_000,
             max_members: 32,
             max_parties_per_peer: 4,
+            max_parties_per_ip: 1000,
             peer_timeout_secs: 60,
             max_signals: 32,
             signal_ttl_secs: 30,
             password_attempts_per_min: 5,
+            password_failures_per_party_per_min: 20,
+            password_failures_per_ip_per_min: 10,
         }
     }
 }
@@ -152,6 +192,8 @@ pub struct RelayConfig {
     pub max_sessions: usize,
     /// Most sessions one peer takes part in.
     pub max_sessions_per_peer: usize,
+    /// Most live sessions opened from one source (IPv4 address or IPv6 /64).
+    pub max_sessions_per_ip: usize,
     /// A session without data or binds for this long is closed.
     pub idle_timeout_secs: u64,
     /// Packets per second per session and direction (sustained; burst is one second's worth).
@@ -162,6 +204,11 @@ pub struct RelayConfig {
     pub global_pps: u64,
     /// Bytes per second over all sessions.
     pub global_bytes_per_sec: u64,
+    /// Rebind hints and bind challenges per second over all sources.
+    pub hints_per_sec: u64,
+    /// Rebind hints and bind challenges per second to one source (IPv4 address or IPv6 /64);
+    /// burst twice that.
+    pub hints_per_source_per_sec: u64,
 }
 
 impl Default for RelayConfig {
@@ -169,11 +216,14 @@ impl Default for RelayConfig {
         RelayConfig {
             max_sessions: 10_000,
             max_sessions_per_peer: 64,
+            max_sessions_per_ip: 1000,
             idle_timeout_secs: 120,
             session_pps: 20_000,
             session_bytes_per_sec: 12_500_000,
             global_pps: 1_000_000,
             global_bytes_per_sec: 125_000_000,
+            hints_per_sec: 1000,
+            hints_per_source_per_sec: 50,
         }
     }
 }
@@ -301,8 +351,41 @@ impl Config {
                 format!("{} is outside 5..=600", c.challenge_ttl_secs),
             ));
         }
+        if c.metrics_listen == c.listen {
+            return Err(bad(
+                "control.metrics_listen",
+                format!(
+                    "{} is control.listen too; give metrics an address of their own",
+                    c.listen
+                ),
+            ));
+        }
+        if !(1..=300).contains(&c.header_timeout_secs) {
+            return Err(bad(
+                "control.header_timeout_secs",
+                format!("{} is outside 1..=300", c.header_timeout_secs),
+            ));
+        }
+        if !(1..=30 * 86400).contains(&c.unaffiliated_token_ttl_secs) {
+            return Err(bad(
+                "control.unaffiliated_token_ttl_secs",
+                format!("{} is outside 1..=2592000", c.unaffiliated_token_ttl_secs),
+            ));
+        }
         let positive = [
+            ("udp.stun_per_source_per_sec", u.stun_per_source_per_sec),
+            ("udp.stun_per_sec", u.stun_per_sec),
             ("control.max_tokens", c.max_tokens as u64),
+            ("control.max_tokens_per_ip", c.max_tokens_per_ip as u64),
+            (
+                "control.max_challenges_per_ip",
+                c.max_challenges_per_ip as u64,
+            ),
+            ("control.max_connections", c.max_connections as u64),
+            (
+                "control.max_connections_per_ip",
+                c.max_connections_per_ip as u64,
+            ),
             ("control.ip_rate_per_sec", u64::from(c.ip_rate_per_sec)),
             ("control.ip_burst", u64::from(c.ip_burst)),
             (
@@ -319,6 +402,27 @@ impl Config {
             (
                 "parties.password_attempts_per_min",
                 u64::from(self.parties.password_attempts_per_min),
+            ),
+            (
+                "parties.password_failures_per_party_per_min",
+                u64::from(self.parties.password_failures_per_party_per_min),
+            ),
+            (
+                "parties.password_failures_per_ip_per_min",
+                u64::from(self.parties.password_failures_per_ip_per_min),
+            ),
+            (
+                "parties.max_parties_per_ip",
+                self.parties.max_parties_per_ip as u64,
+            ),
+            (
+                "relay.max_sessions_per_ip",
+                self.relay.max_sessions_per_ip as u64,
+            ),
+            ("relay.hints_per_sec", self.relay.hints_per_sec),
+            (
+                "relay.hints_per_source_per_sec",
+                self.relay.hints_per_source_per_sec,
             ),
             ("relay.max_sessions", self.relay.max_sessions as u64),
             (
@@ -472,6 +576,10 @@ mod tests {
             (&format!("{MIN}[control]\naccess_key = \"short\"\n"), "control.access_key"),
             (&format!("{MIN}[control]\nmetrics_from = [\"10.0.0.1/99\"]\n"), "control.metrics_from"),
             (&format!("{MIN}[parties]\nmax_members = \"many\"\n"), "parties.max_members"),
+            (&format!("{MIN}[control]\nmetrics_listen = \"0.0.0.0:8667\"\n"), "control.metrics_listen"),
+            (&format!("{MIN}[control]\nmax_tokens_per_ip = 0\n"), "control.max_tokens_per_ip"),
+            (&format!("{MIN}[control]\nheader_timeout_secs = 0\n"), "control.header_timeout_secs"),
+            ("[udp]\npublic = [\"203.0.113.1:3478\"]\nstun_per_sec = 0\n", "udp.stun_per_sec"),
         ];
         for (text, key) in cases {
             let f = write(text);

@@ -5,6 +5,14 @@
 //! authenticated routes the bearer token (401) and the per-token rate limit (429), then malformed
 //! ids or bodies (400), then the registry's 404 / 403 / 409. Errors are `{"error": "..."}`.
 //! Source IPs are the TCP peers: behind a reverse proxy they are the proxy's.
+//!
+//! A request (body included) must be answered within [`REQUEST_TIMEOUT`] or gets 408: the
+//! connection layer ([`crate::server`]) bounds how long a request head may take, this bounds a
+//! body sent slowly. Password stretching (create, join) runs on blocking threads.
+//!
+//! `GET /metrics` is not on this router but on [`metrics_router`], served on its own listener
+//! (`control.metrics_listen`): behind a reverse proxy on the same host every client of the control
+//! plane comes from 127.0.0.1, so an address check here would let everyone in.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +29,10 @@ use lanrage_proto::api::{
     ChallengeRequest, CreatePartyRequest, ErrorBody, HeartbeatRequest, JoinRequest,
     RegisterRequest, SessionRequest, SignalRequest, SignalsResponse, MAX_WAIT_SECS,
 };
+
+/// Longest a request may take from its head to its answer (the longest long poll plus room for
+/// a slow network); a client dribbling its body gets 408 after this.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(MAX_WAIT_SECS + 15);
 use lanrage_proto::ids::{PartyId, PeerId};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -28,6 +40,7 @@ use serde::Serialize;
 use crate::state::{ApiError, Caller, Relay};
 
 type Shared = State<Arc<Relay>>;
+type Peer = ConnectInfo<SocketAddr>;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -115,39 +128,53 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/parties/{id}/signals", get(signals))
         .route("/parties/{id}/sessions", post(session))
         .route("/relays", get(relays))
-        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(404, "no such route") })
         .layer(DefaultBodyLimit::max(cap))
         .layer(middleware::from_fn_with_state(relay.clone(), edge))
         .with_state(relay)
 }
 
-/// Per-IP rate limit and response counting, around every route.
-async fn edge(
-    State(r): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-    next: Next,
-) -> Response {
+/// The router of the metrics listener: `GET /metrics` only.
+pub fn metrics_router(relay: Arc<Relay>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(404, "no such route") })
+        .with_state(relay)
+}
+
+/// Per-IP rate limit, the request deadline and response counting, around every route.
+async fn edge(State(r): Shared, ConnectInfo(peer): Peer, req: Request, next: Next) -> Response {
     let resp = match r.limit_ip(peer.ip()) {
-        Ok(()) => next.run(req).await,
+        Ok(()) => match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+            Ok(resp) => resp,
+            Err(_) => ApiError::new(408, "request not finished in time").into_response(),
+        },
         Err(e) => e.into_response(),
     };
     r.metrics.http_response(resp.status().as_u16());
     resp
 }
 
-async fn challenge(State(r): Shared, body: Bytes) -> Response {
+/// Runs a blocking operation (password stretching) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|_| Err(ApiError::new(500, "internal error")))
+}
+
+async fn challenge(State(r): Shared, ConnectInfo(peer): Peer, body: Bytes) -> Response {
     reply(
         StatusCode::OK,
-        json::<ChallengeRequest>(&body).and_then(|req| r.challenge(req.key)),
+        json::<ChallengeRequest>(&body).and_then(|req| r.challenge(&req, peer.ip())),
     )
 }
 
-async fn register(State(r): Shared, body: Bytes) -> Response {
+async fn register(State(r): Shared, ConnectInfo(peer): Peer, body: Bytes) -> Response {
     reply(
         StatusCode::OK,
-        json::<RegisterRequest>(&body).and_then(|req| r.register(&req)),
+        json::<RegisterRequest>(&body).and_then(|req| r.register(&req, peer.ip())),
     )
 }
 
@@ -158,12 +185,25 @@ async fn refresh(State(r): Shared, headers: HeaderMap) -> Response {
     )
 }
 
-async fn create_party(State(r): Shared, headers: HeaderMap, body: Bytes) -> Response {
+async fn create_party(
+    State(r): Shared,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let res = (|| {
         let c = auth(&r, &headers)?;
         let req: CreatePartyRequest = json(&body)?;
-        r.create_party(&c, req)
+        Ok((c, req))
     })();
+    // A protected party's password is stretched: off the async workers.
+    let res = match res {
+        Ok((c, req)) => {
+            let r2 = r.clone();
+            blocking(move || r2.create_party(&c, req, peer.ip())).await
+        }
+        Err(e) => Err(e),
+    };
     reply(StatusCode::CREATED, res)
 }
 
@@ -176,6 +216,7 @@ async fn party_info(State(r): Shared, headers: HeaderMap, Path(id): Path<String>
 
 async fn join(
     State(r): Shared,
+    ConnectInfo(peer): Peer,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
@@ -189,9 +230,7 @@ async fn join(
     let res = match res {
         Ok((c, id, req)) => {
             let r2 = r.clone();
-            tokio::task::spawn_blocking(move || r2.join(&c, id, req))
-                .await
-                .unwrap_or_else(|_| Err(ApiError::new(500, "internal error")))
+            blocking(move || r2.join(&c, id, req, peer.ip())).await
         }
         Err(e) => Err(e),
     };
@@ -279,8 +318,17 @@ async fn signals(
         Err(e) => return e.into_response(),
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    // The first check also proves membership before a wake-up is made for this member.
+    match r.take_signals(&c, id) {
+        Err(e) => return e.into_response(),
+        Ok(s) if !s.is_empty() || wait == 0 => {
+            return reply(StatusCode::OK, Ok(SignalsResponse { signals: s }));
+        }
+        Ok(_) => {}
+    }
+    let waiter = r.waiter(id, c.peer);
     loop {
-        let notified = r.signals.notified();
+        let notified = waiter.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         match r.take_signals(&c, id) {
@@ -296,6 +344,7 @@ async fn signals(
 
 async fn session(
     State(r): Shared,
+    ConnectInfo(peer): Peer,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
@@ -304,7 +353,7 @@ async fn session(
         let c = auth(&r, &headers)?;
         let id = party_id(&id)?;
         let req: SessionRequest = json(&body)?;
-        r.open_session(&c, id, req.peer)
+        r.open_session(&c, id, req.peer, peer.ip())
     })();
     reply(StatusCode::OK, res)
 }
@@ -313,7 +362,7 @@ async fn relays(State(r): Shared) -> Response {
     reply(StatusCode::OK, Ok(r.relays()))
 }
 
-async fn metrics(State(r): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
+async fn metrics(State(r): Shared, ConnectInfo(peer): Peer) -> Response {
     if !r.cfg.metrics_allowed(peer.ip()) {
         return ApiError::new(
             403,

@@ -9,13 +9,18 @@
 //! - `lanrage_relay_forwarded_packets_total`, `lanrage_relay_forwarded_bytes_total`
 //! - `lanrage_relay_drops_total{reason=...}` (the session table's reasons, plus `unknown_protocol`
 //!   for datagrams that are neither STUN nor relay frames, and `send_error`)
-//! - `lanrage_relay_binds_total`, `lanrage_relay_rebinds_total`, `lanrage_relay_rebind_hints_total`
-//! - `lanrage_relay_stun_requests_total{result="success"|"error"|"ignored"}`
+//! - `lanrage_relay_binds_total`, `lanrage_relay_rebinds_total`, `lanrage_relay_rebind_hints_total`,
+//!   `lanrage_relay_bind_challenges_total`, `lanrage_relay_hints_limited_total`
+//! - `lanrage_relay_stun_requests_total{result="success"|"error"|"ignored"|"oversized"|"rate_limited"}`
 //! - `lanrage_relay_registered_peers`, `lanrage_relay_tokens`, `lanrage_relay_parties`,
 //!   `lanrage_relay_party_members`
 //! - `lanrage_relay_http_responses_total{code=...}`, `lanrage_relay_rate_limited_total{scope="ip"|"token"}`
+//! - `lanrage_relay_http_connections_refused_total` (connection caps)
+//! - `lanrage_relay_password_checks_total` (password stretchings: creates and joins)
 //! - `lanrage_relay_store_commits_total`, `lanrage_relay_store_records_total`,
-//!   `lanrage_relay_store_compactions_total`, `lanrage_relay_store_errors_total`
+//!   `lanrage_relay_store_compactions_total`, `lanrage_relay_store_errors_total`,
+//!   `lanrage_relay_store_blocked` (1 while the journal cannot be written: state changes are not
+//!   being saved)
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +39,10 @@ pub struct Metrics {
     pub stun_error: AtomicU64,
     /// STUN-looking datagrams not answered.
     pub stun_ignored: AtomicU64,
+    /// STUN requests not answered because the answer would be larger (a 420).
+    pub stun_oversized: AtomicU64,
+    /// STUN requests not answered because of the per-source or global answer budget.
+    pub stun_limited: AtomicU64,
     /// Datagrams that are neither STUN nor relay frames.
     pub unknown_protocol: AtomicU64,
     /// `send_to` failures.
@@ -44,6 +53,10 @@ pub struct Metrics {
     pub limited_ip: AtomicU64,
     /// Requests refused by the per-token limiter.
     pub limited_token: AtomicU64,
+    /// TCP connections closed at once because of `control.max_connections(_per_ip)`.
+    pub connections_refused: AtomicU64,
+    /// Party password stretchings (create and join).
+    pub password_checks: AtomicU64,
     /// Store batches committed.
     pub store_commits: AtomicU64,
     /// Records committed.
@@ -52,6 +65,8 @@ pub struct Metrics {
     pub store_compactions: AtomicU64,
     /// Store failures.
     pub store_errors: AtomicU64,
+    /// 1 while the store refuses to commit (a failed write it could not undo), else 0.
+    pub store_blocked: AtomicU64,
 }
 
 /// Gauges read from the state at render time.
@@ -149,6 +164,18 @@ impl Metrics {
             &one(table.hints),
         );
         metric(
+            "lanrage_relay_bind_challenges_total",
+            "counter",
+            "Bind challenges sent (address proofs asked for).",
+            &one(table.challenges),
+        );
+        metric(
+            "lanrage_relay_hints_limited_total",
+            "counter",
+            "Rebind hints and bind challenges not sent because of the per-source or global budget.",
+            &one(table.answers_limited),
+        );
+        metric(
             "lanrage_relay_stun_requests_total",
             "counter",
             "STUN datagrams by outcome.",
@@ -156,6 +183,8 @@ impl Metrics {
                 ("{result=\"success\"}".into(), get(&self.stun_success)),
                 ("{result=\"error\"}".into(), get(&self.stun_error)),
                 ("{result=\"ignored\"}".into(), get(&self.stun_ignored)),
+                ("{result=\"oversized\"}".into(), get(&self.stun_oversized)),
+                ("{result=\"rate_limited\"}".into(), get(&self.stun_limited)),
             ],
         );
         metric(
@@ -204,6 +233,18 @@ impl Metrics {
             ],
         );
         metric(
+            "lanrage_relay_http_connections_refused_total",
+            "counter",
+            "Control-plane connections closed at once by the connection caps.",
+            &one(get(&self.connections_refused)),
+        );
+        metric(
+            "lanrage_relay_password_checks_total",
+            "counter",
+            "Party password stretchings (creates and joins).",
+            &one(get(&self.password_checks)),
+        );
+        metric(
             "lanrage_relay_store_commits_total",
             "counter",
             "Store batches made durable.",
@@ -226,6 +267,12 @@ impl Metrics {
             "counter",
             "Store failures.",
             &one(get(&self.store_errors)),
+        );
+        metric(
+            "lanrage_relay_store_blocked",
+            "gauge",
+            "1 while state changes cannot be saved (the journal has a tail it could not cut).",
+            &one(get(&self.store_blocked)),
         );
         s
     }

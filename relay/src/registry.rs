@@ -8,12 +8,18 @@
 //!   for itself (leave, heartbeat): anything else is [`RegistryError::Forbidden`] (403). Unknown
 //!   parties are 404 first, so members and strangers see the same thing for a party that is gone.
 //! - The creator is the first member. Joining again updates name and endpoints.
-//! - Protected parties: the caller gets the verifier from [`Registry::precheck_join`] (which also
-//!   refuses peers that used up `password_attempts_per_min`, before any expensive hashing), checks
-//!   the password outside any lock (stretching takes milliseconds) and passes the outcome to
-//!   [`Registry::join`], which counts wrong passwords per peer and party.
+//! - Protected parties: the caller gets the verifier from [`Registry::precheck_join`], which
+//!   charges the attempt to the peer's budget in that party (`password_attempts_per_min`) and to
+//!   the party's budget (`password_failures_per_party_per_min`, so fresh keys do not buy more
+//!   guesses) *before* any hashing, and refuses when either is used up. The caller checks the
+//!   password outside any lock (stretching takes milliseconds) and passes the outcome to
+//!   [`Registry::join`], which gives the attempt back if the password was right. Charging first
+//!   means concurrent guesses cannot all pass the check before any of them is counted.
+//! - Creating a protected party: [`Registry::precheck_create`] validates the request and checks
+//!   the limits before the caller spends milliseconds stretching the password.
 //! - Timeouts: a member without heartbeat for `peer_timeout_secs` is removed (with its sessions);
-//!   a party without members is deleted; undelivered signals expire.
+//!   a party without members is deleted (also one a torn journal batch left empty); undelivered
+//!   signals expire.
 //! - Sessions: one per unordered pair of members in a party, created by whichever asks first; the
 //!   caller mirrors creations and removals into the UDP session table.
 
@@ -68,6 +74,8 @@ pub struct RegistryLimits {
     pub signal_ttl: Duration,
     /// Wrong passwords per peer and party per minute.
     pub password_attempts_per_min: u32,
+    /// Wrong passwords per party per minute, all peers together.
+    pub password_failures_per_party: u32,
 }
 
 impl From<&PartiesConfig> for RegistryLimits {
@@ -80,6 +88,7 @@ impl From<&PartiesConfig> for RegistryLimits {
             max_signals: c.max_signals,
             signal_ttl: Duration::from_secs(c.signal_ttl_secs),
             password_attempts_per_min: c.password_attempts_per_min,
+            password_failures_per_party: c.password_failures_per_party_per_min,
         }
     }
 }
@@ -104,7 +113,25 @@ struct Party {
     version: u64,
     members: Vec<Member>,
     sessions: Vec<(SessionId, PeerId, PeerId)>,
+    /// Password attempts (charged before checking, given back when right) per peer, and for the
+    /// whole party, each as (count, start of its one-minute window).
     failures: HashMap<PeerId, (u32, Instant)>,
+    party_failures: (u32, Instant),
+}
+
+const ATTEMPT_WINDOW: Duration = Duration::from_secs(60);
+
+/// Charges one attempt to a (count, window start) budget of `limit` per minute; false when it
+/// is used up.
+fn charge(entry: &mut (u32, Instant), limit: u32, now: Instant) -> bool {
+    if now.saturating_duration_since(entry.1) >= ATTEMPT_WINDOW {
+        *entry = (0, now);
+    }
+    if entry.0 >= limit {
+        return false;
+    }
+    entry.0 += 1;
+    true
 }
 
 impl Party {
@@ -227,6 +254,15 @@ pub fn check_password(password: &str) -> Result<(), RegistryError> {
     Ok(())
 }
 
+/// The checks of a create request that need no state: names and endpoints.
+pub fn check_new_party(req: &NewParty) -> Result<(), RegistryError> {
+    check_name("party name", &req.name)?;
+    if let Some(n) = &req.peer_name {
+        check_name("peer_name", n)?;
+    }
+    check_endpoints(&req.endpoints)
+}
+
 impl Registry {
     /// An empty registry. `version_base` seeds roster versions (use the Unix time in ms at start,
     /// so versions keep growing across restarts).
@@ -287,22 +323,8 @@ impl Registry {
         unix: u64,
         journal: &mut Vec<Record>,
     ) -> Result<PartyView, RegistryError> {
-        check_name("party name", &req.name)?;
-        if let Some(n) = &req.peer_name {
-            check_name("peer_name", n)?;
-        }
-        check_endpoints(&req.endpoints)?;
+        self.precheck_create(&key, &req)?;
         let peer = PeerId::from_key(&key);
-        if self.parties.len() >= self.limits.max_parties {
-            return Err(RegistryError::Full(
-                "this relay has as many parties as it allows",
-            ));
-        }
-        if self.by_peer.get(&peer).map_or(0, Vec::len) >= self.limits.max_parties_per_peer {
-            return Err(RegistryError::Full(
-                "you are in as many parties as this relay allows",
-            ));
-        }
         if self.parties.contains_key(&id) {
             return Err(RegistryError::Full("party id collision; try again"));
         }
@@ -316,6 +338,7 @@ impl Registry {
             members: Vec::new(),
             sessions: Vec::new(),
             failures: HashMap::new(),
+            party_failures: (0, now),
         };
         journal.push(Record::Party {
             id,
@@ -340,29 +363,69 @@ impl Registry {
         Ok(view)
     }
 
-    /// The verifier of a protected party (`None` for open parties), after checking the party
-    /// exists and `key` has not used up its password attempts.
+    /// Everything a create request can fail on before the party exists: the fields and the
+    /// limits. Cheap, so the caller runs it before stretching a password.
+    pub fn precheck_create(&self, key: &PublicKey, req: &NewParty) -> Result<(), RegistryError> {
+        check_new_party(req)?;
+        let peer = PeerId::from_key(key);
+        if self.parties.len() >= self.limits.max_parties {
+            return Err(RegistryError::Full(
+                "this relay has as many parties as it allows",
+            ));
+        }
+        if self.by_peer.get(&peer).map_or(0, Vec::len) >= self.limits.max_parties_per_peer {
+            return Err(RegistryError::Full(
+                "you are in as many parties as this relay allows",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The verifier of a protected party (`None` for open parties and for members, who need no
+    /// password to update themselves). For a protected party this charges one attempt to `key`'s
+    /// budget in the party and to the party's budget, refusing when either is used up; a right
+    /// password gets it back in [`Registry::join`].
     pub fn precheck_join(
         &mut self,
         party: &PartyId,
         key: &PublicKey,
         now: Instant,
     ) -> Result<Option<Verifier>, RegistryError> {
-        let limit = self.limits.password_attempts_per_min;
+        let (per_peer, per_party) = (
+            self.limits.password_attempts_per_min,
+            self.limits.password_failures_per_party,
+        );
         let p = self
             .parties
             .get_mut(party)
             .ok_or(RegistryError::NotFound("no such party"))?;
         let peer = PeerId::from_key(key);
-        if p.member(&peer).is_some() {
-            return Ok(None); // already a member: no password needed to update name/endpoints
+        if p.member(&peer).is_some() || p.verifier.is_none() {
+            return Ok(None);
         }
-        if let Some((count, since)) = p.failures.get(&peer) {
-            if now.saturating_duration_since(*since) < Duration::from_secs(60) && *count >= limit {
-                return Err(RegistryError::TooManyAttempts);
+        let mut party_budget = p.party_failures;
+        if !charge(&mut party_budget, per_party, now) {
+            return Err(RegistryError::TooManyAttempts);
+        }
+        let mut mine = p.failures.get(&peer).copied().unwrap_or((0, now));
+        if !charge(&mut mine, per_peer, now) {
+            return Err(RegistryError::TooManyAttempts);
+        }
+        p.party_failures = party_budget;
+        p.failures.insert(peer, mine);
+        Ok(p.verifier.clone())
+    }
+
+    /// Gives back an attempt [`Registry::precheck_join`] charged, when the caller never got to
+    /// [`Registry::join`] (e.g. another budget refused it).
+    pub fn refund_attempt(&mut self, party: &PartyId, key: &PublicKey) {
+        let peer = PeerId::from_key(key);
+        if let Some(p) = self.parties.get_mut(party) {
+            p.party_failures.0 = p.party_failures.0.saturating_sub(1);
+            if let Some(e) = p.failures.get_mut(&peer) {
+                e.0 = e.0.saturating_sub(1);
             }
         }
-        Ok(p.verifier.clone())
     }
 
     /// Joins (or updates membership). `password_ok` is the caller's check against
@@ -409,13 +472,13 @@ impl Registry {
             journal.push(rec);
             return Ok(p.view(max_members));
         }
-        if p.verifier.is_some() && !password_ok {
-            let entry = p.failures.entry(peer).or_insert((0, now));
-            if now.saturating_duration_since(entry.1) >= Duration::from_secs(60) {
-                *entry = (0, now);
+        if p.verifier.is_some() {
+            // The attempt was charged by precheck_join; a right password gets it back.
+            if !password_ok {
+                return Err(RegistryError::Forbidden("wrong password"));
             }
-            entry.0 += 1;
-            return Err(RegistryError::Forbidden("wrong password"));
+            p.party_failures.0 = p.party_failures.0.saturating_sub(1);
+            p.failures.remove(&peer);
         }
         if p.members.len() >= max_members {
             return Err(RegistryError::Full("the party is full"));
@@ -425,7 +488,6 @@ impl Registry {
                 "you are in as many parties as this relay allows",
             ));
         }
-        p.failures.remove(&peer);
         let member = Member {
             peer,
             key,
@@ -726,7 +788,36 @@ impl Registry {
             }
             swept.members.push((party, peer));
         }
+        swept.parties.extend(self.drop_empty(journal));
         swept
+    }
+
+    /// Deletes parties without members. Members leaving or timing out delete their party when it
+    /// empties, but a journal batch torn after its `Party` record and before its `Member` record
+    /// (a crash mid-write) would restore a party nobody is in, and nothing else would ever remove
+    /// it: this runs after loading and in every sweep.
+    pub fn drop_empty(&mut self, journal: &mut Vec<Record>) -> Vec<PartyId> {
+        let empty: Vec<PartyId> = self
+            .parties
+            .values()
+            .filter(|p| p.members.is_empty())
+            .map(|p| p.id)
+            .collect();
+        for id in &empty {
+            self.parties.remove(id);
+            journal.push(Record::PartyGone { id: *id });
+        }
+        empty
+    }
+
+    /// Whether `peer` is a member of any party.
+    pub fn in_any_party(&self, peer: &PeerId) -> bool {
+        self.by_peer.contains_key(peer)
+    }
+
+    /// Whether a party exists.
+    pub fn contains(&self, party: &PartyId) -> bool {
+        self.parties.contains_key(party)
     }
 
     /// Applies one stored record (loading). Members get `last_seen = now`.
@@ -748,6 +839,7 @@ impl Registry {
                     members: Vec::new(),
                     sessions: Vec::new(),
                     failures: HashMap::new(),
+                    party_failures: (0, now),
                 });
                 p.name = name.clone();
                 p.verifier = verifier.clone();
@@ -820,7 +912,7 @@ impl Registry {
                     p.sessions.retain(|(s, ..)| s != id);
                 }
             }
-            Record::Token { .. } | Record::TokenGone { .. } => {}
+            Record::Token { .. } | Record::TokenV2 { .. } | Record::TokenGone { .. } => {}
         }
     }
 
@@ -886,7 +978,134 @@ mod tests {
             max_signals: 2,
             signal_ttl: Duration::from_secs(30),
             password_attempts_per_min: 2,
+            password_failures_per_party: 5,
         }
+    }
+
+    fn protected(r: &mut Registry, t: Instant, j: &mut Vec<Record>) -> PartyId {
+        let pid = PartyId([1; 10]);
+        let verifier = Verifier::new(&pid, "secret");
+        r.create_with_id(
+            key(1),
+            pid,
+            NewParty {
+                name: "x".into(),
+                verifier: Some(verifier),
+                ..Default::default()
+            },
+            t,
+            0,
+            j,
+        )
+        .unwrap();
+        pid
+    }
+
+    #[test]
+    fn attempts_are_charged_before_the_password_is_checked() {
+        // Concurrent guesses: every precheck counts at once, so the third is refused even though
+        // no join (no wrong password) has been reported yet.
+        let t = Instant::now();
+        let mut r = Registry::new(limits(), 0);
+        let mut j = Vec::new();
+        let p = protected(&mut r, t, &mut j);
+        assert!(r.precheck_join(&p, &key(2), t).unwrap().is_some());
+        assert!(r.precheck_join(&p, &key(2), t).unwrap().is_some());
+        assert_eq!(
+            r.precheck_join(&p, &key(2), t),
+            Err(RegistryError::TooManyAttempts)
+        );
+        // A right password gives its attempt back.
+        r.join(key(2), &p, true, None, vec![], t, 0, &mut j)
+            .unwrap();
+        assert_eq!(r.precheck_join(&p, &key(2), t), Ok(None), "now a member");
+        assert!(r.precheck_join(&p, &key(3), t).unwrap().is_some());
+    }
+
+    #[test]
+    fn fresh_keys_share_the_party_budget() {
+        let t = Instant::now();
+        let mut r = Registry::new(limits(), 0);
+        let mut j = Vec::new();
+        let p = protected(&mut r, t, &mut j);
+        // Five guesses from five new keys use up the party's five per minute.
+        for k in 10..15 {
+            assert!(r.precheck_join(&p, &key(k), t).unwrap().is_some());
+            assert_eq!(
+                r.join(key(k), &p, false, None, vec![], t, 0, &mut j),
+                Err(RegistryError::Forbidden("wrong password"))
+            );
+        }
+        assert_eq!(
+            r.precheck_join(&p, &key(20), t),
+            Err(RegistryError::TooManyAttempts)
+        );
+        // Members are never locked out of updating themselves.
+        assert_eq!(r.precheck_join(&p, &key(1), t), Ok(None));
+        // A refund (another budget refused the attempt) makes room again.
+        r.refund_attempt(&p, &key(14));
+        assert!(r.precheck_join(&p, &key(20), t).is_ok());
+        let later = t + Duration::from_secs(60);
+        assert!(r.precheck_join(&p, &key(21), later).is_ok());
+    }
+
+    #[test]
+    fn empty_parties_are_dropped_after_load_and_in_sweeps() {
+        let t = Instant::now();
+        // A batch torn between its Party and its Member record.
+        let torn = [Record::Party {
+            id: PartyId([7; 10]),
+            name: "torn".into(),
+            verifier: None,
+            created_at: 0,
+        }];
+        let mut r = Registry::new(limits(), 0);
+        for rec in &torn {
+            r.restore(rec, t);
+        }
+        assert_eq!(r.party_count(), 1);
+        let mut j = Vec::new();
+        assert_eq!(r.drop_empty(&mut j), vec![PartyId([7; 10])]);
+        assert_eq!(
+            j,
+            vec![Record::PartyGone {
+                id: PartyId([7; 10])
+            }]
+        );
+        assert_eq!(r.party_count(), 0);
+        // The sweep does it too.
+        for rec in &torn {
+            r.restore(rec, t);
+        }
+        let swept = r.sweep(t, &mut j);
+        assert_eq!(swept.parties, vec![PartyId([7; 10])]);
+        assert_eq!(r.party_count(), 0);
+    }
+
+    #[test]
+    fn create_is_checked_before_any_stretching() {
+        let t = Instant::now();
+        let mut r = Registry::new(limits(), 0);
+        let mut j = Vec::new();
+        let bad = NewParty {
+            name: "\u{7}".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            r.precheck_create(&key(1), &bad),
+            Err(RegistryError::Invalid(_))
+        ));
+        create(&mut r, 1, t, &mut j);
+        create(&mut r, 1, t, &mut j);
+        let ok = NewParty {
+            name: "fine".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            r.precheck_create(&key(1), &ok),
+            Err(RegistryError::Full(_))
+        ));
+        assert!(r.precheck_create(&key(2), &ok).is_ok());
     }
 
     fn key(n: u8) -> PublicKey {
@@ -1039,9 +1258,9 @@ mod tests {
             .unwrap()
             .party;
         assert!(p.protected);
-        let v = r.precheck_join(&p.id, &key(2), t).unwrap();
-        assert!(v.is_some());
         for _ in 0..2 {
+            let v = r.precheck_join(&p.id, &key(2), t).unwrap();
+            assert!(v.is_some());
             assert_eq!(
                 r.join(key(2), &p.id, false, None, vec![], t, 0, &mut j),
                 Err(RegistryError::Forbidden("wrong password"))

@@ -3,30 +3,56 @@
 //! why). This is the hot path: no allocation, one hash lookup per frame, integer token buckets.
 //!
 //! A session joins two members of one party. Each side is bound to the address (and local socket)
-//! its last valid `Bind` came from; a bind is valid when its tag verifies under that member's bind
-//! key (derived from DH with the relay key, so only that member can make it), its counter is above
-//! the last accepted one and within [`BIND_WINDOW_SECS`] of our clock. A valid bind from a new
-//! address moves the side there (NAT rebinding; counted). Data from a side's bound address goes to
-//! the other side's bound address unchanged; data from anywhere else is dropped (spoofed, stale or
-//! third-party source) and, rate-limited, answered with a `Rebind` hint so a legitimate peer whose
-//! address changed, or that talks to a restarted relay, binds again within one round trip.
+//! its last accepted `Bind` came from. A bind is accepted when
+//! - its tag verifies under that member's bind key (derived from DH with the relay key, so only
+//!   that member can make it), its counter is above the last accepted one (and, for sessions
+//!   restored after a restart, above the relay's start time) and within [`BIND_WINDOW_SECS`] of
+//!   our clock; and
+//! - it comes from the side's current bound address, or it echoes a cookie the relay sent to the
+//!   address it comes from (return routability). The tag only proves who made the bind, not where
+//!   its sender receives: without the cookie a member could bind its side to a spoofed address (a
+//!   victim, an echo service, the relay itself) and the relay would send the other member's
+//!   traffic there, or bounce it between its own sockets forever. A valid bind from a new address
+//!   without a valid cookie gets a `Challenge` (never larger than the bind) carrying
+//!   `MAC(secret, session, side, address, time slot)`; the secret is random per process, so the
+//!   table stores nothing per challenge and cookies die with a restart.
+//! - it does not name one of the relay's own UDP addresses or the other side's bound address
+//!   (both would loop traffic), nor an address nobody can receive at (port 0, unspecified,
+//!   multicast, broadcast).
+//!
+//! A bind from a new address that passes all this moves the side there (NAT rebinding; counted).
+//! Data from a side's bound address goes to the other side's bound address unchanged; data from
+//! anywhere else is dropped (spoofed, stale or third-party source) and, rate-limited, answered
+//! with a `Rebind` hint so a legitimate peer whose address changed, or that talks to a restarted
+//! relay, binds again within a round trip or two.
+//!
+//! Answers to sources that have not proven their address (hints and challenges) are never larger
+//! than what came in and are limited per source (IPv4 address or IPv6 /64) and globally, so the
+//! relay is neither an amplifier nor, for any one victim, much of a reflector, and one noisy
+//! sender cannot use up the budget others need after a restart.
 //!
 //! Limits: per side packets/s and bytes/s, global packets/s and bytes/s, most sessions, most
 //! sessions per peer, idle timeout (no data and no binds).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use blake2::digest::consts::U16;
+use blake2::digest::{KeyInit, Mac};
+use blake2::Blake2sMac;
 use lanrage_proto::auth::BindKey;
-use lanrage_proto::frame::{self, Bound, Frame, Rebind, RebindReason, BIND_WINDOW_SECS};
+use lanrage_proto::frame::{
+    self, Bind, Bound, Challenge, Cookie, Frame, Rebind, RebindReason, Tagged, BIND_WINDOW_SECS,
+    COOKIE_VALID_SECS,
+};
 use lanrage_proto::ids::{PartyId, PeerId, SessionId};
 
 use crate::config::RelayConfig;
-use crate::ratelimit::TokenBucket;
+use crate::ratelimit::{HashedLimiter, TokenBucket};
 
-/// Rebind hints per second, all sources together (they answer unauthenticated frames).
-const HINTS_PER_SEC: u64 = 200;
+/// Slots of the per-source answer budget (see [`HashedLimiter`]).
+const ANSWER_SLOTS: usize = 4096;
 
 /// Why a frame was not forwarded. Each has a counter and a metrics label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -47,17 +73,25 @@ pub enum DropReason {
     BadTag,
     /// Bind naming a peer that is not in the session.
     NotMember,
-    /// Bind counter not above the last accepted one.
+    /// Bind counter not above the last accepted one (or older than a restored session's floor).
     Replay,
     /// Bind counter too far from our clock.
     Stale,
     /// A frame kind peers do not send to the relay.
     UnexpectedKind,
+    /// A valid bind from an address not proven yet: answered with a challenge.
+    Unproven,
+    /// A bind whose cookie is wrong, expired or was sent to another address: answered with a
+    /// fresh challenge.
+    BadCookie,
+    /// A bind from an address a side may never be bound to: the relay's own, the other side's, or
+    /// one nobody receives at.
+    ForbiddenAddress,
 }
 
 impl DropReason {
     /// Every reason, for metrics.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::UnknownSession,
         DropReason::NotBound,
@@ -69,6 +103,9 @@ impl DropReason {
         DropReason::Replay,
         DropReason::Stale,
         DropReason::UnexpectedKind,
+        DropReason::Unproven,
+        DropReason::BadCookie,
+        DropReason::ForbiddenAddress,
     ];
 
     /// The metrics label.
@@ -85,10 +122,14 @@ impl DropReason {
             DropReason::Replay => "replay",
             DropReason::Stale => "stale",
             DropReason::UnexpectedKind => "unexpected_kind",
+            DropReason::Unproven => "unproven_address",
+            DropReason::BadCookie => "bad_cookie",
+            DropReason::ForbiddenAddress => "forbidden_address",
         }
     }
 
-    fn index(self) -> usize {
+    /// Position in [`DropReason::ALL`] and [`TableStats::drops`].
+    pub fn index(self) -> usize {
         self as usize
     }
 }
@@ -112,7 +153,8 @@ pub enum Verdict {
         /// Length written to the output buffer.
         len: usize,
     },
-    /// Forward nothing. If `hint` is set, send `out[..hint]` (a `Rebind`) back to the source.
+    /// Forward nothing. If `hint` is set, send `out[..hint]` (a `Rebind` or a `Challenge`, never
+    /// longer than the datagram) back to the source from the socket it arrived on.
     Drop {
         /// Why.
         reason: DropReason,
@@ -138,6 +180,10 @@ pub struct SessionLimits {
     pub global_pps: u64,
     /// Global bytes/s.
     pub global_bps: u64,
+    /// Hints and challenges per second, all sources together.
+    pub hints_pps: u64,
+    /// Hints and challenges per second to one source (burst: twice that).
+    pub hints_per_source_pps: u64,
 }
 
 impl From<&RelayConfig> for SessionLimits {
@@ -150,6 +196,8 @@ impl From<&RelayConfig> for SessionLimits {
             bps: c.session_bytes_per_sec,
             global_pps: c.global_pps,
             global_bps: c.global_bytes_per_sec,
+            hints_pps: c.hints_per_sec,
+            hints_per_source_pps: c.hints_per_source_per_sec,
         }
     }
 }
@@ -195,8 +243,31 @@ pub struct TableStats {
     pub rebinds: u64,
     /// Rebind hints sent.
     pub hints: u64,
+    /// Bind challenges sent.
+    pub challenges: u64,
+    /// Hints and challenges not sent because of the per-source or global budget.
+    pub answers_limited: u64,
     /// Drops, indexed by [`DropReason`] order.
     pub drops: [u64; DropReason::ALL.len()],
+}
+
+/// What a bind leads to, decided while the session is borrowed.
+enum BindStep {
+    Accept(usize),
+    Challenge(DropReason, usize),
+    Drop(DropReason),
+}
+
+/// An IPv4-mapped IPv6 address (dual-stack socket) as the IPv4 address it is, so one client has
+/// one form everywhere addresses are compared or MACed.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        IpAddr::V4(_) => a,
+    }
 }
 
 /// All relay sessions.
@@ -208,17 +279,33 @@ pub struct SessionTable {
     global_pkts: TokenBucket,
     global_bytes: TokenBucket,
     hints: TokenBucket,
+    hints_per_source: HashedLimiter,
+    cookie_secret: [u8; 32],
+    epoch: Instant,
+    own: Vec<SocketAddr>,
+    own_wildcard_ports: Vec<u16>,
     /// Counters.
     pub stats: TableStats,
 }
 
 impl SessionTable {
-    /// An empty table.
+    /// An empty table, with a fresh random cookie secret.
     pub fn new(limits: SessionLimits, now: Instant) -> Self {
+        let per_source = limits.hints_per_source_pps;
         SessionTable {
             global_pkts: TokenBucket::new(limits.global_pps, limits.global_pps, now),
             global_bytes: TokenBucket::new(limits.global_bps, limits.global_bps, now),
-            hints: TokenBucket::new(HINTS_PER_SEC, HINTS_PER_SEC, now),
+            hints: TokenBucket::new(limits.hints_pps, limits.hints_pps, now),
+            hints_per_source: HashedLimiter::new(
+                per_source,
+                per_source.saturating_mul(2),
+                ANSWER_SLOTS,
+                now,
+            ),
+            cookie_secret: rand::random(),
+            epoch: now,
+            own: Vec::new(),
+            own_wildcard_ports: Vec::new(),
             limits,
             sessions: HashMap::new(),
             per_peer: HashMap::new(),
@@ -226,12 +313,29 @@ impl SessionTable {
         }
     }
 
-    /// Adds a session between two members with their bind keys (no-op if it exists).
+    /// The relay's own UDP addresses (listen and public): no side may ever be bound to one, or
+    /// the relay would forward to itself. A wildcard listen address forbids its port on loopback
+    /// (the specific addresses behind it are the public ones).
+    pub fn set_own_addresses(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        for a in addrs {
+            let a = canonical(a);
+            if a.ip().is_unspecified() {
+                self.own_wildcard_ports.push(a.port());
+            } else {
+                self.own.push(a);
+            }
+        }
+    }
+
+    /// Adds a session between two members with their bind keys (no-op if it exists). Binds with
+    /// a counter at or below `counter_floor` are refused: a restored session passes the relay's
+    /// start time, so binds captured before a restart are worthless.
     pub fn insert(
         &mut self,
         id: SessionId,
         party: PartyId,
         members: [(PeerId, BindKey); 2],
+        counter_floor: u64,
         now: Instant,
     ) -> Result<(), TableFull> {
         if self.sessions.contains_key(&id) {
@@ -250,7 +354,7 @@ impl SessionTable {
             peer,
             key,
             bound: None,
-            last_counter: 0,
+            last_counter: counter_floor,
             pkts: TokenBucket::new(self.limits.pps, self.limits.pps, now),
             bytes: TokenBucket::new(self.limits.bps, self.limits.bps, now),
         };
@@ -328,29 +432,139 @@ impl SessionTable {
         Verdict::Drop { reason, hint: None }
     }
 
+    /// Whether an answer to an unproven source may go out now: that source's budget first, so
+    /// one sender that is out of budget cannot use up the global one.
+    fn answer_allowed(&mut self, to: IpAddr, now: Instant) -> bool {
+        if !self.hints_per_source.try_take(to, now) {
+            self.stats.answers_limited += 1;
+            return false;
+        }
+        if !self.hints.try_take(1, now) {
+            self.hints_per_source.give_back(to);
+            self.stats.answers_limited += 1;
+            return false;
+        }
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn drop_with_hint(
         &mut self,
         reason: DropReason,
         session: SessionId,
         why: RebindReason,
+        from: SocketAddr,
         room: usize,
         now: Instant,
         out: &mut [u8],
     ) -> Verdict {
         self.stats.drops[reason.index()] += 1;
-        if !self.hints.try_take(1, now) {
-            return Verdict::Drop { reason, hint: None };
-        }
-        match frame::encode_rebind(
-            &Rebind {
-                session,
-                reason: why,
-            },
-            out,
-        ) {
-            // Never answer with more bytes than came in (no amplification).
-            Ok(n) if n <= room => {
+        let hint = Rebind {
+            session,
+            reason: why,
+        };
+        // Never answer with more bytes than came in (no amplification); check the size before
+        // spending budget on an answer that will not be sent.
+        match frame::encode_rebind(&hint, out) {
+            Ok(n) if n <= room && self.answer_allowed(from.ip(), now) => {
                 self.stats.hints += 1;
+                Verdict::Drop {
+                    reason,
+                    hint: Some(n),
+                }
+            }
+            _ => Verdict::Drop { reason, hint: None },
+        }
+    }
+
+    /// The cookie for `side` of `session` at `from` in time slot `slot`.
+    fn cookie(&self, session: SessionId, side: usize, from: SocketAddr, slot: u64) -> Cookie {
+        self.cookie_mac(session, side, from, slot)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    fn cookie_mac(
+        &self,
+        session: SessionId,
+        side: usize,
+        from: SocketAddr,
+        slot: u64,
+    ) -> Blake2sMac<U16> {
+        let from = canonical(from);
+        let ip = match from.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        // A 32-byte key is always accepted by BLAKE2s.
+        let mut mac = <Blake2sMac<U16> as KeyInit>::new_from_slice(&self.cookie_secret)
+            .expect("32-byte BLAKE2s key");
+        Mac::update(&mut mac, b"lanrage relay bind cookie");
+        Mac::update(&mut mac, &session.0.to_be_bytes());
+        Mac::update(&mut mac, &[side as u8]);
+        Mac::update(&mut mac, &ip.octets());
+        Mac::update(&mut mac, &from.port().to_be_bytes());
+        Mac::update(&mut mac, &slot.to_be_bytes());
+        mac
+    }
+
+    fn slot(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_secs() / COOKIE_VALID_SECS
+    }
+
+    /// Whether `cookie` was made for this side and address in this time slot or the one before
+    /// (so it lives between [`COOKIE_VALID_SECS`] and twice that). Constant time.
+    fn cookie_ok(
+        &self,
+        cookie: &Cookie,
+        session: SessionId,
+        side: usize,
+        from: SocketAddr,
+        now: Instant,
+    ) -> bool {
+        let slot = self.slot(now);
+        let ok = |s: u64| {
+            self.cookie_mac(session, side, from, s)
+                .verify_slice(cookie)
+                .is_ok()
+        };
+        ok(slot) || (slot > 0 && ok(slot - 1))
+    }
+
+    /// Whether no side may ever be bound to `a`.
+    fn forbidden(&self, a: SocketAddr) -> bool {
+        let a = canonical(a);
+        let ip = a.ip();
+        let unreachable = a.port() == 0
+            || ip.is_unspecified()
+            || ip.is_multicast()
+            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        unreachable
+            || self.own.contains(&a)
+            || (ip.is_loopback() && self.own_wildcard_ports.contains(&a.port()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn challenge(
+        &mut self,
+        reason: DropReason,
+        session: SessionId,
+        side: usize,
+        from: SocketAddr,
+        room: usize,
+        now: Instant,
+        out: &mut [u8],
+    ) -> Verdict {
+        self.stats.drops[reason.index()] += 1;
+        let c = Challenge {
+            session,
+            cookie: self.cookie(session, side, from, self.slot(now)),
+        };
+        match frame::encode_challenge(&c, out) {
+            // Never larger than the bind that caused it.
+            Ok(n) if n <= room && self.answer_allowed(from.ip(), now) => {
+                self.stats.challenges += 1;
                 Verdict::Drop {
                     reason,
                     hint: Some(n),
@@ -376,52 +590,99 @@ impl SessionTable {
         };
         match f {
             Frame::Data { session, .. } => self.data(now, from, session, datagram, out),
-            Frame::Bind(t) => {
-                let bind = t.body;
-                let Some(s) = self.sessions.get_mut(&bind.session) else {
-                    return self.drop_with_hint(
-                        DropReason::UnknownSession,
-                        bind.session,
-                        RebindReason::UnknownSession,
-                        datagram.len(),
-                        now,
-                        out,
-                    );
-                };
-                let Some(i) = s.sides.iter().position(|x| x.peer == bind.peer) else {
-                    return self.drop(DropReason::NotMember);
-                };
-                if !t.verify(&s.sides[i].key) {
-                    return self.drop(DropReason::BadTag);
-                }
-                if bind.counter <= s.sides[i].last_counter {
-                    return self.drop(DropReason::Replay);
-                }
-                if (bind.counter / 1_000_000).abs_diff(unix_micros / 1_000_000) > BIND_WINDOW_SECS {
-                    return self.drop(DropReason::Stale);
-                }
-                let side = &mut s.sides[i];
-                side.last_counter = bind.counter;
-                let moved = side.bound.is_some_and(|(_, a)| a != from);
-                side.bound = Some((via, from));
-                let key = side.key;
-                s.last_activity = now;
-                let peer_bound = s.sides[1 - i].bound.is_some();
-                self.stats.binds += 1;
-                if moved {
-                    self.stats.rebinds += 1;
-                }
-                let ack = Bound {
-                    session: bind.session,
-                    counter: bind.counter,
-                    peer_bound,
-                };
-                match frame::encode_bound(&ack, &key, out) {
-                    Ok(len) => Verdict::Reply { via, to: from, len },
-                    Err(_) => self.drop(DropReason::Malformed),
+            Frame::Bind(t) => self.bind(now, unix_micros, via, from, &t, datagram.len(), out),
+            Frame::Bound(_) | Frame::Rebind(_) | Frame::Challenge(_) => {
+                self.drop(DropReason::UnexpectedKind)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bind(
+        &mut self,
+        now: Instant,
+        unix_micros: u64,
+        via: usize,
+        from: SocketAddr,
+        t: &Tagged<'_, Bind>,
+        room: usize,
+        out: &mut [u8],
+    ) -> Verdict {
+        let bind = t.body;
+        let forbidden = self.forbidden(from);
+        let step = self.sessions.get(&bind.session).map(|s| {
+            match s.sides.iter().position(|x| x.peer == bind.peer) {
+                None => BindStep::Drop(DropReason::NotMember),
+                Some(i) => {
+                    let side = &s.sides[i];
+                    let proven = side.bound.is_some_and(|(_, a)| a == from);
+                    let others = s.sides[1 - i]
+                        .bound
+                        .is_some_and(|(_, a)| canonical(a) == canonical(from));
+                    if !t.verify(&side.key) {
+                        BindStep::Drop(DropReason::BadTag)
+                    } else if bind.counter <= side.last_counter {
+                        BindStep::Drop(DropReason::Replay)
+                    } else if (bind.counter / 1_000_000).abs_diff(unix_micros / 1_000_000)
+                        > BIND_WINDOW_SECS
+                    {
+                        BindStep::Drop(DropReason::Stale)
+                    } else if proven {
+                        BindStep::Accept(i)
+                    } else if forbidden || others {
+                        BindStep::Drop(DropReason::ForbiddenAddress)
+                    } else {
+                        match t.cookie() {
+                            Some(c) if self.cookie_ok(c, bind.session, i, from, now) => {
+                                BindStep::Accept(i)
+                            }
+                            Some(_) => BindStep::Challenge(DropReason::BadCookie, i),
+                            None => BindStep::Challenge(DropReason::Unproven, i),
+                        }
+                    }
                 }
             }
-            Frame::Bound(_) | Frame::Rebind(_) => self.drop(DropReason::UnexpectedKind),
+        });
+        let i = match step {
+            None => {
+                return self.drop_with_hint(
+                    DropReason::UnknownSession,
+                    bind.session,
+                    RebindReason::UnknownSession,
+                    from,
+                    room,
+                    now,
+                    out,
+                )
+            }
+            Some(BindStep::Drop(reason)) => return self.drop(reason),
+            Some(BindStep::Challenge(reason, i)) => {
+                return self.challenge(reason, bind.session, i, from, room, now, out)
+            }
+            Some(BindStep::Accept(i)) => i,
+        };
+        let Some(s) = self.sessions.get_mut(&bind.session) else {
+            return self.drop(DropReason::UnknownSession);
+        };
+        let side = &mut s.sides[i];
+        side.last_counter = bind.counter;
+        let moved = side.bound.is_some_and(|(_, a)| a != from);
+        side.bound = Some((via, from));
+        let key = side.key;
+        s.last_activity = now;
+        let peer_bound = s.sides[1 - i].bound.is_some();
+        self.stats.binds += 1;
+        if moved {
+            self.stats.rebinds += 1;
+        }
+        let ack = Bound {
+            session: bind.session,
+            counter: bind.counter,
+            peer_bound,
+        };
+        match frame::encode_bound(&ack, &key, out) {
+            Ok(len) => Verdict::Reply { via, to: from, len },
+            Err(_) => self.drop(DropReason::Malformed),
         }
     }
 
@@ -440,6 +701,7 @@ impl SessionTable {
                 DropReason::UnknownSession,
                 session,
                 RebindReason::UnknownSession,
+                from,
                 datagram.len(),
                 now,
                 out,
@@ -454,6 +716,7 @@ impl SessionTable {
                 DropReason::NotBound,
                 session,
                 RebindReason::NotBound,
+                from,
                 datagram.len(),
                 now,
                 out,
@@ -500,6 +763,8 @@ mod tests {
             bps: 100_000,
             global_pps: 1_000_000,
             global_bps: 1_000_000_000,
+            hints_pps: 1000,
+            hints_per_source_pps: 100,
         }
     }
 
@@ -515,6 +780,63 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn bind_frame(s: u64, p: u8, k: u8, counter: u64, cookie: Option<&Cookie>) -> Vec<u8> {
+        let mut buf = [0u8; 80];
+        let n = encode_bind(
+            &Bind {
+                session: SessionId(s),
+                peer: peer(p),
+                counter,
+            },
+            cookie,
+            &key(k),
+            &mut buf,
+        )
+        .unwrap();
+        buf[..n].to_vec()
+    }
+
+    /// One bind datagram; the verdict and what was written to the output buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn bind_once(
+        t: &mut SessionTable,
+        now: Instant,
+        s: u64,
+        p: u8,
+        k: u8,
+        counter: u64,
+        from: &str,
+        cookie: Option<&Cookie>,
+    ) -> (Verdict, Vec<u8>) {
+        let mut out = [0u8; 64];
+        let f = bind_frame(s, p, k, counter, cookie);
+        let v = t.handle(now, NOW_US, 0, addr(from), &f, &mut out);
+        let written = match v {
+            Verdict::Reply { len, .. }
+            | Verdict::Drop {
+                hint: Some(len), ..
+            } => {
+                assert!(
+                    len <= f.len(),
+                    "answered {len} bytes to a {}-byte bind",
+                    f.len()
+                );
+                out[..len].to_vec()
+            }
+            _ => Vec::new(),
+        };
+        (v, written)
+    }
+
+    /// The cookie in a challenge answer.
+    fn cookie_of(answer: &[u8]) -> Cookie {
+        match frame::decode(answer) {
+            Ok(Frame::Challenge(c)) => c.cookie,
+            other => panic!("not a challenge: {other:?}"),
+        }
+    }
+
+    /// What a client does: bind; on a challenge, bind again with its cookie. The final verdict.
     fn bind(
         t: &mut SessionTable,
         now: Instant,
@@ -524,19 +846,16 @@ mod tests {
         counter: u64,
         from: &str,
     ) -> Verdict {
-        let mut buf = [0u8; 64];
-        let n = encode_bind(
-            &Bind {
-                session: SessionId(s),
-                peer: peer(p),
-                counter,
-            },
-            &key(k),
-            &mut buf,
-        )
-        .unwrap();
-        let mut out = [0u8; 64];
-        t.handle(now, NOW_US, 0, addr(from), &buf[..n], &mut out)
+        match bind_once(t, now, s, p, k, counter, from, None) {
+            (
+                Verdict::Drop {
+                    reason: DropReason::Unproven,
+                    hint: Some(_),
+                },
+                answer,
+            ) => bind_once(t, now, s, p, k, counter, from, Some(&cookie_of(&answer))).0,
+            (v, _) => v,
+        }
     }
 
     fn data(t: &mut SessionTable, now: Instant, s: u64, from: &str, payload: &[u8]) -> Verdict {
@@ -551,22 +870,30 @@ mod tests {
         )
     }
 
-    fn table() -> (SessionTable, Instant) {
+    fn table_with(l: SessionLimits) -> (SessionTable, Instant) {
         let now = Instant::now();
-        let mut t = SessionTable::new(limits(), now);
+        let mut t = SessionTable::new(l, now);
+        t.set_own_addresses([addr(RELAY), addr("0.0.0.0:3479"), addr(RELAY_PUBLIC)]);
         t.insert(
             SessionId(1),
             PartyId([0; 10]),
             [(peer(1), key(1)), (peer(2), key(2))],
+            0,
             now,
         )
         .unwrap();
         (t, now)
     }
 
+    fn table() -> (SessionTable, Instant) {
+        table_with(limits())
+    }
+
     const A: &str = "198.51.100.1:40000";
     const B: &str = "198.51.100.2:40000";
     const C: &str = "198.51.100.3:40000";
+    const RELAY: &str = "192.0.2.10:3478";
+    const RELAY_PUBLIC: &str = "203.0.113.1:3478";
 
     #[test]
     fn forwards_only_between_bound_members() {
@@ -613,6 +940,7 @@ mod tests {
         ));
         assert_eq!(t.stats.forwarded_packets, 2);
         assert_eq!(t.active(), 1);
+        assert_eq!(t.stats.challenges, 2);
     }
 
     #[test]
@@ -660,6 +988,159 @@ mod tests {
                 ..
             }
         ));
+        // A keepalive from the bound address needs no cookie.
+        assert!(matches!(
+            bind_once(&mut t, now, 1, 1, 1, NOW_US + 2, A, None).0,
+            Verdict::Reply { .. }
+        ));
+    }
+
+    #[test]
+    fn a_spoofed_source_gets_a_challenge_and_nothing_else() {
+        let (mut t, now) = table();
+        bind(&mut t, now, 1, 2, 2, NOW_US, B);
+        // Member 1 holds its key and claims to be at a victim's address V: the relay only sends
+        // a challenge there, no larger than the bind, and does not bind.
+        let victim = "192.0.2.99:53";
+        let (v, answer) = bind_once(&mut t, now, 1, 1, 1, NOW_US, victim, None);
+        assert!(matches!(
+            v,
+            Verdict::Drop {
+                reason: DropReason::Unproven,
+                hint: Some(_)
+            }
+        ));
+        let Ok(Frame::Challenge(c)) = frame::decode(&answer) else {
+            panic!("not a challenge")
+        };
+        assert_eq!(c.session, SessionId(1));
+        // Without that cookie (it went to the victim) it cannot bind: a made-up cookie, or a real
+        // cookie the attacker got for its own address, is refused and re-challenged.
+        let (_, own) = bind_once(&mut t, now, 1, 1, 1, NOW_US, C, None);
+        let own_cookie = cookie_of(&own);
+        for bad in [[0u8; 16], own_cookie] {
+            let (v, again) = bind_once(&mut t, now, 1, 1, 1, NOW_US + 1, victim, Some(&bad));
+            assert!(matches!(
+                v,
+                Verdict::Drop {
+                    reason: DropReason::BadCookie,
+                    hint: Some(_)
+                }
+            ));
+            assert!(matches!(frame::decode(&again), Ok(Frame::Challenge(_))));
+        }
+        // A cookie for side 2 at that address does not bind side 1 either.
+        assert_ne!(t.cookie(SessionId(1), 1, addr(victim), 0), c.cookie);
+        // So member 2's traffic goes nowhere.
+        assert_eq!(
+            data(&mut t, now, 1, B, &[0; 64]),
+            Verdict::Drop {
+                reason: DropReason::PeerNotBound,
+                hint: None
+            }
+        );
+        assert_eq!(t.stats.binds, 1);
+        // Whoever really receives at the address can answer the challenge.
+        let (v, _) = bind_once(&mut t, now, 1, 1, 1, NOW_US + 2, victim, Some(&c.cookie));
+        assert!(matches!(v, Verdict::Reply { .. }));
+    }
+
+    #[test]
+    fn cookies_expire_after_one_to_two_slots() {
+        let (mut t, now) = table();
+        let (_, answer) = bind_once(&mut t, now, 1, 1, 1, NOW_US, A, None);
+        let cookie = cookie_of(&answer);
+        let slot = Duration::from_secs(COOKIE_VALID_SECS);
+        // Still good a whole slot later...
+        let later = now + slot + Duration::from_secs(COOKIE_VALID_SECS - 1);
+        assert!(t.cookie_ok(&cookie, SessionId(1), 0, addr(A), now + slot));
+        assert!(t.cookie_ok(&cookie, SessionId(1), 0, addr(A), later));
+        // ...not two slots later, and never for another address, port or side.
+        assert!(!t.cookie_ok(&cookie, SessionId(1), 0, addr(A), now + slot * 2));
+        assert!(!t.cookie_ok(&cookie, SessionId(1), 0, addr("198.51.100.1:40001"), now));
+        assert!(!t.cookie_ok(&cookie, SessionId(1), 1, addr(A), now));
+        assert!(!t.cookie_ok(&cookie, SessionId(2), 0, addr(A), now));
+        // The same address seen through a dual-stack socket is the same address.
+        let mapped = addr("[::ffff:198.51.100.1]:40000");
+        assert!(t.cookie_ok(&cookie, SessionId(1), 0, mapped, now));
+        let (v, _) = bind_once(&mut t, now + slot * 2, 1, 1, 1, NOW_US, A, Some(&cookie));
+        assert!(matches!(
+            v,
+            Verdict::Drop {
+                reason: DropReason::BadCookie,
+                ..
+            }
+        ));
+        // Another table (a restarted relay) has another secret.
+        let (other, _) = table();
+        assert!(!other.cookie_ok(&cookie, SessionId(1), 0, addr(A), now));
+    }
+
+    #[test]
+    fn no_side_is_bound_to_the_relay_or_to_the_other_side() {
+        let (mut t, now) = table();
+        for own in [
+            RELAY,
+            RELAY_PUBLIC,
+            "[::ffff:203.0.113.1]:3478",
+            "127.0.0.1:3479",
+            "198.51.100.1:0",
+            "0.0.0.0:5000",
+            "224.0.0.1:5000",
+            "255.255.255.255:5000",
+        ] {
+            assert_eq!(
+                bind_once(&mut t, now, 1, 1, 1, NOW_US, own, None).0,
+                Verdict::Drop {
+                    reason: DropReason::ForbiddenAddress,
+                    hint: None
+                },
+                "{own}"
+            );
+        }
+        // Side 2 is at B; side 1 may not join it there (its traffic would loop back to B), even
+        // with a cookie that was valid for that address.
+        let (_, answer) = bind_once(&mut t, now, 1, 1, 1, NOW_US, B, None);
+        let cookie = cookie_of(&answer);
+        assert!(matches!(
+            bind(&mut t, now, 1, 2, 2, NOW_US, B),
+            Verdict::Reply { .. }
+        ));
+        assert_eq!(
+            bind_once(&mut t, now, 1, 1, 1, NOW_US + 1, B, Some(&cookie)).0,
+            Verdict::Drop {
+                reason: DropReason::ForbiddenAddress,
+                hint: None
+            }
+        );
+        assert_eq!(t.stats.binds, 1);
+    }
+
+    #[test]
+    fn restored_sessions_refuse_binds_from_before_the_restart() {
+        let now = Instant::now();
+        let mut t = SessionTable::new(limits(), now);
+        let start = NOW_US + 5_000_000;
+        t.insert(
+            SessionId(1),
+            PartyId([0; 10]),
+            [(peer(1), key(1)), (peer(2), key(2))],
+            start,
+            now,
+        )
+        .unwrap();
+        // A bind made before the restart (within the clock window, so not stale) is a replay.
+        assert_eq!(
+            bind(&mut t, now, 1, 1, 1, NOW_US, A),
+            Verdict::Drop {
+                reason: DropReason::Replay,
+                hint: None
+            }
+        );
+        assert!(matches!(
+            bind(&mut t, now, 1, 1, 1, start + 1, A),
+            Verdict::Reply { .. }
+        ));
     }
 
     #[test]
@@ -676,24 +1157,35 @@ mod tests {
                 hint: Some(_)
             }
         ));
+        // ...a bind from there alone does not move it (the address is unproven)...
+        let (v, answer) = bind_once(&mut t, now, 1, 1, 1, NOW_US + 1, a2, None);
+        assert!(matches!(
+            v,
+            Verdict::Drop {
+                reason: DropReason::Unproven,
+                ..
+            }
+        ));
+        assert_eq!(
+            data(&mut t, now, 1, B, b"x"),
+            Verdict::Forward {
+                via: 0,
+                to: addr(A)
+            }
+        );
         // ...until A proves itself from there.
-        let mut out = [0u8; 64];
-        let mut buf = [0u8; 64];
-        let n = encode_bind(
-            &Bind {
-                session: SessionId(1),
-                peer: peer(1),
-                counter: NOW_US + 1,
-            },
-            &key(1),
-            &mut buf,
-        )
-        .unwrap();
-        let v = t.handle(now, NOW_US, 0, addr(a2), &buf[..n], &mut out);
-        let Verdict::Reply { len, .. } = v else {
-            panic!("{v:?}")
-        };
-        let Ok(Frame::Bound(ack)) = frame::decode(&out[..len]) else {
+        let (v, ack) = bind_once(
+            &mut t,
+            now,
+            1,
+            1,
+            1,
+            NOW_US + 1,
+            a2,
+            Some(&cookie_of(&answer)),
+        );
+        assert!(matches!(v, Verdict::Reply { .. }), "{v:?}");
+        let Ok(Frame::Bound(ack)) = frame::decode(&ack) else {
             panic!("not a Bound")
         };
         assert!(ack.verify(&key(1)));
@@ -766,17 +1258,9 @@ mod tests {
 
     #[test]
     fn global_limit_and_capacity() {
-        let now = Instant::now();
         let mut l = limits();
         l.global_pps = 3;
-        let mut t = SessionTable::new(l, now);
-        t.insert(
-            SessionId(1),
-            PartyId([0; 10]),
-            [(peer(1), key(1)), (peer(2), key(2))],
-            now,
-        )
-        .unwrap();
+        let (mut t, now) = table_with(l);
         bind(&mut t, now, 1, 1, 1, NOW_US, A);
         bind(&mut t, now, 1, 2, 2, NOW_US, B);
         for _ in 0..3 {
@@ -792,66 +1276,58 @@ mod tests {
                 ..
             }
         ));
-        t.insert(
-            SessionId(2),
-            PartyId([0; 10]),
-            [(peer(1), key(1)), (peer(3), key(3))],
-            now,
-        )
-        .unwrap();
-        assert_eq!(
+        let insert = |t: &mut SessionTable, id: u64, a: u8, b: u8| {
             t.insert(
-                SessionId(3),
+                SessionId(id),
                 PartyId([0; 10]),
-                [(peer(1), key(1)), (peer(4), key(4))],
-                now
-            ),
-            Err(TableFull::PerPeer)
-        );
-        t.insert(
-            SessionId(4),
-            PartyId([0; 10]),
-            [(peer(5), key(5)), (peer(6), key(6))],
-            now,
-        )
-        .unwrap();
-        t.insert(
-            SessionId(5),
-            PartyId([0; 10]),
-            [(peer(7), key(7)), (peer(8), key(8))],
-            now,
-        )
-        .unwrap();
-        assert_eq!(
-            t.insert(
-                SessionId(6),
-                PartyId([0; 10]),
-                [(peer(9), key(9)), (peer(10), key(10))],
-                now
-            ),
-            Err(TableFull::Total)
-        );
+                [(peer(a), key(a)), (peer(b), key(b))],
+                0,
+                now,
+            )
+        };
+        insert(&mut t, 2, 1, 3).unwrap();
+        assert_eq!(insert(&mut t, 3, 1, 4), Err(TableFull::PerPeer));
+        insert(&mut t, 4, 5, 6).unwrap();
+        insert(&mut t, 5, 7, 8).unwrap();
+        assert_eq!(insert(&mut t, 6, 9, 10), Err(TableFull::Total));
         assert!(t.remove(&SessionId(2)));
-        t.insert(
-            SessionId(3),
-            PartyId([0; 10]),
-            [(peer(1), key(1)), (peer(4), key(4))],
-            now,
-        )
-        .unwrap();
+        insert(&mut t, 3, 1, 4).unwrap();
     }
 
     #[test]
-    fn hints_are_rate_limited_and_never_larger_than_the_trigger() {
-        let (mut t, now) = table();
-        let mut hints = 0;
-        for _ in 0..(HINTS_PER_SEC + 50) {
-            if let Verdict::Drop { hint: Some(n), .. } = data(&mut t, now, 1, C, b"") {
-                assert!(n <= 12);
-                hints += 1;
+    fn hints_are_rate_limited_per_source_and_never_larger_than_the_trigger() {
+        let mut l = limits();
+        l.hints_per_source_pps = 10;
+        l.hints_pps = 25;
+        let (mut t, now) = table_with(l);
+        let count = |t: &mut SessionTable, from: &str, n: usize| {
+            let mut hints = 0;
+            for _ in 0..n {
+                if let Verdict::Drop { hint: Some(h), .. } = data(t, now, 1, from, b"") {
+                    assert!(h <= 12);
+                    hints += 1;
+                }
             }
-        }
-        assert_eq!(hints, HINTS_PER_SEC);
+            hints
+        };
+        // One source gets its burst (twice its rate) and no more...
+        assert_eq!(count(&mut t, C, 100), 20);
+        // ...so another source still gets hints (another port on C's IP does not)...
+        assert_eq!(count(&mut t, "198.51.100.3:1", 10), 0);
+        assert_eq!(count(&mut t, A, 100), 5, "what is left of the global 25");
+        // ...and the global budget caps them all.
+        assert_eq!(count(&mut t, B, 100), 0);
+        assert_eq!(t.stats.hints, 25);
+        assert_eq!(t.stats.answers_limited, 80 + 10 + 95 + 100);
+        // Challenges spend the same budget.
+        let (v, _) = bind_once(&mut t, now, 1, 1, 1, NOW_US, A, None);
+        assert_eq!(
+            v,
+            Verdict::Drop {
+                reason: DropReason::Unproven,
+                hint: None
+            }
+        );
         assert!(matches!(
             t.handle(now, NOW_US, 0, addr(C), b"RL\x01\x02", &mut [0u8; 64]),
             Verdict::Drop {
@@ -859,6 +1335,29 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn relay_to_peer_frames_are_never_answered() {
+        let (mut t, now) = table();
+        let mut out = [0u8; 64];
+        let mut f = [0u8; 64];
+        let n = frame::encode_challenge(
+            &Challenge {
+                session: SessionId(1),
+                cookie: [1; 16],
+            },
+            &mut f,
+        )
+        .unwrap();
+        // An echo service or a spoofer bouncing our own answers back gets nothing.
+        assert_eq!(
+            t.handle(now, NOW_US, 0, addr(A), &f[..n], &mut out),
+            Verdict::Drop {
+                reason: DropReason::UnexpectedKind,
+                hint: None
+            }
+        );
     }
 
     proptest::proptest! {
@@ -872,6 +1371,9 @@ mod tests {
             let v = t.handle(now, NOW_US, 0, addr(A), &framed, &mut out);
             let forwarded = matches!(v, Verdict::Forward { .. });
             proptest::prop_assert!(!forwarded);
+            if let Verdict::Drop { hint: Some(n), .. } = v {
+                proptest::prop_assert!(n <= framed.len());
+            }
         }
     }
 }

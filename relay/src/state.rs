@@ -3,36 +3,51 @@
 //! membership rules are tested here directly.
 //!
 //! Two locks, always taken in this order when both are needed: `core` (registry, tokens,
-//! challenges, rate limiters, pending journal records) and `table` (the UDP session table, taken
-//! per forwarded datagram and otherwise only briefly). Password stretching and Diffie-Hellman
-//! happen outside `core` where they can.
+//! challenges, rate limiters, per-source counts, pending journal records) and `table` (the UDP
+//! session table, taken per forwarded datagram and otherwise only briefly). Anything that changes
+//! which sessions exist (opening, leaving, sweeping) holds `core` while it touches `table`, so the
+//! registry and the table never disagree about a session for longer than one such operation.
+//! Password stretching and Diffie-Hellman happen outside `core`, and stretching only after every
+//! cheap check (fields, limits, attempt budgets) has passed.
+//!
+//! Per-source limits count by [`source_key`] (IPv4 address or IPv6 /64): live tokens, outstanding
+//! challenges, wrong passwords, live parties and sessions. Behind a reverse proxy every client has
+//! the proxy's address; see `relay/OPERATOR.md`.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use lanrage_proto::api::{
-    ChallengeResponse, CreatePartyRequest, HeartbeatResponse, JoinRequest, PartyInfo, PartyView,
-    PeersResponse, RegisterRequest, RelayInfo, RelaysResponse, SessionResponse, Signal,
-    TokenResponse,
+    ChallengeRequest, ChallengeResponse, CreatePartyRequest, HeartbeatResponse, JoinRequest,
+    PartyInfo, PartyView, PeersResponse, RegisterRequest, RelayInfo, RelaysResponse,
+    SessionResponse, Signal, TokenResponse, MAX_PASSWORD,
 };
 use lanrage_proto::auth::{SharedKey, CHALLENGE_LEN};
 use lanrage_proto::ids::{PartyId, PeerId, PublicKey, SessionId};
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 
 use crate::challenge::{ChallengeError, Challenges};
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::metrics::{Gauges, Metrics};
 use crate::password::Verifier;
-use crate::ratelimit::KeyedLimiter;
-use crate::registry::{check_password, NewParty, Registry, RegistryError, RegistryLimits};
+use crate::ratelimit::{source_key, AttemptBudget, KeyedLimiter};
+use crate::registry::{
+    check_new_party, check_password, NewParty, Registry, RegistryError, RegistryLimits,
+};
 use crate::sessions::{SessionLimits, SessionTable};
 use crate::store::Record;
-use crate::stun::{Layout, StunResponder};
-use crate::tokens::{hash_token, TokenError, TokenHash, TokenStore};
+use crate::stun::{Layout, StunLimiter, StunResponder};
+use crate::tokens::{
+    access_generation, hash_token, Generation, TokenError, TokenHash, TokenLimits, TokenStore,
+};
 
 /// Most outstanding registration challenges.
 const MAX_CHALLENGES: usize = 100_000;
@@ -77,6 +92,16 @@ impl ApiError {
             retry_after: Some(wait.as_secs().max(1)),
         }
     }
+
+    /// 429 for a per-source cap on live things (tokens, challenges, parties, sessions): they
+    /// go away by themselves, so retrying later helps.
+    fn source_cap(message: impl Into<String>, retry_after: u64) -> Self {
+        ApiError {
+            status: 429,
+            message: message.into(),
+            retry_after: Some(retry_after),
+        }
+    }
 }
 
 impl From<RegistryError> for ApiError {
@@ -100,8 +125,11 @@ impl From<RegistryError> for ApiError {
 impl From<TokenError> for ApiError {
     fn from(e: TokenError) -> Self {
         match e {
-            TokenError::Unknown | TokenError::Expired => ApiError::new(401, e.to_string()),
+            TokenError::Unknown | TokenError::Expired | TokenError::Revoked => {
+                ApiError::new(401, e.to_string())
+            }
             TokenError::Full => ApiError::new(409, e.to_string()),
+            TokenError::SourceFull => ApiError::source_cap(e.to_string(), 60),
         }
     }
 }
@@ -117,6 +145,50 @@ pub struct Caller {
     pub token: TokenHash,
 }
 
+/// How many live things (parties, sessions) each source made, so one source cannot take a
+/// relay-wide limit for itself. Not persisted: after a restart, restored things count for nobody.
+#[derive(Debug)]
+pub struct PerSource<T> {
+    max: usize,
+    owner: HashMap<T, IpAddr>,
+    counts: HashMap<IpAddr, usize>,
+}
+
+impl<T: Hash + Eq + Copy> PerSource<T> {
+    /// At most `max` per source.
+    pub fn new(max: usize) -> Self {
+        PerSource {
+            max,
+            owner: HashMap::new(),
+            counts: HashMap::new(),
+        }
+    }
+
+    /// Whether `source` may make one more.
+    pub fn has_room(&self, source: &IpAddr) -> bool {
+        self.counts.get(source).copied().unwrap_or(0) < self.max
+    }
+
+    /// `item` was made by `source`.
+    pub fn add(&mut self, item: T, source: IpAddr) {
+        if self.owner.insert(item, source).is_none() {
+            *self.counts.entry(source).or_default() += 1;
+        }
+    }
+
+    /// `item` is gone.
+    pub fn remove(&mut self, item: &T) {
+        if let Some(source) = self.owner.remove(item) {
+            if let Some(n) = self.counts.get_mut(&source) {
+                *n -= 1;
+                if *n == 0 {
+                    self.counts.remove(&source);
+                }
+            }
+        }
+    }
+}
+
 /// Everything behind the `core` lock.
 pub struct Core {
     /// Parties and members.
@@ -129,9 +201,33 @@ pub struct Core {
     pub ip_limiter: KeyedLimiter<IpAddr>,
     /// Per token.
     pub token_limiter: KeyedLimiter<TokenHash>,
+    /// Wrong party passwords per source, all parties together.
+    pub password_sources: AttemptBudget<IpAddr>,
+    /// Who created each live party.
+    pub party_sources: PerSource<PartyId>,
+    /// Who opened each live session.
+    pub session_sources: PerSource<SessionId>,
     /// Changes not yet committed to the store.
     pub pending: Vec<Record>,
     shared: HashMap<PublicKey, SharedKey>,
+}
+
+impl Core {
+    /// Runs `f` with the pending journal records (the borrow checker will not lend `pending`
+    /// and the rest of `self` at once otherwise).
+    fn journal<T>(&mut self, f: impl FnOnce(&mut Core, &mut Vec<Record>) -> T) -> T {
+        let mut j = std::mem::take(&mut self.pending);
+        let out = f(self, &mut j);
+        self.pending = j;
+        out
+    }
+
+    /// The registry dropped these sessions: forget who opened them.
+    fn sessions_gone(&mut self, ids: &[SessionId]) {
+        for id in ids {
+            self.session_sources.remove(id);
+        }
+    }
 }
 
 /// The whole relay: configuration, keys, state, counters.
@@ -150,8 +246,15 @@ pub struct Relay {
     pub metrics: Metrics,
     /// STUN answers.
     pub stun: StunResponder,
-    /// Woken whenever a signal is queued (long polls wait on it).
-    pub signals: tokio::sync::Notify,
+    /// STUN answer budgets (per source and global).
+    pub stun_limits: Mutex<StunLimiter>,
+    /// One wake-up per member with a long poll waiting, so a signal wakes only its recipient.
+    waiters: Mutex<HashMap<(PartyId, PeerId), Arc<Notify>>>,
+    /// When this process started (µs since the epoch): restored sessions refuse older binds.
+    start_unix_us: u64,
+    /// The access key's generation, when there is one (tokens of other generations cannot be
+    /// refreshed).
+    generation: Option<Generation>,
 }
 
 impl Relay {
@@ -162,8 +265,17 @@ impl Relay {
         let c = &cfg.control;
         let core = Core {
             registry: Registry::new(RegistryLimits::from(&cfg.parties), unix_now().1 / 1000),
-            tokens: TokenStore::new(c.token_ttl_secs, c.max_tokens),
-            challenges: Challenges::new(Duration::from_secs(c.challenge_ttl_secs), MAX_CHALLENGES),
+            tokens: TokenStore::new(TokenLimits {
+                ttl: c.token_ttl_secs,
+                unaffiliated_ttl: c.unaffiliated_token_ttl_secs,
+                max: c.max_tokens,
+                max_per_source: c.max_tokens_per_ip,
+            }),
+            challenges: Challenges::new(
+                Duration::from_secs(c.challenge_ttl_secs),
+                MAX_CHALLENGES,
+                c.max_challenges_per_ip,
+            ),
             ip_limiter: KeyedLimiter::new(
                 u64::from(c.ip_rate_per_sec),
                 u64::from(c.ip_burst),
@@ -174,18 +286,39 @@ impl Relay {
                 u64::from(c.token_burst),
                 MAX_LIMITER_KEYS,
             ),
+            password_sources: AttemptBudget::new(
+                cfg.parties.password_failures_per_ip_per_min,
+                Duration::from_secs(60),
+                MAX_LIMITER_KEYS,
+            ),
+            party_sources: PerSource::new(cfg.parties.max_parties_per_ip),
+            session_sources: PerSource::new(cfg.relay.max_sessions_per_ip),
             pending: Vec::new(),
             shared: HashMap::new(),
         };
-        let table = SessionTable::new(SessionLimits::from(&cfg.relay), now);
+        let mut table = SessionTable::new(SessionLimits::from(&cfg.relay), now);
+        table.set_own_addresses(
+            layout
+                .sockets
+                .iter()
+                .flat_map(|s| [s.bind, s.public])
+                .collect::<Vec<_>>(),
+        );
         Relay {
             stun: StunResponder::new(layout.clone()),
+            stun_limits: Mutex::new(StunLimiter::new(
+                cfg.udp.stun_per_source_per_sec,
+                cfg.udp.stun_per_sec,
+                now,
+            )),
             layout,
             identity,
             core: Mutex::new(core),
             table: Mutex::new(table),
             metrics: Metrics::default(),
-            signals: tokio::sync::Notify::new(),
+            waiters: Mutex::new(HashMap::new()),
+            start_unix_us: unix_now().1,
+            generation: access_generation(cfg.control.access_key.as_deref()),
             cfg,
         }
     }
@@ -214,20 +347,40 @@ impl Relay {
                     hash,
                     key,
                     expires_at,
+                } => core
+                    .tokens
+                    .insert(*hash, crate::tokens::TokenEntry::legacy(*key, *expires_at)),
+                Record::TokenV2 {
+                    hash,
+                    key,
+                    expires_at,
+                    source,
+                    generation,
+                    provisional,
                 } => core.tokens.insert(
                     *hash,
                     crate::tokens::TokenEntry {
                         key: *key,
                         expires_at: *expires_at,
+                        source: *source,
+                        generation: *generation,
+                        provisional: *provisional,
                     },
                 ),
                 Record::TokenGone { hash } => core.tokens.remove(hash, &mut discard),
                 other => core.registry.restore(other, now),
             }
         }
-        let mut j = std::mem::take(&mut core.pending);
-        core.tokens.sweep(unix, &mut j);
-        core.pending = j;
+        core.journal(|core, j| {
+            core.tokens.sweep(unix, j);
+            let empty = core.registry.drop_empty(j);
+            if !empty.is_empty() {
+                tracing::warn!(
+                    parties = empty.len(),
+                    "dropped parties without members (left by a torn journal batch)"
+                );
+            }
+        });
         let mut table = self.table.lock();
         for (id, party, a, b) in core.registry.sessions() {
             let (Some(ka), Some(kb)) = (
@@ -240,10 +393,12 @@ impl Relay {
                 (PeerId::from_key(&a), ka.bind_key(id)),
                 (PeerId::from_key(&b), kb.bind_key(id)),
             ];
-            if table.insert(id, party, members, now).is_err() {
-                let mut j = std::mem::take(&mut core.pending);
-                core.registry.forget_session(&party, id, &mut j);
-                core.pending = j;
+            // Binds made before this start are worthless: a captured one cannot be replayed.
+            if table
+                .insert(id, party, members, self.start_unix_us, now)
+                .is_err()
+            {
+                core.journal(|core, j| core.registry.forget_session(&party, id, j));
             }
         }
     }
@@ -258,11 +413,13 @@ impl Relay {
 
     /// Per-IP rate limit, applied to every request.
     pub fn limit_ip(&self, ip: IpAddr) -> Result<(), ApiError> {
-        let r = self.core.lock().ip_limiter.check(&ip, Instant::now());
+        let r = self
+            .core
+            .lock()
+            .ip_limiter
+            .check(&source_key(ip), Instant::now());
         r.map_err(|wait| {
-            self.metrics
-                .limited_ip
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.limited_ip.fetch_add(1, Ordering::Relaxed);
             ApiError::limited(wait)
         })
     }
@@ -274,9 +431,7 @@ impl Relay {
         let mut core = self.core.lock();
         let key = core.tokens.check(&hash, unix_now().0)?;
         if let Err(wait) = core.token_limiter.check(&hash, Instant::now()) {
-            self.metrics
-                .limited_token
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.limited_token.fetch_add(1, Ordering::Relaxed);
             return Err(ApiError::limited(wait));
         }
         Ok(Caller {
@@ -286,25 +441,9 @@ impl Relay {
         })
     }
 
-    /// `POST /auth/challenge`.
-    pub fn challenge(&self, key: PublicKey) -> Result<ChallengeResponse, ApiError> {
-        let c = self
-            .core
-            .lock()
-            .challenges
-            .issue(key, Instant::now())
-            .map_err(|e| ApiError::new(503, e.to_string()))?;
-        Ok(ChallengeResponse {
-            challenge: B64.encode(c),
-            relay_key: self.identity.public,
-            expires_in_secs: self.cfg.control.challenge_ttl_secs,
-        })
-    }
-
-    /// `POST /auth/register`.
-    pub fn register(&self, req: &RegisterRequest) -> Result<TokenResponse, ApiError> {
+    fn check_access_key(&self, given: Option<&str>) -> Result<(), ApiError> {
         if let Some(want) = &self.cfg.control.access_key {
-            let given = req.access_key.as_deref().unwrap_or("");
+            let given = given.unwrap_or("");
             if !constant_time_eq(given.as_bytes(), want.as_bytes()) {
                 return Err(ApiError::new(
                     403,
@@ -312,6 +451,37 @@ impl Relay {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `POST /auth/challenge` from `ip`.
+    pub fn challenge(
+        &self,
+        req: &ChallengeRequest,
+        ip: IpAddr,
+    ) -> Result<ChallengeResponse, ApiError> {
+        self.check_access_key(req.access_key.as_deref())?;
+        let c = self
+            .core
+            .lock()
+            .challenges
+            .issue(req.key, source_key(ip), Instant::now())
+            .map_err(|e| match e {
+                ChallengeError::SourceFull => {
+                    ApiError::source_cap(e.to_string(), self.cfg.control.challenge_ttl_secs)
+                }
+                _ => ApiError::new(503, e.to_string()),
+            })?;
+        Ok(ChallengeResponse {
+            challenge: B64.encode(c),
+            relay_key: self.identity.public,
+            expires_in_secs: self.cfg.control.challenge_ttl_secs,
+        })
+    }
+
+    /// `POST /auth/register` from `ip`.
+    pub fn register(&self, req: &RegisterRequest, ip: IpAddr) -> Result<TokenResponse, ApiError> {
+        self.check_access_key(req.access_key.as_deref())?;
         let challenge: [u8; CHALLENGE_LEN] = B64
             .decode(&req.challenge)
             .ok()
@@ -325,7 +495,9 @@ impl Relay {
             .challenges
             .take(&challenge, &req.key, Instant::now())
             .map_err(|e| match e {
-                ChallengeError::Full => ApiError::new(503, e.to_string()),
+                ChallengeError::Full | ChallengeError::SourceFull => {
+                    ApiError::new(503, e.to_string())
+                }
                 _ => ApiError::new(401, e.to_string()),
             })?;
         // Diffie-Hellman outside the lock.
@@ -336,9 +508,12 @@ impl Relay {
         }
         let (unix, _) = unix_now();
         let mut core = self.core.lock();
-        let mut j = std::mem::take(&mut core.pending);
-        let issued = core.tokens.issue(req.key, unix, &mut j);
-        core.pending = j;
+        let affiliated = core.registry.in_any_party(&PeerId::from_key(&req.key));
+        let generation = self.generation;
+        let issued = core.journal(|core, j| {
+            core.tokens
+                .issue(req.key, source_key(ip), generation, affiliated, unix, j)
+        });
         if core.shared.len() >= MAX_SHARED_KEYS {
             core.shared.clear();
         }
@@ -356,10 +531,12 @@ impl Relay {
     pub fn refresh(&self, caller: &Caller) -> Result<TokenResponse, ApiError> {
         let (unix, _) = unix_now();
         let mut core = self.core.lock();
-        let mut j = std::mem::take(&mut core.pending);
-        let r = core.tokens.refresh(&caller.token, unix, &mut j);
-        core.pending = j;
-        let (token, expires_at) = r?;
+        let affiliated = core.registry.in_any_party(&caller.peer);
+        let generation = self.generation;
+        let (token, expires_at) = core.journal(|core, j| {
+            core.tokens
+                .refresh(&caller.token, generation, affiliated, unix, j)
+        })?;
         Ok(TokenResponse {
             token,
             peer: caller.peer,
@@ -369,62 +546,103 @@ impl Relay {
     }
 
     fn with_journal<T>(&self, f: impl FnOnce(&mut Core, &mut Vec<Record>) -> T) -> T {
-        let mut core = self.core.lock();
-        let mut j = std::mem::take(&mut core.pending);
-        let out = f(&mut core, &mut j);
-        core.pending = j;
-        out
+        self.core.lock().journal(f)
     }
 
-    /// `POST /parties`.
+    /// Stretches a party password (milliseconds of CPU: call from a blocking thread), counted.
+    fn stretch<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.metrics.password_checks.fetch_add(1, Ordering::Relaxed);
+        f()
+    }
+
+    /// `POST /parties` from `ip`. Blocking (password stretching): call it off the async workers.
     pub fn create_party(
         &self,
         caller: &Caller,
         req: CreatePartyRequest,
+        ip: IpAddr,
     ) -> Result<PartyView, ApiError> {
-        let id_hint = PartyId::random();
-        let verifier = match &req.password {
-            Some(p) => {
-                check_password(p)?;
-                Some(p)
-            }
-            None => None,
-        };
-        // The verifier is salted with the party id, which the registry picks: pick it here.
-        let verifier = verifier.map(|p| Verifier::new(&id_hint, p));
-        let (unix, _) = unix_now();
-        let new = NewParty {
+        let source = source_key(ip);
+        if let Some(p) = &req.password {
+            check_password(p)?;
+        }
+        let mut new = NewParty {
             name: req.name,
-            verifier,
+            verifier: None,
             peer_name: req.peer_name,
             endpoints: req.endpoints,
         };
-        self.with_journal(|core, j| {
-            core.registry
-                .create_with_id(caller.key, id_hint, new, Instant::now(), unix, j)
-        })
-        .map_err(Into::into)
+        check_new_party(&new)?;
+        // Every cheap check before the expensive one: a request that will be refused anyway
+        // must not cost milliseconds of stretching.
+        {
+            let core = self.core.lock();
+            core.registry.precheck_create(&caller.key, &new)?;
+            if !core.party_sources.has_room(&source) {
+                return Err(ApiError::source_cap(
+                    "too many parties created from your address (parties.max_parties_per_ip)",
+                    60,
+                ));
+            }
+        }
+        // The verifier is salted with the party id, which the registry picks: pick it here.
+        let id = PartyId::random();
+        new.verifier = req
+            .password
+            .as_deref()
+            .map(|p| self.stretch(|| Verifier::new(&id, p)));
+        let (unix, _) = unix_now();
+        let mut core = self.core.lock();
+        if !core.party_sources.has_room(&source) {
+            return Err(ApiError::source_cap(
+                "too many parties created from your address (parties.max_parties_per_ip)",
+                60,
+            ));
+        }
+        let view = core.journal(|core, j| {
+            let view =
+                core.registry
+                    .create_with_id(caller.key, id, new, Instant::now(), unix, j)?;
+            core.tokens.affiliate(&caller.key, unix, j);
+            Ok::<_, RegistryError>(view)
+        })?;
+        core.party_sources.add(id, source);
+        Ok(view)
     }
 
-    /// `POST /parties/{id}/join`.
+    /// `POST /parties/{id}/join` from `ip`. Blocking (password stretching): call it off the
+    /// async workers.
     pub fn join(
         &self,
         caller: &Caller,
         party: PartyId,
         req: JoinRequest,
+        ip: IpAddr,
     ) -> Result<PartyView, ApiError> {
-        let verifier =
-            self.core
-                .lock()
-                .registry
-                .precheck_join(&party, &caller.key, Instant::now())?;
+        let source = source_key(ip);
+        // Charge the attempt (per peer, per party, per source) before stretching, so guesses
+        // sent in parallel are all counted before any is checked.
+        let verifier = {
+            let mut core = self.core.lock();
+            let now = Instant::now();
+            let verifier = core.registry.precheck_join(&party, &caller.key, now)?;
+            if verifier.is_some() && !core.password_sources.charge(&source, now) {
+                core.registry.refund_attempt(&party, &caller.key);
+                return Err(RegistryError::TooManyAttempts.into());
+            }
+            verifier
+        };
         let password_ok = match (&verifier, &req.password) {
-            (Some(v), Some(p)) => p.len() <= lanrage_proto::api::MAX_PASSWORD && v.check(&party, p),
+            (Some(v), Some(p)) => p.len() <= MAX_PASSWORD && self.stretch(|| v.check(&party, p)),
             _ => false,
         };
         let (unix, _) = unix_now();
-        self.with_journal(|core, j| {
-            core.registry.join(
+        let mut core = self.core.lock();
+        if password_ok {
+            core.password_sources.refund(&source);
+        }
+        core.journal(|core, j| {
+            let view = core.registry.join(
                 caller.key,
                 &party,
                 password_ok,
@@ -433,7 +651,9 @@ impl Relay {
                 Instant::now(),
                 unix,
                 j,
-            )
+            )?;
+            core.tokens.affiliate(&caller.key, unix, j);
+            Ok::<_, RegistryError>(view)
         })
         .map_err(Into::into)
     }
@@ -441,10 +661,11 @@ impl Relay {
     /// `DELETE /parties/{id}/peers/{peer}`.
     pub fn leave(&self, caller: &Caller, party: PartyId, peer: PeerId) -> Result<(), ApiError> {
         let mut core = self.core.lock();
-        let mut j = std::mem::take(&mut core.pending);
-        let ended = core.registry.leave(&caller.peer, &party, &peer, &mut j);
-        core.pending = j;
-        let ended = ended?;
+        let ended = core.journal(|core, j| core.registry.leave(&caller.peer, &party, &peer, j))?;
+        core.sessions_gone(&ended);
+        if !core.registry.contains(&party) {
+            core.party_sources.remove(&party);
+        }
         let mut table = self.table.lock();
         for id in ended {
             table.remove(&id);
@@ -494,8 +715,23 @@ impl Relay {
             nonce,
             Instant::now(),
         )?;
-        self.signals.notify_waiters();
+        // Wake the recipient's long poll only: one shared wake-up for every poll would make each
+        // signal cost every waiting connection a lock and an inbox check.
+        let waiter = self.waiters.lock().get(&(party, to)).cloned();
+        if let Some(n) = waiter {
+            n.notify_waiters();
+        }
         Ok(())
+    }
+
+    /// The wake-up a member's long poll waits on (made on first use, dropped by the sweep when
+    /// nobody waits any more). Call only for a verified member, so strangers cannot grow the map.
+    pub fn waiter(&self, party: PartyId, peer: PeerId) -> Arc<Notify> {
+        self.waiters
+            .lock()
+            .entry((party, peer))
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
     }
 
     /// Signals waiting for the caller (no waiting; see the HTTP long poll).
@@ -507,23 +743,30 @@ impl Relay {
             .take_signals(&caller.peer, &party, Instant::now())?)
     }
 
-    /// `POST /parties/{id}/sessions`.
+    /// `POST /parties/{id}/sessions` from `ip`.
     pub fn open_session(
         &self,
         caller: &Caller,
         party: PartyId,
         other: PeerId,
+        ip: IpAddr,
     ) -> Result<SessionResponse, ApiError> {
+        let source = source_key(ip);
         let now = Instant::now();
         let mut core = self.core.lock();
-        let mut j = std::mem::take(&mut core.pending);
-        let r = core
-            .registry
-            .session(&caller.peer, &party, &other, SessionId::random(), &mut j);
-        core.pending = j;
-        let (id, a, b, existed) = r?;
-        // A session the registry knows but the table dropped (idle sweep racing this request) is
-        // put back rather than handed out dead.
+        let (id, a, b, existed) = core.journal(|core, j| {
+            core.registry
+                .session(&caller.peer, &party, &other, SessionId::random(), j)
+        })?;
+        if !existed && !core.session_sources.has_room(&source) {
+            core.journal(|core, j| core.registry.forget_session(&party, id, j));
+            return Err(ApiError::source_cap(
+                "too many relay sessions opened from your address (relay.max_sessions_per_ip)",
+                60,
+            ));
+        }
+        // A session the registry knows but the table dropped (a full table at load) is put back
+        // rather than handed out dead.
         if !existed || !self.table.lock().contains(&id) {
             let keys = (
                 self.shared_key(&mut core, &a),
@@ -536,12 +779,14 @@ impl Relay {
                 (PeerId::from_key(&a), ka.bind_key(id)),
                 (PeerId::from_key(&b), kb.bind_key(id)),
             ];
-            if let Err(e) = self.table.lock().insert(id, party, members, now) {
-                let mut j = std::mem::take(&mut core.pending);
-                core.registry.forget_session(&party, id, &mut j);
-                core.pending = j;
+            if let Err(e) = self.table.lock().insert(id, party, members, 0, now) {
+                core.journal(|core, j| core.registry.forget_session(&party, id, j));
+                core.sessions_gone(&[id]);
                 return Err(ApiError::new(409, e.to_string()));
             }
+        }
+        if !existed {
+            core.session_sources.add(id, source);
         }
         Ok(SessionResponse {
             session: id,
@@ -583,28 +828,43 @@ impl Relay {
         self.metrics.render(&stats, &g)
     }
 
-    /// Periodic cleanup: silent members, empty parties, idle sessions, expired tokens and
-    /// challenges, idle rate-limit buckets.
+    /// Periodic cleanup: idle sessions, silent members, empty parties, expired tokens and
+    /// challenges, idle rate-limit buckets, wake-ups nobody waits on.
+    ///
+    /// Holds `core` throughout and takes `table` inside it (the lock order): if the table were
+    /// swept first, an `open_session` between the two steps could put an idle session back into
+    /// the table just before the registry forgot it, and the pair's next request would get a
+    /// different session than the one its peer is bound to.
     pub fn sweep(&self, now: Instant) {
-        let idle = self.table.lock().sweep(now);
         let (unix, _) = unix_now();
         let mut core = self.core.lock();
-        let mut j = std::mem::take(&mut core.pending);
-        for (id, party) in idle {
-            core.registry.forget_session(&party, id, &mut j);
+        let idle = self.table.lock().sweep(now);
+        let swept = core.journal(|core, j| {
+            for (id, party) in &idle {
+                core.registry.forget_session(party, *id, j);
+            }
+            let swept = core.registry.sweep(now, j);
+            core.tokens.sweep(unix, j);
+            swept
+        });
+        let idle_ids: Vec<SessionId> = idle.iter().map(|(id, _)| *id).collect();
+        core.sessions_gone(&idle_ids);
+        core.sessions_gone(&swept.sessions);
+        for party in &swept.parties {
+            core.party_sources.remove(party);
         }
-        let swept = core.registry.sweep(now, &mut j);
-        core.tokens.sweep(unix, &mut j);
         core.challenges.sweep(now);
         core.ip_limiter.sweep(now);
         core.token_limiter.sweep(now);
-        core.pending = j;
+        core.password_sources.sweep(now);
         if !swept.sessions.is_empty() {
             let mut table = self.table.lock();
             for id in &swept.sessions {
                 table.remove(id);
             }
         }
+        drop(core);
+        self.waiters.lock().retain(|_, n| Arc::strong_count(n) > 1);
         if !swept.members.is_empty() {
             tracing::debug!(
                 members = swept.members.len(),
@@ -623,18 +883,29 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
     use lanrage_proto::api::{CreatePartyRequest, JoinRequest, RegisterRequest};
+    use lanrage_proto::frame::{encode_bind, Bind, Frame};
     use x25519_dalek::StaticSecret;
 
-    fn relay(access_key: Option<&str>) -> Relay {
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+
+    fn config(access_key: Option<&str>) -> Config {
         let mut cfg = Config::default();
         cfg.udp.listen = vec!["127.0.0.1:3478".parse().unwrap()];
         cfg.control.access_key = access_key.map(str::to_string);
         cfg.control.token_rate_per_sec = 1000;
         cfg.control.token_burst = 1000;
+        cfg
+    }
+
+    fn relay_with(cfg: Config) -> Relay {
         Relay::new(
             cfg,
             Identity::from_secret(StaticSecret::random_from_rng(rand::rngs::OsRng)),
         )
+    }
+
+    fn relay(access_key: Option<&str>) -> Relay {
+        relay_with(config(access_key))
     }
 
     struct Peer {
@@ -650,23 +921,53 @@ mod tests {
         }
     }
 
-    fn register(r: &Relay, p: &Peer, access_key: Option<&str>) -> Result<TokenResponse, ApiError> {
-        let ch = r.challenge(p.key)?;
+    fn register_from(
+        r: &Relay,
+        p: &Peer,
+        access_key: Option<&str>,
+        ip: IpAddr,
+    ) -> Result<TokenResponse, ApiError> {
+        let req = ChallengeRequest {
+            key: p.key,
+            access_key: access_key.map(str::to_string),
+        };
+        let ch = r.challenge(&req, ip)?;
         let raw: [u8; 32] = B64.decode(&ch.challenge).unwrap().try_into().unwrap();
         let proof = SharedKey::for_peer(&p.secret, &ch.relay_key)
             .unwrap()
             .register_proof(&raw, &p.key);
-        r.register(&RegisterRequest {
-            key: p.key,
-            challenge: ch.challenge,
-            proof: B64.encode(proof),
-            access_key: access_key.map(str::to_string),
-        })
+        r.register(
+            &RegisterRequest {
+                key: p.key,
+                challenge: ch.challenge,
+                proof: B64.encode(proof),
+                access_key: access_key.map(str::to_string),
+            },
+            ip,
+        )
+    }
+
+    fn register(r: &Relay, p: &Peer, access_key: Option<&str>) -> Result<TokenResponse, ApiError> {
+        register_from(r, p, access_key, IP)
     }
 
     fn caller(r: &Relay, p: &Peer) -> Caller {
         let t = register(r, p, None).unwrap();
         r.authenticate(Some(&t.token)).unwrap()
+    }
+
+    fn open(name: &str) -> CreatePartyRequest {
+        CreatePartyRequest {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    fn with_password(pw: &str) -> JoinRequest {
+        JoinRequest {
+            password: Some(pw.into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -678,7 +979,15 @@ mod tests {
         let c = r.authenticate(Some(&t.token)).unwrap();
         assert_eq!(c.key, alice.key);
         // Mallory claims Alice's key but cannot compute the proof.
-        let ch = r.challenge(alice.key).unwrap();
+        let ch = r
+            .challenge(
+                &ChallengeRequest {
+                    key: alice.key,
+                    access_key: None,
+                },
+                IP,
+            )
+            .unwrap();
         let raw: [u8; 32] = B64.decode(&ch.challenge).unwrap().try_into().unwrap();
         let forged = SharedKey::for_peer(&mallory.secret, &ch.relay_key)
             .unwrap()
@@ -689,7 +998,7 @@ mod tests {
             proof: B64.encode(forged),
             access_key: None,
         };
-        assert_eq!(r.register(&req).unwrap_err().status, 401);
+        assert_eq!(r.register(&req, IP).unwrap_err().status, 401);
         // The challenge was used up by the failed try.
         let good = SharedKey::for_peer(&alice.secret, &ch.relay_key)
             .unwrap()
@@ -698,7 +1007,7 @@ mod tests {
             proof: B64.encode(good),
             ..req
         };
-        assert_eq!(r.register(&req).unwrap_err().status, 401);
+        assert_eq!(r.register(&req, IP).unwrap_err().status, 401);
         assert_eq!(r.authenticate(None).unwrap_err().status, 401);
         assert_eq!(r.authenticate(Some("garbage")).unwrap_err().status, 401);
         let bad = RegisterRequest {
@@ -707,7 +1016,7 @@ mod tests {
             proof: "AA==".into(),
             access_key: None,
         };
-        assert_eq!(r.register(&bad).unwrap_err().status, 400);
+        assert_eq!(r.register(&bad, IP).unwrap_err().status, 400);
     }
 
     #[test]
@@ -725,6 +1034,43 @@ mod tests {
     }
 
     #[test]
+    fn challenges_need_the_access_key_too_and_are_capped_per_source() {
+        let mut cfg = config(Some("0123456789abcdef-secret"));
+        cfg.control.max_challenges_per_ip = 3;
+        let r = relay_with(cfg);
+        let ask = |key: Option<&str>, ip: IpAddr| {
+            r.challenge(
+                &ChallengeRequest {
+                    key: peer().key,
+                    access_key: key.map(str::to_string),
+                },
+                ip,
+            )
+        };
+        // Strangers cannot even fill the challenge table.
+        assert_eq!(ask(None, IP).unwrap_err().status, 403);
+        assert_eq!(ask(Some("wrong-wrong-wrong"), IP).unwrap_err().status, 403);
+        assert_eq!(r.core.lock().challenges.len(), 0);
+        for _ in 0..3 {
+            ask(Some("0123456789abcdef-secret"), IP).unwrap();
+        }
+        let e = ask(Some("0123456789abcdef-secret"), IP).unwrap_err();
+        assert_eq!((e.status, e.retry_after.is_some()), (429, true));
+        // Per source: another address (or another IPv6 /64) is not affected; the same /64 is.
+        let v6a: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:0:1::2".parse().unwrap();
+        for _ in 0..3 {
+            ask(Some("0123456789abcdef-secret"), v6a).unwrap();
+        }
+        assert_eq!(
+            ask(Some("0123456789abcdef-secret"), v6b)
+                .unwrap_err()
+                .status,
+            429
+        );
+    }
+
+    #[test]
     fn refresh_rotates_and_expired_tokens_are_401() {
         let r = relay(None);
         let p = peer();
@@ -733,14 +1079,85 @@ mod tests {
         assert!(r.authenticate(Some(&t2.token)).is_ok());
         // Expire every token by hand: 401.
         let hash = hash_token(&t2.token).unwrap();
-        r.core.lock().tokens.insert(
-            hash,
-            crate::tokens::TokenEntry {
-                key: p.key,
-                expires_at: 1,
-            },
-        );
+        r.core
+            .lock()
+            .tokens
+            .insert(hash, crate::tokens::TokenEntry::legacy(p.key, 1));
         assert_eq!(r.authenticate(Some(&t2.token)).unwrap_err().status, 401);
+    }
+
+    #[test]
+    fn one_source_cannot_fill_the_token_table_or_lock_out_refresh() {
+        let mut cfg = config(None);
+        cfg.control.max_tokens = 6;
+        cfg.control.max_tokens_per_ip = 4;
+        let r = relay_with(cfg);
+        let other: IpAddr = "198.51.100.7".parse().unwrap();
+        let victim = register_from(&r, &peer(), None, other).unwrap();
+        // An attacker with fresh keys gets four tokens from its address, then 429.
+        for _ in 0..4 {
+            register(&r, &peer(), None).unwrap();
+        }
+        let e = register(&r, &peer(), None).unwrap_err();
+        assert_eq!((e.status, e.retry_after), (429, Some(60)));
+        // Others can still register until the table is full...
+        register_from(&r, &peer(), None, "198.51.100.8".parse().unwrap()).unwrap();
+        assert_eq!(
+            register_from(&r, &peer(), None, "198.51.100.9".parse().unwrap())
+                .unwrap_err()
+                .status,
+            409
+        );
+        // ...and a full table never stops a peer that has a token from refreshing it.
+        let mut token = victim.token;
+        for _ in 0..3 {
+            let c = r.authenticate(Some(&token)).unwrap();
+            token = r.refresh(&c).unwrap().token;
+        }
+        assert!(r.authenticate(Some(&token)).is_ok());
+    }
+
+    #[test]
+    fn tokens_of_keys_in_no_party_are_short_until_they_join() {
+        let mut cfg = config(None);
+        cfg.control.token_ttl_secs = 86400;
+        cfg.control.unaffiliated_token_ttl_secs = 600;
+        let r = relay_with(cfg);
+        let (a, b) = (peer(), peer());
+        let ta = register(&r, &a, None).unwrap();
+        assert!(ta.expires_in_secs <= 600);
+        let ca = r.authenticate(Some(&ta.token)).unwrap();
+        // Refreshing while in no party: still short.
+        let ta = r.refresh(&ca).unwrap();
+        assert!(ta.expires_in_secs <= 600);
+        let ca = r.authenticate(Some(&ta.token)).unwrap();
+        let id = r.create_party(&ca, open("lan"), IP).unwrap().party.id;
+        let entry = *r.core.lock().tokens.entry(&ca.token).unwrap();
+        assert!(entry.expires_at >= unix_now().0 + 86000, "{entry:?}");
+        assert!(!entry.provisional);
+        // Joining does the same; later registrations and refreshes are long from the start.
+        let cb = caller(&r, &b);
+        r.join(&cb, id, JoinRequest::default(), IP).unwrap();
+        assert!(r.core.lock().tokens.entry(&cb.token).unwrap().expires_at >= unix_now().0 + 86000);
+        assert!(register(&r, &b, None).unwrap().expires_in_secs > 86000);
+        assert!(r.refresh(&cb).unwrap().expires_in_secs > 86000);
+    }
+
+    #[test]
+    fn changing_the_access_key_revokes_refresh() {
+        let r = relay(Some("the-first-access-key"));
+        let p = peer();
+        let t = register(&r, &p, Some("the-first-access-key")).unwrap();
+        let records = std::mem::take(&mut r.core.lock().pending);
+        // Same state, same relay key, new access key.
+        let r2 = relay_with(config(Some("the-second-access-key")));
+        let r2 = Relay::new(r2.cfg.clone(), r.identity.clone());
+        r2.load(&records);
+        let c = r2.authenticate(Some(&t.token)).unwrap();
+        assert_eq!(r2.refresh(&c).unwrap_err().status, 401);
+        // The old relay (old key) still refreshes it.
+        let c = r.authenticate(Some(&t.token)).unwrap();
+        assert!(r.refresh(&c).is_ok());
     }
 
     #[test]
@@ -756,37 +1173,25 @@ mod tests {
                     password: Some("pw".into()),
                     ..Default::default()
                 },
+                IP,
             )
             .unwrap();
         let id = v.party.id;
         assert!(v.party.protected);
         // Wrong / missing password: 403; right one: in.
         assert_eq!(
-            r.join(&cb, id, JoinRequest::default()).unwrap_err().status,
+            r.join(&cb, id, JoinRequest::default(), IP)
+                .unwrap_err()
+                .status,
             403
         );
         assert_eq!(
-            r.join(
-                &cb,
-                id,
-                JoinRequest {
-                    password: Some("nope".into()),
-                    ..Default::default()
-                }
-            )
-            .unwrap_err()
-            .status,
+            r.join(&cb, id, with_password("nope"), IP)
+                .unwrap_err()
+                .status,
             403
         );
-        r.join(
-            &cb,
-            id,
-            JoinRequest {
-                password: Some("pw".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        r.join(&cb, id, with_password("pw"), IP).unwrap();
         // Reading: members yes, strangers 403, unknown party 404.
         assert!(r.info(&cb, id).is_ok());
         assert_eq!(r.info(&cc, id).unwrap_err().status, 403);
@@ -797,10 +1202,16 @@ mod tests {
         assert_eq!(r.heartbeat(&cb, id, ca.peer, None).unwrap_err().status, 403);
         assert_eq!(r.leave(&cc, id, ca.peer).unwrap_err().status, 403);
         // Sessions only between members.
-        assert_eq!(r.open_session(&cc, id, ca.peer).unwrap_err().status, 403);
-        assert_eq!(r.open_session(&ca, id, cc.peer).unwrap_err().status, 404);
-        let s1 = r.open_session(&ca, id, cb.peer).unwrap();
-        let s2 = r.open_session(&cb, id, ca.peer).unwrap();
+        assert_eq!(
+            r.open_session(&cc, id, ca.peer, IP).unwrap_err().status,
+            403
+        );
+        assert_eq!(
+            r.open_session(&ca, id, cc.peer, IP).unwrap_err().status,
+            404
+        );
+        let s1 = r.open_session(&ca, id, cb.peer, IP).unwrap();
+        let s2 = r.open_session(&cb, id, ca.peer, IP).unwrap();
         assert_eq!(s1.session, s2.session);
         assert_eq!(r.table.lock().len(), 1);
         // Signals.
@@ -824,6 +1235,247 @@ mod tests {
             text.contains("lanrage_relay_registered_peers 3\n"),
             "{text}"
         );
+        // Two stretchings on create and join with a password: one create, two joins (the
+        // missing password is not stretched).
+        assert!(
+            text.contains("lanrage_relay_password_checks_total 3\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn concurrent_guesses_are_all_counted_before_any_is_checked() {
+        let mut cfg = config(None);
+        cfg.parties.password_attempts_per_min = 3;
+        let r = Arc::new(relay_with(cfg));
+        let owner = caller(&r, &peer());
+        let id = r
+            .create_party(
+                &owner,
+                CreatePartyRequest {
+                    name: "vault".into(),
+                    password: Some("right".into()),
+                    ..Default::default()
+                },
+                IP,
+            )
+            .unwrap()
+            .party
+            .id;
+        let guesser = caller(&r, &peer());
+        let barrier = Arc::new(std::sync::Barrier::new(12));
+        let threads: Vec<_> = (0..12)
+            .map(|i| {
+                let (r, barrier) = (r.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    r.join(&guesser, id, with_password(&format!("guess{i}")), IP)
+                        .unwrap_err()
+                        .status
+                })
+            })
+            .collect();
+        let codes: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(codes.iter().filter(|c| **c == 403).count(), 3, "{codes:?}");
+        assert_eq!(codes.iter().filter(|c| **c == 429).count(), 9, "{codes:?}");
+        // Only the three counted guesses were stretched (plus the create).
+        assert_eq!(r.metrics.password_checks.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn fresh_keys_do_not_buy_more_guesses() {
+        let mut cfg = config(None);
+        cfg.parties.password_attempts_per_min = 5;
+        cfg.parties.password_failures_per_party_per_min = 100;
+        cfg.parties.password_failures_per_ip_per_min = 4;
+        cfg.control.max_tokens_per_ip = 100;
+        let r = relay_with(cfg);
+        let owner = caller(&r, &peer());
+        let protected = |name: &str| {
+            r.create_party(
+                &owner,
+                CreatePartyRequest {
+                    name: name.into(),
+                    password: Some("right".into()),
+                    ..Default::default()
+                },
+                IP,
+            )
+            .unwrap()
+            .party
+            .id
+        };
+        let (p1, p2) = (protected("one"), protected("two"));
+        // Four wrong guesses from four new keys, over two parties, from one source...
+        for (i, p) in [p1, p2, p1, p2].into_iter().enumerate() {
+            let c = caller(&r, &peer());
+            let e = r
+                .join(&c, p, with_password(&format!("g{i}")), IP)
+                .unwrap_err();
+            assert_eq!(e.status, 403);
+        }
+        // ...use up that source: a fifth key is refused before any stretching, even with the
+        // right password; another source is not.
+        let c = caller(&r, &peer());
+        let before = r.metrics.password_checks.load(Ordering::Relaxed);
+        assert_eq!(
+            r.join(&c, p1, with_password("right"), IP)
+                .unwrap_err()
+                .status,
+            429
+        );
+        assert_eq!(r.metrics.password_checks.load(Ordering::Relaxed), before);
+        let elsewhere: IpAddr = "198.51.100.20".parse().unwrap();
+        r.join(&c, p1, with_password("right"), elsewhere).unwrap();
+        // A right password does not use up the source's budget.
+        let c = caller(&r, &peer());
+        for _ in 0..6 {
+            let _ = r.leave(&c, p2, c.peer);
+            r.join(&c, p2, with_password("right"), elsewhere).unwrap();
+        }
+    }
+
+    #[test]
+    fn create_checks_everything_cheap_before_stretching() {
+        let mut cfg = config(None);
+        cfg.parties.max_parties_per_peer = 1;
+        let r = relay_with(cfg);
+        let c = caller(&r, &peer());
+        let pw = |name: &str, password: &str| CreatePartyRequest {
+            name: name.into(),
+            password: Some(password.into()),
+            ..Default::default()
+        };
+        let stretched = || r.metrics.password_checks.load(Ordering::Relaxed);
+        assert_eq!(
+            r.create_party(&c, pw("\u{1}", "pw"), IP)
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            r.create_party(&c, pw("x", &"p".repeat(MAX_PASSWORD + 1)), IP)
+                .unwrap_err()
+                .status,
+            400
+        );
+        let bad_endpoint = CreatePartyRequest {
+            endpoints: vec!["0.0.0.0:1".parse().unwrap()],
+            ..pw("x", "pw")
+        };
+        assert_eq!(
+            r.create_party(&c, bad_endpoint, IP).unwrap_err().status,
+            400
+        );
+        assert_eq!(stretched(), 0);
+        r.create_party(&c, pw("first", "pw"), IP).unwrap();
+        assert_eq!(stretched(), 1);
+        // Over the per-peer limit: refused without stretching.
+        assert_eq!(
+            r.create_party(&c, pw("second", "pw"), IP)
+                .unwrap_err()
+                .status,
+            409
+        );
+        assert_eq!(stretched(), 1);
+    }
+
+    #[test]
+    fn parties_and_sessions_per_source_are_capped() {
+        let mut cfg = config(None);
+        cfg.parties.max_parties_per_ip = 2;
+        cfg.relay.max_sessions_per_ip = 1;
+        let r = relay_with(cfg);
+        let (a, b, c) = (
+            caller(&r, &peer()),
+            caller(&r, &peer()),
+            caller(&r, &peer()),
+        );
+        let p1 = r.create_party(&a, open("one"), IP).unwrap().party.id;
+        let p2 = r.create_party(&b, open("two"), IP).unwrap().party.id;
+        let e = r.create_party(&c, open("three"), IP).unwrap_err();
+        assert_eq!(e.status, 429);
+        let elsewhere: IpAddr = "198.51.100.30".parse().unwrap();
+        r.create_party(&c, open("three"), elsewhere).unwrap();
+        // Leaving (the party empties and is deleted) gives the place back.
+        r.leave(&b, p2, b.peer).unwrap();
+        r.create_party(&b, open("two again"), IP).unwrap();
+        r.join(&b, p1, JoinRequest::default(), IP).unwrap();
+        r.join(&c, p1, JoinRequest::default(), IP).unwrap();
+        r.open_session(&a, p1, b.peer, IP).unwrap();
+        // The same session again is no new session; a new pair is.
+        r.open_session(&b, p1, a.peer, IP).unwrap();
+        assert_eq!(r.open_session(&a, p1, c.peer, IP).unwrap_err().status, 429);
+        assert_eq!(r.table.lock().len(), 1);
+        assert_eq!(
+            r.core.lock().registry.sessions().len(),
+            1,
+            "not left behind"
+        );
+        r.open_session(&a, p1, c.peer, elsewhere).unwrap();
+    }
+
+    #[test]
+    fn sweep_holds_core_before_it_touches_the_table() {
+        // The race: the sweep takes an idle session out of the table, open_session (holding core)
+        // puts it back, then the sweep makes the registry forget it; the pair ends up on two
+        // sessions. Holding core while the sweep runs must keep the table untouched.
+        let r = Arc::new(relay(None));
+        let (a, b) = (caller(&r, &peer()), caller(&r, &peer()));
+        let id = r.create_party(&a, open("lan"), IP).unwrap().party.id;
+        r.join(&b, id, JoinRequest::default(), IP).unwrap();
+        let s = r.open_session(&a, id, b.peer, IP).unwrap().session;
+        let core = r.core.lock();
+        let sweeper = {
+            let r = r.clone();
+            std::thread::spawn(move || r.sweep(Instant::now() + Duration::from_secs(3600)))
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            r.table.lock().contains(&s),
+            "the sweep changed the table before taking core"
+        );
+        drop(core);
+        sweeper.join().unwrap();
+        // Registry and table agree afterwards (both dropped it: it was idle and members silent).
+        assert_eq!(
+            r.table.lock().contains(&s),
+            !r.core.lock().registry.sessions().is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_signal_wakes_only_its_recipient() {
+        let r = relay(None);
+        let (a, b, c) = (
+            caller(&r, &peer()),
+            caller(&r, &peer()),
+            caller(&r, &peer()),
+        );
+        let id = r.create_party(&a, open("lan"), IP).unwrap().party.id;
+        r.join(&b, id, JoinRequest::default(), IP).unwrap();
+        r.join(&c, id, JoinRequest::default(), IP).unwrap();
+        {
+            let (wa, wc) = (r.waiter(id, a.peer), r.waiter(id, c.peer));
+            let (na, nc) = (wa.notified(), wc.notified());
+            tokio::pin!(na);
+            tokio::pin!(nc);
+            na.as_mut().enable();
+            nc.as_mut().enable();
+            r.signal(&b, id, a.peer, vec![], 1).unwrap();
+            tokio::time::timeout(Duration::from_secs(1), na)
+                .await
+                .expect("the recipient is woken");
+            assert!(
+                tokio::time::timeout(Duration::from_millis(100), nc)
+                    .await
+                    .is_err(),
+                "another member was woken"
+            );
+        }
+        // Nobody waits any more: the sweep forgets the wake-ups.
+        r.sweep(Instant::now());
+        assert!(r.waiters.lock().is_empty());
     }
 
     #[test]
@@ -833,19 +1485,9 @@ mod tests {
         let token_a = register(&r, &a, None).unwrap().token;
         let ca = r.authenticate(Some(&token_a)).unwrap();
         let cb = caller(&r, &b);
-        let id = r
-            .create_party(
-                &ca,
-                CreatePartyRequest {
-                    name: "lan".into(),
-                    ..Default::default()
-                },
-            )
-            .unwrap()
-            .party
-            .id;
-        r.join(&cb, id, JoinRequest::default()).unwrap();
-        let s = r.open_session(&ca, id, cb.peer).unwrap();
+        let id = r.create_party(&ca, open("lan"), IP).unwrap().party.id;
+        r.join(&cb, id, JoinRequest::default(), IP).unwrap();
+        let s = r.open_session(&ca, id, cb.peer, IP).unwrap();
         let records = std::mem::take(&mut r.core.lock().pending);
         let r2 = Relay::new(r.cfg.clone(), r.identity.clone());
         r2.load(&records);
@@ -853,7 +1495,7 @@ mod tests {
         assert_eq!(r2.authenticate(Some(&token_a)).unwrap().peer, ca.peer);
         assert_eq!(r2.peers(&ca, id).unwrap().peers.len(), 2);
         assert_eq!(
-            r2.open_session(&cb, id, ca.peer).unwrap().session,
+            r2.open_session(&cb, id, ca.peer, IP).unwrap().session,
             s.session
         );
         assert_eq!(r2.table.lock().len(), 1);
@@ -864,5 +1506,80 @@ mod tests {
         assert_eq!(r3.peers(&cb, id).unwrap().peers.len(), 2);
         assert_eq!(r3.core.lock().tokens.len(), 2);
         assert_eq!(r3.table.lock().len(), 1);
+    }
+
+    #[test]
+    fn restored_sessions_refuse_binds_from_before_the_restart() {
+        let r = relay(None);
+        let (a, b) = (peer(), peer());
+        let (ca, cb) = (caller(&r, &a), caller(&r, &b));
+        let id = r.create_party(&ca, open("lan"), IP).unwrap().party.id;
+        r.join(&cb, id, JoinRequest::default(), IP).unwrap();
+        let s = r.open_session(&ca, id, cb.peer, IP).unwrap().session;
+        let key = SharedKey::for_peer(&a.secret, &r.identity.public)
+            .unwrap()
+            .bind_key(s);
+        // A bind made (and captured) before the restart...
+        let before = unix_now().1;
+        let mut buf = [0u8; 80];
+        let bind = Bind {
+            session: s,
+            peer: ca.peer,
+            counter: before,
+        };
+        let n = encode_bind(&bind, None, &key, &mut buf).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let records = std::mem::take(&mut r.core.lock().pending);
+        let r2 = Relay::new(r.cfg.clone(), r.identity.clone());
+        r2.load(&records);
+        let from = "198.51.100.1:4000".parse().unwrap();
+        let mut out = [0u8; 64];
+        let v = r2
+            .table
+            .lock()
+            .handle(Instant::now(), unix_now().1, 0, from, &buf[..n], &mut out);
+        assert_eq!(
+            v,
+            crate::sessions::Verdict::Drop {
+                reason: crate::sessions::DropReason::Replay,
+                hint: None
+            }
+        );
+        // ...while a fresh one gets the usual challenge.
+        let bind = Bind {
+            counter: unix_now().1,
+            ..bind
+        };
+        let n = encode_bind(&bind, None, &key, &mut buf).unwrap();
+        let v = r2
+            .table
+            .lock()
+            .handle(Instant::now(), unix_now().1, 0, from, &buf[..n], &mut out);
+        let crate::sessions::Verdict::Drop {
+            hint: Some(len), ..
+        } = v
+        else {
+            panic!("{v:?}")
+        };
+        assert!(matches!(
+            lanrage_proto::frame::decode(&out[..len]),
+            Ok(Frame::Challenge(_))
+        ));
+    }
+
+    #[test]
+    fn load_drops_parties_left_empty_by_a_torn_batch() {
+        let r = relay(None);
+        let records = vec![Record::Party {
+            id: PartyId([3; 10]),
+            name: "torn".into(),
+            verifier: None,
+            created_at: 0,
+        }];
+        r.load(&records);
+        assert_eq!(r.core.lock().registry.party_count(), 0);
+        assert!(r.core.lock().pending.contains(&Record::PartyGone {
+            id: PartyId([3; 10])
+        }));
     }
 }

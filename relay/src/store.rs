@@ -16,10 +16,18 @@
 //! members); appending a few records and one `fdatasync` per batch costs the same whatever the
 //! state size, while rewriting a snapshot every batch would not. Layout:
 //! - `journal.bin`: frames `len (u32 LE) | seq (u64 LE) | check (8) | postcard(Record)`, with
-//!   `check = BLAKE2s("lanrage relay journal" || seq || payload)[..8]`. A batch is one `write` and
-//!   one `fdatasync`. On load, reading stops at the first frame that is short or fails its check
-//!   (a torn last write after kill -9 or power loss) and the file is truncated there: at most the
-//!   batch being written is lost.
+//!   `check = BLAKE2s("lanrage relay journal" || seq || payload)[..8]`. A batch is its records'
+//!   frames followed by one end-of-batch marker (a frame with an empty payload), written with one
+//!   `write` and one `fdatasync`. On load, reading stops at the first frame that is short or fails
+//!   its check (a torn last write after kill -9 or power loss), records after the last marker are
+//!   dropped (a batch is applied whole or not at all: half a batch can leave, say, a party without
+//!   its creator), and the file is truncated there: at most the batch being written is lost.
+//!   Journals from before markers existed have none and are read whole.
+//! - A write that fails (disk full, I/O error) may still have appended part of the batch. The
+//!   store remembers the journal's length before each write and cuts it back there before
+//!   anything else is appended; otherwise every later batch would sit behind a torn frame and be
+//!   dropped at the next load. If it cannot cut, it refuses to commit ([`Store::blocked`]) until
+//!   it can, rather than append batches that would be lost.
 //! - `snapshot.bin`: `"LRSNAP01" | last_seq (u64 LE) | count (u64 LE) | frames | BLAKE2s(all before)`.
 //!   After `store.compact_after_records` journal records the whole state is written to
 //!   `snapshot.tmp`, fsynced, renamed over `snapshot.bin`, the directory fsynced, then the journal
@@ -30,7 +38,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use blake2::{Blake2s256, Digest};
@@ -117,6 +125,24 @@ pub enum Record {
         /// Its id.
         id: SessionId,
     },
+    /// A token exists (or changed), with what its limits and revocation need. Supersedes
+    /// [`Record::Token`], which older journals and snapshots still hold (loaded as a token with
+    /// no source, no access-key generation and the full lifetime).
+    TokenV2 {
+        /// BLAKE2s of the token.
+        hash: [u8; 32],
+        /// The key it acts as.
+        key: PublicKey,
+        /// Unix seconds.
+        expires_at: u64,
+        /// The source it was registered from, as counted by `control.max_tokens_per_ip`
+        /// (an IPv4 address or an IPv6 /64).
+        source: Option<IpAddr>,
+        /// Which access key it was registered under (see `tokens::access_generation`).
+        generation: Option<[u8; 8]>,
+        /// Issued with the short lifetime of keys in no party; extended when the key joins one.
+        provisional: bool,
+    },
 }
 
 /// A storage failure (I/O or corruption), with the file it concerns.
@@ -140,6 +166,7 @@ impl StoreError {
 
 /// Where the relay's durable state lives. Implementations must make a committed batch durable
 /// before returning, and after a crash expose a prefix of whole batches (at most the last one lost).
+/// A failed commit must leave the store as if it had not been tried.
 pub trait Store: Send {
     /// Everything stored, in order: folding these records rebuilds the state.
     fn load(&mut self) -> Result<Vec<Record>, StoreError>;
@@ -150,6 +177,11 @@ pub trait Store: Send {
     /// Replaces everything committed so far with `state` (the current state as put records,
     /// reflecting exactly the batches committed so far).
     fn compact(&mut self, state: &[Record]) -> Result<(), StoreError>;
+    /// Whether commits are refused until an earlier failure is repaired (the operator should
+    /// know: state changes are not being saved).
+    fn blocked(&self) -> bool {
+        false
+    }
 }
 
 /// A store that forgets everything on exit (tests, and to show the trait is all a backend needs).
@@ -180,9 +212,26 @@ impl Store for MemoryStore {
 pub struct FileStore {
     dir: PathBuf,
     journal: Option<File>,
+    /// Bytes of whole batches in the journal.
+    journal_len: u64,
+    /// Set after a failed write: the journal must be cut back to this length before anything
+    /// else is appended.
+    cut_to: Option<u64>,
     last_seq: u64,
     journal_records: u64,
     compact_after: u64,
+    #[cfg(test)]
+    faults: Faults,
+}
+
+/// Injected failures (tests only): the store's reaction to errors cannot be tested otherwise.
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct Faults {
+    /// The next append writes this many bytes, then fails.
+    partial_write: Option<usize>,
+    /// Truncations fail.
+    fail_cut: bool,
 }
 
 fn check(seq: u64, payload: &[u8]) -> [u8; 8] {
@@ -196,19 +245,37 @@ fn check(seq: u64, payload: &[u8]) -> [u8; 8] {
     c
 }
 
-fn frame(seq: u64, record: &Record, out: &mut Vec<u8>) {
-    let payload = postcard::to_allocvec(record).unwrap_or_default();
+fn raw_frame(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&check(seq, &payload));
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(&check(seq, payload));
+    out.extend_from_slice(payload);
 }
 
-/// Parses frames from `bytes`; returns the records with their seqs and how many bytes were valid.
-fn parse_frames(bytes: &[u8], max: Option<u64>) -> (Vec<(u64, Record)>, usize) {
+fn frame(seq: u64, record: &Record, out: &mut Vec<u8>) {
+    let payload = postcard::to_allocvec(record).unwrap_or_default();
+    raw_frame(seq, &payload, out);
+}
+
+/// The end-of-batch marker: a frame with an empty payload (no record encodes to nothing).
+fn marker(seq: u64, out: &mut Vec<u8>) {
+    raw_frame(seq, &[], out);
+}
+
+/// A parsed journal frame: a record, or the end of a batch.
+#[derive(Debug)]
+enum Item {
+    Record(u64, Record),
+    End,
+}
+
+/// Parses frames from `bytes` (at most `max` records); returns them, each with the offset just
+/// after it, and how many bytes were valid.
+fn parse_frames(bytes: &[u8], max: Option<u64>) -> (Vec<(Item, usize)>, usize) {
     let mut out = Vec::new();
     let mut pos = 0;
-    while max.is_none_or(|m| (out.len() as u64) < m) {
+    let mut records = 0u64;
+    while max.is_none_or(|m| records < m) {
         let Some(hdr) = bytes.get(pos..pos + FRAME_HEADER) else {
             break;
         };
@@ -225,11 +292,17 @@ fn parse_frames(bytes: &[u8], max: Option<u64>) -> (Vec<(u64, Record)>, usize) {
         if hdr[12..20] != check(seq, payload) {
             break;
         }
-        let Ok(record) = postcard::from_bytes::<Record>(payload) else {
-            break;
-        };
-        out.push((seq, record));
-        pos += FRAME_HEADER + len;
+        let end = pos + FRAME_HEADER + len;
+        if payload.is_empty() {
+            out.push((Item::End, end));
+        } else {
+            let Ok(record) = postcard::from_bytes::<Record>(payload) else {
+                break;
+            };
+            out.push((Item::Record(seq, record), end));
+            records += 1;
+        }
+        pos = end;
     }
     (out, pos)
 }
@@ -240,10 +313,47 @@ impl FileStore {
         FileStore {
             dir: dir.to_path_buf(),
             journal: None,
+            journal_len: 0,
+            cut_to: None,
             last_seq: 0,
             journal_records: 0,
             compact_after,
+            #[cfg(test)]
+            faults: Faults::default(),
         }
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.dir.join(JOURNAL_FILE)
+    }
+
+    /// Appends and syncs `buf`.
+    fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let file = self
+            .journal
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("store not loaded"))?;
+        #[cfg(test)]
+        if let Some(n) = self.faults.partial_write.take() {
+            file.write_all(&buf[..n.min(buf.len())])?;
+            return Err(std::io::Error::other("injected partial write"));
+        }
+        file.write_all(buf)?;
+        file.sync_data()
+    }
+
+    /// Cuts the journal back to `len` bytes (the end of its last whole batch).
+    fn cut(&mut self, len: u64) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.faults.fail_cut {
+            return Err(std::io::Error::other("injected truncation failure"));
+        }
+        let file = self
+            .journal
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("store not loaded"))?;
+        file.set_len(len)?;
+        file.sync_data()
     }
 
     fn sync_dir(&self) -> Result<(), StoreError> {
@@ -274,11 +384,18 @@ impl FileStore {
         let last_seq = u64::from_le_bytes(n);
         n.copy_from_slice(&body[16..24]);
         let count = u64::from_le_bytes(n);
-        let (records, used) = parse_frames(&body[24..], Some(count));
+        let (items, used) = parse_frames(&body[24..], Some(count));
+        let records: Vec<Record> = items
+            .into_iter()
+            .filter_map(|(i, _)| match i {
+                Item::Record(_, r) => Some(r),
+                Item::End => None,
+            })
+            .collect();
         if records.len() as u64 != count || 24 + used != body.len() {
             return Err(corrupt("record count"));
         }
-        Ok((last_seq, records.into_iter().map(|(_, r)| r).collect()))
+        Ok((last_seq, records))
     }
 }
 
@@ -297,16 +414,24 @@ impl Store for FileStore {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| StoreError::io(&path, e))?;
-        let (frames, valid) = parse_frames(&bytes, None);
+        let (mut items, mut valid) = parse_frames(&bytes, None);
+        // With markers, only whole batches count: cut after the last one.
+        if let Some(last_end) = items.iter().rposition(|(i, _)| matches!(i, Item::End)) {
+            valid = items[last_end].1;
+            items.truncate(last_end + 1);
+        }
         if valid < bytes.len() {
-            tracing::warn!(file = %path.display(), kept = valid, dropped = bytes.len() - valid, "journal ends with a torn or corrupt record (crash during a write); truncating it there");
+            tracing::warn!(file = %path.display(), kept = valid, dropped = bytes.len() - valid, "journal ends with a torn or corrupt batch (crash during a write); truncating it there");
             file.set_len(valid as u64)
                 .map_err(|e| StoreError::io(&path, e))?;
             file.sync_all().map_err(|e| StoreError::io(&path, e))?;
         }
         self.last_seq = snap_seq;
         self.journal_records = 0;
-        for (seq, r) in frames {
+        for (item, _) in items {
+            let Item::Record(seq, r) = item else {
+                continue;
+            };
             self.journal_records += 1;
             if seq > snap_seq {
                 records.push(r);
@@ -314,6 +439,8 @@ impl Store for FileStore {
             }
         }
         self.journal = Some(file);
+        self.journal_len = valid as u64;
+        self.cut_to = None;
         self.sync_dir()?;
         Ok(records)
     }
@@ -322,22 +449,40 @@ impl Store for FileStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let path = self.dir.join(JOURNAL_FILE);
-        let file = self
-            .journal
-            .as_mut()
-            .ok_or_else(|| StoreError::io(&path, "store not loaded"))?;
-        let mut buf = Vec::with_capacity(batch.len() * 128);
+        let path = self.journal_path();
+        if let Some(len) = self.cut_to {
+            self.cut(len).map_err(|e| {
+                StoreError::io(
+                    &path,
+                    format!("a failed write left a torn batch at the end that cannot be cut off ({e}); not committing until it can"),
+                )
+            })?;
+            self.cut_to = None;
+        }
+        let mut buf = Vec::with_capacity(batch.len() * 128 + FRAME_HEADER);
         let mut seq = self.last_seq;
         for r in batch {
             seq += 1;
             frame(seq, r, &mut buf);
         }
-        file.write_all(&buf).map_err(|e| StoreError::io(&path, e))?;
-        file.sync_data().map_err(|e| StoreError::io(&path, e))?;
+        seq += 1;
+        marker(seq, &mut buf);
+        if let Err(e) = self.append(&buf) {
+            // Part of the batch may be in the file: cut it off now, or before the next commit.
+            let len = self.journal_len;
+            if self.cut(len).is_err() {
+                self.cut_to = Some(len);
+            }
+            return Err(StoreError::io(&path, e));
+        }
+        self.journal_len += buf.len() as u64;
         self.last_seq = seq;
         self.journal_records += batch.len() as u64;
         Ok(())
+    }
+
+    fn blocked(&self) -> bool {
+        self.cut_to.is_some()
     }
 
     fn wants_compaction(&self) -> bool {
@@ -368,6 +513,9 @@ impl Store for FileStore {
                 .and_then(|_| j.sync_all())
                 .map_err(|e| StoreError::io(&jpath, e))?;
         }
+        // Whatever a failed write left is gone with the rest of the journal.
+        self.journal_len = 0;
+        self.cut_to = None;
         self.journal_records = 0;
         Ok(())
     }
@@ -423,12 +571,13 @@ mod tests {
         s.commit(&[party(2), party(3)]).unwrap();
         let path = dir.path().join(JOURNAL_FILE);
         let full = fs::read(&path).unwrap();
-        // Every possible torn length keeps exactly the whole records before the tear.
+        // Every possible torn length keeps exactly the whole batches before the tear: never
+        // half of the second one.
         for cut in 0..full.len() {
             fs::write(&path, &full[..cut]).unwrap();
             let mut s = FileStore::new(dir.path(), 100);
             let got = s.load().unwrap();
-            assert!(got.len() <= 3);
+            assert!([0, 1, 3].contains(&got.len()), "cut at {cut}: {got:?}");
             assert_eq!(got[..], [party(1), party(2), party(3)][..got.len()]);
             assert!(fs::metadata(&path).unwrap().len() as usize <= cut);
             // And the store stays writable after the cut.
@@ -436,13 +585,75 @@ mod tests {
             let mut s = FileStore::new(dir.path(), 100);
             assert_eq!(s.load().unwrap().last(), Some(&party(9)));
         }
-        // A flipped byte in the last record drops just that record.
+        // A flipped byte at the end (the last batch's marker) drops just that batch.
         let mut bad = full.clone();
         let last = bad.len() - 1;
         bad[last] ^= 0xff;
         fs::write(&path, &bad).unwrap();
         let mut s = FileStore::new(dir.path(), 100);
+        assert_eq!(s.load().unwrap(), vec![party(1)]);
+    }
+
+    #[test]
+    fn journals_without_batch_markers_are_read_whole() {
+        // What relays before batch markers wrote: records only.
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = Vec::new();
+        for (seq, n) in [(1, 1), (2, 2)] {
+            frame(seq, &party(n), &mut old);
+        }
+        fs::write(dir.path().join(JOURNAL_FILE), &old).unwrap();
+        let mut s = FileStore::new(dir.path(), 100);
         assert_eq!(s.load().unwrap(), vec![party(1), party(2)]);
+        s.commit(&[party(3)]).unwrap();
+        let mut s = FileStore::new(dir.path(), 100);
+        assert_eq!(s.load().unwrap(), vec![party(1), party(2), party(3)]);
+    }
+
+    #[test]
+    fn a_failed_write_is_cut_off_so_later_batches_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileStore::new(dir.path(), 100);
+        s.load().unwrap();
+        s.commit(&[party(1)]).unwrap();
+        // The disk fills up halfway through the next batch.
+        s.faults.partial_write = Some(30);
+        assert!(s.commit(&[party(2), party(3)]).is_err());
+        assert!(!s.blocked());
+        // The flusher retries the batch with what came after it; both must survive a restart.
+        s.commit(&[party(2), party(3), party(4)]).unwrap();
+        s.commit(&[party(5)]).unwrap();
+        let mut r = FileStore::new(dir.path(), 100);
+        assert_eq!(
+            r.load().unwrap(),
+            vec![party(1), party(2), party(3), party(4), party(5)]
+        );
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_cut_blocks_commits_until_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileStore::new(dir.path(), 100);
+        s.load().unwrap();
+        s.commit(&[party(1)]).unwrap();
+        s.faults.partial_write = Some(30);
+        s.faults.fail_cut = true;
+        assert!(s.commit(&[party(2)]).is_err());
+        assert!(s.blocked());
+        // Nothing is appended behind the torn tail while it cannot be cut.
+        let len = fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len();
+        let err = s.commit(&[party(2), party(3)]).unwrap_err().to_string();
+        assert!(err.contains("cannot be cut"), "{err}");
+        assert_eq!(
+            fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len(),
+            len
+        );
+        // Once it can, it cuts and carries on.
+        s.faults.fail_cut = false;
+        s.commit(&[party(2), party(3)]).unwrap();
+        assert!(!s.blocked());
+        let mut r = FileStore::new(dir.path(), 100);
+        assert_eq!(r.load().unwrap(), vec![party(1), party(2), party(3)]);
     }
 
     #[test]

@@ -5,9 +5,19 @@
 //! Policy:
 //! - Only well-formed Binding requests are answered. Anything else (responses, indications, other
 //!   methods, bad length or padding, a FINGERPRINT that is wrong or not last, an attribute stun-rs
-//!   cannot decode) gets no answer at all, so the relay is useless as a reflector of junk.
+//!   cannot decode) gets no answer at all: junk is not reflected.
+//! - Well-formed requests can still be sent with a spoofed source, and a success answer is 2 to 4
+//!   times the size of the smallest request (XOR-MAPPED-ADDRESS, FINGERPRINT and, in discovery
+//!   mode, two more addresses). That is what STUN is, so answers are rate-limited instead: per
+//!   source (IPv4 address or IPv6 /64, `udp.stun_per_source_per_sec`) and globally
+//!   (`udp.stun_per_sec`), see [`StunLimiter`]; what a spoofer can aim at one victim is a few
+//!   hundred bytes per second, and at everyone together a bounded total.
 //! - A request with comprehension-required attributes (type < 0x8000) we do not understand is
-//!   answered 420 (Unknown Attribute) listing them in UNKNOWN-ATTRIBUTES (RFC 8489 §6.3.1.1).
+//!   answered 420 (Unknown Attribute) listing them in UNKNOWN-ATTRIBUTES (RFC 8489 §6.3.1.1), but
+//!   never with more bytes than the request had: if the full answer is larger, a compact one
+//!   (empty reason phrase, FINGERPRINT only if the request had one) is tried, and if even that is
+//!   larger, nothing is sent. A client asking for attributes we do not know gets no help in
+//!   turning the relay into an amplifier.
 //!   Understood: the RFC 8489 set (we do not authenticate STUN, so USERNAME / MESSAGE-INTEGRITY /
 //!   REALM / NONCE are accepted and ignored, as a public STUN server does), RESPONSE-PORT and
 //!   PADDING, and CHANGE-REQUEST only in discovery mode (RFC 5780 §6.1: a server without an
@@ -24,6 +34,7 @@
 //! the diagonally opposite cell of the receiving socket.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 
 use stun_rs::attributes::discovery::{ChangeRequestFlags, OtherAddress, Padding, ResponseOrigin};
 use stun_rs::attributes::stun::{ErrorCode, Fingerprint, UnknownAttributes, XorMappedAddress};
@@ -32,6 +43,7 @@ use stun_rs::{
 };
 
 use crate::config::Config;
+use crate::ratelimit::{HashedLimiter, TokenBucket};
 
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
 const FINGERPRINT_XOR: u32 = 0x5354_554e;
@@ -54,8 +66,11 @@ const UNDERSTOOD: [u16; 13] = [
     0x0026, // PADDING
     0x0027, // RESPONSE-PORT
 ];
-/// Most attribute types listed in one 420 answer (keeps the answer smaller than the request).
+/// Most attribute types listed in one 420 answer (bounds the answer's size; whether it goes out
+/// at all is decided by comparing with the request's size).
 const MAX_UNKNOWN_LISTED: usize = 16;
+/// Slots of the per-source answer budget (see [`HashedLimiter`]).
+const STUN_SLOTS: usize = 1 << 16;
 /// Largest PADDING we echo.
 const MAX_PADDING: usize = 1500;
 /// Largest request we look at.
@@ -148,6 +163,44 @@ pub enum Ignored {
     Fingerprint,
     /// A well-formed message that is not a Binding request.
     NotRequest,
+    /// The answer (a 420) would be larger than the request.
+    WouldAmplify,
+}
+
+/// Budgets for STUN answers: per source and over all sources. Checked only for datagrams that
+/// get an answer, so junk does not use them up.
+#[derive(Debug)]
+pub struct StunLimiter {
+    per_source: HashedLimiter,
+    global: TokenBucket,
+}
+
+impl StunLimiter {
+    /// `per_source` answers per second to one source (burst twice that), `global` to all.
+    pub fn new(per_source: u64, global: u64, now: Instant) -> Self {
+        StunLimiter {
+            per_source: HashedLimiter::new(
+                per_source,
+                per_source.saturating_mul(2),
+                STUN_SLOTS,
+                now,
+            ),
+            global: TokenBucket::new(global, global, now),
+        }
+    }
+
+    /// Whether an answer to `to` may go out now (taking it from both budgets). The source's own
+    /// budget is checked first, so one source out of budget cannot drain the global one.
+    pub fn allow(&mut self, to: IpAddr, now: Instant) -> bool {
+        if !self.per_source.try_take(to, now) {
+            return false;
+        }
+        if !self.global.try_take(1, now) {
+            self.per_source.give_back(to);
+            return false;
+        }
+        true
+    }
 }
 
 /// What to do with a STUN datagram.
@@ -250,19 +303,30 @@ impl StunResponder {
             }
         }
         if !unknown.is_empty() {
-            let code = stun_rs::ErrorCode::new(420, "Unknown Attribute")
-                .map_err(|_| Ignored::Malformed)?;
-            let reply =
-                StunMessageBuilder::new(stun_rs::methods::BINDING, MessageClass::ErrorResponse)
-                    .with_transaction_id(tid)
-                    .with_attribute(ErrorCode::new(code))
-                    .with_attribute(UnknownAttributes::from(unknown.as_slice()))
-                    .with_attribute(Fingerprint::default())
-                    .build();
-            let len = MessageEncoderBuilder::default()
-                .build()
-                .encode(out, &reply)
-                .map_err(|_| Ignored::Malformed)?;
+            let had_fingerprint = attr_types.iter().any(|(t, _)| *t == FINGERPRINT_TYPE);
+            let encode = |reason: &str, fingerprint: bool, out: &mut [u8]| {
+                let code = stun_rs::ErrorCode::new(420, reason).map_err(|_| Ignored::Malformed)?;
+                let mut b =
+                    StunMessageBuilder::new(stun_rs::methods::BINDING, MessageClass::ErrorResponse)
+                        .with_transaction_id(tid)
+                        .with_attribute(ErrorCode::new(code))
+                        .with_attribute(UnknownAttributes::from(unknown.as_slice()));
+                if fingerprint {
+                    b = b.with_attribute(Fingerprint::default());
+                }
+                MessageEncoderBuilder::default()
+                    .build()
+                    .encode(out, &b.build())
+                    .map_err(|_| Ignored::Malformed)
+            };
+            // Never more bytes out than in: the full answer if it fits, else a compact one.
+            let mut len = encode("Unknown Attribute", true, out)?;
+            if len > req.len() {
+                len = encode("", had_fingerprint, out)?;
+            }
+            if len > req.len() {
+                return Err(Ignored::WouldAmplify);
+            }
             return Ok(Answer::Send {
                 via: local,
                 to,
@@ -627,12 +691,17 @@ mod tests {
     #[test]
     fn change_request_without_alternate_is_420() {
         let req = request(
-            vec![ChangeRequest::new(Some(ChangeRequestFlags::ChangeIp.into())).into()],
+            vec![
+                Software::new("lanrage test client").unwrap().into(),
+                ChangeRequest::new(Some(ChangeRequestFlags::ChangeIp.into())).into(),
+            ],
             true,
         );
         let mut out = [0u8; ANSWER_BUF];
         let (_, _, len, error) = send(plain().answer(0, CLIENT.parse().unwrap(), &req, &mut out));
         assert!(error);
+        assert!(len <= req.len());
+        assert!(fingerprint_ok(&out[..len]));
         let msg = decode(&out[..len]);
         let unknown = msg
             .get::<UnknownAttributes>()
@@ -640,6 +709,64 @@ mod tests {
             .as_unknown_attributes()
             .unwrap();
         assert_eq!(unknown.attributes(), &[0x0003]);
+    }
+
+    #[test]
+    fn error_answers_are_never_larger_than_the_request() {
+        let r = plain();
+        let from: SocketAddr = CLIENT.parse().unwrap();
+        let mut out = [0u8; ANSWER_BUF];
+        let change = || ChangeRequest::new(Some(ChangeRequestFlags::ChangeIp.into())).into();
+        // 28 bytes in; even the most compact 420 (36 bytes) is more: no answer.
+        let tiny = request(vec![change()], false);
+        assert_eq!(tiny.len(), 28);
+        assert_eq!(
+            r.answer(0, from, &tiny, &mut out),
+            Answer::Ignore(Ignored::WouldAmplify)
+        );
+        let tiny_fp = request(vec![change()], true);
+        assert_eq!(
+            r.answer(0, from, &tiny_fp, &mut out),
+            Answer::Ignore(Ignored::WouldAmplify)
+        );
+        // What turnutils_stunclient -f sends (RESPONSE-PORT + CHANGE-REQUEST, 36 bytes) gets the
+        // compact 420 (no reason phrase, no FINGERPRINT since it sent none), exactly as large.
+        let coturn = request(vec![ResponsePort::from(40000).into(), change()], false);
+        assert_eq!(coturn.len(), 36);
+        let (_, to, len, error) = send(r.answer(0, from, &coturn, &mut out));
+        assert!(error);
+        assert_eq!(len, coturn.len());
+        assert_eq!(to.port(), 40000);
+        let msg = decode(&out[..len]);
+        let code = msg.get::<ErrorCode>().unwrap().as_error_code().unwrap();
+        assert_eq!(code.error_code().error_code(), 420);
+        assert!(msg.get::<Fingerprint>().is_none());
+        // Many unknown attributes: the answer lists at most 16 and still fits.
+        let mut many = request(vec![], false);
+        for t in 0x0050u16..0x0070 {
+            many.extend_from_slice(&t.to_be_bytes());
+            many.extend_from_slice(&[0, 0]);
+        }
+        let l = (many.len() - 20) as u16;
+        many[2..4].copy_from_slice(&l.to_be_bytes());
+        let (_, _, len, error) = send(r.answer(0, from, &many, &mut out));
+        assert!(error && len <= many.len());
+    }
+
+    #[test]
+    fn answers_are_rate_limited_per_source_and_globally() {
+        let t0 = Instant::now();
+        let mut l = StunLimiter::new(5, 25, t0);
+        let ip = |n: u8| IpAddr::from([192, 0, 2, n]);
+        let allowed = |l: &mut StunLimiter, n: u8| (0..100).filter(|_| l.allow(ip(n), t0)).count();
+        // A burst of twice the per-source rate; the 90 refused asks cost the global budget
+        // nothing, so others still get theirs until the global 25 runs out.
+        assert_eq!(allowed(&mut l, 1), 10);
+        assert_eq!(allowed(&mut l, 2), 10);
+        assert_eq!(allowed(&mut l, 3), 5);
+        assert_eq!(allowed(&mut l, 4), 0);
+        let later = t0 + std::time::Duration::from_secs(1);
+        assert!(l.allow(ip(4), later));
     }
 
     #[test]
@@ -782,9 +909,13 @@ mod tests {
             m[4..8].copy_from_slice(&MAGIC_COOKIE);
             let l = (m.len() - 20) as u16;
             m[2..4].copy_from_slice(&l.to_be_bytes());
-            if let Answer::Send { len, .. } = r.answer(0, from, &m, &mut out) {
+            if let Answer::Send { len, error, .. } = r.answer(0, from, &m, &mut out) {
                 proptest::prop_assert_eq!(u16::from_be_bytes([m[0], m[1]]), 0x0001); // Binding request
-                proptest::prop_assert!(fingerprint_ok(&out[..len]));
+                if error {
+                    proptest::prop_assert!(len <= m.len(), "420 of {} bytes for {}", len, m.len());
+                } else {
+                    proptest::prop_assert!(fingerprint_ok(&out[..len]));
+                }
             }
         }
     }

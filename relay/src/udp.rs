@@ -1,6 +1,7 @@
 //! The UDP edge: binds the sockets of the [`crate::stun::Layout`] and moves bytes between them
 //! and the sans-IO cores. Per datagram: relay frames (`RL`) go to the session table, STUN-looking
-//! datagrams to the STUN responder, anything else is counted and dropped.
+//! datagrams to the STUN responder (whose answers then need the per-source and global STUN budget,
+//! [`crate::stun::StunLimiter`]), anything else is counted and dropped.
 //!
 //! Each receive task owns one 64 KiB receive buffer and one small reply buffer for its whole life,
 //! and forwards data frames from the receive buffer itself, so forwarding allocates nothing. Several
@@ -20,7 +21,7 @@ use tokio::net::UdpSocket;
 
 use crate::sessions::Verdict;
 use crate::state::{unix_now, Relay};
-use crate::stun::{Answer, Layout, ANSWER_BUF};
+use crate::stun::{Answer, Ignored, Layout, ANSWER_BUF};
 
 /// Binds every socket of the layout (in index order), with the configured buffer sizes.
 pub fn bind_sockets(layout: &Layout, buffer_bytes: usize) -> anyhow::Result<Vec<Arc<UdpSocket>>> {
@@ -102,13 +103,22 @@ pub async fn serve_socket(relay: Arc<Relay>, sockets: Arc<Vec<Arc<UdpSocket>>>, 
                     len,
                     error,
                 } => {
-                    let m = if error {
-                        &relay.metrics.stun_error
+                    if relay.stun_limits.lock().allow(to.ip(), now) {
+                        let m = if error {
+                            &relay.metrics.stun_error
+                        } else {
+                            &relay.metrics.stun_success
+                        };
+                        m.fetch_add(1, Ordering::Relaxed);
+                        send(&sockets[via], &out[..len], to).await
                     } else {
-                        &relay.metrics.stun_success
-                    };
-                    m.fetch_add(1, Ordering::Relaxed);
-                    send(&sockets[via], &out[..len], to).await
+                        relay.metrics.stun_limited.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                }
+                Answer::Ignore(Ignored::WouldAmplify) => {
+                    relay.metrics.stun_oversized.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
                 }
                 Answer::Ignore(_) => {
                     relay.metrics.stun_ignored.fetch_add(1, Ordering::Relaxed);

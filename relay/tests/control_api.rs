@@ -213,26 +213,31 @@ fn access_key_token_expiry_and_refresh() {
     );
     let http = relay.http();
     let mut p = Peer::new();
-    let req = p.register_request(&http, None);
-    assert_eq!(
+    // Without the key, or with a wrong one, not even a challenge.
+    let ask = |access: &str| {
         http.post(
-            "/auth/register",
+            "/auth/challenge",
             None,
-            &serde_json::to_string(&req).unwrap()
+            &format!(r#"{{"key":"{}"{access}}}"#, p.key),
         )
-        .0,
-        403
-    );
-    let req = p.register_request(&http, Some("wrong-key-wrong-key-wrong"));
-    assert_eq!(
-        http.post(
-            "/auth/register",
-            None,
-            &serde_json::to_string(&req).unwrap()
-        )
-        .0,
-        403
-    );
+        .0
+    };
+    assert_eq!(ask(""), 403);
+    assert_eq!(ask(r#","access_key":"wrong-key-wrong-key-wrong""#), 403);
+    // A challenge got with the key does not make the key optional when registering.
+    let mut req = p.register_request(&http, Some(key));
+    for wrong in [None, Some("wrong-key-wrong-key-wrong".to_string())] {
+        req.access_key = wrong;
+        assert_eq!(
+            http.post(
+                "/auth/register",
+                None,
+                &serde_json::to_string(&req).unwrap()
+            )
+            .0,
+            403
+        );
+    }
     let req = p.register_request(&http, Some(key));
     let body = serde_json::to_string(&req).unwrap();
     let t: TokenResponse = http.post_ok("/auth/register", None, &body);
@@ -376,4 +381,86 @@ fn rate_limits_per_ip_and_per_token() {
     std::thread::sleep(Duration::from_millis(2500));
     assert!(relay.metric("lanrage_relay_rate_limited_total{scope=\"token\"}") >= 3);
     assert!(relay.metric("lanrage_relay_rate_limited_total{scope=\"ip\"}") >= 1);
+}
+
+#[test]
+fn metrics_are_served_on_their_own_listener_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(dir.path(), &[]);
+    // Behind a same-host reverse proxy every control-plane client is 127.0.0.1: the control
+    // plane must not serve metrics at all.
+    assert_eq!(relay.http().get("/metrics", None).0, 404);
+    let (code, text) = relay.metrics_http().get("/metrics", None);
+    assert_eq!(code, 200);
+    assert!(text.contains("lanrage_relay_parties 0\n"), "{text}");
+    // And the metrics listener serves nothing else.
+    assert_eq!(relay.metrics_http().get("/relays", None).0, 404);
+}
+
+/// Reads until the server closes the connection; how long that took, or `None` if it did not
+/// within `within`.
+fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> Option<Duration> {
+    use std::io::Read;
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    while start.elapsed() < within {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+#[test]
+fn idle_and_slow_connections_are_closed_and_capped_per_source() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(
+        dir.path(),
+        &[
+            ("LANRAGE_RELAY__CONTROL__HEADER_TIMEOUT_SECS", "1"),
+            ("LANRAGE_RELAY__CONTROL__MAX_CONNECTIONS_PER_IP", "3"),
+        ],
+    );
+    // Let the start-up probe's connection time out.
+    std::thread::sleep(Duration::from_millis(1500));
+    let connect = || TcpStream::connect(relay.control).unwrap();
+    let opened = Instant::now();
+    // Two say nothing at all, one starts a request and never finishes its head (slowloris).
+    let (mut idle1, mut idle2, mut slow) = (connect(), connect(), connect());
+    slow.write_all(b"GET /relays HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // A fourth from the same address is over the cap: closed at once.
+    let mut fourth = connect();
+    let t = closed_within(&mut fourth, Duration::from_millis(700));
+    assert!(t.is_some(), "a connection over the per-source cap was kept");
+    // The three are closed after the header timeout.
+    for s in [&mut idle1, &mut idle2, &mut slow] {
+        closed_within(s, Duration::from_secs(4)).expect("kept open past the timeout");
+        let t = opened.elapsed();
+        assert!(
+            t >= Duration::from_millis(800),
+            "closed after {t:?}, before the timeout"
+        );
+    }
+    // Now there is room again, and keep-alive connections that go quiet are closed too.
+    let mut ok = connect();
+    let answered = Instant::now();
+    ok.write_all(b"GET /relays HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    closed_within(&mut ok, Duration::from_secs(4)).expect("idle keep-alive kept open");
+    let t = answered.elapsed();
+    assert!(
+        t >= Duration::from_millis(800),
+        "closed after {t:?}, before the timeout"
+    );
+    assert!(relay.metric("lanrage_relay_http_connections_refused_total ") >= 1);
 }

@@ -1,5 +1,6 @@
 //! UDP relaying between two members over loopback: only members' bound addresses get traffic, a
-//! third peer's datagrams go nowhere (and are counted), NAT rebinding needs a new proof.
+//! third peer's datagrams go nowhere (and are counted), an address is bound only after it echoed
+//! the relay's cookie, NAT rebinding needs a new proof.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use common::{Got, Http, Peer, RelayProc, UdpPeer};
 use lanrage_proto::api::{PartyView, SessionResponse};
-use lanrage_proto::frame::RebindReason;
+use lanrage_proto::frame::{self, Frame, RebindReason};
 use lanrage_proto::ids::SessionId;
 
 struct Setup {
@@ -194,4 +195,45 @@ fn leaving_the_party_ends_relaying() {
         Some(Got::Rebind(RebindReason::UnknownSession))
     );
     assert_eq!(s.relay.metric("lanrage_relay_sessions "), 0);
+}
+
+#[test]
+fn an_address_is_bound_only_after_it_echoed_the_cookie() {
+    let s = setup();
+    let relay_addr = s.relay.udp[0];
+    let (mut ua, mut ub) = (UdpPeer::new(relay_addr), UdpPeer::new(relay_addr));
+    assert_eq!(
+        ub.bind(s.session, s.b.id, &s.b.bind_key(s.session)),
+        Some(Got::Bound(false))
+    );
+    // a's first bind (right key, fresh counter) only gets a challenge, no larger than the bind.
+    ua.send_bind(s.session, s.a.id, &s.a.bind_key(s.session), None);
+    let mut buf = [0u8; 2048];
+    let (n, from) = ua.sock.recv_from(&mut buf).unwrap();
+    assert_eq!(from, relay_addr);
+    assert!(n <= 64, "a {n}-byte challenge");
+    let Ok(Frame::Challenge(c)) = frame::decode(&buf[..n]) else {
+        panic!("not a challenge: {:?}", &buf[..n])
+    };
+    assert_eq!(c.session, s.session);
+    // Until a echoes it, b's traffic goes nowhere.
+    ub.send(s.session, &[7u8; 48]);
+    assert_eq!(ua.recv_data(Duration::from_millis(300)), None);
+    assert_eq!(s.relay.metric("lanrage_relay_sessions_active "), 0);
+    ua.send_bind(s.session, s.a.id, &s.a.bind_key(s.session), Some(&c.cookie));
+    assert_eq!(
+        ua.recv(Some(&s.a.bind_key(s.session))),
+        Some(Got::Bound(true))
+    );
+    ub.send(s.session, b"now");
+    assert_eq!(
+        ua.recv_data(Duration::from_secs(2)),
+        Some((s.session, b"now".to_vec()))
+    );
+    assert_eq!(
+        s.relay
+            .metric("lanrage_relay_drops_total{reason=\"unproven_address\"}"),
+        2
+    );
+    assert_eq!(s.relay.metric("lanrage_relay_bind_challenges_total "), 2);
 }

@@ -1,5 +1,6 @@
 //! The forwarding hot path allocates nothing: a counting global allocator watches
-//! `SessionTable::handle` for data frames (forwarded, dropped, hinted) and binds.
+//! `SessionTable::handle` for data frames (forwarded, dropped, hinted) and binds (challenge,
+//! cookie check, bound answer).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -7,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use lanrage_proto::auth::BindKey;
-use lanrage_proto::frame::{data_frame, encode_bind, Bind};
+use lanrage_proto::frame::{data_frame, decode, encode_bind, Bind, Frame};
 use lanrage_proto::ids::{PartyId, PeerId, SessionId};
 use lanrage_relay::sessions::{SessionLimits, SessionTable, Verdict};
 
@@ -42,6 +43,40 @@ fn watched<T>(f: impl FnOnce() -> T) -> (T, u64) {
     (out, COUNT.with(Cell::get))
 }
 
+/// What a client does to bind, on the table directly: bind, read the challenge, bind again with
+/// its cookie. Returns the final verdict. Allocates nothing itself (stack buffers only).
+fn bind_round_trip(
+    t: &mut SessionTable,
+    now: Instant,
+    unix_us: u64,
+    from: SocketAddr,
+    bind: &Bind,
+    key: &BindKey,
+    out: &mut [u8; 64],
+) -> Verdict {
+    let mut frame = [0u8; 80];
+    let Ok(n) = encode_bind(bind, None, key, &mut frame) else {
+        return Verdict::Drop {
+            reason: lanrage_relay::sessions::DropReason::Malformed,
+            hint: None,
+        };
+    };
+    let v = t.handle(now, unix_us, 0, from, &frame[..n], out);
+    let Verdict::Drop {
+        hint: Some(len), ..
+    } = v
+    else {
+        return v;
+    };
+    let Ok(Frame::Challenge(c)) = decode(&out[..len]) else {
+        return v;
+    };
+    let Ok(n) = encode_bind(bind, Some(&c.cookie), key, &mut frame) else {
+        return v;
+    };
+    t.handle(now, unix_us, 0, from, &frame[..n], out)
+}
+
 #[test]
 fn forwarding_does_not_allocate() {
     let now = Instant::now();
@@ -53,49 +88,37 @@ fn forwarding_does_not_allocate() {
         bps: 1_000_000_000,
         global_pps: 1_000_000,
         global_bps: 1_000_000_000,
+        hints_pps: 1000,
+        hints_per_source_pps: 100,
     };
     let mut t = SessionTable::new(limits, now);
     let (ka, kb) = (BindKey([1; 32]), BindKey([2; 32]));
     let (pa, pb) = (PeerId([1; 8]), PeerId([2; 8]));
     let s = SessionId(77);
-    t.insert(s, PartyId([0; 10]), [(pa, ka), (pb, kb)], now)
+    t.insert(s, PartyId([0; 10]), [(pa, ka), (pb, kb)], 0, now)
         .unwrap();
     let a: SocketAddr = "198.51.100.1:1000".parse().unwrap();
     let b: SocketAddr = "198.51.100.2:2000".parse().unwrap();
     let c: SocketAddr = "198.51.100.3:3000".parse().unwrap();
     let unix_us = 1_700_000_000_000_000;
-    let mut bind_a = [0u8; 64];
-    let n = encode_bind(
-        &Bind {
-            session: s,
-            peer: pa,
-            counter: unix_us,
-        },
-        &ka,
-        &mut bind_a,
-    )
-    .unwrap();
-    let bind_a = &bind_a[..n];
-    let mut bind_b = [0u8; 64];
-    let m = encode_bind(
-        &Bind {
-            session: s,
-            peer: pb,
-            counter: unix_us,
-        },
-        &kb,
-        &mut bind_b,
-    )
-    .unwrap();
-    let bind_b = &bind_b[..m];
+    let bind = |peer| Bind {
+        session: s,
+        peer,
+        counter: unix_us,
+    };
+    let (bind_a, bind_b) = (bind(pa), bind(pb));
     let frame = data_frame(s, &[0x42; 1200]);
     let unknown = data_frame(SessionId(1), &[0x42; 100]);
     let mut out = [0u8; 64];
 
     let (verdicts, allocs) = watched(|| {
         let mut v = Vec::with_capacity(8);
-        v.push(t.handle(now, unix_us, 0, a, bind_a, &mut out));
-        v.push(t.handle(now, unix_us, 0, b, bind_b, &mut out));
+        v.push(bind_round_trip(
+            &mut t, now, unix_us, a, &bind_a, &ka, &mut out,
+        ));
+        v.push(bind_round_trip(
+            &mut t, now, unix_us, b, &bind_b, &kb, &mut out,
+        ));
         for _ in 0..10_000 {
             v[0] = t.handle(now, 0, 0, a, &frame, &mut out);
             v[1] = t.handle(now, 0, 0, b, &frame, &mut out);
@@ -111,4 +134,5 @@ fn forwarding_does_not_allocate() {
     assert!(matches!(verdicts[2], Verdict::Drop { hint: Some(_), .. }));
     assert!(matches!(verdicts[3], Verdict::Drop { hint: Some(_), .. }));
     assert_eq!(t.stats.forwarded_packets, 20_000);
+    assert_eq!(t.stats.challenges, 2);
 }

@@ -1,5 +1,6 @@
 //! Durability: parties, members, tokens and sessions survive kill -9 and restarts; relayed
-//! traffic resumes by itself (the relay hints, the peers re-bind) within seconds.
+//! traffic resumes by itself (the relay hints, the peers re-bind through the cookie round trip)
+//! within seconds; binds captured before the restart are refused.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{Got, Peer, RelayProc, UdpPeer};
 use lanrage_proto::api::{PartyInfo, PartyView, PeersResponse, SessionResponse};
-use lanrage_proto::frame::RebindReason;
+use lanrage_proto::frame::{encode_bind, Bind, RebindReason};
 use lanrage_proto::ids::SessionId;
 
 /// What a peer's relay client does: send, and when the relay asks for a bind, bind and resend.
@@ -88,6 +89,21 @@ fn state_survives_kill_9_and_sessions_resume() {
         Duration::from_secs(2),
     );
 
+    // A bind someone captured before the restart (fresh enough to be within the clock window).
+    let mut captured = [0u8; 128];
+    let n = encode_bind(
+        &Bind {
+            session: s.session,
+            peer: a.id,
+            counter: common::unix_micros(),
+        },
+        None,
+        &a.bind_key(s.session),
+        &mut captured,
+    )
+    .unwrap();
+    let captured = captured[..n].to_vec();
+
     // Let one flush interval pass (20 ms in tests), then kill -9.
     std::thread::sleep(Duration::from_millis(200));
     relay.kill9();
@@ -115,6 +131,16 @@ fn state_survives_kill_9_and_sessions_resume() {
         &format!(r#"{{"peer":"{}"}}"#, a.id),
     );
     assert_eq!(s2.session, s.session);
+
+    // The captured bind is worthless now: from anywhere it gets no answer at all (not even a
+    // challenge), because it is older than the relay's start.
+    let replayer = UdpPeer::new(relay.udp[0]);
+    replayer.sock.send_to(&captured, relay.udp[0]).unwrap();
+    assert_eq!(replayer.recv(None), None);
+    assert_eq!(
+        relay.metric("lanrage_relay_drops_total{reason=\"replay\"}"),
+        1
+    );
 
     // Relaying resumes by itself: both peers keep sending (as WireGuard keepalives and handshakes
     // do) and bind again when the relay hints; measure until both directions flow.

@@ -150,3 +150,33 @@ fn junk_gets_no_answer() {
         1
     );
 }
+
+/// Answers are rate-limited per source: a burst of requests from one address gets only its
+/// budget's worth of answers, the rest are counted.
+#[test]
+fn answers_to_one_source_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(
+        dir.path(),
+        &[("LANRAGE_RELAY__UDP__STUN_PER_SOURCE_PER_SEC", "5")],
+    );
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for i in 0..40u8 {
+        let mut request = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+        request.extend_from_slice(&[i; 12]);
+        sock.send_to(&request, relay.udp[0]).unwrap();
+    }
+    let mut buf = [0u8; 1500];
+    let mut answers = 0;
+    while sock.recv_from(&mut buf).is_ok() {
+        answers += 1;
+    }
+    // A burst of twice the rate, and what refilled while the requests went out.
+    assert!((10..=13).contains(&answers), "{answers} answers");
+    assert!(
+        relay.metric("lanrage_relay_stun_requests_total{result=\"rate_limited\"}") >= 27,
+        "the refused requests are counted"
+    );
+}

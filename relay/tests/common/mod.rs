@@ -10,9 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use lanrage_proto::api::{ChallengeResponse, RegisterRequest, TokenResponse};
+use lanrage_proto::api::{ChallengeRequest, ChallengeResponse, RegisterRequest, TokenResponse};
 use lanrage_proto::auth::{BindKey, SharedKey};
-use lanrage_proto::frame::{self, Bind, Frame};
+use lanrage_proto::frame::{self, Bind, Cookie, Frame};
 use lanrage_proto::ids::{PeerId, PublicKey, SessionId};
 use x25519_dalek::StaticSecret;
 
@@ -55,6 +55,8 @@ pub struct RelayProc {
     child: Option<Child>,
     /// Control-plane address.
     pub control: SocketAddr,
+    /// Metrics listener address.
+    pub metrics: SocketAddr,
     /// Configured UDP addresses.
     pub udp: Vec<SocketAddr>,
     /// State directory.
@@ -87,9 +89,14 @@ impl RelayProc {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        let mut metrics = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        while metrics == control {
+            metrics = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        }
         let mut r = RelayProc {
             child: None,
             control,
+            metrics,
             udp,
             state_dir: dir.join("state"),
             log: dir.join("relay.log"),
@@ -102,9 +109,10 @@ impl RelayProc {
     fn spawn(&mut self) {
         let listen: Vec<String> = self.udp.iter().map(|a| format!("\"{a}\"")).collect();
         let cfg = format!(
-            "[udp]\nlisten = [{}]\n[control]\nlisten = \"{}\"\nstate_dir = \"{}\"\n[store]\nflush_interval_ms = 20\n",
+            "[udp]\nlisten = [{}]\n[control]\nlisten = \"{}\"\nmetrics_listen = \"{}\"\nstate_dir = \"{}\"\n[store]\nflush_interval_ms = 20\n",
             listen.join(", "),
             self.control,
+            self.metrics,
             self.state_dir.display()
         );
         let cfg_path = self.state_dir.with_extension("toml");
@@ -183,9 +191,14 @@ impl RelayProc {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// A client for the metrics listener.
+    pub fn metrics_http(&self) -> Http {
+        Http::new(self.metrics)
+    }
+
     /// One Prometheus sample (exact line prefix, e.g. `lanrage_relay_sessions `).
     pub fn metric(&self, name: &str) -> u64 {
-        let (code, text) = self.http().get("/metrics", None);
+        let (code, text) = self.metrics_http().get("/metrics", None);
         assert_eq!(code, 200, "{text}");
         text.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
@@ -307,12 +320,17 @@ impl Peer {
         }
     }
 
-    /// The register request for a fresh challenge (what a client sends).
+    /// The register request for a fresh challenge (what a client sends; the access key goes in
+    /// both requests).
     pub fn register_request(&mut self, http: &Http, access_key: Option<&str>) -> RegisterRequest {
+        let body = ChallengeRequest {
+            key: self.key,
+            access_key: access_key.map(str::to_string),
+        };
         let ch: ChallengeResponse = http.post_ok(
             "/auth/challenge",
             None,
-            &format!("{{\"key\":\"{}\"}}", self.key),
+            &serde_json::to_string(&body).unwrap(),
         );
         let raw: [u8; 32] = B64.decode(&ch.challenge).unwrap().try_into().unwrap();
         let shared = SharedKey::for_peer(&self.secret, &ch.relay_key).unwrap();
@@ -371,6 +389,8 @@ pub struct UdpPeer {
     /// Relay address it talks to.
     pub relay: SocketAddr,
     counter: u64,
+    /// The relay's latest cookie for this socket's address.
+    cookie: Option<Cookie>,
 }
 
 /// What came back from the relay.
@@ -382,6 +402,8 @@ pub enum Got {
     Bound(bool),
     /// A `Rebind` hint.
     Rebind(frame::RebindReason),
+    /// A `Challenge`: its cookie.
+    Challenge(Cookie),
     /// Something else.
     Other(Vec<u8>),
 }
@@ -396,12 +418,18 @@ impl UdpPeer {
             sock,
             relay,
             counter: unix_micros(),
+            cookie: None,
         }
     }
 
-    /// Sends a bind for `peer` in `session` (signed with `key`) and returns the relay's `Bound`
-    /// answer, if one comes.
-    pub fn bind(&mut self, session: SessionId, peer: PeerId, key: &BindKey) -> Option<Got> {
+    /// Sends one bind for `peer` in `session` (signed with `key`), echoing `cookie`.
+    pub fn send_bind(
+        &mut self,
+        session: SessionId,
+        peer: PeerId,
+        key: &BindKey,
+        cookie: Option<&Cookie>,
+    ) {
         self.counter = self.counter.max(unix_micros()) + 1;
         let mut buf = [0u8; 128];
         let n = frame::encode_bind(
@@ -410,16 +438,37 @@ impl UdpPeer {
                 peer,
                 counter: self.counter,
             },
+            cookie,
             key,
             &mut buf,
         )
         .unwrap();
         self.sock.send_to(&buf[..n], self.relay).unwrap();
-        // Skip anything queued before the answer (hints, data).
-        let deadline = Instant::now() + Duration::from_millis(600);
-        while Instant::now() < deadline {
-            if let Some(g @ Got::Bound(_)) = self.recv(Some(key)) {
-                return Some(g);
+    }
+
+    /// What a client does to bind: send a bind (with the latest cookie, if any); answer a
+    /// `Challenge` with a bind carrying its cookie (a few times at most). Returns the relay's
+    /// `Bound` answer, if one comes.
+    pub fn bind(&mut self, session: SessionId, peer: PeerId, key: &BindKey) -> Option<Got> {
+        for _ in 0..4 {
+            let cookie = self.cookie;
+            self.send_bind(session, peer, key, cookie.as_ref());
+            // Skip anything queued before the answer (hints, data).
+            let deadline = Instant::now() + Duration::from_millis(600);
+            let mut challenged = false;
+            while Instant::now() < deadline {
+                match self.recv(Some(key)) {
+                    Some(g @ Got::Bound(_)) => return Some(g),
+                    Some(Got::Challenge(c)) => {
+                        self.cookie = Some(c);
+                        challenged = true;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            if !challenged {
+                return None;
             }
         }
         None
@@ -442,6 +491,7 @@ impl UdpPeer {
                 Got::Bound(t.body.peer_bound)
             }
             Ok(Frame::Rebind(r)) => Got::Rebind(r.reason),
+            Ok(Frame::Challenge(c)) => Got::Challenge(c.cookie),
             _ => Got::Other(buf[..n].to_vec()),
         })
     }
