@@ -166,6 +166,22 @@ fn form_party(lab: &Lab, members: &[usize], name: &str) -> String {
     party
 }
 
+/// Waits until `node` lists `party` and checks what it says: seen via `source`, named `name`,
+/// one member. Returns the entry.
+fn expect_listed(node: &lab::Node, party: &str, source: &str, name: &str) -> Value {
+    let entry = wait_for(DISCOVERY_WITHIN, || node.listed_party(party)).unwrap_or_else(|| {
+        panic!(
+            "{} never saw the party via {source}: {:#?}",
+            node.name,
+            node.parties()
+        )
+    });
+    assert_eq!(entry["source"], source, "{}: {entry}", node.name);
+    assert_eq!(entry["name"], name, "{}: {entry}", node.name);
+    assert_eq!(entry["members"], 1, "{}: {entry}", node.name);
+    entry
+}
+
 /// Assert that `from` reaches `ip` through the tunnel (retrying for a few seconds: the first
 /// packet may wait for a handshake).
 fn assert_ping(lab: &Lab, from: usize, ip: &str) {
@@ -392,16 +408,7 @@ fn party_discovered_via_mdns() {
 
     for i in [1, 2] {
         let node = lab.node(i);
-        let entry = wait_for(DISCOVERY_WITHIN, || node.listed_party(&party)).unwrap_or_else(|| {
-            panic!(
-                "{} never saw the party via mDNS: {:#?}",
-                node.name,
-                node.parties()
-            )
-        });
-        assert_eq!(entry["source"], "mdns", "{}: {entry}", node.name);
-        assert_eq!(entry["name"], "lan-night", "{}: {entry}", node.name);
-        assert_eq!(entry["members"], 1, "{}: {entry}", node.name);
+        let entry = expect_listed(node, &party, "mdns", "lan-night");
         assert_eq!(entry["protected"], false, "{}: {entry}", node.name);
         let host = entry["host"].as_str().unwrap_or_default();
         assert!(
@@ -443,16 +450,7 @@ fn party_discovered_via_file_alone() {
 
     for i in [1, 2] {
         let node = lab.node(i);
-        let entry = wait_for(DISCOVERY_WITHIN, || node.listed_party(&party)).unwrap_or_else(|| {
-            panic!(
-                "{} never saw the party in the file: {:#?}",
-                node.name,
-                node.parties()
-            )
-        });
-        assert_eq!(entry["source"], "file", "{}: {entry}", node.name);
-        assert_eq!(entry["name"], "file-night", "{}: {entry}", node.name);
-        assert_eq!(entry["members"], 1, "{}: {entry}", node.name);
+        expect_listed(node, &party, "file", "file-night");
     }
     assert!(
         lab.discovery_file().exists(),
