@@ -182,6 +182,20 @@ fn expect_listed(node: &lab::Node, party: &str, source: &str, name: &str) -> Val
     entry
 }
 
+/// Waits until a restarted `node` is back in `party` with virtual IP `vip`.
+fn expect_back_as(node: &lab::Node, party: &str, vip: &str, what: &str) {
+    let back = wait_until(REJOIN_WITHIN, || {
+        let s = node.status();
+        party_id_of(&s).as_deref() == Some(party) && s["node"]["virtual_ip"] == vip
+    });
+    assert!(
+        back,
+        "{} ({what}) did not rejoin {party} as {vip}: {:#}",
+        node.name,
+        node.status()
+    );
+}
+
 /// Assert that `from` reaches `ip` through the tunnel (retrying for a few seconds: the first
 /// packet may wait for a handshake).
 fn assert_ping(lab: &Lab, from: usize, ip: &str) {
@@ -965,16 +979,7 @@ fn restarted_member_rejoins_with_same_ip() {
 
     carol.kill9();
     carol.start();
-    let back = wait_until(REJOIN_WITHIN, || {
-        let s = carol.status();
-        party_id_of(&s).as_deref() == Some(party.as_str())
-            && s["node"]["virtual_ip"] == carol_vip.as_str()
-    });
-    assert!(
-        back,
-        "restarted carol did not rejoin {party} as {carol_vip}: {:#}",
-        carol.status()
-    );
+    expect_back_as(carol, &party, &carol_vip, "restarted at once");
     assert_eq!(
         carol.id(),
         carol_id,
@@ -1009,16 +1014,7 @@ fn restarted_member_rejoins_with_same_ip() {
     let within = Duration::from_secs(PEER_TIMEOUT_SECS) + KILL_SLACK;
     expect_members(&lab, &[0, 1], &party, &others, within, "carol dropped");
     carol.start();
-    let back = wait_until(REJOIN_WITHIN, || {
-        let s = carol.status();
-        party_id_of(&s).as_deref() == Some(party.as_str())
-            && s["node"]["virtual_ip"] == carol_vip.as_str()
-    });
-    assert!(
-        back,
-        "carol, restarted after being dropped, did not rejoin {party} as {carol_vip}: {:#}",
-        carol.status()
-    );
+    expect_back_as(carol, &party, &carol_vip, "restarted after being dropped");
     expect_members(
         &lab,
         &[0, 1, 2],
