@@ -8,6 +8,7 @@
 //!   control datagrams on the daemon's one UDP socket;
 //! - [`api`]: the relay's HTTP routes and JSON bodies;
 //! - [`keyfile`]: a node's private key on disk;
+//! - [`ratelimit`]: token buckets and attempt budgets with time passed in (relay and daemon);
 //! - [`settings`]: TOML + environment configuration loading with key-naming errors.
 //!
 //! Everything is sans-IO and never panics on outside input.
@@ -17,4 +18,5 @@ pub mod auth;
 pub mod frame;
 pub mod ids;
 pub mod keyfile;
+pub mod ratelimit;
 pub mod settings;

@@ -13,7 +13,7 @@
 //! - [`registry`]: parties, members, signals, which sessions exist;
 //! - [`tokens`], [`challenge`], [`password`]: bearer tokens, registration challenges, party
 //!   password verifiers;
-//! - [`ratelimit`]: token buckets;
+//! - [`ratelimit`]: token buckets (from `lanrage-proto`, shared with the daemon);
 //! - [`store`]: durable records, the `Store` trait and the journal+snapshot implementation.
 //!
 //! Glue: [`state`] (the shared state and the control-plane operations, with the lock order),
@@ -26,7 +26,6 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod password;
-pub mod ratelimit;
 pub mod registry;
 pub mod server;
 pub mod sessions;
@@ -35,3 +34,6 @@ pub mod store;
 pub mod stun;
 pub mod tokens;
 pub mod udp;
+
+/// Token buckets and attempt budgets, shared with the daemon (they live in `lanrage-proto`).
+pub use lanrage_proto::ratelimit;

@@ -182,6 +182,9 @@ pub struct AttemptBudget<K> {
     window: Duration,
     max_keys: usize,
     counts: HashMap<K, (u32, Instant)>,
+    /// When a full table was last swept for room (at most once a second, so a flood of new
+    /// keys at a full table costs a lookup each, not a scan each).
+    last_full_sweep: Option<Instant>,
 }
 
 impl<K: Hash + Eq + Clone> AttemptBudget<K> {
@@ -193,15 +196,30 @@ impl<K: Hash + Eq + Clone> AttemptBudget<K> {
             window,
             max_keys: max_keys.max(1),
             counts: HashMap::new(),
+            last_full_sweep: None,
         }
     }
 
-    /// Charges one attempt to `key`; false (nothing charged) when its budget is used up.
+    /// Charges one attempt to `key`; false (nothing charged) when its budget is used up or the
+    /// table is full of other keys (fails closed).
     pub fn charge(&mut self, key: &K, now: Instant) -> bool {
+        self.try_charge(key, now) == Charge::Charged
+    }
+
+    /// Charges one attempt to `key` and says what happened, so a caller can tell "this key is out
+    /// of attempts" from "too many other keys are tracked to track this one" (where another,
+    /// coarser budget may take over rather than refusing everyone).
+    pub fn try_charge(&mut self, key: &K, now: Instant) -> Charge {
         if !self.counts.contains_key(key) && self.counts.len() >= self.max_keys {
-            self.sweep(now);
+            let recently = self
+                .last_full_sweep
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+            if !recently {
+                self.last_full_sweep = Some(now);
+                self.sweep(now);
+            }
             if self.counts.len() >= self.max_keys {
-                return false;
+                return Charge::Untracked;
             }
         }
         let e = self.counts.entry(key.clone()).or_insert((0, now));
@@ -209,10 +227,20 @@ impl<K: Hash + Eq + Clone> AttemptBudget<K> {
             *e = (0, now);
         }
         if e.0 >= self.limit {
-            return false;
+            return Charge::Exhausted;
         }
         e.0 += 1;
-        true
+        Charge::Charged
+    }
+
+    /// Number of tracked keys.
+    pub fn len(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// Whether no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
     }
 
     /// Gives back an attempt (the password was right, or a later check refused the attempt).
@@ -228,6 +256,17 @@ impl<K: Hash + Eq + Clone> AttemptBudget<K> {
         self.counts
             .retain(|_, (_, since)| now.saturating_duration_since(*since) < window);
     }
+}
+
+/// The outcome of [`AttemptBudget::try_charge`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Charge {
+    /// One attempt was charged.
+    Charged,
+    /// The key has used up its attempts for this window; nothing was charged.
+    Exhausted,
+    /// The table is full of other keys still inside their window; nothing was charged.
+    Untracked,
 }
 
 /// Token buckets in a fixed table of slots, a source's slot picked by a keyed hash of its
