@@ -97,27 +97,36 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("control");
     let a = Identity::generate();
     let b = Identity::generate();
-    let mut sa = Sealer::new(a.secret.clone());
-    let mut sb = Sealer::new(b.secret.clone());
+    let now = Instant::now();
+    let mut sa = Sealer::new(a.secret.clone(), [1; 32], now);
+    let mut sb = Sealer::new(b.secret.clone(), [2; 32], now);
     let msg = Message::Heartbeat {
         party: PartyId([1; 10]),
         roster_version: 7,
         sent_ms: 123,
     };
-    let now = Instant::now();
-    // Warm the derived-key caches, as in steady state.
+    let (at_a, at_b) = (
+        std::net::SocketAddr::from(([192, 0, 2, 1], 51820)),
+        std::net::SocketAddr::from(([192, 0, 2, 2], 51820)),
+    );
+    // Warm the derived-key caches and prove the session, as in steady state.
     let first = sa.seal(&b.public, &msg, now).unwrap();
-    sb.open(&first, std::net::IpAddr::from([192, 0, 2, 1]), now)
-        .unwrap();
+    let _ = sb.open(&first, at_a, now);
+    while let Some((_, challenge)) = sb.poll_transmit() {
+        let _ = sa.open(&challenge, at_b, now);
+        while let Some((_, response)) = sa.poll_transmit() {
+            let _ = sb.open(&response, at_a, now);
+        }
+    }
     g.bench_function("seal_heartbeat", |bench| {
         bench.iter(|| sa.seal(&b.public, &msg, now))
     });
     g.bench_function("seal_open_heartbeat", |bench| {
         bench.iter_batched(
             || sa.seal(&b.public, &msg, now).unwrap(),
-            |env| {
-                sb.open(&env, std::net::IpAddr::from([192, 0, 2, 1]), now)
-                    .unwrap()
+            |env| match sb.open(&env, at_a, now) {
+                Ok(Some(d)) => d,
+                other => panic!("{other:?}"),
             },
             BatchSize::SmallInput,
         )

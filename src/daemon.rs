@@ -26,8 +26,10 @@ use crate::identity::Identity;
 use crate::ids::PartyId;
 use crate::party::engine::Hosted;
 use crate::party::{Action, Engine, EngineConfig, JoinError, JoinTarget, SavedParty};
-use crate::seal::Sealer;
+use crate::seal::{Delivered, OpenError, Sealer};
+use crate::throttle::LogThrottle;
 use crate::tunnel::{self, Tunnel};
+use crate::wire::{Message, WIRE_VERSION};
 
 /// File in state_dir that remembers the party across restarts.
 pub const PARTY_FILE: &str = "party.json";
@@ -39,6 +41,13 @@ const CONNECT_GRACE: Duration = Duration::from_secs(15);
 const SESSION_FRESH: Duration = Duration::from_secs(180);
 /// How often our LAN addresses are checked for changes.
 const ENDPOINT_CHECK: Duration = Duration::from_secs(10);
+/// Answers and pushes at most this large may go to an address that has not proven it receives
+/// (never more than the smallest request that could have caused them).
+const UNPROVEN_MAX: usize = 128;
+/// Least time between two log lines about peers speaking another protocol version.
+const VERSION_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Bound of each shutdown step (goodbyes, mDNS goodbyes, discovery file, state writer).
+const SHUTDOWN_STEP: Duration = Duration::from_secs(2);
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -55,7 +64,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let port = tunnel.local_port();
 
     let (control_tx, control_rx) = mpsc::channel(tunnel::CONTROL_QUEUE);
-    let datapath = tunnel.spawn(control_tx);
+    // Every long-lived task is supervised: one that ends or panics stops the daemon with an
+    // error (a daemon that silently passes no traffic is worse than one that restarts).
+    let mut tasks = Tasks::default();
+    for (name, task) in tunnel.tasks(control_tx) {
+        tasks.spawn(name, task);
+    }
 
     let mdns = if cfg.discovery.mdns {
         match Mdns::start(std::slice::from_ref(&cfg.network.interface)) {
@@ -80,11 +94,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .map(|p| Arc::new(DiscoveryFile::new(p, stale_after)));
 
     let discovered: Discovered = Arc::default();
-    let discovery_task = tokio::spawn(discovery_loop(
-        mdns.clone(),
-        file.clone(),
-        discovered.clone(),
-    ));
+    tasks.spawn(
+        "discovery",
+        discovery_loop(mdns.clone(), file.clone(), discovered.clone()),
+    );
 
     let (api_tx, api_rx) = mpsc::channel(64);
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
@@ -95,12 +108,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 cfg.api.listen
             )
         })?;
-    let api_task = tokio::spawn(api::serve(listener, cfg.api.listen, api_tx));
+    tasks.spawn("api", api::serve(listener, cfg.api.listen, api_tx));
     tracing::info!(api = %cfg.api.listen, udp_port = port, interface = %cfg.network.interface, "ready");
 
     let (persist_tx, persist_rx) = watch::channel::<Option<Option<SavedParty>>>(None);
     let persist_path = cfg.node.state_dir.join(PARTY_FILE);
-    let persister = tokio::spawn(persist_loop(persist_path.clone(), persist_rx));
+    let mut persister = tokio::spawn(persist_loop(persist_path.clone(), persist_rx));
 
     let now = Instant::now();
     let mut engine = Engine::new(
@@ -112,6 +125,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             peer_timeout: Duration::from_secs(cfg.timers.peer_timeout_secs),
         },
         now,
+        rand::random(),
     );
     let endpoints = local_endpoints(port, &cfg.network.interface);
     engine.set_endpoints(endpoints.clone());
@@ -119,7 +133,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut control = Control {
         cfg,
         identity: identity.clone(),
-        sealer: Sealer::new(identity.secret.clone()),
+        sealer: Sealer::new(identity.secret.clone(), rand::random(), now),
         engine,
         tunnel,
         mdns,
@@ -134,6 +148,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         last_endpoint_check: Some(now),
         port,
         open_errors: HashMap::new(),
+        version_log: LogThrottle::new(VERSION_LOG_EVERY),
     };
 
     match load_saved(&persist_path) {
@@ -147,31 +162,107 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
-    control.run(control_rx, api_rx).await;
+    let stopped = control
+        .run(control_rx, api_rx, &mut tasks, &mut persister)
+        .await;
 
-    // Shut down: tell the others we are going (they drop us at once; a host hands over), but
-    // keep the remembered party so a restart rejoins it.
-    if control.engine.leave(Instant::now()).is_ok() {
-        control.shutting_down_drain().await;
+    // Shut down, every step bounded (a hung network share or mDNS socket must not keep the
+    // process alive). Tell the others we are going (they drop us at once; a host hands over),
+    // but keep the remembered party so a restart rejoins it.
+    let goodbyes = async {
+        if control.engine.leave(Instant::now()).is_ok() {
+            control.shutting_down_drain().await;
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_STEP, goodbyes).await.is_err() {
+        tracing::warn!("shutdown: goodbyes took too long; skipped");
     }
-    if let Some(m) = &control.mdns {
-        m.shutdown();
+    let mut blocking = Vec::new();
+    if let Some(m) = control.mdns.clone() {
+        blocking.push((
+            "mDNS goodbyes",
+            tokio::task::spawn_blocking(move || m.shutdown()),
+        ));
     }
-    if let (Some(file), Some(id)) = (&control.file, control.announced) {
-        let file = file.clone();
+    if let (Some(file), Some(id)) = (control.file.clone(), control.announced) {
         let host = control.identity.id;
-        let _ = tokio::task::spawn_blocking(move || file.withdraw_if_host(id, host)).await;
+        blocking.push((
+            "discovery file withdraw",
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = file.withdraw_if_host(id, host) {
+                    tracing::warn!(error = %e, "could not withdraw from the discovery file");
+                }
+            }),
+        ));
+    }
+    for (what, handle) in blocking {
+        if tokio::time::timeout(SHUTDOWN_STEP, handle).await.is_err() {
+            tracing::warn!("shutdown: {what} did not finish in {SHUTDOWN_STEP:?}; left behind");
+        }
     }
     let _ = control.tunnel.set_address(None);
-    api_task.abort();
-    discovery_task.abort();
-    for t in datapath {
-        t.abort();
-    }
+    tasks.abort_all();
     drop(control);
-    let _ = persister.await;
-    tracing::info!("stopped");
-    Ok(())
+    if tokio::time::timeout(SHUTDOWN_STEP, &mut persister)
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown: saving the party state did not finish in {SHUTDOWN_STEP:?}");
+        persister.abort();
+    }
+    match stopped {
+        Ok(()) => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "stopped because a part of the daemon failed");
+            Err(e)
+        }
+    }
+}
+
+/// The daemon's long-lived tasks, by name, so that the end of any of them can be reported.
+#[derive(Default)]
+pub struct Tasks {
+    set: tokio::task::JoinSet<()>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    /// Starts `task` under `name`.
+    pub fn spawn<F>(&mut self, name: &'static str, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// Waits until a task ends and says which and how: a task here never ends by itself, so any
+    /// end is a failure. Pending forever when there are no tasks.
+    pub async fn failure(&mut self) -> anyhow::Error {
+        match self.set.join_next_with_id().await {
+            Some(Ok((id, ()))) => {
+                let name = self.names.get(&id).copied().unwrap_or("a task");
+                anyhow::anyhow!("the {name} task stopped unexpectedly")
+            }
+            Some(Err(e)) => {
+                let name = self.names.get(&e.id()).copied().unwrap_or("a task");
+                if e.is_panic() {
+                    anyhow::anyhow!("the {name} task panicked")
+                } else {
+                    anyhow::anyhow!("the {name} task was cancelled")
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops every task.
+    pub fn abort_all(&mut self) {
+        self.set.abort_all();
+    }
 }
 
 struct PendingJoin {
@@ -199,40 +290,25 @@ struct Control {
     last_endpoint_check: Option<Instant>,
     port: u16,
     open_errors: HashMap<&'static str, u64>,
+    version_log: LogThrottle,
 }
 
 impl Control {
+    /// Runs until SIGINT/SIGTERM (`Ok`) or until a supervised task fails (`Err`).
     async fn run(
         &mut self,
         mut control_rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
         mut api_rx: mpsc::Receiver<ApiRequest>,
-    ) {
+        tasks: &mut Tasks,
+        persister: &mut tokio::task::JoinHandle<()>,
+    ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sigterm =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot install the SIGTERM handler");
-                    return;
-                }
-            };
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot install the SIGTERM handler")?;
         loop {
             tokio::select! {
-                Some((from, bytes)) = control_rx.recv() => {
-                    let now = Instant::now();
-                    match self.sealer.open(&bytes, from.ip(), now) {
-                        Ok((key, msg)) => {
-                            tracing::trace!(%from, ?msg, "control message");
-                            self.engine.handle_message(now, from, key, msg);
-                        }
-                        Err(e) => {
-                            let reason = open_error_name(&e);
-                            *self.open_errors.entry(reason).or_default() += 1;
-                            tracing::debug!(%from, error = %e, "dropped a control datagram");
-                        }
-                    }
-                }
+                Some((from, bytes)) = control_rx.recv() => self.on_control(from, &bytes).await,
                 Some(req) = api_rx.recv() => self.handle_api(req).await,
                 _ = tick.tick() => {
                     let now = Instant::now();
@@ -241,11 +317,79 @@ impl Control {
                     self.refresh_endpoints(now);
                     self.probe_rivals(now);
                 }
-                _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); return; }
-                _ = sigterm.recv() => { tracing::info!("terminated"); return; }
+                e = tasks.failure() => return Err(e),
+                r = &mut *persister => {
+                    return Err(match r {
+                        Err(e) if e.is_panic() => anyhow::anyhow!("the state writer panicked"),
+                        _ => anyhow::anyhow!("the state writer stopped unexpectedly"),
+                    });
+                }
+                _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); return Ok(()); }
+                _ = sigterm.recv() => { tracing::info!("terminated"); return Ok(()); }
             }
             self.drain().await;
         }
+    }
+
+    /// A control datagram from `from`: opened by the session layer (which may answer with a
+    /// freshness challenge instead of delivering), then handed to the engine.
+    async fn on_control(&mut self, from: SocketAddr, bytes: &[u8]) {
+        let now = Instant::now();
+        match self.sealer.open(bytes, from, now) {
+            Ok(Some(Delivered::Message { key, from, msg })) => {
+                tracing::trace!(%from, ?msg, "control message");
+                self.engine.handle_message(now, from, key, msg);
+            }
+            Ok(Some(Delivered::PeerVersion { from, version })) => {
+                *self.open_errors.entry("peer_version_notice").or_default() += 1;
+                let joining = self.engine.handle_version_notice(now, from, version);
+                if !joining {
+                    if let Some(held_back) = self.version_log.allow(now) {
+                        tracing::warn!(%from, held_back, "a node at {from} runs lanrage protocol {version} and this node runs {WIRE_VERSION}: {}", update_hint(version));
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(OpenError::Version { version, sender }) => {
+                *self.open_errors.entry("other_version").or_default() += 1;
+                if let Some(held_back) = self.version_log.allow(now) {
+                    let who = sender
+                        .map(|k| match self.engine.member(&k) {
+                            Some(m) => format!("{} ({})", m.name, m.id),
+                            None => crate::ids::NodeId::from_public_key(&k).to_string(),
+                        })
+                        .unwrap_or_else(|| "a node".into());
+                    tracing::warn!(%from, held_back, "{who} at {from} runs lanrage protocol {version}; this node runs {WIRE_VERSION}: {}", update_hint(version));
+                }
+            }
+            Err(e) => {
+                let reason = open_error_name(&e);
+                *self.open_errors.entry(reason).or_default() += 1;
+                tracing::debug!(%from, error = %e, "dropped a control datagram");
+            }
+        }
+        self.flush_sealer().await;
+    }
+
+    /// Sends what the session layer wants sent (challenges, responses, version notices).
+    async fn flush_sealer(&mut self) {
+        while let Some((to, bytes)) = self.sealer.poll_transmit() {
+            self.tunnel.send_control(&bytes, to).await;
+        }
+    }
+
+    /// Seals and sends one engine message, unless it is an answer or a push too large for an
+    /// address that has not proven it receives (a spoofed or stale address).
+    async fn send_message(&mut self, to: SocketAddr, key: [u8; 32], msg: &Message) {
+        let Some(bytes) = self.sealer.seal(&key, msg, Instant::now()) else {
+            return;
+        };
+        if !msg.is_request() && bytes.len() > UNPROVEN_MAX && !self.sealer.is_proven(&key, &to) {
+            *self.open_errors.entry("unproven_send_skipped").or_default() += 1;
+            tracing::debug!(%to, len = bytes.len(), "not sending a large message to an unproven address");
+            return;
+        }
+        self.tunnel.send_control(&bytes, to).await;
     }
 
     /// Executes every pending engine action.
@@ -259,20 +403,14 @@ impl Control {
     async fn shutting_down_drain(&mut self) {
         while let Some(action) = self.engine.poll_action() {
             if let Action::Send { to, key, msg } = action {
-                if let Some(bytes) = self.sealer.seal(&key, &msg, Instant::now()) {
-                    self.tunnel.send_control(&bytes, to).await;
-                }
+                self.send_message(to, key, &msg).await;
             }
         }
     }
 
     async fn execute(&mut self, action: Action) {
         match action {
-            Action::Send { to, key, msg } => {
-                if let Some(bytes) = self.sealer.seal(&key, &msg, Instant::now()) {
-                    self.tunnel.send_control(&bytes, to).await;
-                }
-            }
+            Action::Send { to, key, msg } => self.send_message(to, key, &msg).await,
             Action::Peers(specs) => self.tunnel.set_peers(&specs),
             Action::Address(ip) => {
                 if let Err(e) = self.tunnel.set_address(ip) {
@@ -669,6 +807,7 @@ impl Control {
             ("wg_unknown_peer".to_string(), load(&s.wg_unknown_peer)),
             ("wg_cookies_sent".to_string(), load(&s.wg_cookies_sent)),
             ("bad_source".to_string(), load(&s.bad_source)),
+            ("bad_destination".to_string(), load(&s.bad_destination)),
             ("control_dropped".to_string(), load(&s.control_dropped)),
             ("stun_ignored".to_string(), load(&s.stun)),
             ("no_route".to_string(), load(&s.no_route)),
@@ -754,14 +893,30 @@ fn open_error_name(e: &crate::seal::OpenError) -> &'static str {
         Auth => "auth_failed",
         Replay => "replayed",
         Decode(_) => "malformed",
+        Version { .. } => "other_version",
+    }
+}
+
+/// Who has to update, from the other side's protocol version.
+fn update_hint(theirs: u8) -> &'static str {
+    if theirs > WIRE_VERSION {
+        "update lanrage on this node"
+    } else {
+        "update lanrage on that node"
     }
 }
 
 fn join_error(e: JoinError) -> ApiError {
     match e {
         JoinError::UnknownParty => ApiError::not_found(format!("{e}")),
-        JoinError::WrongPassword | JoinError::TooManyAttempts => ApiError {
-            status: 403,
+        JoinError::WrongPassword | JoinError::TooManyAttempts | JoinError::PasswordRequired => {
+            ApiError {
+                status: 403,
+                message: e.to_string(),
+            }
+        }
+        JoinError::ProtocolMismatch { .. } => ApiError {
+            status: 409,
             message: e.to_string(),
         },
         JoinError::PartyFull | JoinError::Cancelled => ApiError {

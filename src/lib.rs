@@ -12,5 +12,6 @@ pub mod identity;
 pub mod ids;
 pub mod party;
 pub mod seal;
+pub mod throttle;
 pub mod tunnel;
 pub mod wire;

@@ -33,7 +33,11 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(lanrage::daemon::run(cfg)) {
+    let result = runtime.block_on(lanrage::daemon::run(cfg));
+    // Blocking work stuck on a hung share or socket must not keep the process alive: the daemon
+    // already bounded each shutdown step, so whatever is still running is abandoned.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    if let Err(e) = result {
         eprintln!("lanrage: {e:#}");
         std::process::exit(1);
     }

@@ -1,43 +1,102 @@
 //! Sealed envelopes for lanrage control messages: authenticated encryption between two static
-//! X25519 keys, so only the addressed node can read a message (a join request's password) and
-//! nobody can forge one (a roster, a leave) without the sender's private key.
+//! X25519 keys (only the addressed node can read a message, nobody can forge one without the
+//! sender's private key), plus freshness that depends on no clock.
 //!
-//! Layout: `"LR" | version | sender public key (32) | counter (8, BE) | nonce (12) | ciphertext+tag`.
-//! The key is BLAKE2s(label, DH(sender, receiver), sender key, receiver key): one key per
-//! direction, so the random nonces of the two directions never share a key. The counter starts
-//! at the wall clock in microseconds and grows with every message; a receiver accepts a sender's
-//! message only if its counter is above the last one accepted from that key (replay protection).
-//! Counters follow the wall clock, so a restarted sender continues above its old counters; a
-//! receiver that restarted has no counters yet, which is why the party logic binds its
-//! disruptive messages (leave) to the membership they belong to.
+//! # Layout
+//! `"LR" | version | sender key (32) | session (8, BE) | counter (8, BE) | nonce (12) | ciphertext+tag`,
+//! the header authenticated as associated data. The key is BLAKE2s(label, DH(sender, receiver),
+//! sender key, receiver key): one key per direction. The plaintext is a kind byte and a body:
+//! a postcard [`Message`], or one of the two freshness messages below.
+//!
+//! The first three bytes and the sender key are the same in every protocol version, so a node
+//! can always tell who speaks another version ([`OpenError::Version`]). A version-independent
+//! notice, `"LR" | 0 | 'V' | version`, tells the other side which version this node speaks
+//! ([`Delivered::PeerVersion`]); it is unauthenticated and only ever used for error messages.
+//!
+//! # Freshness without clocks
+//! Every run of a node picks a random 64-bit *session* and numbers its envelopes 1, 2, 3, …
+//! within it. A receiver accepts a sender's session only after a round trip: on an authentic
+//! envelope from a session it has not accepted (the sender restarted, or the receiver did, or an
+//! attacker replays old traffic), it holds the message and sends a sealed *challenge* (a random
+//! nonce) to the source address; the sender answers with a *response* sealed in its current
+//! session, from that address. Only the live owner of the key can answer, and only in its
+//! current session, so replays of older sessions are never accepted, whatever anyone's clock
+//! says; within an accepted session a 64-message sliding window refuses repeats.
+//!
+//! The same round trip proves that the source address receives: messages are delivered only
+//! from addresses that answered a challenge in the current session ([`Sealer::is_proven`]), so a
+//! spoofed source never reaches the party logic, and a member that moves to a new address is
+//! challenged there once. Challenges and responses are never larger than the envelope that
+//! caused them, and are rate limited, so none of this can be used to amplify traffic.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use blake2::{Blake2s256, Digest};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use lanrage_proto::ratelimit::{HashedLimiter, TokenBucket};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::wire::{DecodeError, Message, MAGIC, MAX_CONTROL_DATAGRAM, WIRE_VERSION};
 
-const HEADER_LEN: usize = 2 + 1 + 32 + 8 + 12;
+/// Magic, version, sender key, session, counter, nonce.
+pub const HEADER_LEN: usize = 2 + 1 + 32 + 8 + 8 + 12;
 const TAG_LEN: usize = 16;
-/// Most distinct keys whose derived keys / replay counters are remembered.
+/// The version byte of a version notice (no real version is 0).
+const NOTICE_VERSION: u8 = 0;
+/// A version notice: magic, 0, 'V', the sender's version.
+const NOTICE_LEN: usize = 5;
+/// Bytes every protocol version starts with: magic, version, sender key.
+const STABLE_PREFIX: usize = 2 + 1 + 32;
+/// Kinds of sealed plaintext.
+const KIND_MESSAGE: u8 = 0;
+const KIND_CHALLENGE: u8 = 1;
+const KIND_RESPONSE: u8 = 2;
+/// A challenge or response: kind byte and a 64-bit nonce.
+const PROBE_BODY: usize = 1 + 8;
+/// Size of a sealed challenge or response.
+pub const PROBE_LEN: usize = HEADER_LEN + PROBE_BODY + TAG_LEN;
+/// Most distinct keys whose derived keys and session state are remembered.
 const MAX_KEYS: usize = 4096;
 /// Of [`NEW_KEYS_PER_SEC`], the most one source address may use.
 const NEW_KEYS_PER_SOURCE_PER_SEC: u32 = 20;
 /// Most Diffie-Hellman computations per second for keys not yet cached (a flood of forged sender
 /// keys must not eat the CPU).
 const NEW_KEYS_PER_SEC: u32 = 200;
+/// Messages held while their sender proves freshness, over all senders.
+const MAX_HELD: usize = 128;
+/// Outstanding challenges per sender (a replay of an old session cannot push out the challenge
+/// that the live session is answering).
+const MAX_CHALLENGES: usize = 4;
+/// A challenge is answerable this long.
+const CHALLENGE_TTL: Duration = Duration::from_secs(5);
+/// Least time between two sends of the same challenge.
+const CHALLENGE_RESEND: Duration = Duration::from_millis(200);
+/// Sessions of a sender remembered as superseded (their messages are refused at once).
+const RETIRED_SESSIONS: usize = 4;
+/// Proven source addresses remembered per sender session.
+const MAX_PROVEN: usize = 4;
+/// Width of the replay window within a session.
+const WINDOW: u64 = 64;
 
 /// Why an envelope was not opened. Each is counted by the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OpenError {
-    /// Too short, wrong magic or version.
+    /// Too short, too long, or not our magic.
     #[error("not a lanrage envelope")]
     Header,
+    /// A lanrage envelope of another protocol version.
+    #[error("protocol version {version} (this node speaks {WIRE_VERSION})")]
+    Version {
+        /// The version byte of the envelope.
+        version: u8,
+        /// The sender's public key, if the datagram was long enough to carry it.
+        sender: Option<[u8; 32]>,
+    },
     /// Unknown-key budget (global or for this source address) is used up for this second.
     #[error("rate limited")]
     RateLimited,
@@ -47,7 +106,7 @@ pub enum OpenError {
     /// Authentication failed (forged, corrupted, or not addressed to us).
     #[error("authentication failed")]
     Auth,
-    /// Counter not above the last accepted one from this sender.
+    /// Already seen, or from a session the sender has since replaced.
     #[error("replayed")]
     Replay,
     /// Authentic but not a valid message.
@@ -55,26 +114,117 @@ pub enum OpenError {
     Decode(#[from] DecodeError),
 }
 
-/// Derived keys and replay state for one peer.
+/// What an opened datagram gave the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// A fresh, authentic message from `key`, from an address that proved it receives.
+    Message {
+        /// The sender's public key.
+        key: [u8; 32],
+        /// The (proven) address it came from.
+        from: SocketAddr,
+        /// The message.
+        msg: Message,
+    },
+    /// Someone at `from` says it speaks protocol `version` (unauthenticated: for messages only).
+    PeerVersion {
+        /// Where the notice came from.
+        from: SocketAddr,
+        /// The version it claims to speak.
+        version: u8,
+    },
+}
+
+/// A sender's session as accepted by us.
+struct RxSession {
+    id: u64,
+    /// Highest counter accepted and a bitmap of the [`WINDOW`] counters below it.
+    top: u64,
+    seen: u64,
+    /// Addresses that answered a challenge in this session.
+    proven: VecDeque<SocketAddr>,
+}
+
+impl RxSession {
+    fn new(id: u64) -> Self {
+        RxSession {
+            id,
+            top: 0,
+            seen: 0,
+            proven: VecDeque::new(),
+        }
+    }
+
+    /// Whether `counter` has not been accepted yet and is inside the window.
+    fn fresh(&self, counter: u64) -> bool {
+        if counter > self.top {
+            return true;
+        }
+        let back = self.top - counter;
+        back < WINDOW && self.seen & (1u64 << back) == 0
+    }
+
+    fn mark(&mut self, counter: u64) {
+        if counter > self.top {
+            let shift = counter - self.top;
+            self.seen = if shift >= WINDOW {
+                0
+            } else {
+                self.seen << shift
+            };
+            self.seen |= 1;
+            self.top = counter;
+        } else {
+            let back = self.top - counter;
+            if back < WINDOW {
+                self.seen |= 1u64 << back;
+            }
+        }
+    }
+
+    fn is_proven(&self, addr: &SocketAddr) -> bool {
+        self.proven.contains(addr)
+    }
+
+    fn prove(&mut self, addr: SocketAddr) {
+        if self.proven.contains(&addr) {
+            return;
+        }
+        if self.proven.len() >= MAX_PROVEN {
+            self.proven.pop_front();
+        }
+        self.proven.push_back(addr);
+    }
+}
+
+/// A challenge we sent and wait to see answered.
+struct Challenge {
+    nonce: u64,
+    to: SocketAddr,
+    session: u64,
+    first_sent: Instant,
+    last_sent: Instant,
+}
+
+/// A message waiting for its sender's freshness proof.
+struct Held {
+    from: SocketAddr,
+    session: u64,
+    counter: u64,
+    msg: Message,
+}
+
+/// Derived keys and freshness state for one peer.
 struct PeerKeys {
     outgoing: Key,
     incoming: Key,
-    /// Highest accepted counter from this peer (0: none yet).
-    last_counter: u64,
     last_used: Instant,
-}
-
-/// Seals and opens envelopes for one node. Plain data, no I/O: the caller passes time in.
-///
-/// Keys of peers are cached (one Diffie-Hellman per peer) together with their replay counter.
-/// Only senders that authenticated enter the cache, and when it is full the least recently used
-/// quarter goes, so party members — used every heartbeat — are never evicted by a flood.
-pub struct Sealer {
-    secret: StaticSecret,
-    public: [u8; 32],
-    counter: u64,
-    peers: HashMap<[u8; 32], PeerKeys>,
-    budget: DhBudget,
+    rx: Option<RxSession>,
+    retired: VecDeque<u64>,
+    challenges: Vec<Challenge>,
+    held: Option<Held>,
+    /// Our answers to this peer's challenges.
+    answers: TokenBucket,
 }
 
 /// Diffie-Hellman computations allowed per second for keys not in the cache.
@@ -107,26 +257,79 @@ impl DhBudget {
     }
 }
 
+/// Seals and opens envelopes for one node, and runs the freshness round trips. Plain data, no
+/// I/O: the caller passes time in, sends what [`Sealer::poll_transmit`] returns, and hands
+/// delivered messages to the party engine.
+///
+/// Keys of peers are cached (one Diffie-Hellman per peer) with their session state. Only
+/// senders that authenticated enter the cache, and when it is full the least recently used
+/// quarter goes, so party members (used every heartbeat) are never evicted by a flood.
+pub struct Sealer {
+    secret: StaticSecret,
+    public: [u8; 32],
+    session: u64,
+    counter: u64,
+    rng: StdRng,
+    peers: HashMap<[u8; 32], PeerKeys>,
+    budget: DhBudget,
+    held: usize,
+    transmits: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Challenges and version notices per source address (what we send to unproven addresses).
+    unproven_answers: HashedLimiter,
+}
+
 impl Sealer {
-    /// A sealer for the node owning `secret`.
-    pub fn new(secret: StaticSecret) -> Self {
+    /// A sealer for the node owning `secret`. `seed` seeds the session id, nonces and challenges
+    /// (give it 32 bytes of OS randomness; tests give fixed seeds).
+    pub fn new(secret: StaticSecret, seed: [u8; 32], now: Instant) -> Self {
         let public = PublicKey::from(&secret).to_bytes();
+        let mut rng = StdRng::from_seed(seed);
+        let session = rng.gen::<u64>() | 1;
         Sealer {
             secret,
             public,
-            counter: now_micros(),
+            session,
+            counter: 0,
+            rng,
             peers: HashMap::new(),
             budget: DhBudget {
                 window: None,
                 total: 0,
                 per_source: HashMap::new(),
             },
+            held: 0,
+            transmits: VecDeque::new(),
+            unproven_answers: HashedLimiter::new(20, 40, 1024, now),
         }
     }
 
     /// Our public key.
     pub fn public(&self) -> [u8; 32] {
         self.public
+    }
+
+    /// This run's session id (what peers challenge us about).
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// The next datagram to send, if any (challenges, responses, version notices).
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+        self.transmits.pop_front()
+    }
+
+    /// Whether `addr` answered a challenge for `key`'s current session: it receives, so it may be
+    /// sent anything.
+    pub fn is_proven(&self, key: &[u8; 32], addr: &SocketAddr) -> bool {
+        self.peers
+            .get(key)
+            .and_then(|p| p.rx.as_ref())
+            .is_some_and(|rx| rx.is_proven(addr))
+    }
+
+    /// The notice that tells another node which protocol version this node speaks.
+    pub fn version_notice() -> [u8; NOTICE_LEN] {
+        [MAGIC[0], MAGIC[1], NOTICE_VERSION, b'V', WIRE_VERSION]
     }
 
     fn derive(&self, peer: &[u8; 32], now: Instant) -> Option<PeerKeys> {
@@ -136,7 +339,7 @@ impl Sealer {
         }
         let key = |from: &[u8; 32], to: &[u8; 32]| {
             let digest = Blake2s256::new()
-                .chain_update(b"lanrage seal v1")
+                .chain_update(b"lanrage seal v2")
                 .chain_update(shared.as_bytes())
                 .chain_update(from)
                 .chain_update(to)
@@ -146,8 +349,12 @@ impl Sealer {
         Some(PeerKeys {
             outgoing: key(&self.public, peer),
             incoming: key(peer, &self.public),
-            last_counter: 0,
             last_used: now,
+            rx: None,
+            retired: VecDeque::new(),
+            challenges: Vec::new(),
+            held: None,
+            answers: TokenBucket::new(10, 10, now),
         })
     }
 
@@ -156,31 +363,44 @@ impl Sealer {
             let mut ages: Vec<Instant> = self.peers.values().map(|p| p.last_used).collect();
             ages.sort_unstable();
             let cutoff = ages[ages.len() / 4];
-            self.peers.retain(|_, p| p.last_used > cutoff);
+            let held = &mut self.held;
+            self.peers.retain(|_, p| {
+                let keep = p.last_used > cutoff;
+                if !keep && p.held.is_some() {
+                    *held = held.saturating_sub(1);
+                }
+                keep
+            });
         }
         self.peers.insert(peer, keys);
     }
 
-    /// Seals `msg` for the node with public key `to`. Returns `None` only for a low-order `to`.
-    pub fn seal(&mut self, to: &[u8; 32], msg: &Message, now: Instant) -> Option<Vec<u8>> {
+    /// Keys for `to`, derived and cached on first use. `None` for a low-order key.
+    fn keys_for(&mut self, to: &[u8; 32], now: Instant) -> Option<&mut PeerKeys> {
         if !self.peers.contains_key(to) {
             let keys = self.derive(to, now)?;
             self.insert(*to, keys);
         }
         let peer = self.peers.get_mut(to)?;
         peer.last_used = now;
-        let key = peer.outgoing;
-        // Counters follow the wall clock (so a restarted node continues above its old ones)
-        // and grow by at least one per message.
-        self.counter = (self.counter + 1).max(now_micros());
-        let nonce: [u8; 12] = rand::random();
-        let mut out = Vec::with_capacity(HEADER_LEN + 256);
+        Some(peer)
+    }
+
+    /// Seals `kind | body` for `to` in our session.
+    fn seal_raw(&mut self, to: &[u8; 32], kind: u8, body: &[u8], now: Instant) -> Option<Vec<u8>> {
+        let key = self.keys_for(to, now)?.outgoing;
+        self.counter += 1;
+        let nonce: [u8; 12] = self.rng.gen();
+        let mut out = Vec::with_capacity(HEADER_LEN + 1 + body.len() + TAG_LEN);
         out.extend_from_slice(&MAGIC);
         out.push(WIRE_VERSION);
         out.extend_from_slice(&self.public);
+        out.extend_from_slice(&self.session.to_be_bytes());
         out.extend_from_slice(&self.counter.to_be_bytes());
         out.extend_from_slice(&nonce);
-        let plaintext = msg.encode();
+        let mut plaintext = Vec::with_capacity(1 + body.len());
+        plaintext.push(kind);
+        plaintext.extend_from_slice(body);
         let ct = ChaCha20Poly1305::new(&key)
             .encrypt(
                 Nonce::from_slice(&nonce),
@@ -194,44 +414,72 @@ impl Sealer {
         Some(out)
     }
 
-    /// Opens an envelope addressed to us, received from `from`: returns the sender's public key
-    /// and the message.
+    /// Seals `msg` for the node with public key `to`. `None` only for a low-order `to`.
+    pub fn seal(&mut self, to: &[u8; 32], msg: &Message, now: Instant) -> Option<Vec<u8>> {
+        self.seal_raw(to, KIND_MESSAGE, &msg.encode(), now)
+    }
+
+    /// Opens a datagram received from `from`. `Ok(None)`: nothing for the caller (a freshness
+    /// round trip is under way or was answered; see [`Sealer::poll_transmit`]).
     pub fn open(
         &mut self,
         datagram: &[u8],
-        from: IpAddr,
+        from: SocketAddr,
         now: Instant,
-    ) -> Result<([u8; 32], Message), OpenError> {
-        if datagram.len() < HEADER_LEN + TAG_LEN
-            || datagram.len() > MAX_CONTROL_DATAGRAM
-            || datagram[..2] != MAGIC
-            || datagram[2] != WIRE_VERSION
-        {
+    ) -> Result<Option<Delivered>, OpenError> {
+        if datagram.len() < 3 || datagram[..2] != MAGIC || datagram.len() > MAX_CONTROL_DATAGRAM {
             return Err(OpenError::Header);
         }
+        let version = datagram[2];
+        if version == NOTICE_VERSION {
+            return match datagram {
+                [_, _, _, b'V', v, ..] if *v != NOTICE_VERSION => {
+                    Ok(Some(Delivered::PeerVersion { from, version: *v }))
+                }
+                _ => Err(OpenError::Header),
+            };
+        }
+        if version != WIRE_VERSION {
+            let sender = datagram
+                .get(3..STABLE_PREFIX)
+                .and_then(|k| <[u8; 32]>::try_from(k).ok());
+            // Tell it which version we speak (never more bytes than it sent).
+            if datagram.len() >= NOTICE_LEN && self.unproven_answers.try_take(from.ip(), now) {
+                self.transmits
+                    .push_back((from, Self::version_notice().to_vec()));
+            }
+            return Err(OpenError::Version { version, sender });
+        }
+        if datagram.len() < HEADER_LEN + 1 + TAG_LEN {
+            return Err(OpenError::Header);
+        }
+        let field = |range: std::ops::Range<usize>| -> [u8; 8] {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&datagram[range]);
+            b
+        };
         let mut sender = [0u8; 32];
         sender.copy_from_slice(&datagram[3..35]);
-        let mut counter_bytes = [0u8; 8];
-        counter_bytes.copy_from_slice(&datagram[35..43]);
-        let counter = u64::from_be_bytes(counter_bytes);
-        let fresh = match self.peers.get(&sender) {
-            Some(p) if counter <= p.last_counter => return Err(OpenError::Replay),
-            Some(_) => None,
-            None => {
-                if !self.budget.take(from, now) {
-                    return Err(OpenError::RateLimited);
-                }
-                Some(self.derive(&sender, now).ok_or(OpenError::WeakKey)?)
+        let session = u64::from_be_bytes(field(35..43));
+        let counter = u64::from_be_bytes(field(43..51));
+
+        // Authenticate. A key not in the cache costs a Diffie-Hellman, within a budget.
+        let fresh_keys = if self.peers.contains_key(&sender) {
+            None
+        } else {
+            if !self.budget.take(from.ip(), now) {
+                return Err(OpenError::RateLimited);
             }
+            Some(self.derive(&sender, now).ok_or(OpenError::WeakKey)?)
         };
-        let key = match (&fresh, self.peers.get(&sender)) {
+        let incoming = match (&fresh_keys, self.peers.get(&sender)) {
             (Some(k), _) => k.incoming,
             (None, Some(p)) => p.incoming,
             (None, None) => return Err(OpenError::Auth),
         };
-        let plaintext = ChaCha20Poly1305::new(&key)
+        let plaintext = ChaCha20Poly1305::new(&incoming)
             .decrypt(
-                Nonce::from_slice(&datagram[43..55]),
+                Nonce::from_slice(&datagram[51..63]),
                 Payload {
                     msg: &datagram[HEADER_LEN..],
                     aad: &datagram[..HEADER_LEN],
@@ -239,23 +487,236 @@ impl Sealer {
             )
             .map_err(|_| OpenError::Auth)?;
         // Authentic: only now does the sender earn a place in the cache.
-        if let Some(keys) = fresh {
+        if let Some(keys) = fresh_keys {
             self.insert(sender, keys);
         }
-        if let Some(p) = self.peers.get_mut(&sender) {
-            p.last_counter = counter;
-            p.last_used = now;
+        let Some(peer) = self.peers.get_mut(&sender) else {
+            return Err(OpenError::Auth);
+        };
+        peer.last_used = now;
+        let (kind, body) = plaintext.split_first().ok_or(OpenError::Auth)?;
+        match *kind {
+            KIND_CHALLENGE => {
+                let nonce = probe_nonce(body)?;
+                self.answer_challenge(sender, from, nonce, datagram.len(), now);
+                Ok(None)
+            }
+            KIND_RESPONSE => {
+                let nonce = probe_nonce(body)?;
+                Ok(self.on_response(sender, from, session, counter, nonce, now))
+            }
+            KIND_MESSAGE => {
+                let msg = Message::decode(body)?;
+                self.on_message(sender, from, session, counter, msg, datagram.len(), now)
+            }
+            _ => Err(OpenError::Decode(DecodeError::Malformed)),
         }
-        let msg = Message::decode(&plaintext)?;
-        Ok((sender, msg))
+    }
+
+    /// Answers a challenge from `key`: a response sealed in our session, to where it came from.
+    /// Challenges need no freshness (answering a replayed one costs one datagram of the same
+    /// size), but answers are rate limited per peer.
+    fn answer_challenge(
+        &mut self,
+        key: [u8; 32],
+        to: SocketAddr,
+        nonce: u64,
+        trigger_len: usize,
+        now: Instant,
+    ) {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if !peer.answers.try_take(1, now) {
+            return;
+        }
+        if let Some(bytes) = self.seal_raw(&key, KIND_RESPONSE, &nonce.to_be_bytes(), now) {
+            if bytes.len() <= trigger_len {
+                self.transmits.push_back((to, bytes));
+            }
+        }
+    }
+
+    fn on_response(
+        &mut self,
+        key: [u8; 32],
+        from: SocketAddr,
+        session: u64,
+        counter: u64,
+        nonce: u64,
+        now: Instant,
+    ) -> Option<Delivered> {
+        let peer = self.peers.get_mut(&key)?;
+        let i = peer.challenges.iter().position(|c| {
+            c.nonce == nonce
+                && c.to == from
+                && c.session == session
+                && now.saturating_duration_since(c.first_sent) <= CHALLENGE_TTL
+        })?;
+        peer.challenges.swap_remove(i);
+        match &mut peer.rx {
+            Some(rx) if rx.id == session => {
+                if !rx.fresh(counter) {
+                    return None;
+                }
+                rx.mark(counter);
+                rx.prove(from);
+            }
+            _ => {
+                if let Some(old) = peer.rx.take() {
+                    if peer.retired.len() >= RETIRED_SESSIONS {
+                        peer.retired.pop_front();
+                    }
+                    peer.retired.push_back(old.id);
+                }
+                let mut rx = RxSession::new(session);
+                rx.mark(counter);
+                rx.prove(from);
+                peer.rx = Some(rx);
+                // Challenges about other sessions are moot now.
+                peer.challenges.retain(|c| c.session == session);
+            }
+        }
+        // Release the held message if it belongs to the accepted session and address.
+        let rx = peer.rx.as_mut()?;
+        let held = peer.held.take()?;
+        self.held = self.held.saturating_sub(1);
+        if held.session != rx.id || !rx.is_proven(&held.from) || !rx.fresh(held.counter) {
+            return None;
+        }
+        rx.mark(held.counter);
+        Some(Delivered::Message {
+            key,
+            from: held.from,
+            msg: held.msg,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_message(
+        &mut self,
+        key: [u8; 32],
+        from: SocketAddr,
+        session: u64,
+        counter: u64,
+        msg: Message,
+        trigger_len: usize,
+        now: Instant,
+    ) -> Result<Option<Delivered>, OpenError> {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return Err(OpenError::Auth);
+        };
+        if peer.retired.contains(&session) {
+            return Err(OpenError::Replay);
+        }
+        if let Some(rx) = peer.rx.as_mut().filter(|rx| rx.id == session) {
+            if !rx.fresh(counter) {
+                return Err(OpenError::Replay);
+            }
+            if rx.is_proven(&from) {
+                rx.mark(counter);
+                return Ok(Some(Delivered::Message { key, from, msg }));
+            }
+        }
+        // A session we have not accepted, or an address it has not proven: hold the message
+        // (the newest one per sender) and challenge the address.
+        if peer.held.is_none() && self.held >= MAX_HELD {
+            // Too many senders waiting at once: drop; the sender will send again.
+        } else {
+            if peer.held.is_none() {
+                self.held += 1;
+            }
+            peer.held = Some(Held {
+                from,
+                session,
+                counter,
+                msg,
+            });
+        }
+        self.challenge(key, from, session, trigger_len, now);
+        Ok(None)
+    }
+
+    /// Sends (or re-sends) a challenge about `session` to `to`, within the limits.
+    fn challenge(
+        &mut self,
+        key: [u8; 32],
+        to: SocketAddr,
+        session: u64,
+        trigger_len: usize,
+        now: Instant,
+    ) {
+        if trigger_len < PROBE_LEN {
+            return;
+        }
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        peer.challenges
+            .retain(|c| now.saturating_duration_since(c.first_sent) <= CHALLENGE_TTL);
+        let nonce = match peer
+            .challenges
+            .iter_mut()
+            .find(|c| c.to == to && c.session == session)
+        {
+            Some(c) if now.saturating_duration_since(c.last_sent) < CHALLENGE_RESEND => return,
+            Some(c) => {
+                c.last_sent = now;
+                c.nonce
+            }
+            None => {
+                if peer.challenges.len() >= MAX_CHALLENGES {
+                    if let Some(oldest) = peer
+                        .challenges
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, c)| c.first_sent)
+                        .map(|(i, _)| i)
+                    {
+                        peer.challenges.swap_remove(oldest);
+                    }
+                }
+                let nonce = self.rng.gen();
+                let Some(peer) = self.peers.get_mut(&key) else {
+                    return;
+                };
+                peer.challenges.push(Challenge {
+                    nonce,
+                    to,
+                    session,
+                    first_sent: now,
+                    last_sent: now,
+                });
+                nonce
+            }
+        };
+        if !self.unproven_answers.try_take(to.ip(), now) {
+            return;
+        }
+        if let Some(bytes) = self.seal_raw(&key, KIND_CHALLENGE, &nonce.to_be_bytes(), now) {
+            self.transmits.push_back((to, bytes));
+        }
     }
 }
 
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(1)
+/// The nonce of a challenge or response body.
+fn probe_nonce(body: &[u8]) -> Result<u64, OpenError> {
+    let bytes: [u8; 8] = body
+        .try_into()
+        .map_err(|_| OpenError::Decode(DecodeError::Malformed))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Which protocol version a control datagram claims, and its sender key when it carries one:
+/// readable for every version, for telling a user who needs to update.
+pub fn peek_version(datagram: &[u8]) -> Option<(u8, Option<[u8; 32]>)> {
+    if datagram.len() < 3 || datagram[..2] != MAGIC {
+        return None;
+    }
+    let sender = datagram
+        .get(3..STABLE_PREFIX)
+        .and_then(|k| <[u8; 32]>::try_from(k).ok());
+    Some((datagram[2], sender))
 }
 
 #[cfg(test)]
@@ -264,76 +725,306 @@ mod tests {
     use crate::ids::PartyId;
     use std::net::Ipv4Addr;
 
-    fn src() -> IpAddr {
-        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::new(192, 0, 2, n), 51820))
     }
 
-    fn pair() -> (Sealer, Sealer) {
-        (
-            Sealer::new(StaticSecret::random_from_rng(rand::rngs::OsRng)),
-            Sealer::new(StaticSecret::random_from_rng(rand::rngs::OsRng)),
+    fn node(seed: u8, now: Instant) -> Sealer {
+        Sealer::new(
+            StaticSecret::random_from_rng(rand::rngs::OsRng),
+            [seed; 32],
+            now,
         )
     }
 
-    fn leave() -> Message {
+    fn leave(since: u64) -> Message {
         Message::Leave {
             party: PartyId([1; 10]),
-            since: 3,
+            since,
         }
     }
 
-    #[test]
-    fn seal_open_roundtrip_both_directions() {
-        let (mut a, mut b) = pair();
-        let now = Instant::now();
-        let env = a.seal(&b.public(), &leave(), now).unwrap();
-        assert_eq!(b.open(&env, src(), now).unwrap(), (a.public(), leave()));
-        let env = b.seal(&a.public(), &leave(), now).unwrap();
-        assert_eq!(a.open(&env, src(), now).unwrap(), (b.public(), leave()));
+    /// Delivers every queued transmit of `a` (at address `a_at`) to `b` and back, until quiet;
+    /// returns what was delivered to each side.
+    fn exchange(
+        a: &mut Sealer,
+        a_at: SocketAddr,
+        b: &mut Sealer,
+        b_at: SocketAddr,
+        now: Instant,
+    ) -> (Vec<Delivered>, Vec<Delivered>) {
+        let (mut to_a, mut to_b) = (Vec::new(), Vec::new());
+        for _ in 0..16 {
+            let mut quiet = true;
+            while let Some((to, bytes)) = a.poll_transmit() {
+                quiet = false;
+                if to == b_at {
+                    if let Ok(Some(d)) = b.open(&bytes, a_at, now) {
+                        to_b.push(d);
+                    }
+                }
+            }
+            while let Some((to, bytes)) = b.poll_transmit() {
+                quiet = false;
+                if to == a_at {
+                    if let Ok(Some(d)) = a.open(&bytes, b_at, now) {
+                        to_a.push(d);
+                    }
+                }
+            }
+            if quiet {
+                break;
+            }
+        }
+        (to_a, to_b)
+    }
+
+    /// `a` sends `msg` to `b`; returns what `b` delivered after the round trips.
+    fn send(
+        a: &mut Sealer,
+        a_at: SocketAddr,
+        b: &mut Sealer,
+        b_at: SocketAddr,
+        msg: &Message,
+        now: Instant,
+    ) -> Vec<Delivered> {
+        let env = a.seal(&b.public(), msg, now).unwrap();
+        let mut got: Vec<Delivered> = b.open(&env, a_at, now).ok().flatten().into_iter().collect();
+        got.extend(exchange(a, a_at, b, b_at, now).1);
+        got
+    }
+
+    fn delivered(msg: Message, key: [u8; 32], from: SocketAddr) -> Vec<Delivered> {
+        vec![Delivered::Message { key, from, msg }]
     }
 
     #[test]
-    fn replay_tamper_and_misaddressed_are_refused() {
-        let (mut a, mut b) = pair();
-        let (_, mut c) = pair();
+    fn first_message_is_held_until_the_sender_proves_its_session() {
         let now = Instant::now();
-        let env = a.seal(&b.public(), &leave(), now).unwrap();
-        assert!(b.open(&env, src(), now).is_ok());
-        assert_eq!(b.open(&env, src(), now), Err(OpenError::Replay));
-        let env = a.seal(&b.public(), &leave(), now).unwrap();
-        assert_eq!(c.open(&env, src(), now), Err(OpenError::Auth));
+        let (mut a, mut b) = (node(1, now), node(2, now));
+        let env = a.seal(&b.public(), &leave(1), now).unwrap();
+        assert_eq!(b.open(&env, addr(1), now), Ok(None), "held");
+        let (to, challenge) = b.poll_transmit().expect("a challenge");
+        assert_eq!(to, addr(1));
+        assert!(
+            challenge.len() <= env.len(),
+            "never larger than the trigger"
+        );
+        assert_eq!(a.open(&challenge, addr(2), now), Ok(None));
+        let (to, response) = a.poll_transmit().expect("a response");
+        assert_eq!(to, addr(2));
+        assert_eq!(
+            b.open(&response, addr(1), now),
+            Ok(Some(Delivered::Message {
+                key: a.public(),
+                from: addr(1),
+                msg: leave(1)
+            }))
+        );
+        assert!(b.is_proven(&a.public(), &addr(1)));
+        // Later messages of the session go straight through.
+        let env = a.seal(&b.public(), &leave(2), now).unwrap();
+        assert_eq!(
+            b.open(&env, addr(1), now),
+            Ok(Some(Delivered::Message {
+                key: a.public(),
+                from: addr(1),
+                msg: leave(2)
+            }))
+        );
+        assert!(b.poll_transmit().is_none());
+    }
+
+    #[test]
+    fn replays_and_tampering_are_refused() {
+        let now = Instant::now();
+        let (mut a, mut b) = (node(1, now), node(2, now));
+        let (_, mut c) = (node(3, now), node(4, now));
+        assert_eq!(
+            send(&mut a, addr(1), &mut b, addr(2), &leave(1), now),
+            delivered(leave(1), a.public(), addr(1))
+        );
+        let env = a.seal(&b.public(), &leave(2), now).unwrap();
+        assert!(matches!(b.open(&env, addr(1), now), Ok(Some(_))));
+        assert_eq!(b.open(&env, addr(1), now), Err(OpenError::Replay));
+        // Misaddressed, tampered, forged sender.
+        let env = a.seal(&b.public(), &leave(3), now).unwrap();
+        assert_eq!(c.open(&env, addr(1), now), Err(OpenError::Auth));
         let mut tampered = env.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
-        assert_eq!(b.open(&tampered, src(), now), Err(OpenError::Auth));
-        // Claiming another sender key fails authentication.
+        assert_eq!(b.open(&tampered, addr(1), now), Err(OpenError::Auth));
         let mut forged = env.clone();
         forged[3..35].copy_from_slice(&c.public());
-        assert_eq!(b.open(&forged, src(), now), Err(OpenError::Auth));
-        assert!(b.open(&env, src(), now).is_ok());
+        assert_eq!(b.open(&forged, addr(1), now), Err(OpenError::Auth));
+        // The session and counter are authenticated too.
+        let mut moved = env.clone();
+        moved[50] ^= 1;
+        assert_eq!(b.open(&moved, addr(1), now), Err(OpenError::Auth));
+        assert!(matches!(b.open(&env, addr(1), now), Ok(Some(_))));
+    }
+
+    #[test]
+    fn reordering_within_the_window_is_fine() {
+        let now = Instant::now();
+        let (mut a, mut b) = (node(1, now), node(2, now));
+        send(&mut a, addr(1), &mut b, addr(2), &leave(0), now);
+        let envs: Vec<Vec<u8>> = (1..=10)
+            .map(|i| a.seal(&b.public(), &leave(i), now).unwrap())
+            .collect();
+        for env in envs.iter().rev() {
+            assert!(matches!(b.open(env, addr(1), now), Ok(Some(_))));
+        }
+        for env in &envs {
+            assert_eq!(b.open(env, addr(1), now), Err(OpenError::Replay));
+        }
+    }
+
+    /// The finding: freshness followed the wall clock, so a node whose clock went back across
+    /// a restart was taken for a replay. Now a restart is a new session, accepted after one
+    /// round trip whatever any clock says (there is no clock in here at all), and messages of
+    /// the old session are refused from then on.
+    #[test]
+    fn restarted_sender_is_accepted_and_its_old_session_is_not() {
+        let now = Instant::now();
+        let secret = StaticSecret::random_from_rng(rand::rngs::OsRng);
+        let mut a = Sealer::new(secret.clone(), [1; 32], now);
+        let mut b = node(2, now);
+        for i in 0..5 {
+            send(&mut a, addr(1), &mut b, addr(2), &leave(i), now);
+        }
+        let old = a.seal(&b.public(), &leave(99), now).unwrap();
+        // Restart: same key, new session, counters from 1 again.
+        let mut a2 = Sealer::new(secret, [9; 32], now);
+        assert_eq!(
+            send(&mut a2, addr(1), &mut b, addr(2), &leave(7), now),
+            delivered(leave(7), a2.public(), addr(1))
+        );
+        // The old session's envelope (never delivered) is refused without a round trip.
+        assert_eq!(b.open(&old, addr(1), now), Err(OpenError::Replay));
+        assert!(b.poll_transmit().is_none());
+    }
+
+    /// A receiver that restarted has no state; replays of old traffic still get nowhere because
+    /// only the live sender can answer a challenge, and only in its current session.
+    #[test]
+    fn restarted_receiver_is_not_fooled_by_replays() {
+        let now = Instant::now();
+        let secret_b = StaticSecret::random_from_rng(rand::rngs::OsRng);
+        let mut a = node(1, now);
+        let mut b = Sealer::new(secret_b.clone(), [2; 32], now);
+        let captured = a.seal(&b.public(), &leave(1), now).unwrap();
+        let _ = b.open(&captured, addr(1), now);
+        exchange(&mut a, addr(1), &mut b, addr(2), now);
+        // a restarts (new session); b restarts and gets the captured envelope replayed.
+        let mut a = Sealer::new(
+            StaticSecret::random_from_rng(rand::rngs::OsRng),
+            [5; 32],
+            now,
+        );
+        let _ = &mut a;
+        let mut b = Sealer::new(secret_b, [6; 32], now);
+        assert_eq!(b.open(&captured, addr(1), now), Ok(None));
+        // The challenge goes to the address; nobody with the old session answers it.
+        let (_, challenge) = b.poll_transmit().unwrap();
+        assert!(challenge.len() <= captured.len());
+        assert!(b.poll_transmit().is_none());
+        assert!(!b.is_proven(&captured_sender(&captured), &addr(1)));
+    }
+
+    fn captured_sender(env: &[u8]) -> [u8; 32] {
+        env[3..35].try_into().unwrap()
+    }
+
+    /// A spoofed source gets a challenge (no larger than what it sent) and nothing else; the
+    /// message is never delivered, so no endpoint is adopted from it.
+    #[test]
+    fn spoofed_source_is_never_delivered() {
+        let now = Instant::now();
+        let (mut a, mut b) = (node(1, now), node(2, now));
+        send(&mut a, addr(1), &mut b, addr(2), &leave(1), now);
+        let env = a.seal(&b.public(), &leave(2), now).unwrap();
+        let victim = addr(99);
+        assert_eq!(b.open(&env, victim, now), Ok(None));
+        let (to, challenge) = b.poll_transmit().unwrap();
+        assert_eq!(to, victim);
+        assert!(challenge.len() <= env.len());
+        // Repeats within the resend interval send nothing more.
+        let env = a.seal(&b.public(), &leave(3), now).unwrap();
+        assert_eq!(b.open(&env, victim, now), Ok(None));
+        assert!(b.poll_transmit().is_none());
+        assert!(!b.is_proven(&a.public(), &victim));
+        // The real address keeps working.
+        let env = a.seal(&b.public(), &leave(4), now).unwrap();
+        assert!(matches!(b.open(&env, addr(1), now), Ok(Some(_))));
+    }
+
+    #[test]
+    fn a_roaming_sender_is_challenged_once_at_its_new_address() {
+        let now = Instant::now();
+        let (mut a, mut b) = (node(1, now), node(2, now));
+        send(&mut a, addr(1), &mut b, addr(2), &leave(1), now);
+        assert_eq!(
+            send(&mut a, addr(7), &mut b, addr(2), &leave(2), now),
+            delivered(leave(2), a.public(), addr(7))
+        );
+        assert!(b.is_proven(&a.public(), &addr(7)));
+        let env = a.seal(&b.public(), &leave(3), now).unwrap();
+        assert!(matches!(b.open(&env, addr(7), now), Ok(Some(_))));
+    }
+
+    #[test]
+    fn other_versions_are_named_and_answered_with_a_small_notice() {
+        let now = Instant::now();
+        let (mut a, mut b) = (node(1, now), node(2, now));
+        let mut env = a.seal(&b.public(), &leave(1), now).unwrap();
+        env[2] = 1;
+        assert_eq!(
+            b.open(&env, addr(1), now),
+            Err(OpenError::Version {
+                version: 1,
+                sender: Some(a.public())
+            })
+        );
+        let (to, notice) = b.poll_transmit().unwrap();
+        assert_eq!(to, addr(1));
+        assert!(notice.len() <= env.len());
+        assert_eq!(
+            a.open(&notice, addr(2), now),
+            Ok(Some(Delivered::PeerVersion {
+                from: addr(2),
+                version: WIRE_VERSION
+            }))
+        );
+        assert_eq!(peek_version(&env), Some((1, Some(a.public()))));
+        // Short or odd notices are nothing.
+        assert_eq!(b.open(b"LR\x00", addr(1), now), Err(OpenError::Header));
+        assert_eq!(b.open(b"LR\x00X\x02", addr(1), now), Err(OpenError::Header));
+        assert_eq!(b.open(b"LR\x00V\x00", addr(1), now), Err(OpenError::Header));
     }
 
     #[test]
     fn low_order_sender_is_refused() {
-        let (_, mut b) = pair();
+        let now = Instant::now();
+        let mut b = node(2, now);
         let mut env = vec![b'L', b'R', WIRE_VERSION];
         env.extend_from_slice(&[0u8; 32]); // the identity point
-        env.extend_from_slice(&[0u8; 8 + 12 + 16]);
-        assert_eq!(b.open(&env, src(), Instant::now()), Err(OpenError::WeakKey));
+        env.extend_from_slice(&[0u8; 8 + 8 + 12 + 1 + 16]);
+        assert_eq!(b.open(&env, addr(1), now), Err(OpenError::WeakKey));
     }
 
-    fn ip(n: u32) -> IpAddr {
-        IpAddr::V4(Ipv4Addr::from(0xc000_0200 + n))
+    fn ip(n: u32) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::from(0xc000_0200 + n), 51820))
     }
 
     #[test]
     fn unknown_keys_are_rate_limited_globally_and_per_source() {
-        let (_, mut b) = pair();
         let now = Instant::now();
+        let mut b = node(2, now);
         let mut limited = 0;
         for n in 0..(NEW_KEYS_PER_SEC + 50) {
-            let (mut x, _) = pair();
-            let env = x.seal(&b.public(), &leave(), now).unwrap();
+            let mut x = node(3, now);
+            let env = x.seal(&b.public(), &leave(1), now).unwrap();
             if b.open(&env, ip(n), now) == Err(OpenError::RateLimited) {
                 limited += 1;
             }
@@ -342,8 +1033,8 @@ mod tests {
         let later = now + Duration::from_secs(2);
         let mut from_one = 0;
         for _ in 0..(NEW_KEYS_PER_SOURCE_PER_SEC + 5) {
-            let (mut x, _) = pair();
-            let env = x.seal(&b.public(), &leave(), later).unwrap();
+            let mut x = node(3, later);
+            let env = x.seal(&b.public(), &leave(1), later).unwrap();
             if b.open(&env, ip(1), later).is_ok() {
                 from_one += 1;
             }
@@ -352,69 +1043,89 @@ mod tests {
     }
 
     #[test]
-    fn garbage_floods_do_not_evict_or_block_members() {
-        let (mut member, mut b) = pair();
+    fn floods_do_not_evict_members_or_grow_memory() {
         let mut now = Instant::now();
-        let first = member.seal(&b.public(), &leave(), now).unwrap();
-        assert!(b.open(&first, src(), now).is_ok());
-        // 20 seconds of forged envelopes from random keys and sources, at the budget's limit.
-        for second in 0..20u32 {
-            now += Duration::from_secs(1);
-            for n in 0..NEW_KEYS_PER_SEC {
-                let mut junk = b"LR\x01".to_vec();
-                junk.extend_from_slice(&rand::random::<[u8; 32]>());
-                junk.extend_from_slice(&[0u8; 8 + 12 + 40]);
-                let _ = b.open(&junk, ip(second * 1000 + n), now);
-            }
-        }
-        let env = member.seal(&b.public(), &leave(), now).unwrap();
-        assert!(
-            b.open(&env, src(), now).is_ok(),
-            "a member's message must still open"
-        );
-        assert_eq!(
-            b.open(&first, src(), now),
-            Err(OpenError::Replay),
-            "and its old ones still count as replays"
-        );
-    }
-
-    #[test]
-    fn authentic_strangers_do_not_evict_active_members() {
-        let (mut member, mut b) = pair();
-        let mut now = Instant::now();
-        let first = member.seal(&b.public(), &leave(), now).unwrap();
-        assert!(b.open(&first, src(), now).is_ok());
+        let (mut member, mut b) = (node(1, now), node(2, now));
+        send(&mut member, addr(1), &mut b, addr(2), &leave(1), now);
+        let first = member.seal(&b.public(), &leave(2), now).unwrap();
+        assert!(matches!(b.open(&first, addr(1), now), Ok(Some(_))));
         let mut n = 0;
         for _ in 0..(MAX_KEYS / NEW_KEYS_PER_SEC as usize + 2) {
             now += Duration::from_secs(1);
             // The member stays active...
-            let env = member.seal(&b.public(), &leave(), now).unwrap();
-            assert!(b.open(&env, src(), now).is_ok());
-            // ...while strangers with real keys fill the cache.
+            let env = member.seal(&b.public(), &leave(3), now).unwrap();
+            assert!(matches!(b.open(&env, addr(1), now), Ok(Some(_))));
+            // ...while strangers with real keys (each held, each challenged) and junk arrive.
             for _ in 0..NEW_KEYS_PER_SEC {
-                let (mut x, _) = pair();
-                let env = x.seal(&b.public(), &leave(), now).unwrap();
+                let mut x = node(3, now);
+                let env = x.seal(&b.public(), &leave(1), now).unwrap();
                 let _ = b.open(&env, ip(n), now);
+                let mut junk = b"LR\x02".to_vec();
+                junk.extend_from_slice(&rand::random::<[u8; 32]>());
+                junk.extend_from_slice(&[0u8; 8 + 8 + 12 + 40]);
+                let _ = b.open(&junk, ip(n + 100_000), now);
                 n += 1;
             }
+            while b.poll_transmit().is_some() {}
         }
         assert!(b.peers.len() <= MAX_KEYS);
+        assert!(b.held <= MAX_HELD);
         assert_eq!(
-            b.open(&first, src(), now),
+            b.open(&first, addr(1), now),
             Err(OpenError::Replay),
             "the member's replay state survived"
+        );
+        let env = member.seal(&b.public(), &leave(4), now).unwrap();
+        assert!(matches!(b.open(&env, addr(1), now), Ok(Some(_))));
+    }
+
+    #[test]
+    fn answers_to_unproven_addresses_are_rate_limited() {
+        let now = Instant::now();
+        let (mut a, mut b) = (node(1, now), node(2, now));
+        // 1000 envelopes from 1000 sessions of one key, all "from" one victim address.
+        let secret = StaticSecret::random_from_rng(rand::rngs::OsRng);
+        let mut sent = 0;
+        for i in 0..1000u32 {
+            let mut x = Sealer::new(secret.clone(), [i as u8; 32], now);
+            let _ = &mut a;
+            let env = x.seal(&b.public(), &leave(1), now).unwrap();
+            let _ = b.open(&env, addr(99), now);
+            while let Some((to, _)) = b.poll_transmit() {
+                assert_eq!(to, addr(99));
+                sent += 1;
+            }
+        }
+        assert!(
+            sent <= 40,
+            "{sent} challenges to one address in one instant"
         );
     }
 
     proptest::proptest! {
         #[test]
         fn open_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
-            let (_, mut b) = pair();
-            let mut d = b"LR\x01".to_vec();
+            let now = Instant::now();
+            let mut b = node(2, now);
+            let mut d = b"LR\x02".to_vec();
             d.extend_from_slice(&bytes);
-            let _ = b.open(&d, src(), Instant::now());
-            let _ = b.open(&bytes, src(), Instant::now());
+            let _ = b.open(&d, addr(1), now);
+            let _ = b.open(&bytes, addr(1), now);
+            let mut n = b"LR\x00".to_vec();
+            n.extend_from_slice(&bytes);
+            let _ = b.open(&n, addr(1), now);
+        }
+
+        #[test]
+        fn window_never_accepts_twice(counters in proptest::collection::vec(1u64..200, 1..100)) {
+            let mut rx = RxSession::new(1);
+            let mut accepted = std::collections::HashSet::new();
+            for c in counters {
+                if rx.fresh(c) {
+                    rx.mark(c);
+                    proptest::prop_assert!(accepted.insert(c), "counter {} accepted twice", c);
+                }
+            }
         }
     }
 }

@@ -7,7 +7,11 @@
 //!   ([`crate::seal`]) whose plaintext is a postcard-encoded [`Message`].
 //!
 //! Postcard encodes enums by variant index, so variants are only ever appended, never reordered
-//! or removed; [`WIRE_VERSION`] changes only for incompatible envelope changes.
+//! or removed, within one [`WIRE_VERSION`]; the version changes for incompatible changes, and a
+//! node tells a peer of another version so in plain words (see [`crate::seal`]).
+//!
+//! Version history: 1, the first release (freshness from wall-clock counters, self-reported
+//! rival claims); 2, sessions proven by round trips, verified rival merges, `password_required`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -18,7 +22,7 @@ use crate::ids::{NodeId, PartyId};
 /// First two bytes of every lanrage control datagram.
 pub const MAGIC: [u8; 2] = *b"LR";
 /// Envelope format version (third byte).
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Largest control datagram we send or accept.
 pub const MAX_CONTROL_DATAGRAM: usize = 8192;
 /// Most members a party can have; keeps a roster inside one (possibly fragmented) datagram.
@@ -119,6 +123,17 @@ pub enum RejectReason {
     TooManyAttempts,
     /// The receiver is itself trying to get back into that party (after a restart); ask again.
     Rejoining,
+    /// Protected party and the request carried no password (not counted as a wrong guess).
+    PasswordRequired,
+}
+
+/// A member of a rival host's party, as that host claims it (see [`Message::RivalClaim`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimedMember {
+    /// The member's public key.
+    pub key: [u8; 32],
+    /// Where the rival host reaches it, best first.
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// lanrage's control messages. Append new variants at the end only.
@@ -207,16 +222,57 @@ pub enum Message {
         /// The winning host's endpoints.
         endpoints: Vec<SocketAddr>,
     },
-    /// Host ↔ host of the same party after a network split healed: "I host it too, with this
-    /// many members at this version". Both sides rank the two the same way; the loser yields.
+    /// Host → host of the same party (a healed network split): "I host it too; show me yours".
+    /// Answered with [`Message::RivalClaim`], which the prober then checks with the members.
     RivalProbe {
         /// Which party.
         party: PartyId,
-        /// The sender's member count.
-        members: u32,
-        /// The sender's roster version.
-        version: u64,
+        /// Echoed in the claim.
+        nonce: u64,
     },
+    /// Host → a probing rival host: who hosts with whom. Worth nothing until members confirm it
+    /// ([`Message::HostQuery`]): a host never yields to a claim it could not check.
+    RivalClaim {
+        /// Which party.
+        party: PartyId,
+        /// The probe's nonce.
+        nonce: u64,
+        /// The claiming host's own join order (`Member::since`), the merge's tie-break.
+        since: u64,
+        /// Its members, host included.
+        members: Vec<ClaimedMember>,
+    },
+    /// A host checking a rival's claim → a member named in it: "who is your host?"
+    HostQuery {
+        /// Which party.
+        party: PartyId,
+        /// Echoed in the answer.
+        nonce: u64,
+    },
+    /// Member → host checking a claim: my host is `host_key`.
+    HostAnswer {
+        /// Which party.
+        party: PartyId,
+        /// The query's nonce.
+        nonce: u64,
+        /// The public key of the host this member follows (its own if it hosts).
+        host_key: [u8; 32],
+    },
+}
+
+impl Message {
+    /// Whether this message starts an exchange (and is small), rather than answering or pushing
+    /// state: only these go to addresses that have not proven they receive.
+    pub fn is_request(&self) -> bool {
+        matches!(
+            self,
+            Message::JoinRequest { .. }
+                | Message::Heartbeat { .. }
+                | Message::Leave { .. }
+                | Message::RivalProbe { .. }
+                | Message::HostQuery { .. }
+        )
+    }
 }
 
 /// Why bytes did not decode into a [`Message`].
@@ -291,12 +347,22 @@ impl Message {
             Message::Redirect { endpoints: e, .. } | Message::Rehost { endpoints: e, .. } => {
                 endpoints(e)?
             }
+            Message::RivalClaim { members, .. } => {
+                if members.len() > MAX_MEMBERS {
+                    return Err(DecodeError::Limit("member count"));
+                }
+                for m in members {
+                    endpoints(&m.endpoints)?;
+                }
+            }
             Message::JoinReject { .. }
             | Message::Heartbeat { .. }
             | Message::HeartbeatAck { .. }
             | Message::Leave { .. }
             | Message::NotMember { .. }
-            | Message::RivalProbe { .. } => {}
+            | Message::RivalProbe { .. }
+            | Message::HostQuery { .. }
+            | Message::HostAnswer { .. } => {}
         }
         Ok(())
     }
@@ -410,13 +476,37 @@ mod tests {
                 since
             }),
             any::<[u8; 10]>().prop_map(|p| Message::NotMember { party: PartyId(p) }),
-            (any::<[u8; 10]>(), any::<u32>(), any::<u64>()).prop_map(|(p, members, version)| {
-                Message::RivalProbe {
-                    party: PartyId(p),
-                    members,
-                    version,
-                }
+            (any::<[u8; 10]>(), any::<u64>()).prop_map(|(p, nonce)| Message::RivalProbe {
+                party: PartyId(p),
+                nonce
             }),
+            (
+                any::<[u8; 10]>(),
+                any::<u64>(),
+                any::<u64>(),
+                prop::collection::vec(
+                    (any::<[u8; 32]>(), prop::collection::vec(arb_addr(), 0..8))
+                        .prop_map(|(key, endpoints)| ClaimedMember { key, endpoints }),
+                    0..32
+                )
+            )
+                .prop_map(|(p, nonce, since, members)| Message::RivalClaim {
+                    party: PartyId(p),
+                    nonce,
+                    since,
+                    members
+                }),
+            (any::<[u8; 10]>(), any::<u64>()).prop_map(|(p, nonce)| Message::HostQuery {
+                party: PartyId(p),
+                nonce
+            }),
+            (any::<[u8; 10]>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
+                |(p, nonce, host_key)| Message::HostAnswer {
+                    party: PartyId(p),
+                    nonce,
+                    host_key
+                }
+            ),
             (
                 any::<[u8; 10]>(),
                 any::<[u8; 32]>(),
@@ -461,7 +551,7 @@ mod tests {
         assert_eq!(classify(&stun), DatagramKind::Stun);
         stun[0] = 1;
         assert_eq!(classify(&stun), DatagramKind::Stun);
-        assert_eq!(classify(b"LR\x01rest"), DatagramKind::Control);
+        assert_eq!(classify(b"LR\x02rest"), DatagramKind::Control);
         assert_eq!(classify(b""), DatagramKind::Garbage);
         assert_eq!(classify(&[5, 0, 0, 0, 1]), DatagramKind::Garbage);
     }

@@ -36,6 +36,11 @@ impl Ipam {
         self.subnet.contains(&ip) && ip != self.subnet.network() && ip != self.subnet.broadcast()
     }
 
+    /// Whether `key` held an address here before (a returning member).
+    pub fn remembers(&self, key: &[u8; 32]) -> bool {
+        self.remembered.contains_key(key)
+    }
+
     /// Remembers that `key` holds `ip` (so it gets it back later).
     pub fn remember(&mut self, key: [u8; 32], ip: Ipv4Addr) {
         if self.remembered.len() >= MAX_REMEMBERED && !self.remembered.contains_key(&key) {

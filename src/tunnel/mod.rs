@@ -37,6 +37,9 @@ const BUF: usize = 65536;
 /// Control datagrams queued for the control task before new ones are dropped.
 pub const CONTROL_QUEUE: usize = 1024;
 
+/// One of the datapath's long-running tasks.
+pub type DatapathTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Counters of what the datapath dropped or handled, exposed in `/status` for troubleshooting.
 #[derive(Default, Debug)]
 pub struct Stats {
@@ -50,6 +53,8 @@ pub struct Stats {
     pub wg_cookies_sent: AtomicU64,
     /// Decrypted packets whose source IP was not the peer's virtual IP.
     pub bad_source: AtomicU64,
+    /// Decrypted packets for an address that is not ours (a member trying to route through us).
+    pub bad_destination: AtomicU64,
     /// Control datagrams dropped because the control task was behind.
     pub control_dropped: AtomicU64,
     /// STUN datagrams (no STUN client yet).
@@ -95,6 +100,8 @@ pub struct Tunnel {
     limiter: Arc<RateLimiter>,
     subnet: Ipv4Net,
     address: RwLock<Option<Ipv4Addr>>,
+    /// The same address for the receive path, read per packet without a lock (0: none).
+    address_bits: std::sync::atomic::AtomicU32,
     /// Drop and traffic counters.
     pub stats: Stats,
 }
@@ -169,6 +176,7 @@ impl Tunnel {
             limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             subnet,
             address: RwLock::new(None),
+            address_bits: std::sync::atomic::AtomicU32::new(0),
             stats: Stats::default(),
         }))
     }
@@ -178,18 +186,25 @@ impl Tunnel {
         self.socket.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    /// Starts the datapath tasks; control datagrams go to `control`.
-    pub fn spawn(
+    /// The datapath tasks, by name, for the caller to spawn and supervise; control datagrams go
+    /// to `control`. Each runs until aborted.
+    pub fn tasks(
         self: &Arc<Self>,
         control: mpsc::Sender<(SocketAddr, Vec<u8>)>,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
+    ) -> Vec<(&'static str, DatapathTask)> {
         let a = self.clone();
         let b = self.clone();
         let c = self.clone();
         vec![
-            tokio::spawn(async move { a.udp_loop(control).await }),
-            tokio::spawn(async move { b.tun_loop().await }),
-            tokio::spawn(async move { c.timer_loop().await }),
+            (
+                "UDP receive",
+                Box::pin(async move { a.udp_loop(control).await }),
+            ),
+            ("TUN read", Box::pin(async move { b.tun_loop().await })),
+            (
+                "WireGuard timer",
+                Box::pin(async move { c.timer_loop().await }),
+            ),
         ]
     }
 
@@ -240,6 +255,8 @@ impl Tunnel {
             tracing::info!(%ip, "virtual IP set");
         }
         *current = ip;
+        self.address_bits
+            .store(ip.map_or(0, u32::from), Ordering::Relaxed);
         Ok(())
     }
 
@@ -373,6 +390,17 @@ impl Tunnel {
                     }
                     if addr != peer.ip || packet::ipv4_src(&out[..len]) != Some(peer.ip) {
                         bump(&self.stats.bad_source);
+                        break;
+                    }
+                    let for_us = packet::ipv4_dst(&out[..len]).is_some_and(|dst| {
+                        let ours = match self.address_bits.load(Ordering::Relaxed) {
+                            0 => None,
+                            bits => Some(Ipv4Addr::from(bits)),
+                        };
+                        packet::accepted_destination(dst, ours, &self.subnet)
+                    });
+                    if !for_us {
+                        bump(&self.stats.bad_destination);
                         break;
                     }
                     peer.count_rx(len);

@@ -34,6 +34,15 @@ pub fn is_for_everyone(dst: Ipv4Addr, subnet: &Ipv4Net) -> bool {
     dst.is_broadcast() || dst == subnet.broadcast() || dst.is_multicast()
 }
 
+/// Whether a packet that arrived through the tunnel may be written to the TUN device: only what
+/// is addressed to this member (its virtual IP), to everyone on the party subnet (its
+/// broadcast, limited broadcast) or to a multicast group. Anything else would be a member using
+/// us as a router into our other networks (on a host with forwarding on).
+#[inline]
+pub fn accepted_destination(dst: Ipv4Addr, ours: Option<Ipv4Addr>, subnet: &Ipv4Net) -> bool {
+    Some(dst) == ours || dst.is_broadcast() || dst == subnet.broadcast() || dst.is_multicast()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,6 +58,35 @@ mod tests {
         p[0] = 0x60;
         assert_eq!(ipv4_dst(&p), None);
         assert_eq!(ipv4_dst(&p[..10]), None);
+    }
+
+    #[test]
+    fn only_our_own_and_party_wide_destinations_are_accepted() {
+        let net: Ipv4Net = "10.66.0.0/16".parse().unwrap();
+        let me = Some(Ipv4Addr::new(10, 66, 0, 2));
+        for ok in [
+            Ipv4Addr::new(10, 66, 0, 2),
+            Ipv4Addr::BROADCAST,
+            Ipv4Addr::new(10, 66, 255, 255),
+            Ipv4Addr::new(224, 0, 0, 251),
+            Ipv4Addr::new(239, 255, 255, 250),
+        ] {
+            assert!(accepted_destination(ok, me, &net), "{ok}");
+        }
+        for bad in [
+            Ipv4Addr::new(10, 66, 0, 3),
+            Ipv4Addr::new(192, 0, 2, 10),
+            Ipv4Addr::new(198, 51, 100, 1),
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(10, 66, 0, 0),
+        ] {
+            assert!(!accepted_destination(bad, me, &net), "{bad}");
+        }
+        assert!(!accepted_destination(
+            Ipv4Addr::new(10, 66, 0, 2),
+            None,
+            &net
+        ));
     }
 
     #[test]

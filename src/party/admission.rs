@@ -1,0 +1,225 @@
+//! Who may spend the host's password checks, and how fast.
+//!
+//! Online guessing is slowed per key and per source address, never for everyone at once:
+//! - a request without a password to a protected party is answered `PasswordRequired` and
+//!   counts for nothing;
+//! - every key has [`PER_KEY`] wrong guesses per minute, every source address (IPv4, or IPv6
+//!   /64) [`PER_SOURCE`]; only wrong guesses count, so after others' guessing the right
+//!   password gets in at once. Sources are counted only after they proved they receive (the
+//!   session layer delivers nothing else), so a spoofed flood cannot spend someone else's budget;
+//! - the checks themselves (cheap today, memory-hard later) come from two pools per second: one
+//!   for keys that were members of the party before (a restarted player, a returning friend) and
+//!   one for strangers, so strangers alone cannot spend the share reserved for friends. An
+//!   empty pool is not a refusal: the request is dropped and the joiner's next retry, a few
+//!   hundred milliseconds later, gets in.
+//!
+//! Every table is bounded. When the per-key table is full of other keys (a flood of fresh keys),
+//! a new key is limited by its source alone instead of being refused: failing closed there would
+//! lock every newcomer out.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use lanrage_proto::ratelimit::{source_key, AttemptBudget, Charge, TokenBucket};
+
+/// Wrong guesses per key per [`WINDOW`].
+pub const PER_KEY: u32 = 5;
+/// Wrong guesses per source address per [`WINDOW`].
+pub const PER_SOURCE: u32 = 10;
+/// The guessing window.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// Password checks per second for strangers, and for former members (each pool its own).
+pub const CHECKS_PER_SEC: u64 = 20;
+/// Keys and sources tracked at most (each entry is a few dozen bytes).
+const MAX_TRACKED: usize = 4096;
+
+/// What the host may do with a join request that carries a password.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Check the password, then report the outcome with [`PasswordGuard::checked`].
+    Check,
+    /// This key or source has guessed wrong too often: refuse with `TooManyAttempts`.
+    TooMany,
+    /// No check capacity left this second: drop the request silently (the joiner retries).
+    Busy,
+}
+
+/// Budgets for password checks on one host. Plain data; time passed in.
+pub struct PasswordGuard {
+    per_key: AttemptBudget<[u8; 32]>,
+    per_source: AttemptBudget<IpAddr>,
+    strangers: TokenBucket,
+    friends: TokenBucket,
+}
+
+impl PasswordGuard {
+    /// Fresh budgets.
+    pub fn new(now: Instant) -> Self {
+        PasswordGuard {
+            per_key: AttemptBudget::new(PER_KEY, WINDOW, MAX_TRACKED),
+            per_source: AttemptBudget::new(PER_SOURCE, WINDOW, MAX_TRACKED),
+            strangers: TokenBucket::new(CHECKS_PER_SEC, CHECKS_PER_SEC, now),
+            friends: TokenBucket::new(CHECKS_PER_SEC, CHECKS_PER_SEC, now),
+        }
+    }
+
+    /// Before checking a password from `key` at `source`; `friend` when the key was a member of
+    /// this party before. Charges the guess up front (refunded by [`PasswordGuard::checked`]
+    /// when right), so attempts that arrive together are all counted.
+    pub fn before_check(
+        &mut self,
+        key: &[u8; 32],
+        source: IpAddr,
+        friend: bool,
+        now: Instant,
+    ) -> Verdict {
+        let source = source_key(source);
+        let key_charge = self.per_key.try_charge(key, now);
+        if key_charge == Charge::Exhausted {
+            return Verdict::TooMany;
+        }
+        if !self.per_source.charge(&source, now) {
+            if key_charge == Charge::Charged {
+                self.per_key.refund(key);
+            }
+            return Verdict::TooMany;
+        }
+        let pool = if friend {
+            &mut self.friends
+        } else {
+            &mut self.strangers
+        };
+        if !pool.try_take(1, now) {
+            if key_charge == Charge::Charged {
+                self.per_key.refund(key);
+            }
+            self.per_source.refund(&source);
+            return Verdict::Busy;
+        }
+        Verdict::Check
+    }
+
+    /// After a check allowed by [`PasswordGuard::before_check`]: a right password costs no
+    /// guess.
+    pub fn checked(&mut self, key: &[u8; 32], source: IpAddr, right: bool) {
+        if right {
+            self.per_key.refund(key);
+            self.per_source.refund(&source_key(source));
+        }
+    }
+
+    /// Keys and sources tracked (for tests and status).
+    pub fn tracked(&self) -> (usize, usize) {
+        (self.per_key.len(), self.per_source.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn src(n: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0xc000_0200 + n))
+    }
+
+    fn key(n: u32) -> [u8; 32] {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&n.to_be_bytes());
+        k
+    }
+
+    #[test]
+    fn a_key_is_limited_and_others_are_not() {
+        let now = Instant::now();
+        let mut g = PasswordGuard::new(now);
+        for _ in 0..PER_KEY {
+            assert_eq!(g.before_check(&key(1), src(1), false, now), Verdict::Check);
+            g.checked(&key(1), src(1), false);
+        }
+        assert_eq!(
+            g.before_check(&key(1), src(2), false, now),
+            Verdict::TooMany
+        );
+        // Another key at another address is untouched.
+        assert_eq!(g.before_check(&key(2), src(3), false, now), Verdict::Check);
+        // After the window, the first key may try again.
+        let later = now + WINDOW + Duration::from_secs(1);
+        assert_eq!(
+            g.before_check(&key(1), src(1), false, later),
+            Verdict::Check
+        );
+    }
+
+    #[test]
+    fn a_source_cycling_keys_is_limited_by_its_address() {
+        let now = Instant::now();
+        let mut g = PasswordGuard::new(now);
+        let mut checks = 0;
+        for n in 0..100 {
+            if g.before_check(&key(n), src(1), false, now) == Verdict::Check {
+                checks += 1;
+                g.checked(&key(n), src(1), false);
+            }
+        }
+        assert_eq!(checks, PER_SOURCE);
+        // The right password from elsewhere goes straight in.
+        assert_eq!(
+            g.before_check(&key(500), src(2), false, now),
+            Verdict::Check
+        );
+    }
+
+    #[test]
+    fn right_passwords_cost_no_guess() {
+        let now = Instant::now();
+        let mut g = PasswordGuard::new(now);
+        for i in 0..(PER_KEY * 3) {
+            let t = now + Duration::from_millis(100 * u64::from(i));
+            assert_eq!(g.before_check(&key(1), src(1), true, t), Verdict::Check);
+            g.checked(&key(1), src(1), true);
+        }
+    }
+
+    #[test]
+    fn strangers_cannot_spend_the_friends_share() {
+        let now = Instant::now();
+        let mut g = PasswordGuard::new(now);
+        let mut busy = 0;
+        for n in 0..1000 {
+            match g.before_check(&key(n), src(n), false, now) {
+                Verdict::Check => g.checked(&key(n), src(n), false),
+                Verdict::Busy => busy += 1,
+                Verdict::TooMany => {}
+            }
+        }
+        assert!(busy > 900, "the strangers' pool ran dry: {busy}");
+        assert_eq!(
+            g.before_check(&key(5000), src(5000), true, now),
+            Verdict::Check
+        );
+    }
+
+    #[test]
+    fn tables_stay_bounded_and_newcomers_are_not_locked_out() {
+        let mut now = Instant::now();
+        let mut g = PasswordGuard::new(now);
+        // A million fresh keys from a thousand addresses, over a while.
+        for n in 0..1_000_000u32 {
+            if n % 1000 == 0 {
+                now += Duration::from_millis(50);
+            }
+            if g.before_check(&key(n), src(n % 1000), false, now) == Verdict::Check {
+                g.checked(&key(n), src(n % 1000), false);
+            }
+        }
+        let (keys, sources) = g.tracked();
+        assert!(keys <= MAX_TRACKED && sources <= MAX_TRACKED);
+        // A newcomer at a fresh address still gets its check (after the pool refills).
+        now += Duration::from_secs(1);
+        assert_eq!(
+            g.before_check(&key(2_000_000), src(9999), false, now),
+            Verdict::Check
+        );
+    }
+}
