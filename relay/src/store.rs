@@ -15,14 +15,27 @@
 //! persisted, so batches are small and rare, but the state can be large (10 000 parties × 32
 //! members); appending a few records and one `fdatasync` per batch costs the same whatever the
 //! state size, while rewriting a snapshot every batch would not. Layout:
-//! - `journal.bin`: frames `len (u32 LE) | seq (u64 LE) | check (8) | postcard(Record)`, with
+//! - `journal.bin`: the header `"LRJRNL02"`, then frames
+//!   `len (u32 LE) | seq (u64 LE) | check (8) | postcard(Record)`, with
 //!   `check = BLAKE2s("lanrage relay journal" || seq || payload)[..8]`. A batch is its records'
 //!   frames followed by one end-of-batch marker (a frame with an empty payload), written with one
 //!   `write` and one `fdatasync`. On load, reading stops at the first frame that is short or fails
 //!   its check (a torn last write after kill -9 or power loss), records after the last marker are
 //!   dropped (a batch is applied whole or not at all: half a batch can leave, say, a party without
 //!   its creator), and the file is truncated there: at most the batch being written is lost.
-//!   Journals from before markers existed have none and are read whole.
+//!   The header is what makes "no marker yet" unambiguous: it is written when the journal is
+//!   created and kept when a compaction empties it (the journal is cut back to the header), so in a
+//!   journal with a header, records without a marker after them are always a torn batch, the first
+//!   batch of a new or freshly compacted journal included. A file holding only a prefix of the
+//!   header (a crash while creating it) is an empty journal.
+//! - Journals without the header were written by relays before it existed. Their frames are read
+//!   the way those relays read them (records after the last marker dropped; a journal with no
+//!   marker at all is from before markers and is read whole, which is also what those relays did
+//!   with a torn first batch: that one ambiguous case cannot be told apart), then the journal is
+//!   rewritten at once with the header and a marker after what was kept (to `journal.tmp`,
+//!   fsynced, renamed over `journal.bin`), so every batch written from then on is unambiguous.
+//!   The header cannot be mistaken for a frame of such a journal: read as a length it is over
+//!   1 GB, far above the largest record.
 //! - A write that fails (disk full, I/O error) may still have appended part of the batch. The
 //!   store remembers the journal's length before each write and cuts it back there before
 //!   anything else is appended; otherwise every later batch would sit behind a torn frame and be
@@ -31,8 +44,8 @@
 //! - `snapshot.bin`: `"LRSNAP01" | last_seq (u64 LE) | count (u64 LE) | frames | BLAKE2s(all before)`.
 //!   After `store.compact_after_records` journal records the whole state is written to
 //!   `snapshot.tmp`, fsynced, renamed over `snapshot.bin`, the directory fsynced, then the journal
-//!   truncated. Journal frames with `seq <= last_seq` are skipped on load, so a crash between the
-//!   rename and the truncation re-applies nothing twice (and records are idempotent anyway).
+//!   cut back to its header. Journal frames with `seq <= last_seq` are skipped on load, so a crash
+//!   between the rename and the cut re-applies nothing twice (and records are idempotent anyway).
 //!   A snapshot that fails its checksum stops the relay: it was renamed into place whole, so that
 //!   is disk corruption for the operator to look at, not something to paper over.
 
@@ -52,6 +65,9 @@ pub const JOURNAL_FILE: &str = "journal.bin";
 /// Snapshot file name inside the state directory.
 pub const SNAPSHOT_FILE: &str = "snapshot.bin";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"LRSNAP01";
+/// First bytes of every journal written by this version (see the module docs).
+const JOURNAL_MAGIC: &[u8; 8] = b"LRJRNL02";
+const JOURNAL_HEADER: u64 = JOURNAL_MAGIC.len() as u64;
 const FRAME_HEADER: usize = 4 + 8 + 8;
 /// Largest single record (a party member with 8 endpoints is ~200 bytes).
 const MAX_RECORD: usize = 64 * 1024;
@@ -307,6 +323,16 @@ fn parse_frames(bytes: &[u8], max: Option<u64>) -> (Vec<(Item, usize)>, usize) {
     (out, pos)
 }
 
+fn open_journal(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))
+}
+
 impl FileStore {
     /// A store in `dir` (created if missing). Nothing is read until [`Store::load`].
     pub fn new(dir: &Path, compact_after: u64) -> Self {
@@ -362,6 +388,37 @@ impl FileStore {
             .map_err(|e| StoreError::io(&self.dir, e))
     }
 
+    /// Reads a journal without the header the way relays before it did, and rewrites it with
+    /// the header and a marker after what was kept (see the module docs). Returns the frames
+    /// kept and the new journal's length.
+    fn convert_legacy(&self, bytes: &[u8]) -> Result<(Vec<(Item, usize)>, usize), StoreError> {
+        let path = self.journal_path();
+        let (mut items, mut valid) = parse_frames(bytes, None);
+        // With markers, only whole batches count: cut after the last one.
+        if let Some(last_end) = items.iter().rposition(|(i, _)| matches!(i, Item::End)) {
+            valid = items[last_end].1;
+            items.truncate(last_end + 1);
+        }
+        if valid < bytes.len() {
+            tracing::warn!(file = %path.display(), kept = valid, dropped = bytes.len() - valid, "journal ends with a torn or corrupt batch (crash during a write); truncating it there");
+        }
+        let mut out = Vec::with_capacity(JOURNAL_MAGIC.len() + valid + FRAME_HEADER);
+        out.extend_from_slice(JOURNAL_MAGIC);
+        out.extend_from_slice(&bytes[..valid]);
+        if items.last().is_some_and(|(i, _)| !matches!(i, Item::End)) {
+            marker(0, &mut out);
+        }
+        let tmp = self.dir.join("journal.tmp");
+        let mut f = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        f.write_all(&out)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| StoreError::io(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
+        self.sync_dir()?;
+        tracing::info!(file = %path.display(), records = items.iter().filter(|(i, _)| matches!(i, Item::Record(..))).count(), "journal from an older relay converted to the current format");
+        Ok((items, out.len()))
+    }
+
     fn read_snapshot(&self) -> Result<(u64, Vec<Record>), StoreError> {
         let path = self.dir.join(SNAPSHOT_FILE);
         let bytes = match fs::read(&path) {
@@ -403,29 +460,44 @@ impl Store for FileStore {
     fn load(&mut self) -> Result<Vec<Record>, StoreError> {
         fs::create_dir_all(&self.dir).map_err(|e| StoreError::io(&self.dir, e))?;
         let (snap_seq, mut records) = self.read_snapshot()?;
-        let path = self.dir.join(JOURNAL_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| StoreError::io(&path, e))?;
+        let path = self.journal_path();
+        let mut file = open_journal(&path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| StoreError::io(&path, e))?;
-        let (mut items, mut valid) = parse_frames(&bytes, None);
-        // With markers, only whole batches count: cut after the last one.
-        if let Some(last_end) = items.iter().rposition(|(i, _)| matches!(i, Item::End)) {
-            valid = items[last_end].1;
-            items.truncate(last_end + 1);
-        }
-        if valid < bytes.len() {
-            tracing::warn!(file = %path.display(), kept = valid, dropped = bytes.len() - valid, "journal ends with a torn or corrupt batch (crash during a write); truncating it there");
-            file.set_len(valid as u64)
+        let (items, valid) = if let Some(body) = bytes.strip_prefix(JOURNAL_MAGIC) {
+            // Only whole batches count: cut after the last marker (none: nothing is whole).
+            let (mut items, _) = parse_frames(body, None);
+            let end = match items.iter().rposition(|(i, _)| matches!(i, Item::End)) {
+                Some(last) => {
+                    let end = items[last].1;
+                    items.truncate(last + 1);
+                    end
+                }
+                None => {
+                    items.clear();
+                    0
+                }
+            };
+            if JOURNAL_MAGIC.len() + end < bytes.len() {
+                tracing::warn!(file = %path.display(), kept = JOURNAL_MAGIC.len() + end, dropped = bytes.len() - JOURNAL_MAGIC.len() - end, "journal ends with a torn or corrupt batch (crash during a write); truncating it there");
+                file.set_len(JOURNAL_HEADER + end as u64)
+                    .and_then(|_| file.sync_all())
+                    .map_err(|e| StoreError::io(&path, e))?;
+            }
+            (items, JOURNAL_MAGIC.len() + end)
+        } else if JOURNAL_MAGIC.starts_with(&bytes) {
+            // New, or a crash while its header was being written.
+            file.set_len(0)
+                .and_then(|_| file.write_all(JOURNAL_MAGIC))
+                .and_then(|_| file.sync_all())
                 .map_err(|e| StoreError::io(&path, e))?;
-            file.sync_all().map_err(|e| StoreError::io(&path, e))?;
-        }
+            (Vec::new(), JOURNAL_MAGIC.len())
+        } else {
+            let (items, valid) = self.convert_legacy(&bytes)?;
+            file = open_journal(&path)?;
+            (items, valid)
+        };
         self.last_seq = snap_seq;
         self.journal_records = 0;
         for (item, _) in items {
@@ -509,12 +581,13 @@ impl Store for FileStore {
         self.sync_dir()?;
         let jpath = self.dir.join(JOURNAL_FILE);
         if let Some(j) = self.journal.as_mut() {
-            j.set_len(0)
+            // Back to the header (kept: see the module docs).
+            j.set_len(JOURNAL_HEADER)
                 .and_then(|_| j.sync_all())
                 .map_err(|e| StoreError::io(&jpath, e))?;
         }
         // Whatever a failed write left is gone with the rest of the journal.
-        self.journal_len = 0;
+        self.journal_len = JOURNAL_HEADER;
         self.cut_to = None;
         self.journal_records = 0;
         Ok(())
@@ -579,7 +652,7 @@ mod tests {
             let got = s.load().unwrap();
             assert!([0, 1, 3].contains(&got.len()), "cut at {cut}: {got:?}");
             assert_eq!(got[..], [party(1), party(2), party(3)][..got.len()]);
-            assert!(fs::metadata(&path).unwrap().len() as usize <= cut);
+            assert!(fs::metadata(&path).unwrap().len() as usize <= cut.max(JOURNAL_MAGIC.len()));
             // And the store stays writable after the cut.
             s.commit(&[party(9)]).unwrap();
             let mut s = FileStore::new(dir.path(), 100);
@@ -605,9 +678,43 @@ mod tests {
         fs::write(dir.path().join(JOURNAL_FILE), &old).unwrap();
         let mut s = FileStore::new(dir.path(), 100);
         assert_eq!(s.load().unwrap(), vec![party(1), party(2)]);
-        s.commit(&[party(3)]).unwrap();
+        // It was converted at once: header, the old frames, a marker after them.
+        let path = dir.path().join(JOURNAL_FILE);
+        let converted = fs::read(&path).unwrap();
+        assert!(converted.starts_with(JOURNAL_MAGIC));
+        assert_eq!(&converted[JOURNAL_MAGIC.len()..][..old.len()], &old[..]);
+        s.commit(&[party(3), party(4)]).unwrap();
         let mut s = FileStore::new(dir.path(), 100);
-        assert_eq!(s.load().unwrap(), vec![party(1), party(2), party(3)]);
+        assert_eq!(
+            s.load().unwrap(),
+            vec![party(1), party(2), party(3), party(4)]
+        );
+        // So a torn batch written after the conversion is dropped, not read half.
+        let full = fs::read(&path).unwrap();
+        fs::write(&path, &full[..full.len() - 30]).unwrap();
+        let mut s = FileStore::new(dir.path(), 100);
+        assert_eq!(s.load().unwrap(), vec![party(1), party(2)]);
+    }
+
+    #[test]
+    fn journals_without_the_header_keep_their_batch_markers() {
+        // What relays with markers but before the header wrote: two batches, the second torn.
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = Vec::new();
+        frame(1, &party(1), &mut old);
+        marker(2, &mut old);
+        let whole = old.len();
+        frame(3, &party(2), &mut old);
+        frame(4, &party(3), &mut old);
+        marker(5, &mut old);
+        fs::write(dir.path().join(JOURNAL_FILE), &old[..old.len() - 3]).unwrap();
+        let mut s = FileStore::new(dir.path(), 100);
+        assert_eq!(s.load().unwrap(), vec![party(1)]);
+        let converted = fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
+        assert_eq!(converted.len(), JOURNAL_MAGIC.len() + whole);
+        s.commit(&[party(4)]).unwrap();
+        let mut s = FileStore::new(dir.path(), 100);
+        assert_eq!(s.load().unwrap(), vec![party(1), party(4)]);
     }
 
     #[test]
@@ -667,8 +774,8 @@ mod tests {
         s.compact(&[party(2)]).unwrap();
         assert!(!s.wants_compaction());
         assert_eq!(
-            fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len(),
-            0
+            fs::read(dir.path().join(JOURNAL_FILE)).unwrap(),
+            JOURNAL_MAGIC
         );
         s.commit(&[party(3)]).unwrap();
         let mut r = FileStore::new(dir.path(), 2);
@@ -676,10 +783,56 @@ mod tests {
         // Crash between the snapshot rename and the journal truncation: old frames are skipped.
         let after = fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
         let mut both = journal_before.clone();
-        both.extend_from_slice(&after);
+        both.extend_from_slice(&after[JOURNAL_MAGIC.len()..]);
         fs::write(dir.path().join(JOURNAL_FILE), both).unwrap();
         let mut r = FileStore::new(dir.path(), 2);
         assert_eq!(r.load().unwrap(), vec![party(2), party(3)]);
+    }
+
+    #[test]
+    fn a_torn_first_batch_after_a_compaction_is_not_half_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileStore::new(dir.path(), 1);
+        s.load().unwrap();
+        s.commit(&[party(1)]).unwrap();
+        s.compact(&[party(1)]).unwrap();
+        let path = dir.path().join(JOURNAL_FILE);
+        let base = fs::metadata(&path).unwrap().len() as usize;
+        // The first batch after the compaction: nothing before it marks a batch boundary.
+        s.commit(&[party(2), party(3)]).unwrap();
+        drop(s);
+        let full = fs::read(&path).unwrap();
+        for cut in base..full.len() {
+            fs::write(&path, &full[..cut]).unwrap();
+            let got = FileStore::new(dir.path(), 1).load().unwrap();
+            assert_eq!(got, vec![party(1)], "cut at {cut} of {}", full.len());
+        }
+        fs::write(&path, &full).unwrap();
+        let got = FileStore::new(dir.path(), 1).load().unwrap();
+        assert_eq!(got, vec![party(1), party(2), party(3)]);
+    }
+
+    #[test]
+    fn a_torn_first_batch_of_a_new_journal_is_not_half_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileStore::new(dir.path(), 100);
+        s.load().unwrap();
+        let path = dir.path().join(JOURNAL_FILE);
+        let base = fs::metadata(&path).unwrap().len() as usize;
+        s.commit(&[party(1), party(2)]).unwrap();
+        drop(s);
+        let full = fs::read(&path).unwrap();
+        for cut in base..full.len() {
+            fs::write(&path, &full[..cut]).unwrap();
+            let mut s = FileStore::new(dir.path(), 100);
+            assert_eq!(s.load().unwrap(), vec![], "cut at {cut} of {}", full.len());
+            // Still writable, and what is written next is read back whole.
+            s.commit(&[party(3)]).unwrap();
+            assert_eq!(
+                FileStore::new(dir.path(), 100).load().unwrap(),
+                vec![party(3)]
+            );
+        }
     }
 
     #[test]
