@@ -13,6 +13,13 @@
 //! Per-source limits count by [`source_key`] (IPv4 address or IPv6 /64): live tokens, outstanding
 //! challenges, wrong passwords, live parties and sessions. Behind a reverse proxy every client has
 //! the proxy's address; see `relay/OPERATOR.md`.
+//!
+//! Changes wait in `Core::pending` until the store thread commits them ([`crate::server::Flusher`]).
+//! What waits is bounded: every request that would add records (register, refresh, create, join,
+//! leave, a heartbeat that changes endpoints, opening a session) is refused with 503 while a
+//! write has failed and waits to be retried ([`Saving`]; the disk is full, say) or while
+//! `store.max_unsaved_records` changes wait. Expiry (the sweep) is never refused: it only removes
+//! things, so while requests are refused it adds at most one record per thing that exists.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -189,6 +196,16 @@ impl<T: Hash + Eq + Copy> PerSource<T> {
     }
 }
 
+/// Whether changes can be saved now: set by the store thread, read by every request that would
+/// change state.
+#[derive(Debug, Default)]
+pub struct Saving {
+    /// Why the last write failed, while its batch waits to be retried.
+    pub failure: Option<String>,
+    /// Records the store holds from failed writes.
+    pub backlog: usize,
+}
+
 /// Everything behind the `core` lock.
 pub struct Core {
     /// Parties and members.
@@ -209,6 +226,8 @@ pub struct Core {
     pub session_sources: PerSource<SessionId>,
     /// Changes not yet committed to the store.
     pub pending: Vec<Record>,
+    /// Whether the store can save them.
+    pub saving: Saving,
     shared: HashMap<PublicKey, SharedKey>,
 }
 
@@ -294,6 +313,7 @@ impl Relay {
             party_sources: PerSource::new(cfg.parties.max_parties_per_ip),
             session_sources: PerSource::new(cfg.relay.max_sessions_per_ip),
             pending: Vec::new(),
+            saving: Saving::default(),
             shared: HashMap::new(),
         };
         let mut table = SessionTable::new(SessionLimits::from(&cfg.relay), now);
@@ -321,6 +341,28 @@ impl Relay {
             generation: access_generation(cfg.control.access_key.as_deref()),
             cfg,
         }
+    }
+
+    /// Refuses a request that would change state while changes cannot be saved (a failed write
+    /// waits to be retried, or too many changes wait): 503 naming the cause, and counted.
+    fn writable(&self, core: &Core) -> Result<(), ApiError> {
+        let refused = if let Some(cause) = &core.saving.failure {
+            ApiError {
+                status: 503,
+                message: format!("the relay cannot save state: {cause}; try again later"),
+                retry_after: Some(10),
+            }
+        } else if core.pending.len() + core.saving.backlog >= self.cfg.store.max_unsaved_records {
+            ApiError {
+                status: 503,
+                message: "the relay cannot save state fast enough; try again later".into(),
+                retry_after: Some(1),
+            }
+        } else {
+            return Ok(());
+        };
+        self.metrics.writes_refused.fetch_add(1, Ordering::Relaxed);
+        Err(refused)
     }
 
     fn shared_key(&self, core: &mut Core, key: &PublicKey) -> Option<SharedKey> {
@@ -490,9 +532,10 @@ impl Relay {
         let proof = B64
             .decode(&req.proof)
             .map_err(|_| ApiError::new(400, "proof must be base64"))?;
-        self.core
-            .lock()
-            .challenges
+        let mut core = self.core.lock();
+        // Before the challenge is used up: the client may retry with it.
+        self.writable(&core)?;
+        core.challenges
             .take(&challenge, &req.key, Instant::now())
             .map_err(|e| match e {
                 ChallengeError::Full | ChallengeError::SourceFull => {
@@ -500,6 +543,7 @@ impl Relay {
                 }
                 _ => ApiError::new(401, e.to_string()),
             })?;
+        drop(core);
         // Diffie-Hellman outside the lock.
         let shared = SharedKey::for_relay(&self.identity.secret, &req.key)
             .ok_or_else(|| ApiError::new(400, "weak key"))?;
@@ -508,6 +552,7 @@ impl Relay {
         }
         let (unix, _) = unix_now();
         let mut core = self.core.lock();
+        self.writable(&core)?;
         let affiliated = core.registry.in_any_party(&PeerId::from_key(&req.key));
         let generation = self.generation;
         let issued = core.journal(|core, j| {
@@ -531,6 +576,7 @@ impl Relay {
     pub fn refresh(&self, caller: &Caller) -> Result<TokenResponse, ApiError> {
         let (unix, _) = unix_now();
         let mut core = self.core.lock();
+        self.writable(&core)?;
         let affiliated = core.registry.in_any_party(&caller.peer);
         let generation = self.generation;
         let (token, expires_at) = core.journal(|core, j| {
@@ -543,10 +589,6 @@ impl Relay {
             expires_at,
             expires_in_secs: expires_at - unix,
         })
-    }
-
-    fn with_journal<T>(&self, f: impl FnOnce(&mut Core, &mut Vec<Record>) -> T) -> T {
-        self.core.lock().journal(f)
     }
 
     /// Stretches a party password (milliseconds of CPU: call from a blocking thread), counted.
@@ -577,6 +619,7 @@ impl Relay {
         // must not cost milliseconds of stretching.
         {
             let core = self.core.lock();
+            self.writable(&core)?;
             core.registry.precheck_create(&caller.key, &new)?;
             if !core.party_sources.has_room(&source) {
                 return Err(ApiError::source_cap(
@@ -593,6 +636,7 @@ impl Relay {
             .map(|p| self.stretch(|| Verifier::new(&id, p)));
         let (unix, _) = unix_now();
         let mut core = self.core.lock();
+        self.writable(&core)?;
         if !core.party_sources.has_room(&source) {
             return Err(ApiError::source_cap(
                 "too many parties created from your address (parties.max_parties_per_ip)",
@@ -624,6 +668,8 @@ impl Relay {
         // sent in parallel are all counted before any is checked.
         let verifier = {
             let mut core = self.core.lock();
+            // Before anything is charged: a refused join is not a guess.
+            self.writable(&core)?;
             let now = Instant::now();
             let verifier = core.registry.precheck_join(&party, &caller.key, now)?;
             if verifier.is_some() && !core.password_sources.charge(&source, now) {
@@ -641,6 +687,7 @@ impl Relay {
         if password_ok {
             core.password_sources.refund(&source);
         }
+        self.writable(&core)?;
         core.journal(|core, j| {
             let view = core.registry.join(
                 caller.key,
@@ -661,6 +708,7 @@ impl Relay {
     /// `DELETE /parties/{id}/peers/{peer}`.
     pub fn leave(&self, caller: &Caller, party: PartyId, peer: PeerId) -> Result<(), ApiError> {
         let mut core = self.core.lock();
+        self.writable(&core)?;
         let ended = core.journal(|core, j| core.registry.leave(&caller.peer, &party, &peer, j))?;
         core.sessions_gone(&ended);
         if !core.registry.contains(&party) {
@@ -691,9 +739,22 @@ impl Relay {
         peer: PeerId,
         endpoints: Option<Vec<std::net::SocketAddr>>,
     ) -> Result<HeartbeatResponse, ApiError> {
-        self.with_journal(|core, j| {
+        let now = Instant::now();
+        let mut core = self.core.lock();
+        let changes = endpoints
+            .as_deref()
+            .is_some_and(|e| core.registry.endpoints_differ(&party, &peer, e));
+        if changes && caller.peer == peer {
+            if let Err(e) = self.writable(&core) {
+                // The member stays in the party (the relay's disk is not its fault); only the
+                // change is refused, and its signals wait for a heartbeat that gets through.
+                core.registry.touch(&party, &peer, now);
+                return Err(e);
+            }
+        }
+        core.journal(|core, j| {
             core.registry
-                .heartbeat(&caller.peer, &party, &peer, endpoints, Instant::now(), j)
+                .heartbeat(&caller.peer, &party, &peer, endpoints, now, j)
         })
         .map_err(Into::into)
     }
@@ -754,6 +815,7 @@ impl Relay {
         let source = source_key(ip);
         let now = Instant::now();
         let mut core = self.core.lock();
+        self.writable(&core)?;
         let (id, a, b, existed) = core.journal(|core, j| {
             core.registry
                 .session(&caller.peer, &party, &other, SessionId::random(), j)
@@ -816,6 +878,7 @@ impl Relay {
                 tokens: core.tokens.len(),
                 parties: core.registry.party_count(),
                 members: core.registry.member_count(),
+                unsaved: core.pending.len() + core.saving.backlog,
                 ..Default::default()
             }
         };

@@ -39,8 +39,14 @@
 //! - A write that fails (disk full, I/O error) may still have appended part of the batch. The
 //!   store remembers the journal's length before each write and cuts it back there before
 //!   anything else is appended; otherwise every later batch would sit behind a torn frame and be
-//!   dropped at the next load. If it cannot cut, it refuses to commit ([`Store::blocked`]) until
-//!   it can, rather than append batches that would be lost.
+//!   dropped at the next load. If it cannot cut now, it cuts before the next write, and writes
+//!   nothing until it could.
+//! - A batch whose write failed is kept, encoded once, as the store's backlog
+//!   ([`Store::backlog`]) and written again by [`Store::retry`], byte for byte: retrying while the
+//!   disk stays full costs one `write` and one `ftruncate`, not a new encoding of everything that
+//!   piled up. The caller ([`crate::server::Flusher`]) retries with backoff and commits nothing
+//!   new meanwhile; the control plane refuses state changes while there is a backlog, so what
+//!   waits in memory stays bounded (see [`crate::state`]).
 //! - `snapshot.bin`: `"LRSNAP01" | last_seq (u64 LE) | count (u64 LE) | frames | BLAKE2s(all before)`.
 //!   After `store.compact_after_records` journal records the whole state is written to
 //!   `snapshot.tmp`, fsynced, renamed over `snapshot.bin`, the directory fsynced, then the journal
@@ -169,6 +175,8 @@ pub struct StoreError {
     pub path: String,
     /// What went wrong.
     pub message: String,
+    /// The filesystem is full (or the quota used up): freeing space fixes it.
+    pub disk_full: bool,
 }
 
 impl StoreError {
@@ -176,28 +184,50 @@ impl StoreError {
         StoreError {
             path: path.display().to_string(),
             message: e.to_string(),
+            disk_full: false,
+        }
+    }
+
+    /// An I/O error, recognising a full disk.
+    fn from_io(path: &Path, e: &std::io::Error) -> Self {
+        let disk_full = e.kind() == std::io::ErrorKind::StorageFull
+            || e.kind() == std::io::ErrorKind::QuotaExceeded
+            || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
+        StoreError {
+            disk_full,
+            ..StoreError::io(path, e)
+        }
+    }
+
+    /// What went wrong in a few words, for clients whose changes are refused meanwhile.
+    pub fn cause(&self) -> String {
+        if self.disk_full {
+            "disk full".into()
+        } else {
+            format!("storage error ({})", self.message)
         }
     }
 }
 
 /// Where the relay's durable state lives. Implementations must make a committed batch durable
 /// before returning, and after a crash expose a prefix of whole batches (at most the last one lost).
-/// A failed commit must leave the store as if it had not been tried.
 pub trait Store: Send {
     /// Everything stored, in order: folding these records rebuilds the state.
     fn load(&mut self) -> Result<Vec<Record>, StoreError>;
-    /// Makes a batch durable.
+    /// Makes a batch durable. If that fails, the store keeps the batch as its backlog (after any
+    /// earlier backlog, in order) and makes it durable before anything committed later: the
+    /// caller retries with [`Store::retry`], not by committing the batch again.
     fn commit(&mut self, batch: &[Record]) -> Result<(), StoreError>;
+    /// Tries again to make the backlog durable (`Ok` at once if there is none).
+    fn retry(&mut self) -> Result<(), StoreError>;
+    /// Records committed but not durable yet (a failed write's batch): while there are any,
+    /// state changes are not being saved.
+    fn backlog(&self) -> usize;
     /// Whether the store would like a [`Store::compact`] now.
     fn wants_compaction(&self) -> bool;
     /// Replaces everything committed so far with `state` (the current state as put records,
-    /// reflecting exactly the batches committed so far).
+    /// reflecting exactly the batches committed so far). Refused while there is a backlog.
     fn compact(&mut self, state: &[Record]) -> Result<(), StoreError>;
-    /// Whether commits are refused until an earlier failure is repaired (the operator should
-    /// know: state changes are not being saved).
-    fn blocked(&self) -> bool {
-        false
-    }
 }
 
 /// A store that forgets everything on exit (tests, and to show the trait is all a backend needs).
@@ -214,6 +244,12 @@ impl Store for MemoryStore {
     fn commit(&mut self, batch: &[Record]) -> Result<(), StoreError> {
         self.records.extend_from_slice(batch);
         Ok(())
+    }
+    fn retry(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn backlog(&self) -> usize {
+        0
     }
     fn wants_compaction(&self) -> bool {
         false
@@ -233,7 +269,14 @@ pub struct FileStore {
     /// Set after a failed write: the journal must be cut back to this length before anything
     /// else is appended.
     cut_to: Option<u64>,
+    /// Encoded batches (frames and markers) whose write failed, oldest first.
+    backlog: Vec<u8>,
+    /// Records in `backlog`.
+    backlog_records: u64,
+    /// Highest sequence number in the journal (durable).
     last_seq: u64,
+    /// Highest sequence number encoded (durable or in the backlog).
+    next_seq: u64,
     journal_records: u64,
     compact_after: u64,
     #[cfg(test)]
@@ -248,6 +291,8 @@ struct Faults {
     partial_write: Option<usize>,
     /// Truncations fail.
     fail_cut: bool,
+    /// Every append writes nothing and fails as a full disk would.
+    full: bool,
 }
 
 fn check(seq: u64, payload: &[u8]) -> [u8; 8] {
@@ -341,7 +386,10 @@ impl FileStore {
             journal: None,
             journal_len: 0,
             cut_to: None,
+            backlog: Vec::new(),
+            backlog_records: 0,
             last_seq: 0,
+            next_seq: 0,
             journal_records: 0,
             compact_after,
             #[cfg(test)]
@@ -363,6 +411,10 @@ impl FileStore {
         if let Some(n) = self.faults.partial_write.take() {
             file.write_all(&buf[..n.min(buf.len())])?;
             return Err(std::io::Error::other("injected partial write"));
+        }
+        #[cfg(test)]
+        if self.faults.full {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
         }
         file.write_all(buf)?;
         file.sync_data()
@@ -513,6 +565,9 @@ impl Store for FileStore {
         self.journal = Some(file);
         self.journal_len = valid as u64;
         self.cut_to = None;
+        self.backlog.clear();
+        self.backlog_records = 0;
+        self.next_seq = self.last_seq;
         self.sync_dir()?;
         Ok(records)
     }
@@ -521,40 +576,55 @@ impl Store for FileStore {
         if batch.is_empty() {
             return Ok(());
         }
+        // Encoded once: a failed write keeps these bytes and writes them again as they are.
+        self.backlog.reserve(batch.len() * 128 + FRAME_HEADER);
+        for r in batch {
+            self.next_seq += 1;
+            frame(self.next_seq, r, &mut self.backlog);
+        }
+        self.next_seq += 1;
+        marker(self.next_seq, &mut self.backlog);
+        self.backlog_records += batch.len() as u64;
+        self.retry()
+    }
+
+    fn retry(&mut self) -> Result<(), StoreError> {
+        if self.backlog.is_empty() {
+            return Ok(());
+        }
         let path = self.journal_path();
         if let Some(len) = self.cut_to {
             self.cut(len).map_err(|e| {
                 StoreError::io(
                     &path,
-                    format!("a failed write left a torn batch at the end that cannot be cut off ({e}); not committing until it can"),
+                    format!("a failed write left a torn batch at the end that cannot be cut off ({e}); not writing until it can"),
                 )
             })?;
             self.cut_to = None;
         }
-        let mut buf = Vec::with_capacity(batch.len() * 128 + FRAME_HEADER);
-        let mut seq = self.last_seq;
-        for r in batch {
-            seq += 1;
-            frame(seq, r, &mut buf);
-        }
-        seq += 1;
-        marker(seq, &mut buf);
-        if let Err(e) = self.append(&buf) {
-            // Part of the batch may be in the file: cut it off now, or before the next commit.
+        let buf = std::mem::take(&mut self.backlog);
+        let written = self.append(&buf);
+        self.backlog = buf;
+        if let Err(e) = written {
+            // Part of the backlog may be in the file: cut it off now, or before the next write.
             let len = self.journal_len;
             if self.cut(len).is_err() {
                 self.cut_to = Some(len);
             }
-            return Err(StoreError::io(&path, e));
+            return Err(StoreError::from_io(&path, &e));
         }
-        self.journal_len += buf.len() as u64;
-        self.last_seq = seq;
-        self.journal_records += batch.len() as u64;
+        self.journal_len += self.backlog.len() as u64;
+        self.last_seq = self.next_seq;
+        self.journal_records += self.backlog_records;
+        self.backlog.clear();
+        self.backlog_records = 0;
+        // Do not keep a large buffer after a large backlog.
+        self.backlog.shrink_to(64 * 1024);
         Ok(())
     }
 
-    fn blocked(&self) -> bool {
-        self.cut_to.is_some()
+    fn backlog(&self) -> usize {
+        self.backlog_records as usize
     }
 
     fn wants_compaction(&self) -> bool {
@@ -562,6 +632,14 @@ impl Store for FileStore {
     }
 
     fn compact(&mut self, state: &[Record]) -> Result<(), StoreError> {
+        if !self.backlog.is_empty() {
+            // The state holds the backlog's changes, but the journal after the snapshot would
+            // later replay them on top of newer ones.
+            return Err(StoreError::io(
+                &self.journal_path(),
+                "not compacting while a failed write is waiting to be retried",
+            ));
+        }
         let tmp = self.dir.join("snapshot.tmp");
         let path = self.dir.join(SNAPSHOT_FILE);
         let mut buf = Vec::with_capacity(64 + state.len() * 128);
@@ -723,12 +801,18 @@ mod tests {
         let mut s = FileStore::new(dir.path(), 100);
         s.load().unwrap();
         s.commit(&[party(1)]).unwrap();
-        // The disk fills up halfway through the next batch.
+        // The disk fills up halfway through the next batch: it becomes the backlog.
         s.faults.partial_write = Some(30);
         assert!(s.commit(&[party(2), party(3)]).is_err());
-        assert!(!s.blocked());
-        // The flusher retries the batch with what came after it; both must survive a restart.
-        s.commit(&[party(2), party(3), party(4)]).unwrap();
+        assert_eq!(s.backlog(), 2);
+        // A batch committed meanwhile queues behind it; the retry writes both.
+        s.faults.full = true;
+        let err = s.commit(&[party(4)]).unwrap_err();
+        assert!(err.disk_full && err.cause() == "disk full", "{err}");
+        assert_eq!(s.backlog(), 3);
+        s.faults.full = false;
+        s.retry().unwrap();
+        assert_eq!(s.backlog(), 0);
         s.commit(&[party(5)]).unwrap();
         let mut r = FileStore::new(dir.path(), 100);
         assert_eq!(
@@ -738,7 +822,39 @@ mod tests {
     }
 
     #[test]
-    fn a_journal_that_cannot_be_cut_blocks_commits_until_it_can() {
+    fn a_full_disk_keeps_the_batch_encoded_once_and_writes_it_when_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut s = FileStore::new(dir.path(), 1);
+        s.load().unwrap();
+        s.commit(&[party(1)]).unwrap();
+        let len = fs::metadata(&path).unwrap().len();
+        s.faults.full = true;
+        let batch: Vec<Record> = (2..=200).map(party).collect();
+        assert!(s.commit(&batch).unwrap_err().disk_full);
+        let encoded = s.backlog.clone();
+        for _ in 0..5 {
+            assert!(s.retry().unwrap_err().disk_full);
+        }
+        // The same bytes wait, nothing was appended, nothing is compacted behind their back.
+        assert_eq!(s.backlog, encoded);
+        assert_eq!(s.backlog(), batch.len());
+        assert_eq!(fs::metadata(&path).unwrap().len(), len);
+        assert!(s.wants_compaction());
+        assert!(s.compact(&[party(1)]).is_err());
+        // Space is back.
+        s.faults.full = false;
+        s.retry().unwrap();
+        assert_eq!(s.backlog(), 0);
+        let mut want = vec![party(1)];
+        want.extend(batch.iter().cloned());
+        assert_eq!(FileStore::new(dir.path(), 1).load().unwrap(), want);
+        s.compact(&want).unwrap();
+        assert_eq!(FileStore::new(dir.path(), 1).load().unwrap(), want);
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_cut_is_not_written_until_it_can() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = FileStore::new(dir.path(), 100);
         s.load().unwrap();
@@ -746,19 +862,21 @@ mod tests {
         s.faults.partial_write = Some(30);
         s.faults.fail_cut = true;
         assert!(s.commit(&[party(2)]).is_err());
-        assert!(s.blocked());
         // Nothing is appended behind the torn tail while it cannot be cut.
         let len = fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len();
-        let err = s.commit(&[party(2), party(3)]).unwrap_err().to_string();
+        let err = s.commit(&[party(3)]).unwrap_err().to_string();
+        assert!(err.contains("cannot be cut"), "{err}");
+        let err = s.retry().unwrap_err().to_string();
         assert!(err.contains("cannot be cut"), "{err}");
         assert_eq!(
             fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len(),
             len
         );
+        assert_eq!(s.backlog(), 2);
         // Once it can, it cuts and carries on.
         s.faults.fail_cut = false;
-        s.commit(&[party(2), party(3)]).unwrap();
-        assert!(!s.blocked());
+        s.retry().unwrap();
+        assert_eq!(s.backlog(), 0);
         let mut r = FileStore::new(dir.path(), 100);
         assert_eq!(r.load().unwrap(), vec![party(1), party(2), party(3)]);
     }

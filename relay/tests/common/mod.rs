@@ -64,6 +64,8 @@ pub struct RelayProc {
     /// Where its stderr goes.
     pub log: PathBuf,
     env: Vec<(String, String)>,
+    /// A command the relay is run through (it must exec the relay, so the child is the relay).
+    wrap: Vec<String>,
 }
 
 impl RelayProc {
@@ -78,12 +80,33 @@ impl RelayProc {
         Self::start_at(dir, control, udp, env)
     }
 
+    /// Starts a relay on free loopback ports, run through `wrap` (e.g. `nsenter ... --`), which
+    /// must exec it.
+    pub fn start_wrapped(dir: &Path, env: &[(&str, &str)], wrap: &[String]) -> RelayProc {
+        let udp = vec![SocketAddr::from((
+            [127, 0, 0, 1],
+            free_udp_port("127.0.0.1"),
+        ))];
+        let control = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        Self::start_full(dir, control, udp, env, wrap)
+    }
+
     /// Starts a relay with these addresses.
     pub fn start_at(
         dir: &Path,
         control: SocketAddr,
         udp: Vec<SocketAddr>,
         env: &[(&str, &str)],
+    ) -> RelayProc {
+        Self::start_full(dir, control, udp, env, &[])
+    }
+
+    fn start_full(
+        dir: &Path,
+        control: SocketAddr,
+        udp: Vec<SocketAddr>,
+        env: &[(&str, &str)],
+        wrap: &[String],
     ) -> RelayProc {
         let env = env
             .iter()
@@ -101,6 +124,7 @@ impl RelayProc {
             state_dir: dir.join("state"),
             log: dir.join("relay.log"),
             env,
+            wrap: wrap.to_vec(),
         };
         r.spawn();
         r
@@ -122,7 +146,14 @@ impl RelayProc {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = Command::new(relay_bin());
+        let mut cmd = match self.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(relay_bin());
+                c
+            }
+            None => Command::new(relay_bin()),
+        };
         cmd.arg("--config")
             .arg(&cfg_path)
             .stdout(Stdio::null())
