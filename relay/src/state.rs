@@ -269,8 +269,6 @@ pub struct Relay {
     pub stun_limits: Mutex<StunLimiter>,
     /// One wake-up per member with a long poll waiting, so a signal wakes only its recipient.
     waiters: Mutex<HashMap<(PartyId, PeerId), Arc<Notify>>>,
-    /// When this process started (µs since the epoch): restored sessions refuse older binds.
-    start_unix_us: u64,
     /// The access key's generation, when there is one (tokens of other generations cannot be
     /// refreshed).
     generation: Option<Generation>,
@@ -337,7 +335,6 @@ impl Relay {
             table: Mutex::new(table),
             metrics: Metrics::default(),
             waiters: Mutex::new(HashMap::new()),
-            start_unix_us: unix_now().1,
             generation: access_generation(cfg.control.access_key.as_deref()),
             cfg,
         }
@@ -435,11 +432,9 @@ impl Relay {
                 (PeerId::from_key(&a), ka.bind_key(id)),
                 (PeerId::from_key(&b), kb.bind_key(id)),
             ];
-            // Binds made before this start are worthless: a captured one cannot be replayed.
-            if table
-                .insert(id, party, members, self.start_unix_us, now)
-                .is_err()
-            {
+            // Restored unbound: binds captured before this start are worthless (each side's first
+            // bind needs a cookie from this process).
+            if table.insert(id, party, members, now).is_err() {
                 core.journal(|core, j| core.registry.forget_session(&party, id, j));
             }
         }
@@ -841,7 +836,7 @@ impl Relay {
                 (PeerId::from_key(&a), ka.bind_key(id)),
                 (PeerId::from_key(&b), kb.bind_key(id)),
             ];
-            if let Err(e) = self.table.lock().insert(id, party, members, 0, now) {
+            if let Err(e) = self.table.lock().insert(id, party, members, now) {
                 core.journal(|core, j| core.registry.forget_session(&party, id, j));
                 core.sessions_gone(&[id]);
                 return Err(ApiError::new(409, e.to_string()));
@@ -1572,7 +1567,7 @@ mod tests {
     }
 
     #[test]
-    fn restored_sessions_refuse_binds_from_before_the_restart() {
+    fn restored_sessions_take_no_bind_captured_before_the_restart() {
         let r = relay(None);
         let (a, b) = (peer(), peer());
         let (ca, cb) = (caller(&r, &a), caller(&r, &b));
@@ -1582,51 +1577,60 @@ mod tests {
         let key = SharedKey::for_peer(&a.secret, &r.identity.public)
             .unwrap()
             .bind_key(s);
-        // A bind made (and captured) before the restart...
-        let before = unix_now().1;
-        let mut buf = [0u8; 80];
-        let bind = Bind {
-            session: s,
-            peer: ca.peer,
-            counter: before,
+        let from = "198.51.100.1:4000".parse().unwrap();
+        let encode = |counter: u64, cookie: Option<&[u8; 16]>| {
+            let mut buf = [0u8; 80];
+            let bind = Bind {
+                session: s,
+                peer: ca.peer,
+                counter,
+            };
+            let n = encode_bind(&bind, cookie, &key, &mut buf).unwrap();
+            buf[..n].to_vec()
         };
-        let n = encode_bind(&bind, None, &key, &mut buf).unwrap();
-        std::thread::sleep(Duration::from_millis(5));
+        let mut out = [0u8; 64];
+        // Bind through the challenge, as a client does; someone captures the accepted bind.
+        let handle = |r: &Relay, f: &[u8], out: &mut [u8; 64]| {
+            r.table.lock().handle(Instant::now(), 0, from, f, out)
+        };
+        let challenge = |v: crate::sessions::Verdict, out: &[u8; 64]| {
+            let crate::sessions::Verdict::Drop {
+                hint: Some(len), ..
+            } = v
+            else {
+                panic!("{v:?}")
+            };
+            match lanrage_proto::frame::decode(&out[..len]) {
+                Ok(Frame::Challenge(c)) => c.cookie,
+                other => panic!("{other:?}"),
+            }
+        };
+        let cookie = challenge(handle(&r, &encode(1, None), &mut out), &out);
+        let captured = encode(2, Some(&cookie));
+        assert!(matches!(
+            handle(&r, &captured, &mut out),
+            crate::sessions::Verdict::Reply { .. }
+        ));
         let records = std::mem::take(&mut r.core.lock().pending);
         let r2 = Relay::new(r.cfg.clone(), r.identity.clone());
         r2.load(&records);
-        let from = "198.51.100.1:4000".parse().unwrap();
-        let mut out = [0u8; 64];
-        let v = r2
-            .table
-            .lock()
-            .handle(Instant::now(), unix_now().1, 0, from, &buf[..n], &mut out);
-        assert_eq!(
+        // After the restart the captured bind, even from the address it was made at, only gets
+        // a challenge...
+        let v = handle(&r2, &captured, &mut out);
+        assert!(matches!(
             v,
             crate::sessions::Verdict::Drop {
-                reason: crate::sessions::DropReason::Replay,
-                hint: None
+                reason: crate::sessions::DropReason::BadCookie,
+                hint: Some(_)
             }
-        );
-        // ...while a fresh one gets the usual challenge.
-        let bind = Bind {
-            counter: unix_now().1,
-            ..bind
-        };
-        let n = encode_bind(&bind, None, &key, &mut buf).unwrap();
-        let v = r2
-            .table
-            .lock()
-            .handle(Instant::now(), unix_now().1, 0, from, &buf[..n], &mut out);
-        let crate::sessions::Verdict::Drop {
-            hint: Some(len), ..
-        } = v
-        else {
-            panic!("{v:?}")
-        };
+        ));
+        let cookie = challenge(v, &out);
+        assert_eq!(r2.table.lock().active(), 0);
+        assert_eq!(r2.table.lock().stats.binds, 0);
+        // ...which the peer itself answers, counting from wherever it likes.
         assert!(matches!(
-            lanrage_proto::frame::decode(&out[..len]),
-            Ok(Frame::Challenge(_))
+            handle(&r2, &encode(1, Some(&cookie)), &mut out),
+            crate::sessions::Verdict::Reply { .. }
         ));
     }
 

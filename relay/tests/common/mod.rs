@@ -405,7 +405,8 @@ impl Peer {
     }
 }
 
-/// Microseconds since the epoch (bind counters).
+/// Microseconds since the epoch (what bind counters had to be once; tests use it to show they
+/// no longer need to be).
 pub fn unix_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -419,7 +420,8 @@ pub struct UdpPeer {
     pub sock: UdpSocket,
     /// Relay address it talks to.
     pub relay: SocketAddr,
-    counter: u64,
+    /// The last bind counter sent (a sequence number; the next bind sends one more).
+    pub counter: u64,
     /// The relay's latest cookie for this socket's address.
     cookie: Option<Cookie>,
 }
@@ -448,20 +450,21 @@ impl UdpPeer {
         UdpPeer {
             sock,
             relay,
-            counter: unix_micros(),
+            counter: 0,
             cookie: None,
         }
     }
 
-    /// Sends one bind for `peer` in `session` (signed with `key`), echoing `cookie`.
+    /// Sends one bind for `peer` in `session` (signed with `key`), echoing `cookie`; returns the
+    /// datagram (what someone watching the wire could capture).
     pub fn send_bind(
         &mut self,
         session: SessionId,
         peer: PeerId,
         key: &BindKey,
         cookie: Option<&Cookie>,
-    ) {
-        self.counter = self.counter.max(unix_micros()) + 1;
+    ) -> Vec<u8> {
+        self.counter = self.counter.wrapping_add(1);
         let mut buf = [0u8; 128];
         let n = frame::encode_bind(
             &Bind {
@@ -475,6 +478,7 @@ impl UdpPeer {
         )
         .unwrap();
         self.sock.send_to(&buf[..n], self.relay).unwrap();
+        buf[..n].to_vec()
     }
 
     /// What a client does to bind: send a bind (with the latest cookie, if any); answer a
@@ -503,6 +507,11 @@ impl UdpPeer {
             }
         }
         None
+    }
+
+    /// The latest cookie the relay sent this socket.
+    pub fn cookie(&self) -> Option<Cookie> {
+        self.cookie
     }
 
     /// Sends a data frame.
