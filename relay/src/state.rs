@@ -1567,6 +1567,46 @@ mod tests {
     }
 
     #[test]
+    fn while_changes_cannot_be_saved_heartbeats_keep_members_but_not_new_endpoints() {
+        let r = relay(None);
+        let (a, b) = (peer(), peer());
+        let (ca, cb) = (caller(&r, &a), caller(&r, &b));
+        let id = r.create_party(&ca, open("lan"), IP).unwrap().party.id;
+        r.core.lock().pending.clear();
+        r.core.lock().saving.failure = Some("disk full".into());
+        let moved: Vec<std::net::SocketAddr> = vec!["198.51.100.1:5000".parse().unwrap()];
+        // Staying alive changes nothing stored: fine.
+        r.heartbeat(&ca, id, ca.peer, None).unwrap();
+        // New endpoints would: refused, and not taken.
+        let e = r
+            .heartbeat(&ca, id, ca.peer, Some(moved.clone()))
+            .unwrap_err();
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (
+                503,
+                "the relay cannot save state: disk full; try again later"
+            )
+        );
+        assert!(r.peers(&ca, id).unwrap().peers[0].endpoints.is_empty());
+        // So are joins and leaving.
+        assert_eq!(
+            r.join(&cb, id, JoinRequest::default(), IP)
+                .unwrap_err()
+                .status,
+            503
+        );
+        assert_eq!(r.leave(&ca, id, ca.peer).unwrap_err().status, 503);
+        assert!(r.core.lock().pending.is_empty());
+        // Saving works again: all of it goes through.
+        r.core.lock().saving.failure = None;
+        r.heartbeat(&ca, id, ca.peer, Some(moved.clone())).unwrap();
+        assert_eq!(r.peers(&ca, id).unwrap().peers[0].endpoints, moved);
+        r.join(&cb, id, JoinRequest::default(), IP).unwrap();
+        assert!(!r.core.lock().pending.is_empty());
+    }
+
+    #[test]
     fn restored_sessions_take_no_bind_captured_before_the_restart() {
         let r = relay(None);
         let (a, b) = (peer(), peer());
