@@ -4,7 +4,8 @@
 //! reaches the forwarding paths). Checks: never panics; forwards only from an address whose last
 //! accepted bind made it a member's side, and only to the other member's bound address; a side
 //! only ever moves to an address the relay sent a challenge to (return routability) and never to
-//! the relay's own address or the other side's; never answers with more bytes than it got.
+//! the relay's own address or the other side's; never answers with more bytes than it got. Bind
+//! counters are per-side sequence numbers that the script can reset (a peer restarting).
 #![no_main]
 
 use std::net::SocketAddr;
@@ -15,8 +16,6 @@ use lanrage_proto::frame::{data_frame, decode, encode_bind, Bind, Cookie, Frame}
 use lanrage_proto::ids::{PartyId, PeerId, SessionId};
 use lanrage_relay::sessions::{SessionLimits, SessionTable, Verdict};
 use libfuzzer_sys::fuzz_target;
-
-const UNIX_US: u64 = 1_700_000_000_000_000;
 
 fuzz_target!(|data: &[u8]| {
     let t0 = Instant::now();
@@ -41,7 +40,6 @@ fuzz_target!(|data: &[u8]| {
         session,
         PartyId([0; 10]),
         [(peers[0], keys[0]), (peers[1], keys[1])],
-        0,
         t0,
     );
     // The last source is the relay itself (a spoofed source): nothing may ever be bound there.
@@ -54,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
     let mut bound: [Option<SocketAddr>; 2] = [None, None];
     let mut cookies: [Option<Cookie>; 4] = [None; 4];
     let mut challenged: Vec<SocketAddr> = Vec::new();
-    let mut counter = UNIX_US;
+    let mut counters = [0u64; 2];
     let mut out = [0u8; 128];
     let mut bind_buf = [0u8; 128];
     for (i, chunk) in data.split(|b| *b == 0xFF).enumerate() {
@@ -65,11 +63,16 @@ fuzz_target!(|data: &[u8]| {
         };
         let src = usize::from(a) % sources.len();
         let from = sources[src];
-        let datagram: Vec<u8> = match op % 5 {
-            0 | 3 => {
+        let datagram: Vec<u8> = match op % 6 {
+            0 | 3 | 5 => {
                 let side = usize::from(a / 4) % 2;
-                counter += 1;
-                let cookie = if op % 5 == 3 { cookies[src] } else { None };
+                if op % 6 == 5 {
+                    // The peer restarted: it counts from the start again.
+                    counters[side] = 0;
+                }
+                counters[side] += 1;
+                let counter = counters[side];
+                let cookie = if op % 6 == 3 { cookies[src] } else { None };
                 let n = encode_bind(
                     &Bind {
                         session,
@@ -86,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
             1 => data_frame(session, rest),
             _ => rest.to_vec(),
         };
-        let verdict = t.handle(now, UNIX_US, 0, from, &datagram, &mut out);
+        let verdict = t.handle(now, 0, from, &datagram, &mut out);
         match verdict {
             Verdict::Forward { to, .. } => {
                 let side = bound
@@ -98,7 +101,10 @@ fuzz_target!(|data: &[u8]| {
             Verdict::Reply { len, to, .. } => {
                 assert!(len <= out.len());
                 // A reply is the Bound answer to an accepted bind: that side now lives at `to`.
-                assert!(matches!(op % 5, 0 | 3), "replied to something that is not a bind");
+                assert!(
+                    matches!(op % 6, 0 | 3 | 5),
+                    "replied to something that is not a bind"
+                );
                 let side = usize::from(a / 4) % 2;
                 assert!(
                     bound[side] == Some(to) || challenged.contains(&to),
@@ -109,7 +115,11 @@ fuzz_target!(|data: &[u8]| {
                 bound[side] = Some(to);
             }
             Verdict::Drop { hint: Some(n), .. } => {
-                assert!(n <= datagram.len(), "answered {n} bytes to {}", datagram.len());
+                assert!(
+                    n <= datagram.len(),
+                    "answered {n} bytes to {}",
+                    datagram.len()
+                );
                 if let Ok(Frame::Challenge(c)) = decode(&out[..n]) {
                     cookies[src] = Some(c.cookie);
                     challenged.push(from);

@@ -8,7 +8,8 @@
 //! party or peer, 408 request not finished in time, 409 a limit of the party or relay is reached,
 //! 413 body too large, 429 rate limited, too many wrong passwords, or a per-address limit
 //! (tokens, challenges, parties, sessions from one IPv4 address or IPv6 /64) reached (with
-//! `Retry-After`).
+//! `Retry-After`), 503 the relay cannot save state changes now ("the relay cannot save state: disk
+//! full"; with `Retry-After`: retry later, nothing was changed).
 //!
 //! | Route | Request | Answer |
 //! |---|---|---|

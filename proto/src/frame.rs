@@ -14,20 +14,21 @@
 //! - `Bind` (peer → relay): `header | postcard(Bind) | [cookie (16)] | tag (16)`. "My side of this
 //!   session is the address this frame comes from." The tag is BLAKE2s-MAC-128 under the member's
 //!   bind key ([`crate::auth::SharedKey::bind_key`]) over everything before it, cookie included.
-//!   `counter` must be the sender's wall clock in microseconds since the Unix epoch, strictly
-//!   increasing per session: the relay accepts a bind only if the counter is above the last one it
-//!   accepted for that member and within [`BIND_WINDOW_SECS`] of its own clock, so a captured bind
-//!   cannot be replayed to steal the side. The optional cookie is the one from the relay's latest
-//!   `Challenge` to this address (see below); binds without one keep their original layout.
-//! - `Challenge` (relay → peer): `header | postcard(Challenge)`. The answer to a valid bind from
-//!   an address the side is not bound to yet. A tag proves the sender holds the member's key, not
-//!   that it can receive at the source address it claims: without this round trip a member could
-//!   bind its side to a spoofed address (a victim, an echo service, the relay itself) and have the
-//!   relay send the other member's traffic there. The cookie is a MAC, under a secret only the
-//!   relay knows, over the session, the side, the source address and a coarse time slot; the relay
-//!   keeps no state for it. It is never larger than the bind that caused it and unauthenticated:
-//!   the worst a forged one does is make the peer send one bind the relay refuses and answers
-//!   with a real challenge.
+//!   `counter` is the sender's own sequence number for the session: one more for every bind it
+//!   sends, starting wherever it likes (1 is fine). It has nothing to do with any clock. The
+//!   optional cookie is the one from the relay's latest `Challenge` to this address (see below);
+//!   binds without one keep their original layout.
+//! - `Challenge` (relay → peer): `header | postcard(Challenge)`. The answer to a valid bind that
+//!   may not bind without a cookie: from an address the side is not bound to, or a counter that is
+//!   not above the last accepted one. A tag proves the sender holds the member's key, not that it
+//!   can receive at the source address it claims: without this round trip a member could bind its
+//!   side to a spoofed address (a victim, an echo service, the relay itself) and have the relay
+//!   send the other member's traffic there. The cookie is a MAC, under a secret only this relay
+//!   process knows (random at each start), over the session, the side, the side's cookie
+//!   generation (how many cookies it has accepted), the source address and a coarse time slot of
+//!   the relay's own clock; the relay keeps no state per cookie. It is never larger than the bind
+//!   that caused it and unauthenticated: the worst a forged one does is make the peer send one
+//!   bind the relay refuses and answers with a real challenge.
 //! - `Bound` (relay → peer): `header | postcard(Bound) | tag (16)`, tagged with the same bind key:
 //!   the bind was accepted, and whether the other member is bound yet.
 //! - `Rebind` (relay → peer): `header | postcard(Rebind)`. Unauthenticated hint: the relay got a data
@@ -41,13 +42,16 @@
 //!    addresses; the other member gets the same session by asking for this peer.
 //! 2. From the socket it uses for WireGuard, send `Bind` (no cookie) to the first relay address.
 //!    The relay answers `Challenge { session, cookie }`.
-//! 3. Send a new `Bind` (a higher counter) carrying that cookie, from the same socket. The relay
+//! 3. Send a new `Bind` (the next counter) carrying that cookie, from the same socket. The relay
 //!    answers `Bound` (verify it with the same bind key). Resend steps 2–3 every second until a
-//!    `Bound` arrives. A cookie is good for [`COOKIE_VALID_SECS`] at least; a bind with a stale or
-//!    wrong cookie is answered with a fresh `Challenge`, so a peer may simply always attach the
-//!    latest cookie it got and answer every `Challenge` with a bind carrying the new one.
-//! 4. Every [`BIND_KEEPALIVE_SECS`] send a `Bind` (a cookie is not needed while the address is
-//!    still the bound one; the relay answers `Bound`). This also keeps NAT mappings open.
+//!    `Bound` arrives. A cookie is good for [`COOKIE_VALID_SECS`] at least, and until the relay
+//!    accepts a cookie for this side; a bind with a stale or wrong cookie is answered with a fresh
+//!    `Challenge`, so a peer may simply always attach the latest cookie it got and answer every
+//!    `Challenge` with a bind carrying the new one.
+//! 4. Every [`BIND_KEEPALIVE_SECS`] send a `Bind` with the next counter (a cookie is not needed
+//!    while the address is still the bound one; the relay answers `Bound`). This also keeps NAT
+//!    mappings open. A peer that restarted may count from the start again: its first bind gets a
+//!    `Challenge` (the counter is not above the last one the relay saw), and step 3 binds it.
 //! 5. Wrap each WireGuard datagram for that peer in a `Data` frame to the relay; a `Data` frame
 //!    from the relay carries the other member's datagram (the session id says which peer). Data
 //!    sent before the other member has bound is dropped (WireGuard retransmits its handshake).
@@ -56,12 +60,43 @@
 //!    for a session again.
 //!
 //! The relay refuses to bind a side to one of its own UDP addresses or to the address the other
-//! side is bound to (that would loop traffic), and after a restart refuses binds whose counter is
-//! older than its own start (captured binds from before the restart are worthless).
+//! side is bound to (that would loop traffic).
+//!
+//! # Why binds cannot be replayed, with no clock the peer must agree with
+//!
+//! The relay accepts a bind (tag valid, address allowed) in exactly two cases:
+//! 1. it echoes a valid cookie: made by this relay process, for this side, at the side's current
+//!    cookie generation, for the address the bind comes from, at most two time slots of the
+//!    relay's own clock ago. The counter does not matter; the side's generation moves on, which
+//!    retires every cookie issued for the side before. This is how a side gets bound anywhere.
+//! 2. it comes from the address the side is bound to now, with a counter above the last one
+//!    accepted for the side (a keepalive). It moves nothing.
+//!
+//! Freshness is the relay's own round trip: nothing compares the peer's clock with the relay's,
+//! so a PC whose clock is hours or years off binds like any other, and a relay whose clock steps
+//! only shortens or lengthens one cookie's life. What an attacker who captures binds can do:
+//! - Replay a bind from another address (its own, or spoofed): a cookie is only valid for the
+//!   address it was sent to, a bind without one needs the bound address, and the attacker cannot
+//!   re-tag the bind with a cookie of its own (it does not have the bind key). It gets a
+//!   challenge, never larger than the bind, sent to the address the bind claims.
+//! - Replay a cookie-carrying bind from the address it was made at, after the relay accepted it:
+//!   the generation moved on, so the cookie is dead, even if the peer has moved (NAT rebinding)
+//!   since and the replay would move it back. Before the relay saw it (the attacker delays the
+//!   original) it binds the side to the address the peer proved it receives at: the same as the
+//!   original would have.
+//! - Replay any bind from the address the side is bound to now: its counter is not above the
+//!   last one (answered with a challenge). If the peer restarted since and counts from a lower
+//!   number, an old bind with a higher counter can pass as a keepalive: it keeps the side where it
+//!   already is and the session from idling out, nothing more, and the peer's next keepalive is
+//!   re-proven with a cookie.
+//! - Replay anything after the relay restarted: the cookie secret is new and nothing is bound,
+//!   so every first bind needs a fresh round trip.
 //!
 //! Postcard bodies only ever gain new kinds, never change an existing layout; an incompatible
 //! change bumps [`VERSION`]. (The optional bind cookie sits after the postcard body, so binds
-//! without one are byte-for-byte what they were.)
+//! without one are byte-for-byte what they were.) The switch from clock counters to sequence
+//! numbers kept the layout and needs no new version: a peer that still sends its clock sends an
+//! increasing sequence, which is all the relay asks for now.
 
 use serde::{Deserialize, Serialize};
 
@@ -78,13 +113,12 @@ pub const HEADER_LEN: usize = 4;
 pub const DATA_HEADER_LEN: usize = HEADER_LEN + 8;
 /// Largest frame of any kind (the largest UDP payload over IPv4).
 pub const MAX_FRAME: usize = 65507;
-/// How far a bind's counter (microseconds since the epoch) may be from the relay's clock.
-pub const BIND_WINDOW_SECS: u64 = 120;
 /// How often a peer re-sends its bind while a session is in use.
 pub const BIND_KEEPALIVE_SECS: u64 = 15;
 /// Length of a bind cookie.
 pub const COOKIE_LEN: usize = 16;
-/// A relay's cookie stays valid at least this long after it was sent (at most twice that).
+/// A relay's cookie stays valid at least this long after it was sent (at most twice that), unless
+/// the relay accepts another cookie for the same side first.
 pub const COOKIE_VALID_SECS: u64 = 30;
 
 /// What a `Challenge` carries and a cookie-carrying `Bind` echoes.
@@ -113,7 +147,8 @@ pub struct Bind {
     pub session: SessionId,
     /// Which member is binding (must be one of the session's two members).
     pub peer: PeerId,
-    /// Sender's clock in microseconds since the Unix epoch; strictly increasing.
+    /// The sender's sequence number for this session: one more per bind sent, from any start.
+    /// Not a time.
     pub counter: u64,
 }
 
@@ -392,7 +427,7 @@ mod tests {
         let bind = Bind {
             session: SessionId(0xdead_beef),
             peer: PeerId([3; 8]),
-            counter: 1_700_000_000_000_000,
+            counter: 7,
         };
         let mut buf = [0u8; 128];
         let n = encode_bind(&bind, None, &key(1), &mut buf).unwrap();

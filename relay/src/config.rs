@@ -236,6 +236,9 @@ pub struct StoreConfig {
     pub flush_interval_ms: u64,
     /// The journal is folded into a fresh snapshot after this many records.
     pub compact_after_records: u64,
+    /// Most changes kept in memory before they are durable: over it (a slow disk), and while a
+    /// failed write waits to be retried (a full disk), requests that would change state get 503.
+    pub max_unsaved_records: usize,
 }
 
 impl Default for StoreConfig {
@@ -243,6 +246,7 @@ impl Default for StoreConfig {
         StoreConfig {
             flush_interval_ms: 100,
             compact_after_records: 10_000,
+            max_unsaved_records: 20_000,
         }
     }
 }
@@ -442,6 +446,10 @@ impl Config {
             (
                 "store.compact_after_records",
                 self.store.compact_after_records,
+            ),
+            (
+                "store.max_unsaved_records",
+                self.store.max_unsaved_records as u64,
             ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {

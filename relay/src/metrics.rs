@@ -19,8 +19,10 @@
 //! - `lanrage_relay_password_checks_total` (password stretchings: creates and joins)
 //! - `lanrage_relay_store_commits_total`, `lanrage_relay_store_records_total`,
 //!   `lanrage_relay_store_compactions_total`, `lanrage_relay_store_errors_total`,
-//!   `lanrage_relay_store_blocked` (1 while the journal cannot be written: state changes are not
-//!   being saved)
+//!   `lanrage_relay_store_blocked` (1 while a failed write waits to be retried: state changes are
+//!   not being saved, and requests that would change state are refused),
+//!   `lanrage_relay_store_unsaved_records` (changes in memory not yet durable),
+//!   `lanrage_relay_writes_refused_total` (requests answered 503 because state cannot be saved)
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::sessions::{DropReason, TableStats};
 
 /// HTTP status codes counted individually (others go to "other").
-const CODES: [u16; 10] = [200, 201, 202, 204, 400, 401, 403, 404, 409, 429];
+const CODES: [u16; 11] = [200, 201, 202, 204, 400, 401, 403, 404, 409, 429, 503];
 
 /// Atomic counters.
 #[derive(Debug, Default)]
@@ -65,8 +67,10 @@ pub struct Metrics {
     pub store_compactions: AtomicU64,
     /// Store failures.
     pub store_errors: AtomicU64,
-    /// 1 while the store refuses to commit (a failed write it could not undo), else 0.
+    /// 1 while a failed write waits to be retried (state changes are refused), else 0.
     pub store_blocked: AtomicU64,
+    /// Requests refused because state cannot be saved.
+    pub writes_refused: AtomicU64,
 }
 
 /// Gauges read from the state at render time.
@@ -84,6 +88,8 @@ pub struct Gauges {
     pub parties: usize,
     /// Memberships.
     pub members: usize,
+    /// Changes in memory not yet durable (pending and the store's backlog).
+    pub unsaved: usize,
 }
 
 impl Metrics {
@@ -271,8 +277,20 @@ impl Metrics {
         metric(
             "lanrage_relay_store_blocked",
             "gauge",
-            "1 while state changes cannot be saved (the journal has a tail it could not cut).",
+            "1 while state changes cannot be saved (a failed write waits to be retried; changes are refused).",
             &one(get(&self.store_blocked)),
+        );
+        metric(
+            "lanrage_relay_store_unsaved_records",
+            "gauge",
+            "Changes in memory not yet durable.",
+            &one(g.unsaved as u64),
+        );
+        metric(
+            "lanrage_relay_writes_refused_total",
+            "counter",
+            "Control-plane requests refused (503) because state cannot be saved.",
+            &one(get(&self.writes_refused)),
         );
         s
     }

@@ -651,6 +651,27 @@ impl Registry {
         })
     }
 
+    /// Whether a heartbeat from `peer` with `endpoints` would change its stored endpoints (a
+    /// change that has to be saved). False for an unknown party or member.
+    pub fn endpoints_differ(
+        &self,
+        party: &PartyId,
+        peer: &PeerId,
+        endpoints: &[SocketAddr],
+    ) -> bool {
+        self.parties
+            .get(party)
+            .and_then(|p| p.member(peer))
+            .is_some_and(|m| m.endpoints != endpoints)
+    }
+
+    /// `peer` is alive, with nothing else changed (a heartbeat whose change was refused).
+    pub fn touch(&mut self, party: &PartyId, peer: &PeerId, now: Instant) {
+        if let Some(m) = self.parties.get_mut(party).and_then(|p| p.member_mut(peer)) {
+            m.last_seen = now;
+        }
+    }
+
     /// `actor` tells member `to` where it can be reached.
     pub fn signal(
         &mut self,

@@ -4,7 +4,11 @@
 //!
 //! The store gets its own OS thread because `fdatasync` blocks: every `store.flush_interval_ms` it
 //! takes the pending records from the core (one short lock), commits them as one batch and, when
-//! the journal is long, writes a snapshot taken under that same lock.
+//! the journal is long, writes a snapshot taken under that same lock ([`Flusher`]). A batch whose
+//! write fails stays in the store, encoded once, and is retried with backoff (from the flush
+//! interval, doubling, up to [`MAX_RETRY_BACKOFF`]); nothing new is committed meanwhile, and the
+//! control plane refuses state changes (503) until the retry succeeds, so the relay recovers by
+//! itself when space returns and memory stays bounded while it does not.
 //!
 //! HTTP connections (control plane and metrics listener) are served with hyper directly rather
 //! than `axum::serve`, which has no limits: every connection needs a slot under
@@ -36,59 +40,155 @@ use crate::config::Config;
 use crate::identity::Identity;
 use crate::ratelimit::source_key;
 use crate::state::Relay;
-use crate::store::{FileStore, Store};
+use crate::store::{FileStore, Store, StoreError};
 
-/// Takes the pending records and makes them durable (and compacts when the store asks).
-pub fn flush_once(relay: &Relay, store: &mut dyn Store) {
-    let compact = store.wants_compaction();
-    let (batch, snapshot) = {
-        let mut core = relay.core.lock();
-        let batch = std::mem::take(&mut core.pending);
-        let snapshot = compact.then(|| Relay::snapshot(&core));
-        (batch, snapshot)
-    };
-    if !batch.is_empty() {
-        let result = store.commit(&batch);
-        let blocked = u64::from(store.blocked());
-        if relay.metrics.store_blocked.swap(blocked, Ordering::Relaxed) != blocked && blocked == 0 {
-            tracing::warn!("the journal is writable again; state changes are being saved");
-        }
-        match result {
-            Ok(()) => {
-                relay.metrics.store_commits.fetch_add(1, Ordering::Relaxed);
-                relay
-                    .metrics
-                    .store_records
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                relay.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                if blocked == 1 {
-                    tracing::error!(error = %e, records = batch.len(), "cannot commit state and cannot cut a failed write off the journal: NOT SAVING state changes until it can (they are kept in memory and retried; lanrage_relay_store_blocked = 1)");
-                } else {
-                    tracing::error!(error = %e, records = batch.len(), "cannot commit state; will retry");
-                }
-                let mut core = relay.core.lock();
-                let later = std::mem::replace(&mut core.pending, batch);
-                core.pending.extend(later);
-                return;
-            }
+/// Longest wait between two retries of a failed write (the first retry comes after one flush
+/// interval, then the wait doubles): how long the relay may take to notice that space is back.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
+/// While writes keep failing, a reminder is logged this often (the first failure at once).
+const FAILING_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Moves pending records from the core into the store, on the store thread. Time comes in
+/// (`now`) and the time of the next round goes out, so tests drive it without sleeping.
+#[derive(Debug)]
+pub struct Flusher {
+    interval: Duration,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    failing_since: Option<Instant>,
+    last_log: Option<Instant>,
+}
+
+impl Flusher {
+    /// A flusher running every `interval` while writes succeed.
+    pub fn new(interval: Duration) -> Self {
+        Flusher {
+            interval,
+            backoff: interval,
+            retry_at: None,
+            failing_since: None,
+            last_log: None,
         }
     }
-    if let Some(snapshot) = snapshot {
-        match store.compact(&snapshot) {
-            Ok(()) => {
-                relay
-                    .metrics
-                    .store_compactions
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(records = snapshot.len(), "wrote a state snapshot");
+
+    /// One round at `now`: retries a failed write when its backoff is over; otherwise (or once
+    /// that worked) commits the pending records as one batch and compacts when the store asks.
+    /// Returns when the next round is due.
+    pub fn run(&mut self, relay: &Relay, store: &mut dyn Store, now: Instant) -> Instant {
+        let waiting = store.backlog();
+        if waiting > 0 {
+            if let Some(at) = self.retry_at.filter(|at| now < *at) {
+                return at;
             }
-            Err(e) => {
-                relay.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "cannot write snapshot; the journal keeps growing");
+            match store.retry() {
+                Ok(()) => self.recovered(relay, waiting, now),
+                Err(e) => return self.failed(relay, store, &e, now),
             }
         }
+        let compact = store.wants_compaction();
+        let (batch, snapshot) = {
+            let mut core = relay.core.lock();
+            let batch = std::mem::take(&mut core.pending);
+            let snapshot = compact.then(|| Relay::snapshot(&core));
+            (batch, snapshot)
+        };
+        if !batch.is_empty() {
+            if let Err(e) = store.commit(&batch) {
+                // The store keeps the batch (its backlog): no need to hold it here too.
+                return self.failed(relay, store, &e, now);
+            }
+            relay.metrics.store_commits.fetch_add(1, Ordering::Relaxed);
+            relay
+                .metrics
+                .store_records
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        if let Some(snapshot) = snapshot {
+            match store.compact(&snapshot) {
+                Ok(()) => {
+                    relay
+                        .metrics
+                        .store_compactions
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(records = snapshot.len(), "wrote a state snapshot");
+                }
+                Err(e) => {
+                    relay.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "cannot write snapshot; the journal keeps growing");
+                }
+            }
+        }
+        now + self.interval
+    }
+
+    /// The final round when stopping: retries at once whatever the backoff says. Returns how
+    /// many changes could not be saved.
+    pub fn finish(&mut self, relay: &Relay, store: &mut dyn Store, now: Instant) -> usize {
+        self.retry_at = None;
+        self.run(relay, store, now);
+        store.backlog() + relay.core.lock().pending.len()
+    }
+
+    fn failed(
+        &mut self,
+        relay: &Relay,
+        store: &dyn Store,
+        e: &StoreError,
+        now: Instant,
+    ) -> Instant {
+        relay.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+        relay.metrics.store_blocked.store(1, Ordering::Relaxed);
+        let backlog = store.backlog();
+        {
+            let mut core = relay.core.lock();
+            core.saving.failure = Some(e.cause());
+            core.saving.backlog = backlog;
+        }
+        let first = self.failing_since.is_none();
+        self.backoff = if first {
+            self.interval
+        } else {
+            (self.backoff * 2).min(MAX_RETRY_BACKOFF.max(self.interval))
+        };
+        let since = *self.failing_since.get_or_insert(now);
+        if first {
+            self.last_log = Some(now);
+            tracing::error!(error = %e, unsaved = backlog, "cannot save state: refusing state changes (503) until the journal can be written again; retrying by itself (lanrage_relay_store_blocked = 1)");
+        } else if self
+            .last_log
+            .is_none_or(|t| now.saturating_duration_since(t) >= FAILING_LOG_EVERY)
+        {
+            self.last_log = Some(now);
+            tracing::warn!(error = %e, unsaved = backlog, failing_for_secs = now.saturating_duration_since(since).as_secs(), "still cannot save state; state changes are refused meanwhile");
+        }
+        let at = now + self.backoff;
+        self.retry_at = Some(at);
+        at
+    }
+
+    fn recovered(&mut self, relay: &Relay, records: usize, now: Instant) {
+        {
+            let mut core = relay.core.lock();
+            core.saving.failure = None;
+            core.saving.backlog = 0;
+        }
+        relay.metrics.store_blocked.store(0, Ordering::Relaxed);
+        relay.metrics.store_commits.fetch_add(1, Ordering::Relaxed);
+        relay
+            .metrics
+            .store_records
+            .fetch_add(records as u64, Ordering::Relaxed);
+        let failed_for = self
+            .failing_since
+            .map_or(0, |t| now.saturating_duration_since(t).as_secs());
+        tracing::warn!(
+            records,
+            failed_for_secs = failed_for,
+            "the journal is writable again; state changes are saved and accepted again"
+        );
+        self.failing_since = None;
+        self.retry_at = None;
+        self.backoff = self.interval;
     }
 }
 
@@ -310,15 +410,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .name("store".into())
         .spawn(move || {
             let mut store = store;
+            let mut flusher = Flusher::new(interval);
+            let mut next = Instant::now() + interval;
             loop {
-                let stopping = !matches!(
-                    store_rx.recv_timeout(interval),
+                let wait = next.saturating_duration_since(Instant::now());
+                if !matches!(
+                    store_rx.recv_timeout(wait),
                     Err(mpsc::RecvTimeoutError::Timeout)
-                );
-                flush_once(&store_relay, &mut store);
-                if stopping {
+                ) {
+                    let lost = flusher.finish(&store_relay, &mut store, Instant::now());
+                    if lost > 0 {
+                        tracing::error!(
+                            unsaved = lost,
+                            "stopping with state changes that could not be saved; they are lost"
+                        );
+                    }
                     break;
                 }
+                next = flusher.run(&store_relay, &mut store, Instant::now());
             }
         })?;
 
@@ -431,11 +540,16 @@ mod tests {
         assert_eq!(id.public, again.public);
     }
 
-    /// A store whose commits fail while `fail` is set, reporting itself blocked meanwhile.
+    /// A store whose writes fail (as a full disk does) while `fail` is set; counts what it does.
     #[derive(Default)]
     struct Flaky {
         inner: MemoryStore,
         fail: bool,
+        backlog: Vec<Record>,
+        /// Records handed to `commit` (each is encoded once, there).
+        encoded: usize,
+        /// Write attempts.
+        writes: usize,
     }
 
     impl Store for Flaky {
@@ -443,13 +557,26 @@ mod tests {
             self.inner.load()
         }
         fn commit(&mut self, batch: &[Record]) -> Result<(), StoreError> {
+            self.encoded += batch.len();
+            self.backlog.extend_from_slice(batch);
+            self.retry()
+        }
+        fn retry(&mut self) -> Result<(), StoreError> {
+            if self.backlog.is_empty() {
+                return Ok(());
+            }
+            self.writes += 1;
             if self.fail {
                 return Err(StoreError {
                     path: "journal.bin".into(),
-                    message: "injected".into(),
+                    message: "No space left on device".into(),
+                    disk_full: true,
                 });
             }
-            self.inner.commit(batch)
+            self.inner.commit(&std::mem::take(&mut self.backlog))
+        }
+        fn backlog(&self) -> usize {
+            self.backlog.len()
         }
         fn wants_compaction(&self) -> bool {
             false
@@ -457,41 +584,227 @@ mod tests {
         fn compact(&mut self, state: &[Record]) -> Result<(), StoreError> {
             self.inner.compact(state)
         }
-        fn blocked(&self) -> bool {
-            self.fail
-        }
     }
 
-    #[test]
-    fn a_blocked_store_is_reported_and_nothing_is_lost() {
+    fn relay(max_unsaved: usize) -> Relay {
         let mut cfg = Config::default();
         cfg.udp.listen = vec!["127.0.0.1:3478".parse().unwrap()];
-        let relay = Relay::new(
+        cfg.store.max_unsaved_records = max_unsaved;
+        Relay::new(
             cfg,
             Identity::from_secret(x25519_dalek::StaticSecret::random_from_rng(
                 rand::rngs::OsRng,
             )),
+        )
+    }
+
+    fn gone(n: u32) -> Record {
+        let mut id = [0u8; 10];
+        id[..4].copy_from_slice(&n.to_le_bytes());
+        Record::PartyGone { id: PartyId(id) }
+    }
+
+    #[test]
+    fn a_blocked_store_is_reported_and_nothing_is_lost() {
+        let relay = relay(1000);
+        let mut store = Flaky {
+            fail: true,
+            ..Default::default()
+        };
+        let mut f = Flusher::new(Duration::from_millis(100));
+        let t0 = Instant::now();
+        relay.core.lock().pending.push(gone(1));
+        let next = f.run(&relay, &mut store, t0);
+        assert_eq!(next, t0 + Duration::from_millis(100));
+        assert_eq!(relay.metrics.store_blocked.load(Ordering::Relaxed), 1);
+        assert_eq!(relay.metrics.store_errors.load(Ordering::Relaxed), 1);
+        let text = relay.metrics_text();
+        assert!(text.contains("lanrage_relay_store_blocked 1\n"), "{text}");
+        assert!(
+            text.contains("lanrage_relay_store_unsaved_records 1\n"),
+            "{text}"
         );
-        let gone = |n: u8| Record::PartyGone {
-            id: PartyId([n; 10]),
+        // Later changes wait in the core, behind the failed batch, in order.
+        relay.core.lock().pending.push(gone(2));
+        store.fail = false;
+        f.run(&relay, &mut store, next);
+        assert_eq!(relay.metrics.store_blocked.load(Ordering::Relaxed), 0);
+        assert_eq!(store.inner.records, vec![gone(1), gone(2)]);
+        assert!(relay.core.lock().pending.is_empty());
+        assert!(relay.core.lock().saving.failure.is_none());
+        assert!(relay
+            .metrics_text()
+            .contains("lanrage_relay_store_unsaved_records 0\n"));
+    }
+
+    #[test]
+    fn a_failing_write_is_retried_with_backoff_without_encoding_it_again() {
+        let relay = relay(1000);
+        let mut store = Flaky {
+            fail: true,
+            ..Default::default()
+        };
+        let interval = Duration::from_millis(100);
+        let mut f = Flusher::new(interval);
+        let t0 = Instant::now();
+        let batch: Vec<Record> = (0..500).map(gone).collect();
+        relay.core.lock().pending.extend(batch.iter().cloned());
+        // Ten minutes of a full disk, the flusher woken whenever it asks (and every 100 ms
+        // besides, as if the thread woke early).
+        let mut now = t0;
+        let mut next = f.run(&relay, &mut store, now);
+        let mut gaps = Vec::new();
+        let mut last_write = (store.writes, now);
+        while now < t0 + Duration::from_secs(600) {
+            now = (now + interval).min(next);
+            next = f.run(&relay, &mut store, now);
+            if store.writes != last_write.0 {
+                gaps.push(now - last_write.1);
+                last_write = (store.writes, now);
+            }
+            // The control plane refuses changes meanwhile, so nothing new piles up.
+            assert!(relay.core.lock().pending.is_empty());
+        }
+        // Encoded once; retried after 100 ms, then doubling up to 2 s: about 300 retries in ten
+        // minutes, not the 6 000 a retry every flush would be.
+        assert_eq!(store.encoded, batch.len());
+        assert!(store.writes <= 310, "{} writes", store.writes);
+        assert!(store.writes >= 290, "{} writes", store.writes);
+        assert_eq!(gaps[..3], [interval, interval * 2, interval * 4]);
+        assert!(gaps.iter().all(|g| *g <= MAX_RETRY_BACKOFF), "{gaps:?}");
+        assert_eq!(relay.metrics.store_blocked.load(Ordering::Relaxed), 1);
+        // Space is back: within one backoff it is written, and the relay takes changes again.
+        store.fail = false;
+        let back = now;
+        while relay.metrics.store_blocked.load(Ordering::Relaxed) == 1 {
+            now = next;
+            next = f.run(&relay, &mut store, now);
+        }
+        assert!(now - back <= MAX_RETRY_BACKOFF);
+        assert_eq!(store.inner.records, batch);
+        assert_eq!(next, now + interval);
+    }
+
+    #[test]
+    fn state_changes_are_refused_while_a_write_fails_and_taken_again_after() {
+        use lanrage_proto::api::{ChallengeRequest, RegisterRequest};
+        use lanrage_proto::auth::SharedKey;
+        use lanrage_proto::ids::PublicKey;
+        let relay = relay(1000);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let register = |relay: &Relay| {
+            let secret = x25519_dalek::StaticSecret::random_from_rng(rand::rngs::OsRng);
+            let key = PublicKey::from(&secret);
+            let ch = relay
+                .challenge(
+                    &ChallengeRequest {
+                        key,
+                        access_key: None,
+                    },
+                    ip,
+                )
+                .unwrap();
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let raw: [u8; 32] = b64.decode(&ch.challenge).unwrap().try_into().unwrap();
+            let proof = SharedKey::for_peer(&secret, &ch.relay_key)
+                .unwrap()
+                .register_proof(&raw, &key);
+            relay.register(
+                &RegisterRequest {
+                    key,
+                    challenge: ch.challenge,
+                    proof: b64.encode(proof),
+                    access_key: None,
+                },
+                ip,
+            )
         };
         let mut store = Flaky {
             fail: true,
             ..Default::default()
         };
-        relay.core.lock().pending.push(gone(1));
-        flush_once(&relay, &mut store);
-        assert_eq!(relay.metrics.store_blocked.load(Ordering::Relaxed), 1);
-        assert_eq!(relay.metrics.store_errors.load(Ordering::Relaxed), 1);
+        let mut f = Flusher::new(Duration::from_millis(100));
+        let t0 = Instant::now();
+        let token = register(&relay).unwrap();
+        let caller = relay.authenticate(Some(&token.token)).unwrap();
+        f.run(&relay, &mut store, t0);
+        assert_eq!(store.backlog(), 1);
+        // Every change is refused with a clear 503 while the write fails; nothing piles up.
+        let e = register(&relay).unwrap_err();
+        assert_eq!(e.status, 503);
+        assert_eq!(
+            e.message,
+            "the relay cannot save state: disk full; try again later"
+        );
+        assert!(e.retry_after.is_some());
+        for _ in 0..1000 {
+            let e = relay
+                .create_party(
+                    &caller,
+                    lanrage_proto::api::CreatePartyRequest {
+                        name: "lan".into(),
+                        ..Default::default()
+                    },
+                    ip,
+                )
+                .unwrap_err();
+            assert_eq!(e.status, 503, "{e:?}");
+            assert_eq!(relay.refresh(&caller).unwrap_err().status, 503);
+        }
+        assert!(relay.core.lock().pending.is_empty());
+        assert_eq!(relay.metrics.writes_refused.load(Ordering::Relaxed), 2001);
         assert!(relay
             .metrics_text()
-            .contains("lanrage_relay_store_blocked 1\n"));
-        // Later changes queue behind the failed batch, in order.
-        relay.core.lock().pending.push(gone(2));
+            .contains("lanrage_relay_writes_refused_total 2001\n"));
+        // Reads still work.
+        assert!(relay.authenticate(Some(&token.token)).is_ok());
+        // Space is back: the next retry writes the backlog and changes are taken again.
         store.fail = false;
-        flush_once(&relay, &mut store);
-        assert_eq!(relay.metrics.store_blocked.load(Ordering::Relaxed), 0);
-        assert_eq!(store.inner.records, vec![gone(1), gone(2)]);
-        assert!(relay.core.lock().pending.is_empty());
+        f.run(&relay, &mut store, t0 + MAX_RETRY_BACKOFF);
+        let view = relay
+            .create_party(
+                &caller,
+                lanrage_proto::api::CreatePartyRequest {
+                    name: "lan".into(),
+                    ..Default::default()
+                },
+                ip,
+            )
+            .unwrap();
+        assert_eq!(view.party.name, "lan");
+        f.run(&relay, &mut store, t0 + MAX_RETRY_BACKOFF * 2);
+        assert!(store.inner.records.len() >= 2);
+    }
+
+    #[test]
+    fn too_many_unsaved_changes_are_refused_even_without_a_failure() {
+        let relay = relay(3);
+        // A slow disk: three changes wait and no write has failed.
+        relay.core.lock().pending.extend((0..3).map(gone));
+        let secret = x25519_dalek::StaticSecret::random_from_rng(rand::rngs::OsRng);
+        let key = lanrage_proto::ids::PublicKey::from(&secret);
+        let caller = crate::state::Caller {
+            key,
+            peer: lanrage_proto::ids::PeerId::from_key(&key),
+            token: [0; 32],
+        };
+        let e = relay
+            .create_party(
+                &caller,
+                lanrage_proto::api::CreatePartyRequest {
+                    name: "lan".into(),
+                    ..Default::default()
+                },
+                "192.0.2.1".parse().unwrap(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (
+                503,
+                "the relay cannot save state fast enough; try again later"
+            )
+        );
     }
 }

@@ -3,22 +3,29 @@
 //! why). This is the hot path: no allocation, one hash lookup per frame, integer token buckets.
 //!
 //! A session joins two members of one party. Each side is bound to the address (and local socket)
-//! its last accepted `Bind` came from. A bind is accepted when
-//! - its tag verifies under that member's bind key (derived from DH with the relay key, so only
-//!   that member can make it), its counter is above the last accepted one (and, for sessions
-//!   restored after a restart, above the relay's start time) and within [`BIND_WINDOW_SECS`] of
-//!   our clock; and
-//! - it comes from the side's current bound address, or it echoes a cookie the relay sent to the
-//!   address it comes from (return routability). The tag only proves who made the bind, not where
-//!   its sender receives: without the cookie a member could bind its side to a spoofed address (a
-//!   victim, an echo service, the relay itself) and the relay would send the other member's
-//!   traffic there, or bounce it between its own sockets forever. A valid bind from a new address
-//!   without a valid cookie gets a `Challenge` (never larger than the bind) carrying
-//!   `MAC(secret, session, side, address, time slot)`; the secret is random per process, so the
-//!   table stores nothing per challenge and cookies die with a restart.
-//! - it does not name one of the relay's own UDP addresses or the other side's bound address
-//!   (both would loop traffic), nor an address nobody can receive at (port 0, unspecified,
-//!   multicast, broadcast).
+//! its last accepted `Bind` came from. A bind is accepted when its tag verifies under that
+//! member's bind key (derived from DH with the relay key, so only that member can make it), it
+//! does not come from one of the relay's own UDP addresses or the other side's bound address
+//! (both would loop traffic) nor from an address nobody can receive at (port 0, unspecified,
+//! multicast, broadcast), and either
+//! - it echoes a valid cookie: one the relay sent to the address the bind comes from, for this
+//!   side, in this process, within the last [`COOKIE_VALID_SECS`] to twice that, and since this
+//!   side last accepted a cookie (return routability and freshness); or
+//! - it comes from the side's current bound address with a counter above the last accepted one
+//!   (a keepalive).
+//!
+//! Nothing here reads a clock the peer has to agree with; `lanrage_proto::frame` explains why
+//! that is still replay-proof. The tag only proves who made the bind, not where its sender
+//! receives: without the cookie a member could bind its side to a spoofed address (a victim, an
+//! echo service, the relay itself) and the relay would send the other member's traffic there, or
+//! bounce it between its own sockets forever. A valid bind without a usable cookie (from a new
+//! address, or a keepalive whose counter is not above the last one: a peer that restarted and
+//! counts from the start again) gets a `Challenge` (never larger than the bind) carrying
+//! `MAC(secret, session, side, side's cookie generation, address, time slot)`. The secret is
+//! random per process, so the table stores nothing per challenge and cookies die with a restart;
+//! the generation is a per-side count of accepted cookies, so accepting one retires every cookie
+//! issued for that side before it (a captured cookie-carrying bind cannot be replayed after it
+//! was used).
 //!
 //! A bind from a new address that passes all this moves the side there (NAT rebinding; counted).
 //! Data from a side's bound address goes to the other side's bound address unchanged; data from
@@ -43,8 +50,7 @@ use blake2::digest::{KeyInit, Mac};
 use blake2::Blake2sMac;
 use lanrage_proto::auth::BindKey;
 use lanrage_proto::frame::{
-    self, Bind, Bound, Challenge, Cookie, Frame, Rebind, RebindReason, Tagged, BIND_WINDOW_SECS,
-    COOKIE_VALID_SECS,
+    self, Bind, Bound, Challenge, Cookie, Frame, Rebind, RebindReason, Tagged, COOKIE_VALID_SECS,
 };
 use lanrage_proto::ids::{PartyId, PeerId, SessionId};
 
@@ -73,10 +79,9 @@ pub enum DropReason {
     BadTag,
     /// Bind naming a peer that is not in the session.
     NotMember,
-    /// Bind counter not above the last accepted one (or older than a restored session's floor).
+    /// A bind without a valid cookie whose counter is not above the last accepted one (a replay,
+    /// or a peer that restarted and counts from the start again): answered with a challenge.
     Replay,
-    /// Bind counter too far from our clock.
-    Stale,
     /// A frame kind peers do not send to the relay.
     UnexpectedKind,
     /// A valid bind from an address not proven yet: answered with a challenge.
@@ -91,7 +96,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, for metrics.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Malformed,
         DropReason::UnknownSession,
         DropReason::NotBound,
@@ -101,7 +106,6 @@ impl DropReason {
         DropReason::BadTag,
         DropReason::NotMember,
         DropReason::Replay,
-        DropReason::Stale,
         DropReason::UnexpectedKind,
         DropReason::Unproven,
         DropReason::BadCookie,
@@ -120,7 +124,6 @@ impl DropReason {
             DropReason::BadTag => "bad_tag",
             DropReason::NotMember => "not_member",
             DropReason::Replay => "replay",
-            DropReason::Stale => "stale",
             DropReason::UnexpectedKind => "unexpected_kind",
             DropReason::Unproven => "unproven_address",
             DropReason::BadCookie => "bad_cookie",
@@ -218,7 +221,11 @@ struct Side {
     peer: PeerId,
     key: BindKey,
     bound: Option<(usize, SocketAddr)>,
+    /// The counter of the last accepted bind (the sender's sequence number, not a time).
     last_counter: u64,
+    /// Cookies accepted for this side: part of every cookie's MAC, so accepting one retires
+    /// the ones issued before it.
+    generation: u64,
     pkts: TokenBucket,
     bytes: TokenBucket,
 }
@@ -253,7 +260,8 @@ pub struct TableStats {
 
 /// What a bind leads to, decided while the session is borrowed.
 enum BindStep {
-    Accept(usize),
+    /// Accept for side `.0`; `.1`: it carried a valid cookie (the side's generation moves on).
+    Accept(usize, bool),
     Challenge(DropReason, usize),
     Drop(DropReason),
 }
@@ -327,15 +335,14 @@ impl SessionTable {
         }
     }
 
-    /// Adds a session between two members with their bind keys (no-op if it exists). Binds with
-    /// a counter at or below `counter_floor` are refused: a restored session passes the relay's
-    /// start time, so binds captured before a restart are worthless.
+    /// Adds a session between two members with their bind keys (no-op if it exists). Both sides
+    /// start unbound: the first bind of each needs a cookie from this process, so binds captured
+    /// before a relay restart are worthless after it.
     pub fn insert(
         &mut self,
         id: SessionId,
         party: PartyId,
         members: [(PeerId, BindKey); 2],
-        counter_floor: u64,
         now: Instant,
     ) -> Result<(), TableFull> {
         if self.sessions.contains_key(&id) {
@@ -354,7 +361,8 @@ impl SessionTable {
             peer,
             key,
             bound: None,
-            last_counter: counter_floor,
+            last_counter: 0,
+            generation: 0,
             pkts: TokenBucket::new(self.limits.pps, self.limits.pps, now),
             bytes: TokenBucket::new(self.limits.bps, self.limits.bps, now),
         };
@@ -477,9 +485,17 @@ impl SessionTable {
         }
     }
 
-    /// The cookie for `side` of `session` at `from` in time slot `slot`.
-    fn cookie(&self, session: SessionId, side: usize, from: SocketAddr, slot: u64) -> Cookie {
-        self.cookie_mac(session, side, from, slot)
+    /// The cookie for `side` of `session` in its cookie generation `generation`, at `from`, in
+    /// time slot `slot`.
+    fn cookie(
+        &self,
+        session: SessionId,
+        side: usize,
+        generation: u64,
+        from: SocketAddr,
+        slot: u64,
+    ) -> Cookie {
+        self.cookie_mac(session, side, generation, from, slot)
             .finalize()
             .into_bytes()
             .into()
@@ -489,6 +505,7 @@ impl SessionTable {
         &self,
         session: SessionId,
         side: usize,
+        generation: u64,
         from: SocketAddr,
         slot: u64,
     ) -> Blake2sMac<U16> {
@@ -503,6 +520,7 @@ impl SessionTable {
         Mac::update(&mut mac, b"lanrage relay bind cookie");
         Mac::update(&mut mac, &session.0.to_be_bytes());
         Mac::update(&mut mac, &[side as u8]);
+        Mac::update(&mut mac, &generation.to_be_bytes());
         Mac::update(&mut mac, &ip.octets());
         Mac::update(&mut mac, &from.port().to_be_bytes());
         Mac::update(&mut mac, &slot.to_be_bytes());
@@ -513,19 +531,21 @@ impl SessionTable {
         now.saturating_duration_since(self.epoch).as_secs() / COOKIE_VALID_SECS
     }
 
-    /// Whether `cookie` was made for this side and address in this time slot or the one before
-    /// (so it lives between [`COOKIE_VALID_SECS`] and twice that). Constant time.
+    /// Whether `cookie` was made for this side in this generation and for this address, in this
+    /// time slot or the one before (so it lives between [`COOKIE_VALID_SECS`] and twice that).
+    /// Constant time.
     fn cookie_ok(
         &self,
         cookie: &Cookie,
         session: SessionId,
         side: usize,
+        generation: u64,
         from: SocketAddr,
         now: Instant,
     ) -> bool {
         let slot = self.slot(now);
         let ok = |s: u64| {
-            self.cookie_mac(session, side, from, s)
+            self.cookie_mac(session, side, generation, from, s)
                 .verify_slice(cookie)
                 .is_ok()
         };
@@ -551,6 +571,7 @@ impl SessionTable {
         reason: DropReason,
         session: SessionId,
         side: usize,
+        generation: u64,
         from: SocketAddr,
         room: usize,
         now: Instant,
@@ -559,7 +580,7 @@ impl SessionTable {
         self.stats.drops[reason.index()] += 1;
         let c = Challenge {
             session,
-            cookie: self.cookie(session, side, from, self.slot(now)),
+            cookie: self.cookie(session, side, generation, from, self.slot(now)),
         };
         match frame::encode_challenge(&c, out) {
             // Never larger than the bind that caused it.
@@ -574,12 +595,11 @@ impl SessionTable {
         }
     }
 
-    /// Handles one relay frame that arrived on socket `via` from `from`. `unix_micros` is the
-    /// wall clock (for bind counters). Replies are written to `out` (64 bytes suffice).
+    /// Handles one relay frame that arrived on socket `via` from `from`. Replies are written to
+    /// `out` (64 bytes suffice).
     pub fn handle(
         &mut self,
         now: Instant,
-        unix_micros: u64,
         via: usize,
         from: SocketAddr,
         datagram: &[u8],
@@ -590,18 +610,16 @@ impl SessionTable {
         };
         match f {
             Frame::Data { session, .. } => self.data(now, from, session, datagram, out),
-            Frame::Bind(t) => self.bind(now, unix_micros, via, from, &t, datagram.len(), out),
+            Frame::Bind(t) => self.bind(now, via, from, &t, datagram.len(), out),
             Frame::Bound(_) | Frame::Rebind(_) | Frame::Challenge(_) => {
                 self.drop(DropReason::UnexpectedKind)
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn bind(
         &mut self,
         now: Instant,
-        unix_micros: u64,
         via: usize,
         from: SocketAddr,
         t: &Tagged<'_, Bind>,
@@ -621,29 +639,30 @@ impl SessionTable {
                         .is_some_and(|(_, a)| canonical(a) == canonical(from));
                     if !t.verify(&side.key) {
                         BindStep::Drop(DropReason::BadTag)
-                    } else if bind.counter <= side.last_counter {
-                        BindStep::Drop(DropReason::Replay)
-                    } else if (bind.counter / 1_000_000).abs_diff(unix_micros / 1_000_000)
-                        > BIND_WINDOW_SECS
-                    {
-                        BindStep::Drop(DropReason::Stale)
-                    } else if proven {
-                        BindStep::Accept(i)
                     } else if forbidden || others {
                         BindStep::Drop(DropReason::ForbiddenAddress)
                     } else {
-                        match t.cookie() {
-                            Some(c) if self.cookie_ok(c, bind.session, i, from, now) => {
-                                BindStep::Accept(i)
-                            }
-                            Some(_) => BindStep::Challenge(DropReason::BadCookie, i),
-                            None => BindStep::Challenge(DropReason::Unproven, i),
+                        let fresh = t.cookie().is_some_and(|c| {
+                            self.cookie_ok(c, bind.session, i, side.generation, from, now)
+                        });
+                        if fresh {
+                            // A round trip to this address since the side last took a cookie:
+                            // whatever the counter says (a restarted peer counts from the start).
+                            BindStep::Accept(i, true)
+                        } else if proven && bind.counter > side.last_counter {
+                            BindStep::Accept(i, false)
+                        } else if t.cookie().is_some() {
+                            BindStep::Challenge(DropReason::BadCookie, i)
+                        } else if proven {
+                            BindStep::Challenge(DropReason::Replay, i)
+                        } else {
+                            BindStep::Challenge(DropReason::Unproven, i)
                         }
                     }
                 }
             }
         });
-        let i = match step {
+        let (i, fresh) = match step {
             None => {
                 return self.drop_with_hint(
                     DropReason::UnknownSession,
@@ -657,15 +676,22 @@ impl SessionTable {
             }
             Some(BindStep::Drop(reason)) => return self.drop(reason),
             Some(BindStep::Challenge(reason, i)) => {
-                return self.challenge(reason, bind.session, i, from, room, now, out)
+                let generation = self
+                    .sessions
+                    .get(&bind.session)
+                    .map_or(0, |s| s.sides[i].generation);
+                return self.challenge(reason, bind.session, i, generation, from, room, now, out);
             }
-            Some(BindStep::Accept(i)) => i,
+            Some(BindStep::Accept(i, fresh)) => (i, fresh),
         };
         let Some(s) = self.sessions.get_mut(&bind.session) else {
             return self.drop(DropReason::UnknownSession);
         };
         let side = &mut s.sides[i];
         side.last_counter = bind.counter;
+        if fresh {
+            side.generation = side.generation.wrapping_add(1);
+        }
         let moved = side.bound.is_some_and(|(_, a)| a != from);
         side.bound = Some((via, from));
         let key = side.key;
@@ -752,7 +778,8 @@ mod tests {
     use super::*;
     use lanrage_proto::frame::{data_frame, encode_bind, Bind};
 
-    const NOW_US: u64 = 1_700_000_000_000_000;
+    /// A bind counter: the sender's sequence number, which has nothing to do with any clock.
+    const NOW_US: u64 = 1;
 
     fn limits() -> SessionLimits {
         SessionLimits {
@@ -810,7 +837,7 @@ mod tests {
     ) -> (Verdict, Vec<u8>) {
         let mut out = [0u8; 64];
         let f = bind_frame(s, p, k, counter, cookie);
-        let v = t.handle(now, NOW_US, 0, addr(from), &f, &mut out);
+        let v = t.handle(now, 0, addr(from), &f, &mut out);
         let written = match v {
             Verdict::Reply { len, .. }
             | Verdict::Drop {
@@ -862,7 +889,6 @@ mod tests {
         let mut out = [0u8; 64];
         t.handle(
             now,
-            NOW_US,
             0,
             addr(from),
             &data_frame(SessionId(s), payload),
@@ -878,7 +904,6 @@ mod tests {
             SessionId(1),
             PartyId([0; 10]),
             [(peer(1), key(1)), (peer(2), key(2))],
-            0,
             now,
         )
         .unwrap();
@@ -944,7 +969,7 @@ mod tests {
     }
 
     #[test]
-    fn binds_need_the_right_key_a_fresh_counter_and_membership() {
+    fn binds_need_the_right_key_and_membership() {
         let (mut t, now) = table();
         // Peer 2's key cannot bind peer 1's side (a third party or the other member).
         assert_eq!(
@@ -965,22 +990,6 @@ mod tests {
             bind(&mut t, now, 1, 1, 1, NOW_US, A),
             Verdict::Reply { .. }
         ));
-        // Replaying the same bind from elsewhere is refused.
-        assert_eq!(
-            bind(&mut t, now, 1, 1, 1, NOW_US, C),
-            Verdict::Drop {
-                reason: DropReason::Replay,
-                hint: None
-            }
-        );
-        let far = NOW_US + (BIND_WINDOW_SECS + 5) * 1_000_000;
-        assert_eq!(
-            bind(&mut t, now, 1, 1, 1, far, C),
-            Verdict::Drop {
-                reason: DropReason::Stale,
-                hint: None
-            }
-        );
         assert!(matches!(
             bind(&mut t, now, 9, 1, 1, NOW_US + 1, A),
             Verdict::Drop {
@@ -988,9 +997,139 @@ mod tests {
                 ..
             }
         ));
-        // A keepalive from the bound address needs no cookie.
+        // A keepalive from the bound address needs no cookie, only a higher counter...
         assert!(matches!(
             bind_once(&mut t, now, 1, 1, 1, NOW_US + 2, A, None).0,
+            Verdict::Reply { .. }
+        ));
+        // ...without one it is answered with a challenge, and binds nothing.
+        let (v, answer) = bind_once(&mut t, now, 1, 1, 1, NOW_US + 2, A, None);
+        assert_eq!(
+            v,
+            Verdict::Drop {
+                reason: DropReason::Replay,
+                hint: Some(answer.len())
+            }
+        );
+        cookie_of(&answer);
+        assert_eq!(t.stats.binds, 2);
+    }
+
+    #[test]
+    fn bind_counters_are_sequence_numbers_not_clocks() {
+        // Peers whose clocks are hours or years off, or who count from 1: all bind, because
+        // freshness comes from the relay's own cookie round trip. (This relay used to want
+        // microseconds within 120 s of its own clock.)
+        let unix_us = 1_700_000_000_000_000u64;
+        let hour = 3_600_000_000u64;
+        for counter in [
+            1,
+            unix_us - 5 * hour,
+            unix_us + 3 * 365 * 24 * hour,
+            u64::MAX - 10,
+        ] {
+            let (mut t, now) = table();
+            assert!(
+                matches!(
+                    bind(&mut t, now, 1, 1, 1, counter, A),
+                    Verdict::Reply { .. }
+                ),
+                "counter {counter}"
+            );
+            // Keepalives count on from there.
+            for k in 1..=3 {
+                assert!(matches!(
+                    bind_once(&mut t, now, 1, 1, 1, counter + k, A, None).0,
+                    Verdict::Reply { .. }
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn captured_binds_cannot_be_replayed() {
+        let (mut t, now) = table();
+        bind(&mut t, now, 1, 2, 2, 1, B);
+        // A binds at A; an attacker on the path keeps copies of everything it sends.
+        let (_, answer) = bind_once(&mut t, now, 1, 1, 1, 10, A, None);
+        let cookie = cookie_of(&answer);
+        let with_cookie = bind_frame(1, 1, 1, 11, Some(&cookie));
+        let mut out = [0u8; 64];
+        assert!(matches!(
+            t.handle(now, 0, addr(A), &with_cookie, &mut out),
+            Verdict::Reply { .. }
+        ));
+        let keepalive = bind_frame(1, 1, 1, 12, None);
+        assert!(matches!(
+            t.handle(now, 0, addr(A), &keepalive, &mut out),
+            Verdict::Reply { .. }
+        ));
+        let binds = t.stats.binds;
+        let replay = |t: &mut SessionTable, f: &[u8], from: &str| {
+            let mut out = [0u8; 64];
+            match t.handle(now, 0, addr(from), f, &mut out) {
+                Verdict::Drop {
+                    reason,
+                    hint: Some(n),
+                } => {
+                    // At most a challenge, to the address the datagram claims to come from.
+                    cookie_of(&out[..n]);
+                    reason
+                }
+                other => panic!("replay from {from} got {other:?}"),
+            }
+        };
+        // Replayed from another address: the cookie was for A (and the keepalive has none).
+        assert_eq!(replay(&mut t, &with_cookie, C), DropReason::BadCookie);
+        assert_eq!(replay(&mut t, &keepalive, C), DropReason::Unproven);
+        // Replayed from A itself: the cookie was used up, the keepalive's counter is old.
+        assert_eq!(replay(&mut t, &with_cookie, A), DropReason::BadCookie);
+        assert_eq!(replay(&mut t, &keepalive, A), DropReason::Replay);
+        // A's NAT moves it to A2 (a new proof); replays from the old address, spoofed, within
+        // the cookie's lifetime, do not move it back.
+        let a2 = "198.51.100.1:41111";
+        assert!(matches!(
+            bind(&mut t, now, 1, 1, 1, 13, a2),
+            Verdict::Reply { .. }
+        ));
+        assert_eq!(replay(&mut t, &with_cookie, A), DropReason::BadCookie);
+        assert_eq!(replay(&mut t, &keepalive, A), DropReason::Unproven);
+        assert_eq!(t.stats.binds, binds + 1);
+        assert_eq!(
+            data(&mut t, now, 1, B, b"x"),
+            Verdict::Forward {
+                via: 0,
+                to: addr(a2)
+            }
+        );
+    }
+
+    #[test]
+    fn a_restarted_peer_binds_again_with_its_counter_from_the_start() {
+        let (mut t, now) = table();
+        assert!(matches!(
+            bind(&mut t, now, 1, 1, 1, 5_000, A),
+            Verdict::Reply { .. }
+        ));
+        // The peer restarts on the same address and counts from 1 again: its bind is below the
+        // last one, so it gets a challenge; echoing it proves a fresh round trip.
+        let (v, answer) = bind_once(&mut t, now, 1, 1, 1, 1, A, None);
+        assert!(matches!(
+            v,
+            Verdict::Drop {
+                reason: DropReason::Replay,
+                hint: Some(_)
+            }
+        ));
+        let (v, _) = bind_once(&mut t, now, 1, 1, 1, 2, A, Some(&cookie_of(&answer)));
+        assert!(matches!(v, Verdict::Reply { .. }), "{v:?}");
+        assert!(matches!(
+            bind_once(&mut t, now, 1, 1, 1, 3, A, None).0,
+            Verdict::Reply { .. }
+        ));
+        // The same on a new address (a restarted peer usually gets another port).
+        assert!(matches!(
+            bind(&mut t, now, 1, 1, 1, 1, "198.51.100.1:41111"),
             Verdict::Reply { .. }
         ));
     }
@@ -1030,7 +1169,7 @@ mod tests {
             assert!(matches!(frame::decode(&again), Ok(Frame::Challenge(_))));
         }
         // A cookie for side 2 at that address does not bind side 1 either.
-        assert_ne!(t.cookie(SessionId(1), 1, addr(victim), 0), c.cookie);
+        assert_ne!(t.cookie(SessionId(1), 1, 0, addr(victim), 0), c.cookie);
         // So member 2's traffic goes nowhere.
         assert_eq!(
             data(&mut t, now, 1, B, &[0; 64]),
@@ -1053,16 +1192,17 @@ mod tests {
         let slot = Duration::from_secs(COOKIE_VALID_SECS);
         // Still good a whole slot later...
         let later = now + slot + Duration::from_secs(COOKIE_VALID_SECS - 1);
-        assert!(t.cookie_ok(&cookie, SessionId(1), 0, addr(A), now + slot));
-        assert!(t.cookie_ok(&cookie, SessionId(1), 0, addr(A), later));
-        // ...not two slots later, and never for another address, port or side.
-        assert!(!t.cookie_ok(&cookie, SessionId(1), 0, addr(A), now + slot * 2));
-        assert!(!t.cookie_ok(&cookie, SessionId(1), 0, addr("198.51.100.1:40001"), now));
-        assert!(!t.cookie_ok(&cookie, SessionId(1), 1, addr(A), now));
-        assert!(!t.cookie_ok(&cookie, SessionId(2), 0, addr(A), now));
+        assert!(t.cookie_ok(&cookie, SessionId(1), 0, 0, addr(A), now + slot));
+        assert!(t.cookie_ok(&cookie, SessionId(1), 0, 0, addr(A), later));
+        // ...not two slots later, and never for another address, port, side or generation.
+        assert!(!t.cookie_ok(&cookie, SessionId(1), 0, 0, addr(A), now + slot * 2));
+        assert!(!t.cookie_ok(&cookie, SessionId(1), 0, 0, addr("198.51.100.1:40001"), now));
+        assert!(!t.cookie_ok(&cookie, SessionId(1), 1, 0, addr(A), now));
+        assert!(!t.cookie_ok(&cookie, SessionId(2), 0, 0, addr(A), now));
+        assert!(!t.cookie_ok(&cookie, SessionId(1), 0, 1, addr(A), now));
         // The same address seen through a dual-stack socket is the same address.
         let mapped = addr("[::ffff:198.51.100.1]:40000");
-        assert!(t.cookie_ok(&cookie, SessionId(1), 0, mapped, now));
+        assert!(t.cookie_ok(&cookie, SessionId(1), 0, 0, mapped, now));
         let (v, _) = bind_once(&mut t, now + slot * 2, 1, 1, 1, NOW_US, A, Some(&cookie));
         assert!(matches!(
             v,
@@ -1073,7 +1213,7 @@ mod tests {
         ));
         // Another table (a restarted relay) has another secret.
         let (other, _) = table();
-        assert!(!other.cookie_ok(&cookie, SessionId(1), 0, addr(A), now));
+        assert!(!other.cookie_ok(&cookie, SessionId(1), 0, 0, addr(A), now));
     }
 
     #[test]
@@ -1117,28 +1257,31 @@ mod tests {
     }
 
     #[test]
-    fn restored_sessions_refuse_binds_from_before_the_restart() {
-        let now = Instant::now();
-        let mut t = SessionTable::new(limits(), now);
-        let start = NOW_US + 5_000_000;
-        t.insert(
-            SessionId(1),
-            PartyId([0; 10]),
-            [(peer(1), key(1)), (peer(2), key(2))],
-            start,
-            now,
-        )
-        .unwrap();
-        // A bind made before the restart (within the clock window, so not stale) is a replay.
-        assert_eq!(
-            bind(&mut t, now, 1, 1, 1, NOW_US, A),
-            Verdict::Drop {
-                reason: DropReason::Replay,
-                hint: None
-            }
-        );
+    fn binds_captured_before_a_relay_restart_are_worthless_after_it() {
+        let (mut t, now) = table();
+        let (_, answer) = bind_once(&mut t, now, 1, 1, 1, 10, A, None);
+        let with_cookie = bind_frame(1, 1, 1, 11, Some(&cookie_of(&answer)));
+        let keepalive = bind_frame(1, 1, 1, 12, None);
+        let mut out = [0u8; 64];
         assert!(matches!(
-            bind(&mut t, now, 1, 1, 1, start + 1, A),
+            t.handle(now, 0, addr(A), &with_cookie, &mut out),
+            Verdict::Reply { .. }
+        ));
+        // The restarted relay restores the session: nothing is bound, the cookie secret is new.
+        let (mut t, now) = table();
+        for f in [&with_cookie, &keepalive] {
+            assert!(matches!(
+                t.handle(now, 0, addr(A), f, &mut out),
+                Verdict::Drop {
+                    reason: DropReason::BadCookie | DropReason::Unproven,
+                    hint: Some(_)
+                }
+            ));
+        }
+        assert_eq!(t.stats.binds, 0);
+        // The peer itself binds again through a new round trip, with any counter.
+        assert!(matches!(
+            bind(&mut t, now, 1, 1, 1, 1, A),
             Verdict::Reply { .. }
         ));
     }
@@ -1281,7 +1424,6 @@ mod tests {
                 SessionId(id),
                 PartyId([0; 10]),
                 [(peer(a), key(a)), (peer(b), key(b))],
-                0,
                 now,
             )
         };
@@ -1329,7 +1471,7 @@ mod tests {
             }
         );
         assert!(matches!(
-            t.handle(now, NOW_US, 0, addr(C), b"RL\x01\x02", &mut [0u8; 64]),
+            t.handle(now, 0, addr(C), b"RL\x01\x02", &mut [0u8; 64]),
             Verdict::Drop {
                 reason: DropReason::Malformed,
                 ..
@@ -1352,7 +1494,7 @@ mod tests {
         .unwrap();
         // An echo service or a spoofer bouncing our own answers back gets nothing.
         assert_eq!(
-            t.handle(now, NOW_US, 0, addr(A), &f[..n], &mut out),
+            t.handle(now, 0, addr(A), &f[..n], &mut out),
             Verdict::Drop {
                 reason: DropReason::UnexpectedKind,
                 hint: None
@@ -1365,10 +1507,10 @@ mod tests {
         fn handle_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
             let (mut t, now) = table();
             let mut out = [0u8; 64];
-            let _ = t.handle(now, NOW_US, 0, addr(A), &bytes, &mut out);
+            let _ = t.handle(now, 0, addr(A), &bytes, &mut out);
             let mut framed = b"RL\x01".to_vec();
             framed.extend_from_slice(&bytes);
-            let v = t.handle(now, NOW_US, 0, addr(A), &framed, &mut out);
+            let v = t.handle(now, 0, addr(A), &framed, &mut out);
             let forwarded = matches!(v, Verdict::Forward { .. });
             proptest::prop_assert!(!forwarded);
             if let Verdict::Drop { hint: Some(n), .. } = v {

@@ -13,6 +13,13 @@
 //! Per-source limits count by [`source_key`] (IPv4 address or IPv6 /64): live tokens, outstanding
 //! challenges, wrong passwords, live parties and sessions. Behind a reverse proxy every client has
 //! the proxy's address; see `relay/OPERATOR.md`.
+//!
+//! Changes wait in `Core::pending` until the store thread commits them ([`crate::server::Flusher`]).
+//! What waits is bounded: every request that would add records (register, refresh, create, join,
+//! leave, a heartbeat that changes endpoints, opening a session) is refused with 503 while a
+//! write has failed and waits to be retried ([`Saving`]; the disk is full, say) or while
+//! `store.max_unsaved_records` changes wait. Expiry (the sweep) is never refused: it only removes
+//! things, so while requests are refused it adds at most one record per thing that exists.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -189,6 +196,16 @@ impl<T: Hash + Eq + Copy> PerSource<T> {
     }
 }
 
+/// Whether changes can be saved now: set by the store thread, read by every request that would
+/// change state.
+#[derive(Debug, Default)]
+pub struct Saving {
+    /// Why the last write failed, while its batch waits to be retried.
+    pub failure: Option<String>,
+    /// Records the store holds from failed writes.
+    pub backlog: usize,
+}
+
 /// Everything behind the `core` lock.
 pub struct Core {
     /// Parties and members.
@@ -209,6 +226,8 @@ pub struct Core {
     pub session_sources: PerSource<SessionId>,
     /// Changes not yet committed to the store.
     pub pending: Vec<Record>,
+    /// Whether the store can save them.
+    pub saving: Saving,
     shared: HashMap<PublicKey, SharedKey>,
 }
 
@@ -250,8 +269,6 @@ pub struct Relay {
     pub stun_limits: Mutex<StunLimiter>,
     /// One wake-up per member with a long poll waiting, so a signal wakes only its recipient.
     waiters: Mutex<HashMap<(PartyId, PeerId), Arc<Notify>>>,
-    /// When this process started (µs since the epoch): restored sessions refuse older binds.
-    start_unix_us: u64,
     /// The access key's generation, when there is one (tokens of other generations cannot be
     /// refreshed).
     generation: Option<Generation>,
@@ -294,6 +311,7 @@ impl Relay {
             party_sources: PerSource::new(cfg.parties.max_parties_per_ip),
             session_sources: PerSource::new(cfg.relay.max_sessions_per_ip),
             pending: Vec::new(),
+            saving: Saving::default(),
             shared: HashMap::new(),
         };
         let mut table = SessionTable::new(SessionLimits::from(&cfg.relay), now);
@@ -317,10 +335,31 @@ impl Relay {
             table: Mutex::new(table),
             metrics: Metrics::default(),
             waiters: Mutex::new(HashMap::new()),
-            start_unix_us: unix_now().1,
             generation: access_generation(cfg.control.access_key.as_deref()),
             cfg,
         }
+    }
+
+    /// Refuses a request that would change state while changes cannot be saved (a failed write
+    /// waits to be retried, or too many changes wait): 503 naming the cause, and counted.
+    fn writable(&self, core: &Core) -> Result<(), ApiError> {
+        let refused = if let Some(cause) = &core.saving.failure {
+            ApiError {
+                status: 503,
+                message: format!("the relay cannot save state: {cause}; try again later"),
+                retry_after: Some(10),
+            }
+        } else if core.pending.len() + core.saving.backlog >= self.cfg.store.max_unsaved_records {
+            ApiError {
+                status: 503,
+                message: "the relay cannot save state fast enough; try again later".into(),
+                retry_after: Some(1),
+            }
+        } else {
+            return Ok(());
+        };
+        self.metrics.writes_refused.fetch_add(1, Ordering::Relaxed);
+        Err(refused)
     }
 
     fn shared_key(&self, core: &mut Core, key: &PublicKey) -> Option<SharedKey> {
@@ -393,11 +432,9 @@ impl Relay {
                 (PeerId::from_key(&a), ka.bind_key(id)),
                 (PeerId::from_key(&b), kb.bind_key(id)),
             ];
-            // Binds made before this start are worthless: a captured one cannot be replayed.
-            if table
-                .insert(id, party, members, self.start_unix_us, now)
-                .is_err()
-            {
+            // Restored unbound: binds captured before this start are worthless (each side's first
+            // bind needs a cookie from this process).
+            if table.insert(id, party, members, now).is_err() {
                 core.journal(|core, j| core.registry.forget_session(&party, id, j));
             }
         }
@@ -490,9 +527,10 @@ impl Relay {
         let proof = B64
             .decode(&req.proof)
             .map_err(|_| ApiError::new(400, "proof must be base64"))?;
-        self.core
-            .lock()
-            .challenges
+        let mut core = self.core.lock();
+        // Before the challenge is used up: the client may retry with it.
+        self.writable(&core)?;
+        core.challenges
             .take(&challenge, &req.key, Instant::now())
             .map_err(|e| match e {
                 ChallengeError::Full | ChallengeError::SourceFull => {
@@ -500,6 +538,7 @@ impl Relay {
                 }
                 _ => ApiError::new(401, e.to_string()),
             })?;
+        drop(core);
         // Diffie-Hellman outside the lock.
         let shared = SharedKey::for_relay(&self.identity.secret, &req.key)
             .ok_or_else(|| ApiError::new(400, "weak key"))?;
@@ -508,6 +547,7 @@ impl Relay {
         }
         let (unix, _) = unix_now();
         let mut core = self.core.lock();
+        self.writable(&core)?;
         let affiliated = core.registry.in_any_party(&PeerId::from_key(&req.key));
         let generation = self.generation;
         let issued = core.journal(|core, j| {
@@ -531,6 +571,7 @@ impl Relay {
     pub fn refresh(&self, caller: &Caller) -> Result<TokenResponse, ApiError> {
         let (unix, _) = unix_now();
         let mut core = self.core.lock();
+        self.writable(&core)?;
         let affiliated = core.registry.in_any_party(&caller.peer);
         let generation = self.generation;
         let (token, expires_at) = core.journal(|core, j| {
@@ -543,10 +584,6 @@ impl Relay {
             expires_at,
             expires_in_secs: expires_at - unix,
         })
-    }
-
-    fn with_journal<T>(&self, f: impl FnOnce(&mut Core, &mut Vec<Record>) -> T) -> T {
-        self.core.lock().journal(f)
     }
 
     /// Stretches a party password (milliseconds of CPU: call from a blocking thread), counted.
@@ -577,6 +614,7 @@ impl Relay {
         // must not cost milliseconds of stretching.
         {
             let core = self.core.lock();
+            self.writable(&core)?;
             core.registry.precheck_create(&caller.key, &new)?;
             if !core.party_sources.has_room(&source) {
                 return Err(ApiError::source_cap(
@@ -593,6 +631,7 @@ impl Relay {
             .map(|p| self.stretch(|| Verifier::new(&id, p)));
         let (unix, _) = unix_now();
         let mut core = self.core.lock();
+        self.writable(&core)?;
         if !core.party_sources.has_room(&source) {
             return Err(ApiError::source_cap(
                 "too many parties created from your address (parties.max_parties_per_ip)",
@@ -624,6 +663,8 @@ impl Relay {
         // sent in parallel are all counted before any is checked.
         let verifier = {
             let mut core = self.core.lock();
+            // Before anything is charged: a refused join is not a guess.
+            self.writable(&core)?;
             let now = Instant::now();
             let verifier = core.registry.precheck_join(&party, &caller.key, now)?;
             if verifier.is_some() && !core.password_sources.charge(&source, now) {
@@ -641,6 +682,7 @@ impl Relay {
         if password_ok {
             core.password_sources.refund(&source);
         }
+        self.writable(&core)?;
         core.journal(|core, j| {
             let view = core.registry.join(
                 caller.key,
@@ -661,6 +703,7 @@ impl Relay {
     /// `DELETE /parties/{id}/peers/{peer}`.
     pub fn leave(&self, caller: &Caller, party: PartyId, peer: PeerId) -> Result<(), ApiError> {
         let mut core = self.core.lock();
+        self.writable(&core)?;
         let ended = core.journal(|core, j| core.registry.leave(&caller.peer, &party, &peer, j))?;
         core.sessions_gone(&ended);
         if !core.registry.contains(&party) {
@@ -691,9 +734,22 @@ impl Relay {
         peer: PeerId,
         endpoints: Option<Vec<std::net::SocketAddr>>,
     ) -> Result<HeartbeatResponse, ApiError> {
-        self.with_journal(|core, j| {
+        let now = Instant::now();
+        let mut core = self.core.lock();
+        let changes = endpoints
+            .as_deref()
+            .is_some_and(|e| core.registry.endpoints_differ(&party, &peer, e));
+        if changes && caller.peer == peer {
+            if let Err(e) = self.writable(&core) {
+                // The member stays in the party (the relay's disk is not its fault); only the
+                // change is refused, and its signals wait for a heartbeat that gets through.
+                core.registry.touch(&party, &peer, now);
+                return Err(e);
+            }
+        }
+        core.journal(|core, j| {
             core.registry
-                .heartbeat(&caller.peer, &party, &peer, endpoints, Instant::now(), j)
+                .heartbeat(&caller.peer, &party, &peer, endpoints, now, j)
         })
         .map_err(Into::into)
     }
@@ -754,6 +810,7 @@ impl Relay {
         let source = source_key(ip);
         let now = Instant::now();
         let mut core = self.core.lock();
+        self.writable(&core)?;
         let (id, a, b, existed) = core.journal(|core, j| {
             core.registry
                 .session(&caller.peer, &party, &other, SessionId::random(), j)
@@ -779,7 +836,7 @@ impl Relay {
                 (PeerId::from_key(&a), ka.bind_key(id)),
                 (PeerId::from_key(&b), kb.bind_key(id)),
             ];
-            if let Err(e) = self.table.lock().insert(id, party, members, 0, now) {
+            if let Err(e) = self.table.lock().insert(id, party, members, now) {
                 core.journal(|core, j| core.registry.forget_session(&party, id, j));
                 core.sessions_gone(&[id]);
                 return Err(ApiError::new(409, e.to_string()));
@@ -816,6 +873,7 @@ impl Relay {
                 tokens: core.tokens.len(),
                 parties: core.registry.party_count(),
                 members: core.registry.member_count(),
+                unsaved: core.pending.len() + core.saving.backlog,
                 ..Default::default()
             }
         };
@@ -1509,7 +1567,47 @@ mod tests {
     }
 
     #[test]
-    fn restored_sessions_refuse_binds_from_before_the_restart() {
+    fn while_changes_cannot_be_saved_heartbeats_keep_members_but_not_new_endpoints() {
+        let r = relay(None);
+        let (a, b) = (peer(), peer());
+        let (ca, cb) = (caller(&r, &a), caller(&r, &b));
+        let id = r.create_party(&ca, open("lan"), IP).unwrap().party.id;
+        r.core.lock().pending.clear();
+        r.core.lock().saving.failure = Some("disk full".into());
+        let moved: Vec<std::net::SocketAddr> = vec!["198.51.100.1:5000".parse().unwrap()];
+        // Staying alive changes nothing stored: fine.
+        r.heartbeat(&ca, id, ca.peer, None).unwrap();
+        // New endpoints would: refused, and not taken.
+        let e = r
+            .heartbeat(&ca, id, ca.peer, Some(moved.clone()))
+            .unwrap_err();
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (
+                503,
+                "the relay cannot save state: disk full; try again later"
+            )
+        );
+        assert!(r.peers(&ca, id).unwrap().peers[0].endpoints.is_empty());
+        // So are joins and leaving.
+        assert_eq!(
+            r.join(&cb, id, JoinRequest::default(), IP)
+                .unwrap_err()
+                .status,
+            503
+        );
+        assert_eq!(r.leave(&ca, id, ca.peer).unwrap_err().status, 503);
+        assert!(r.core.lock().pending.is_empty());
+        // Saving works again: all of it goes through.
+        r.core.lock().saving.failure = None;
+        r.heartbeat(&ca, id, ca.peer, Some(moved.clone())).unwrap();
+        assert_eq!(r.peers(&ca, id).unwrap().peers[0].endpoints, moved);
+        r.join(&cb, id, JoinRequest::default(), IP).unwrap();
+        assert!(!r.core.lock().pending.is_empty());
+    }
+
+    #[test]
+    fn restored_sessions_take_no_bind_captured_before_the_restart() {
         let r = relay(None);
         let (a, b) = (peer(), peer());
         let (ca, cb) = (caller(&r, &a), caller(&r, &b));
@@ -1519,51 +1617,60 @@ mod tests {
         let key = SharedKey::for_peer(&a.secret, &r.identity.public)
             .unwrap()
             .bind_key(s);
-        // A bind made (and captured) before the restart...
-        let before = unix_now().1;
-        let mut buf = [0u8; 80];
-        let bind = Bind {
-            session: s,
-            peer: ca.peer,
-            counter: before,
+        let from = "198.51.100.1:4000".parse().unwrap();
+        let encode = |counter: u64, cookie: Option<&[u8; 16]>| {
+            let mut buf = [0u8; 80];
+            let bind = Bind {
+                session: s,
+                peer: ca.peer,
+                counter,
+            };
+            let n = encode_bind(&bind, cookie, &key, &mut buf).unwrap();
+            buf[..n].to_vec()
         };
-        let n = encode_bind(&bind, None, &key, &mut buf).unwrap();
-        std::thread::sleep(Duration::from_millis(5));
+        let mut out = [0u8; 64];
+        // Bind through the challenge, as a client does; someone captures the accepted bind.
+        let handle = |r: &Relay, f: &[u8], out: &mut [u8; 64]| {
+            r.table.lock().handle(Instant::now(), 0, from, f, out)
+        };
+        let challenge = |v: crate::sessions::Verdict, out: &[u8; 64]| {
+            let crate::sessions::Verdict::Drop {
+                hint: Some(len), ..
+            } = v
+            else {
+                panic!("{v:?}")
+            };
+            match lanrage_proto::frame::decode(&out[..len]) {
+                Ok(Frame::Challenge(c)) => c.cookie,
+                other => panic!("{other:?}"),
+            }
+        };
+        let cookie = challenge(handle(&r, &encode(1, None), &mut out), &out);
+        let captured = encode(2, Some(&cookie));
+        assert!(matches!(
+            handle(&r, &captured, &mut out),
+            crate::sessions::Verdict::Reply { .. }
+        ));
         let records = std::mem::take(&mut r.core.lock().pending);
         let r2 = Relay::new(r.cfg.clone(), r.identity.clone());
         r2.load(&records);
-        let from = "198.51.100.1:4000".parse().unwrap();
-        let mut out = [0u8; 64];
-        let v = r2
-            .table
-            .lock()
-            .handle(Instant::now(), unix_now().1, 0, from, &buf[..n], &mut out);
-        assert_eq!(
+        // After the restart the captured bind, even from the address it was made at, only gets
+        // a challenge...
+        let v = handle(&r2, &captured, &mut out);
+        assert!(matches!(
             v,
             crate::sessions::Verdict::Drop {
-                reason: crate::sessions::DropReason::Replay,
-                hint: None
+                reason: crate::sessions::DropReason::BadCookie,
+                hint: Some(_)
             }
-        );
-        // ...while a fresh one gets the usual challenge.
-        let bind = Bind {
-            counter: unix_now().1,
-            ..bind
-        };
-        let n = encode_bind(&bind, None, &key, &mut buf).unwrap();
-        let v = r2
-            .table
-            .lock()
-            .handle(Instant::now(), unix_now().1, 0, from, &buf[..n], &mut out);
-        let crate::sessions::Verdict::Drop {
-            hint: Some(len), ..
-        } = v
-        else {
-            panic!("{v:?}")
-        };
+        ));
+        let cookie = challenge(v, &out);
+        assert_eq!(r2.table.lock().active(), 0);
+        assert_eq!(r2.table.lock().stats.binds, 0);
+        // ...which the peer itself answers, counting from wherever it likes.
         assert!(matches!(
-            lanrage_proto::frame::decode(&out[..len]),
-            Ok(Frame::Challenge(_))
+            handle(&r2, &encode(1, Some(&cookie)), &mut out),
+            crate::sessions::Verdict::Reply { .. }
         ));
     }
 

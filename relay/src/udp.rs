@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
 use crate::sessions::Verdict;
-use crate::state::{unix_now, Relay};
+use crate::state::Relay;
 use crate::stun::{Answer, Ignored, Layout, ANSWER_BUF};
 
 /// Binds every socket of the layout (in index order), with the configured buffer sizes.
@@ -77,16 +77,7 @@ pub async fn serve_socket(relay: Arc<Relay>, sockets: Arc<Vec<Arc<UdpSocket>>>, 
         let d = &buf[..n];
         let now = Instant::now();
         let sent = if frame::is_relay_frame(d) {
-            // Only bind frames need the wall clock.
-            let unix_us = if d.get(3) == Some(&(frame::Kind::Bind as u8)) {
-                unix_now().1
-            } else {
-                0
-            };
-            let verdict = relay
-                .table
-                .lock()
-                .handle(now, unix_us, idx, from, d, &mut out);
+            let verdict = relay.table.lock().handle(now, idx, from, d, &mut out);
             match verdict {
                 Verdict::Forward { via, to } => send(&sockets[via], d, to).await,
                 Verdict::Reply { via, to, len } => send(&sockets[via], &out[..len], to).await,

@@ -237,3 +237,83 @@ fn an_address_is_bound_only_after_it_echoed_the_cookie() {
     );
     assert_eq!(s.relay.metric("lanrage_relay_bind_challenges_total "), 2);
 }
+
+#[test]
+fn peers_whose_clocks_are_hours_or_years_off_bind() {
+    // Bind counters are the sender's own sequence numbers: a PC whose clock is five hours slow
+    // and one three years fast (or one that counts from 1) bind and relay at once. The relay
+    // used to want microseconds within 120 s of its own clock and dropped these as "stale".
+    let s = setup();
+    let relay_addr = s.relay.udp[0];
+    let (mut ua, mut ub) = (UdpPeer::new(relay_addr), UdpPeer::new(relay_addr));
+    let hour = 3_600_000_000u64;
+    ua.counter = common::unix_micros() - 5 * hour;
+    ub.counter = common::unix_micros() + 3 * 365 * 24 * hour;
+    assert_eq!(
+        ua.bind(s.session, s.a.id, &s.a.bind_key(s.session)),
+        Some(Got::Bound(false))
+    );
+    assert_eq!(
+        ub.bind(s.session, s.b.id, &s.b.bind_key(s.session)),
+        Some(Got::Bound(true))
+    );
+    ua.send(s.session, b"from the past");
+    assert_eq!(
+        ub.recv_data(Duration::from_secs(2)),
+        Some((s.session, b"from the past".to_vec()))
+    );
+    ub.send(s.session, b"from the future");
+    assert_eq!(
+        ua.recv_data(Duration::from_secs(2)),
+        Some((s.session, b"from the future".to_vec()))
+    );
+    // A peer that restarts (same socket, counting from 1 again) gets a challenge and is back
+    // after one more round trip.
+    ua.counter = 0;
+    assert_eq!(
+        ua.bind(s.session, s.a.id, &s.a.bind_key(s.session)),
+        Some(Got::Bound(true))
+    );
+    ub.send(s.session, b"still here");
+    assert_eq!(
+        ua.recv_data(Duration::from_secs(2)),
+        Some((s.session, b"still here".to_vec()))
+    );
+    assert_eq!(s.relay.metric("lanrage_relay_binds_total "), 3);
+}
+
+#[test]
+fn captured_binds_replayed_from_elsewhere_bind_nothing() {
+    let s = setup();
+    let relay_addr = s.relay.udp[0];
+    let (mut ua, mut ub) = (UdpPeer::new(relay_addr), UdpPeer::new(relay_addr));
+    let key = s.a.bind_key(s.session);
+    ua.bind(s.session, s.a.id, &key);
+    ub.bind(s.session, s.b.id, &s.b.bind_key(s.session));
+    // What someone on the path captures: a's keepalive and a bind echoing its cookie.
+    let keepalive = ua.send_bind(s.session, s.a.id, &key, None);
+    assert_eq!(ua.recv(Some(&key)), Some(Got::Bound(true)));
+    let cookie = ua.cookie().unwrap();
+    let with_cookie = ua.send_bind(s.session, s.a.id, &key, Some(&cookie));
+    assert_eq!(ua.recv(Some(&key)), Some(Got::Bound(true)));
+    // Replayed from the attacker's own address: only challenges come back (for an address the
+    // attacker cannot sign a bind for), and a's side stays where it is.
+    let attacker = UdpPeer::new(relay_addr);
+    for f in [&keepalive, &with_cookie] {
+        attacker.sock.send_to(f, relay_addr).unwrap();
+        assert!(matches!(attacker.recv(None), Some(Got::Challenge(_))));
+    }
+    ub.send(s.session, b"for a");
+    assert_eq!(
+        ua.recv_data(Duration::from_secs(2)),
+        Some((s.session, b"for a".to_vec()))
+    );
+    assert_eq!(attacker.recv_data(Duration::from_millis(300)), None);
+    // Replayed from a's own address they do nothing either (an old counter, a used cookie).
+    for f in [&keepalive, &with_cookie] {
+        ua.sock.send_to(f, relay_addr).unwrap();
+        assert!(matches!(ua.recv(Some(&key)), Some(Got::Challenge(_))));
+    }
+    assert_eq!(s.relay.metric("lanrage_relay_binds_total "), 4);
+    assert_eq!(s.relay.metric("lanrage_relay_rebinds_total "), 0);
+}

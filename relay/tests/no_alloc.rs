@@ -48,7 +48,6 @@ fn watched<T>(f: impl FnOnce() -> T) -> (T, u64) {
 fn bind_round_trip(
     t: &mut SessionTable,
     now: Instant,
-    unix_us: u64,
     from: SocketAddr,
     bind: &Bind,
     key: &BindKey,
@@ -61,7 +60,7 @@ fn bind_round_trip(
             hint: None,
         };
     };
-    let v = t.handle(now, unix_us, 0, from, &frame[..n], out);
+    let v = t.handle(now, 0, from, &frame[..n], out);
     let Verdict::Drop {
         hint: Some(len), ..
     } = v
@@ -74,7 +73,7 @@ fn bind_round_trip(
     let Ok(n) = encode_bind(bind, Some(&c.cookie), key, &mut frame) else {
         return v;
     };
-    t.handle(now, unix_us, 0, from, &frame[..n], out)
+    t.handle(now, 0, from, &frame[..n], out)
 }
 
 #[test]
@@ -95,16 +94,15 @@ fn forwarding_does_not_allocate() {
     let (ka, kb) = (BindKey([1; 32]), BindKey([2; 32]));
     let (pa, pb) = (PeerId([1; 8]), PeerId([2; 8]));
     let s = SessionId(77);
-    t.insert(s, PartyId([0; 10]), [(pa, ka), (pb, kb)], 0, now)
+    t.insert(s, PartyId([0; 10]), [(pa, ka), (pb, kb)], now)
         .unwrap();
     let a: SocketAddr = "198.51.100.1:1000".parse().unwrap();
     let b: SocketAddr = "198.51.100.2:2000".parse().unwrap();
     let c: SocketAddr = "198.51.100.3:3000".parse().unwrap();
-    let unix_us = 1_700_000_000_000_000;
     let bind = |peer| Bind {
         session: s,
         peer,
-        counter: unix_us,
+        counter: 1,
     };
     let (bind_a, bind_b) = (bind(pa), bind(pb));
     let frame = data_frame(s, &[0x42; 1200]);
@@ -113,18 +111,14 @@ fn forwarding_does_not_allocate() {
 
     let (verdicts, allocs) = watched(|| {
         let mut v = Vec::with_capacity(8);
-        v.push(bind_round_trip(
-            &mut t, now, unix_us, a, &bind_a, &ka, &mut out,
-        ));
-        v.push(bind_round_trip(
-            &mut t, now, unix_us, b, &bind_b, &kb, &mut out,
-        ));
+        v.push(bind_round_trip(&mut t, now, a, &bind_a, &ka, &mut out));
+        v.push(bind_round_trip(&mut t, now, b, &bind_b, &kb, &mut out));
         for _ in 0..10_000 {
-            v[0] = t.handle(now, 0, 0, a, &frame, &mut out);
-            v[1] = t.handle(now, 0, 0, b, &frame, &mut out);
+            v[0] = t.handle(now, 0, a, &frame, &mut out);
+            v[1] = t.handle(now, 0, b, &frame, &mut out);
         }
-        v.push(t.handle(now, 0, 0, c, &frame, &mut out));
-        v.push(t.handle(now, 0, 0, a, &unknown, &mut out));
+        v.push(t.handle(now, 0, c, &frame, &mut out));
+        v.push(t.handle(now, 0, a, &unknown, &mut out));
         v
     });
     // One allocation: the Vec above, made inside the watched closure.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{Got, Peer, RelayProc, UdpPeer};
 use lanrage_proto::api::{PartyInfo, PartyView, PeersResponse, SessionResponse};
-use lanrage_proto::frame::{encode_bind, Bind, RebindReason};
+use lanrage_proto::frame::RebindReason;
 use lanrage_proto::ids::SessionId;
 
 /// What a peer's relay client does: send, and when the relay asks for a bind, bind and resend.
@@ -89,20 +89,14 @@ fn state_survives_kill_9_and_sessions_resume() {
         Duration::from_secs(2),
     );
 
-    // A bind someone captured before the restart (fresh enough to be within the clock window).
-    let mut captured = [0u8; 128];
-    let n = encode_bind(
-        &Bind {
-            session: s.session,
-            peer: a.id,
-            counter: common::unix_micros(),
-        },
-        None,
-        &a.bind_key(s.session),
-        &mut captured,
-    )
-    .unwrap();
-    let captured = captured[..n].to_vec();
+    // Binds someone captured before the restart: a keepalive, and one echoing a cookie (both
+    // accepted now, from a's bound address).
+    let key = a.bind_key(s.session);
+    let keepalive = ua.send_bind(s.session, a.id, &key, None);
+    assert_eq!(ua.recv(Some(&key)), Some(Got::Bound(true)));
+    let cookie = ua.cookie().expect("a cookie from the first bind");
+    let with_cookie = ua.send_bind(s.session, a.id, &key, Some(&cookie));
+    assert_eq!(ua.recv(Some(&key)), Some(Got::Bound(true)));
 
     // Let one flush interval pass (20 ms in tests), then kill -9.
     std::thread::sleep(Duration::from_millis(200));
@@ -132,14 +126,30 @@ fn state_survives_kill_9_and_sessions_resume() {
     );
     assert_eq!(s2.session, s.session);
 
-    // The captured bind is worthless now: from anywhere it gets no answer at all (not even a
-    // challenge), because it is older than the relay's start.
+    // The captured binds are worthless now, from another address and even from a's own: the
+    // restarted relay has bound nothing and never sent that cookie, so they only get challenges
+    // (which go to the address they came from).
     let replayer = UdpPeer::new(relay.udp[0]);
-    replayer.sock.send_to(&captured, relay.udp[0]).unwrap();
-    assert_eq!(replayer.recv(None), None);
+    for (sock, f) in [
+        (&replayer.sock, &keepalive),
+        (&replayer.sock, &with_cookie),
+        (&ua.sock, &keepalive),
+        (&ua.sock, &with_cookie),
+    ] {
+        sock.send_to(f, relay.udp[0]).unwrap();
+    }
+    for _ in 0..2 {
+        assert!(matches!(replayer.recv(Some(&key)), Some(Got::Challenge(_))));
+        assert!(matches!(ua.recv(Some(&key)), Some(Got::Challenge(_))));
+    }
+    assert_eq!(relay.metric("lanrage_relay_binds_total "), 0);
     assert_eq!(
-        relay.metric("lanrage_relay_drops_total{reason=\"replay\"}"),
-        1
+        relay.metric("lanrage_relay_drops_total{reason=\"unproven_address\"}"),
+        2
+    );
+    assert_eq!(
+        relay.metric("lanrage_relay_drops_total{reason=\"bad_cookie\"}"),
+        2
     );
 
     // Relaying resumes by itself: both peers keep sending (as WireGuard keepalives and handshakes

@@ -64,6 +64,8 @@ pub struct RelayProc {
     /// Where its stderr goes.
     pub log: PathBuf,
     env: Vec<(String, String)>,
+    /// A command the relay is run through (it must exec the relay, so the child is the relay).
+    wrap: Vec<String>,
 }
 
 impl RelayProc {
@@ -78,12 +80,33 @@ impl RelayProc {
         Self::start_at(dir, control, udp, env)
     }
 
+    /// Starts a relay on free loopback ports, run through `wrap` (e.g. `nsenter ... --`), which
+    /// must exec it.
+    pub fn start_wrapped(dir: &Path, env: &[(&str, &str)], wrap: &[String]) -> RelayProc {
+        let udp = vec![SocketAddr::from((
+            [127, 0, 0, 1],
+            free_udp_port("127.0.0.1"),
+        ))];
+        let control = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        Self::start_full(dir, control, udp, env, wrap)
+    }
+
     /// Starts a relay with these addresses.
     pub fn start_at(
         dir: &Path,
         control: SocketAddr,
         udp: Vec<SocketAddr>,
         env: &[(&str, &str)],
+    ) -> RelayProc {
+        Self::start_full(dir, control, udp, env, &[])
+    }
+
+    fn start_full(
+        dir: &Path,
+        control: SocketAddr,
+        udp: Vec<SocketAddr>,
+        env: &[(&str, &str)],
+        wrap: &[String],
     ) -> RelayProc {
         let env = env
             .iter()
@@ -101,6 +124,7 @@ impl RelayProc {
             state_dir: dir.join("state"),
             log: dir.join("relay.log"),
             env,
+            wrap: wrap.to_vec(),
         };
         r.spawn();
         r
@@ -122,7 +146,14 @@ impl RelayProc {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = Command::new(relay_bin());
+        let mut cmd = match self.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(relay_bin());
+                c
+            }
+            None => Command::new(relay_bin()),
+        };
         cmd.arg("--config")
             .arg(&cfg_path)
             .stdout(Stdio::null())
@@ -374,7 +405,8 @@ impl Peer {
     }
 }
 
-/// Microseconds since the epoch (bind counters).
+/// Microseconds since the epoch (what bind counters had to be once; tests use it to show they
+/// no longer need to be).
 pub fn unix_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -388,7 +420,8 @@ pub struct UdpPeer {
     pub sock: UdpSocket,
     /// Relay address it talks to.
     pub relay: SocketAddr,
-    counter: u64,
+    /// The last bind counter sent (a sequence number; the next bind sends one more).
+    pub counter: u64,
     /// The relay's latest cookie for this socket's address.
     cookie: Option<Cookie>,
 }
@@ -417,20 +450,21 @@ impl UdpPeer {
         UdpPeer {
             sock,
             relay,
-            counter: unix_micros(),
+            counter: 0,
             cookie: None,
         }
     }
 
-    /// Sends one bind for `peer` in `session` (signed with `key`), echoing `cookie`.
+    /// Sends one bind for `peer` in `session` (signed with `key`), echoing `cookie`; returns the
+    /// datagram (what someone watching the wire could capture).
     pub fn send_bind(
         &mut self,
         session: SessionId,
         peer: PeerId,
         key: &BindKey,
         cookie: Option<&Cookie>,
-    ) {
-        self.counter = self.counter.max(unix_micros()) + 1;
+    ) -> Vec<u8> {
+        self.counter = self.counter.wrapping_add(1);
         let mut buf = [0u8; 128];
         let n = frame::encode_bind(
             &Bind {
@@ -444,6 +478,7 @@ impl UdpPeer {
         )
         .unwrap();
         self.sock.send_to(&buf[..n], self.relay).unwrap();
+        buf[..n].to_vec()
     }
 
     /// What a client does to bind: send a bind (with the latest cookie, if any); answer a
@@ -472,6 +507,11 @@ impl UdpPeer {
             }
         }
         None
+    }
+
+    /// The latest cookie the relay sent this socket.
+    pub fn cookie(&self) -> Option<Cookie> {
+        self.cookie
     }
 
     /// Sends a data frame.
