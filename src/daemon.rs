@@ -95,7 +95,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 cfg.api.listen
             )
         })?;
-    let api_task = tokio::spawn(api::serve(listener, cfg.api.listen, api_tx));
+    let token_file =
+        api::token_file::publish_for(&cfg.api).context("cannot write the API token for the CLI")?;
+    let api_task = tokio::spawn(api::serve(
+        listener,
+        cfg.api.listen,
+        api_tx,
+        token_file.token().clone(),
+    ));
     tracing::info!(api = %cfg.api.listen, udp_port = port, interface = %cfg.network.interface, "ready");
 
     let (persist_tx, persist_rx) = watch::channel::<Option<Option<SavedParty>>>(None);
@@ -164,6 +171,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = control.tunnel.set_address(None);
     api_task.abort();
+    drop(token_file); // removes the token file
     discovery_task.abort();
     for t in datapath {
         t.abort();
