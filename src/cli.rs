@@ -61,8 +61,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print a one-time login link for the web UI (valid for a minute, once), and open it in a
-    /// browser when run in a desktop terminal without sudo.
+    /// Print a one-time login link for the web UI.
+    ///
+    /// The link works once, within a minute, and logs that browser in. It is opened in a
+    /// browser only when the output is a terminal in a desktop session and not under sudo.
     Ui,
 }
 
