@@ -7,7 +7,7 @@
 
 mod lab;
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -148,6 +148,37 @@ fn local_user_without_the_token_reads_but_cannot_drive() {
         party_id_of(&alice.status()).as_deref(),
         Some(party.as_str())
     );
+
+    // The token file: root's, 0640, in a directory others can pass but not list.
+    let file = alice.token_file();
+    let meta = std::fs::metadata(&file).expect("token file");
+    assert_eq!(meta.mode() & 0o777, 0o640, "{}", file.display());
+    assert_eq!((meta.uid(), meta.gid()), (0, 0));
+    let dir = std::fs::metadata(file.parent().unwrap()).unwrap();
+    assert_eq!(dir.mode() & 0o777, 0o711);
+
+    // LANRAGE_API_TOKEN_FILE points the CLI at a token elsewhere (here a copy anyone may read).
+    let copy = tempfile::Builder::new()
+        .prefix("lrtoken")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(copy.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copied = copy.path().join("token");
+    std::fs::copy(&file, &copied).unwrap();
+    std::fs::set_permissions(&copied, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let env = format!("LANRAGE_API_TOKEN_FILE={}", copied.display());
+    let wrapper: Vec<&str> = ["env", env.as_str()]
+        .iter()
+        .chain(AS_NOBODY)
+        .copied()
+        .collect();
+    let out = alice.cli_as(&wrapper, &["party", "leave"]);
+    assert!(
+        out.success(),
+        "leave with LANRAGE_API_TOKEN_FILE: {}",
+        out.stderr
+    );
+    assert!(party_of(&alice.status()).is_none());
 }
 
 /// Members of `api.operator_group` use the CLI without root; others still cannot.
