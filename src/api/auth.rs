@@ -30,6 +30,8 @@ use parking_lot::Mutex;
 use rand::RngCore;
 use subtle::ConstantTimeEq;
 
+use super::LogThrottle;
+
 /// A browser session ends after this long without a state-changing request (documented in the
 /// README).
 pub const SESSION_IDLE: Duration = Duration::from_secs(12 * 3600);
@@ -44,9 +46,6 @@ pub const MAX_LOGIN_CODES: usize = 16;
 pub const COOKIE_PREFIX: &str = "lanrage_session_";
 /// Longest token accepted from a file or a header.
 const MAX_TOKEN_LEN: usize = 128;
-/// At most one warning per this interval about refused credentials (a local user controls how
-/// often they happen).
-const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What the 401 answer tells a client.
 pub const HOW_TO_AUTHENTICATE: &str = "this needs the daemon's API token: use the lanrage CLI \
@@ -148,28 +147,6 @@ impl Tables {
             .retain(|_, used| now.saturating_duration_since(*used) < SESSION_IDLE);
         self.codes
             .retain(|_, issued| now.saturating_duration_since(*issued) < LOGIN_CODE_TTL);
-    }
-}
-
-/// Keeps one warning per [`LOG_EVERY`] and counts the rest.
-#[derive(Default)]
-struct LogThrottle {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogThrottle {
-    /// `Some(suppressed since the last line)` when a line may be written now.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|t| now.saturating_duration_since(t) < LOG_EVERY)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
     }
 }
 

@@ -19,6 +19,7 @@ pub mod ui;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -218,6 +219,39 @@ struct JoinBody {
 
 type Tx = mpsc::Sender<ApiRequest>;
 
+/// At most one warning per this interval for each kind of refused request: local users and web
+/// pages control how often they happen.
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Keeps one warning per [`LOG_EVERY`] and counts the rest.
+#[derive(Default)]
+pub(crate) struct LogThrottle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogThrottle {
+    /// `Some(lines suppressed since the last one)` when a line may be written now.
+    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < LOG_EVERY)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// The origin guard's state: where we listen, and its refusals (counted, logs throttled).
+struct OriginGuard {
+    listen: SocketAddr,
+    log: parking_lot::Mutex<LogThrottle>,
+    refused: AtomicU64,
+}
+
 /// What the handlers share: the way to the control task and the credentials.
 #[derive(Clone)]
 struct AppState {
@@ -259,7 +293,14 @@ pub fn router(listen: SocketAddr, tx: Tx, auth: Arc<Auth>) -> Router {
         .route("/party/leave", post(leave))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(auth, require_credential))
-        .layer(middleware::from_fn_with_state(listen, guard))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(OriginGuard {
+                listen,
+                log: parking_lot::Mutex::default(),
+                refused: AtomicU64::new(0),
+            }),
+            guard,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(csp)
         .layer(frames)
@@ -281,34 +322,40 @@ fn allowed_hosts(listen: SocketAddr) -> Vec<String> {
     hosts
 }
 
-async fn guard(State(listen): State<SocketAddr>, req: Request, next: Next) -> Response {
-    let hosts = allowed_hosts(listen);
-    if let Some(origin) = req.headers().get(header::ORIGIN) {
-        let ok = origin
+async fn guard(State(g): State<Arc<OriginGuard>>, req: Request, next: Next) -> Response {
+    let hosts = allowed_hosts(g.listen);
+    let origin_ok = req.headers().get(header::ORIGIN).is_none_or(|origin| {
+        origin
             .to_str()
             .ok()
             .and_then(|o| o.strip_prefix("http://"))
-            .is_some_and(|o| hosts.iter().any(|h| h == o));
-        if !ok {
-            tracing::warn!(origin = ?origin, "refused an API request from a foreign origin");
-            return ApiError {
-                status: 403,
-                message: "requests from other web origins are refused".into(),
-            }
-            .into_response();
-        }
+            .is_some_and(|o| hosts.iter().any(|h| h == o))
+    });
+    let host_ok = req
+        .headers()
+        .get(header::HOST)
+        .is_none_or(|host| host.to_str().is_ok_and(|h| hosts.iter().any(|a| a == h)));
+    if origin_ok && host_ok {
+        return next.run(req).await;
     }
-    if let Some(host) = req.headers().get(header::HOST) {
-        if !host.to_str().is_ok_and(|h| hosts.iter().any(|a| a == h)) {
-            tracing::warn!(host = ?host, "refused an API request with a foreign Host header");
-            return ApiError {
-                status: 403,
-                message: "unexpected Host header".into(),
-            }
-            .into_response();
-        }
+    g.refused.fetch_add(1, Ordering::Relaxed);
+    if let Some(suppressed) = g.log.lock().allow(Instant::now()) {
+        tracing::warn!(
+            origin = ?req.headers().get(header::ORIGIN),
+            host = ?req.headers().get(header::HOST),
+            suppressed,
+            "refused an API request from a foreign web origin or with a foreign Host header"
+        );
     }
-    next.run(req).await
+    ApiError {
+        status: 403,
+        message: if origin_ok {
+            "unexpected Host header".into()
+        } else {
+            "requests from other web origins are refused".into()
+        },
+    }
+    .into_response()
 }
 
 /// Lets reads through; anything else needs the token or a session (recorded as a request
@@ -676,6 +723,17 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         assert_eq!(app.clone().oneshot(req).await.unwrap().status(), 403);
+    }
+
+    #[test]
+    fn refusal_logs_are_throttled_and_counted() {
+        let mut t = LogThrottle::default();
+        let t0 = Instant::now();
+        assert_eq!(t.allow(t0), Some(0));
+        for i in 1..=1000 {
+            assert_eq!(t.allow(t0 + std::time::Duration::from_millis(i)), None);
+        }
+        assert_eq!(t.allow(t0 + LOG_EVERY), Some(1000));
     }
 
     #[tokio::test]
