@@ -1,19 +1,37 @@
 //! The `lanrage` command line: `up` runs the daemon; every other command talks to the running
 //! daemon's local API and prints a table (or JSON with `--json`). Every failure is one line on
 //! stderr and a non-zero exit.
+//!
+//! Commands that change something (create, join, leave, ui) send the daemon's API token, read
+//! from the file the daemon wrote (see [`crate::api::token_file`]); reading status needs none.
+//! Every text that came from the daemon (names from the network above all) passes through
+//! [`sanitize`] before it reaches the terminal.
 
+use std::borrow::Cow;
+use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
+use crate::api::auth::ApiToken;
+use crate::api::token_file::{self, TokenFileError, TOKEN_FILE_ENV};
 use crate::config::Config;
 
 /// Play LAN games with friends, on one LAN or across the internet.
 #[derive(Parser, Debug)]
-#[command(name = "lanrage", version, about)]
+#[command(
+    name = "lanrage",
+    version,
+    about,
+    after_help = "Reading status works for every user. Creating, joining and leaving a party (and \
+`lanrage ui`) need the daemon's API token, which it writes at each start to /run/lanrage/: run \
+them as root, or as a member of the group set as api.operator_group in the daemon's config. \
+LANRAGE_API_TOKEN_FILE names another token file."
+)]
 pub struct Cli {
     /// Config file (for `up`; other commands read api.listen from it).
     #[arg(long, global = true, value_name = "FILE")]
@@ -43,6 +61,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a one-time login link for the web UI.
+    ///
+    /// The link works once, within a minute, and logs that browser in. It is opened in a
+    /// browser only when the output is a terminal in a desktop session and not under sudo.
+    Ui,
 }
 
 /// `lanrage party ...`
@@ -89,9 +112,29 @@ pub fn run_client(cli: &Cli) -> i32 {
     match client(cli) {
         Ok(()) => 0,
         Err(message) => {
-            eprintln!("lanrage: {message}");
+            eprintln!("lanrage: {}", sanitize(&message));
             1
         }
+    }
+}
+
+/// Makes text from the daemon safe for a terminal: control characters (C0 including ESC and
+/// BEL, DEL, C1) and bidirectional overrides and isolates (U+202A-U+202E, U+2066-U+2069, and
+/// the marks U+200E, U+200F, U+061C) become U+FFFD, so a name cannot move the cursor, retitle
+/// the window, clear the screen or reorder what is printed after it.
+pub fn sanitize(text: &str) -> Cow<'_, str> {
+    fn bad(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
+    }
+    if text.chars().any(bad) {
+        Cow::Owned(
+            text.chars()
+                .map(|c| if bad(c) { '\u{FFFD}' } else { c })
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(text)
     }
 }
 
@@ -102,6 +145,45 @@ fn api_addr(cli: &Cli) -> Result<SocketAddr, String> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let cfg = Config::load(cli.config.as_deref(), &env).map_err(|e| e.to_string())?;
     Ok(cfg.api.listen)
+}
+
+/// Where the token of the daemon at `addr` is: `LANRAGE_API_TOKEN_FILE`, else the runtime file
+/// for its port in this network namespace.
+fn token_path(addr: SocketAddr) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(TOKEN_FILE_ENV).filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    token_file::default_path(addr.port()).map_err(|e| {
+        format!("cannot tell which network namespace this is (/proc/self/ns/net): {e}")
+    })
+}
+
+/// Why a state-changing command could not get the token, in one line that says what to do.
+fn token_problem(path: &Path, err: &TokenFileError) -> String {
+    match err.io_kind() {
+        Some(io::ErrorKind::PermissionDenied) => {
+            let group = std::fs::metadata(path)
+                .ok()
+                .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+                .filter(|gid| *gid != 0)
+                .and_then(token_file::group_name);
+            match group {
+                Some(g) => format!(
+                    "permission denied reading the API token ({}): run as root or join the `{g}` group (api.operator_group; log in again after joining)",
+                    path.display()
+                ),
+                None => format!(
+                    "permission denied reading the API token ({}): run as root, or set api.operator_group in the daemon's config and join that group",
+                    path.display()
+                ),
+            }
+        }
+        Some(io::ErrorKind::NotFound) => format!(
+            "no API token at {}: is the daemon running (in this network namespace, with this API port)? Set {TOKEN_FILE_ENV} if it keeps its token elsewhere",
+            path.display()
+        ),
+        _ => format!("cannot read the API token: {err}"),
+    }
 }
 
 struct Api {
@@ -124,55 +206,144 @@ impl Api {
         }
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+    /// A read: no credential.
+    fn get(&self, path: &str) -> Result<Value, String> {
+        self.call("GET", path, None, None)
+            .map_err(CallError::into_message)
+    }
+
+    /// A change: reads the token first, and fails with one clear line if it cannot.
+    fn post(&self, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let file = token_path(self.addr)?;
+        let token = match token_file::read(&file) {
+            Ok(t) => t,
+            // Nothing there: maybe no daemon at all, which the request itself says best.
+            Err(e) if e.io_kind() == Some(io::ErrorKind::NotFound) => {
+                return self
+                    .call("POST", path, body, None)
+                    .map_err(|err| match err {
+                        CallError::Unauthorized(_) => token_problem(&file, &e),
+                        CallError::Other(msg) => msg,
+                    });
+            }
+            Err(e) => return Err(token_problem(&file, &e)),
+        };
+        self.call("POST", path, body, Some(&token))
+            .map_err(|err| match err {
+                CallError::Unauthorized(_) => format!(
+                    "the daemon refused the API token in {}: it makes a new one at each start; is that file from another daemon? ({TOKEN_FILE_ENV})",
+                    file.display()
+                ),
+                CallError::Other(msg) => msg,
+            })
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&ApiToken>,
+    ) -> Result<Value, CallError> {
         let url = format!("{}{}", self.base, path);
+        let bearer = token.map(|t| format!("Bearer {}", t.as_str()));
         let result = match (method, body) {
             ("GET", _) => self.agent.get(&url).call(),
-            (_, Some(b)) => self.agent.post(&url).send_json(&b),
-            (_, None) => self.agent.post(&url).send_empty(),
+            (_, body) => {
+                let mut req = self.agent.post(&url);
+                if let Some(b) = &bearer {
+                    req = req.header("Authorization", b);
+                }
+                match body {
+                    Some(b) => req.send_json(&b),
+                    None => req.send_empty(),
+                }
+            }
         };
-        let mut resp = result.map_err(|e| match e {
+        let mut resp = result.map_err(|e| CallError::Other(match e {
             ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => format!(
                 "the lanrage daemon is not running (nothing answers on {}); start it with `sudo lanrage up`",
                 self.addr
             ),
             ureq::Error::Timeout(_) => format!("the lanrage daemon on {} did not answer in time", self.addr),
             other => format!("cannot reach the lanrage daemon on {}: {other}", self.addr),
-        })?;
+        }))?;
         let status = resp.status();
         let text = resp
             .body_mut()
             .with_config()
             .limit(4 << 20)
             .read_to_string()
-            .map_err(|e| format!("bad answer from the daemon: {e}"))?;
+            .map_err(|e| CallError::Other(format!("bad answer from the daemon: {e}")))?;
         let value: Value = serde_json::from_str(&text)
-            .map_err(|_| format!("bad answer from the daemon (HTTP {status})"))?;
+            .map_err(|_| CallError::Other(format!("bad answer from the daemon (HTTP {status})")))?;
         if status.is_success() {
-            Ok(value)
-        } else {
-            Err(value
-                .get("error")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("HTTP {status}")))
+            return Ok(value);
+        }
+        let message = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        if status.as_u16() == 401 {
+            return Err(CallError::Unauthorized(message));
+        }
+        Err(CallError::Other(message))
+    }
+}
+
+/// A failed API call: a 401 (which [`Api::post`] words with the token file in mind) or anything
+/// else, already worded.
+enum CallError {
+    Unauthorized(String),
+    Other(String),
+}
+
+impl CallError {
+    fn into_message(self) -> String {
+        match self {
+            CallError::Unauthorized(m) | CallError::Other(m) => m,
         }
     }
 }
 
 fn client(cli: &Cli) -> Result<(), String> {
     let api = Api::new(api_addr(cli)?);
-    match &cli.command {
+    let mut out = io::stdout().lock();
+    let printed = match &cli.command {
         Command::Up => {
             return Err("`lanrage up` runs the daemon; it is not a client command".into())
         }
         Command::Status { json } => {
-            let v = api.call("GET", "/status", None)?;
+            let v = api.get("/status")?;
             if *json {
-                print_json(&v);
+                print_json(&mut out, &v)
             } else {
-                print_status(&v);
+                print_status(&mut out, &v)
             }
+        }
+        Command::Ui => {
+            let v = api.post("/login/code", None)?;
+            let url = v["url"]
+                .as_str()
+                .filter(|u| u.starts_with("http://") && !u.chars().any(char::is_whitespace))
+                .ok_or("bad answer from the daemon (no login URL)")?;
+            let printed = writeln!(out, "{}", sanitize(url));
+            drop(out);
+            eprintln!(
+                "lanrage: this link logs a browser in once, within {} s; run `lanrage ui` again for a new one",
+                v["expires_in_secs"].as_u64().unwrap_or(60)
+            );
+            if should_open_browser(
+                io::stdout().is_terminal(),
+                std::env::var_os("SUDO_USER").is_some(),
+                ["DISPLAY", "WAYLAND_DISPLAY"]
+                    .iter()
+                    .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty())),
+            ) {
+                open_browser(url);
+            }
+            return printed.map_err(|e| format!("cannot print: {e}"));
         }
         Command::Party { action } => match action {
             PartyCommand::Create {
@@ -180,20 +351,14 @@ fn client(cli: &Cli) -> Result<(), String> {
                 password,
                 json,
             } => {
-                let v = api.call(
-                    "POST",
+                let v = api.post(
                     "/party/create",
                     Some(serde_json::json!({"name": name, "password": password})),
                 )?;
                 if *json {
-                    print_json(&v);
+                    print_json(&mut out, &v)
                 } else {
-                    println!("Party created: {}", v["party_id"].as_str().unwrap_or("?"));
-                    println!(
-                        "Friends join with: lanrage party join {}",
-                        v["party_id"].as_str().unwrap_or("?")
-                    );
-                    print_party(&v["party"]);
+                    print_created(&mut out, &v)
                 }
             }
             PartyCommand::Join {
@@ -201,74 +366,112 @@ fn client(cli: &Cli) -> Result<(), String> {
                 password,
                 json,
             } => {
-                let v = api.call(
-                    "POST",
+                let v = api.post(
                     "/party/join",
                     Some(serde_json::json!({"party_id": party_id, "password": password})),
                 )?;
                 if *json {
-                    print_json(&v);
+                    print_json(&mut out, &v)
                 } else {
-                    println!("Joined party {}", v["party_id"].as_str().unwrap_or("?"));
-                    print_party(&v["party"]);
+                    print_joined(&mut out, &v)
                 }
             }
             PartyCommand::Leave { json } => {
-                let v = api.call("POST", "/party/leave", None)?;
+                let v = api.post("/party/leave", None)?;
                 if *json {
-                    print_json(&v);
+                    print_json(&mut out, &v)
                 } else {
-                    println!("Left the party.");
+                    writeln!(out, "Left the party.")
                 }
             }
             PartyCommand::List { json } => {
-                let v = api.call("GET", "/parties", None)?;
+                let v = api.get("/parties")?;
                 if *json {
-                    print_json(&v);
+                    print_json(&mut out, &v)
                 } else {
-                    print_parties(&v);
+                    print_parties(&mut out, &v)
                 }
             }
         },
+    };
+    printed.map_err(|e| format!("cannot print: {e}"))
+}
+
+/// Open a browser only where it lands in front of the person who asked: on a terminal (not when
+/// the URL is piped to a script), not under sudo (the browser would run as root), and in a
+/// graphical session (else xdg-open may start a text browser inside this terminal).
+fn should_open_browser(stdout_is_terminal: bool, under_sudo: bool, graphical: bool) -> bool {
+    stdout_is_terminal && !under_sudo && graphical
+}
+
+fn open_browser(url: &str) {
+    let spawned = std::process::Command::new("xdg-open")
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    if let Err(e) = spawned {
+        eprintln!(
+            "lanrage: could not open a browser (xdg-open: {e}); open the link above yourself"
+        );
     }
-    Ok(())
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+fn print_json(out: &mut impl Write, v: &Value) -> io::Result<()> {
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_default()
+    )
 }
 
+/// A value from the daemon as text for a table or message, sanitized.
 fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => sanitize(s).into_owned(),
+        other => sanitize(&other.to_string()).into_owned(),
     }
 }
 
-fn print_status(v: &Value) {
+fn print_created(out: &mut impl Write, v: &Value) -> io::Result<()> {
+    let id = s(&v["party_id"]);
+    writeln!(out, "Party created: {id}")?;
+    writeln!(out, "Friends join with: lanrage party join {id}")?;
+    print_party(out, &v["party"])
+}
+
+fn print_joined(out: &mut impl Write, v: &Value) -> io::Result<()> {
+    writeln!(out, "Joined party {}", s(&v["party_id"]))?;
+    print_party(out, &v["party"])
+}
+
+fn print_status(out: &mut impl Write, v: &Value) -> io::Result<()> {
     let n = &v["node"];
-    println!("Node      {} ({})", s(&n["name"]), s(&n["id"]));
-    println!("Key       {}", s(&n["public_key"]));
-    println!("Address   {}", s(&n["virtual_ip"]));
-    println!("NAT       {}", s(&n["nat_type"]));
+    writeln!(out, "Node      {} ({})", s(&n["name"]), s(&n["id"]))?;
+    writeln!(out, "Key       {}", s(&n["public_key"]))?;
+    writeln!(out, "Address   {}", s(&n["virtual_ip"]))?;
+    writeln!(out, "NAT       {}", s(&n["nat_type"]))?;
     if v["party"].is_null() {
         match v["joining"].as_str() {
-            Some(p) => println!("Party     joining {p}..."),
-            None => {
-                println!("Party     none (lanrage party create NAME, or lanrage party join ID)")
-            }
+            Some(p) => writeln!(out, "Party     joining {}...", sanitize(p)),
+            None => writeln!(
+                out,
+                "Party     none (lanrage party create NAME, or lanrage party join ID)"
+            ),
         }
     } else {
-        print_party(&v["party"]);
+        print_party(out, &v["party"])
     }
 }
 
-fn print_party(p: &Value) {
+fn print_party(out: &mut impl Write, p: &Value) -> io::Result<()> {
     if p.is_null() {
-        return;
+        return Ok(());
     }
-    println!(
+    writeln!(
+        out,
         "Party     {} ({}){}",
         s(&p["name"]),
         s(&p["id"]),
@@ -277,12 +480,13 @@ fn print_party(p: &Value) {
         } else {
             ""
         }
-    );
-    println!();
-    println!(
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
         "{:<18} {:<16} {:<15} {:<11} {:<22} {:>8}",
         "NAME", "ID", "VIRTUAL IP", "CONNECTION", "ENDPOINT", "LATENCY"
-    );
+    )?;
     let host = p["host_id"].as_str().unwrap_or("");
     for peer in p["peers"].as_array().into_iter().flatten() {
         let mut name = s(&peer["name"]);
@@ -293,7 +497,8 @@ fn print_party(p: &Value) {
             .as_f64()
             .map(|l| format!("{l:.1} ms"))
             .unwrap_or_else(|| "-".into());
-        println!(
+        writeln!(
+            out,
             "{:<18} {:<16} {:<15} {:<11} {:<22} {:>8}",
             name,
             s(&peer["id"]),
@@ -301,23 +506,27 @@ fn print_party(p: &Value) {
             s(&peer["connection"]),
             s(&peer["endpoint"]),
             latency
-        );
+        )?;
     }
-    println!("(* = host)");
+    writeln!(out, "(* = host)")
 }
 
-fn print_parties(v: &Value) {
+fn print_parties(out: &mut impl Write, v: &Value) -> io::Result<()> {
     let list = v.as_array().cloned().unwrap_or_default();
     if list.is_empty() {
-        println!("No parties visible. Create one with: lanrage party create NAME");
-        return;
+        return writeln!(
+            out,
+            "No parties visible. Create one with: lanrage party create NAME"
+        );
     }
-    println!(
+    writeln!(
+        out,
         "{:<20} {:<20} {:<16} {:>7} {:<9} {:<6}",
         "ID", "NAME", "HOST", "MEMBERS", "PASSWORD", "SEEN"
-    );
+    )?;
     for p in list {
-        println!(
+        writeln!(
+            out,
             "{:<20} {:<20} {:<16} {:>7} {:<9} {:<6}",
             s(&p["id"]),
             s(&p["name"]),
@@ -329,6 +538,118 @@ fn print_parties(v: &Value) {
                 "no"
             },
             s(&p["source"])
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOSTILE: &str = "ev\u{1b}]0;pwned\u{7}il\u{1b}[2J\u{9b}31m\u{202e}gnp.exe\u{2066}x\r\n";
+
+    fn assert_clean(text: &str) {
+        for c in text.chars() {
+            assert!(
+                c == '\n'
+                    || !(c.is_control()
+                        || ('\u{202A}'..='\u{202E}').contains(&c)
+                        || ('\u{2066}'..='\u{2069}').contains(&c)),
+                "control or bidi character {c:?} in output: {text:?}"
+            );
+        }
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
         );
+    }
+
+    fn hostile_status() -> Value {
+        serde_json::json!({
+            "node": {"id": "n1", "name": HOSTILE, "public_key": "k", "virtual_ip": "10.66.0.2", "nat_type": "unknown"},
+            "party": {
+                "id": "p1", "name": HOSTILE, "host_id": "h", "protected": false,
+                "peers": [
+                    {"id": "h", "name": HOSTILE, "virtual_ip": "10.66.0.1", "connection": HOSTILE, "endpoint": HOSTILE, "latency_ms": 1.0},
+                    {"id": "n1", "name": "me", "virtual_ip": "10.66.0.2", "connection": "self", "endpoint": null, "latency_ms": null}
+                ]
+            },
+            "joining": null,
+            "counters": {}
+        })
+    }
+
+    fn render(f: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> String {
+        let mut buf = Vec::new();
+        f(&mut buf).unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn sanitize_replaces_terminal_escapes_and_bidi() {
+        let clean = sanitize(HOSTILE);
+        assert_clean(&clean);
+        assert!(!clean.contains('\n'));
+        assert!(clean.starts_with("ev\u{FFFD}]0;pwned\u{FFFD}il"), "{clean}");
+        assert!(matches!(
+            sanitize("bob 🎮 Zoë"),
+            Cow::Borrowed("bob 🎮 Zoë")
+        ));
+    }
+
+    #[test]
+    fn tables_and_messages_print_no_control_bytes() {
+        let status = hostile_status();
+        let out = render(|o| print_status(o, &status));
+        assert!(out.contains("pwned"), "{out}");
+        assert_clean(&out);
+        let answer = serde_json::json!({"party_id": HOSTILE, "party": status["party"].clone()});
+        assert_clean(&render(|o| print_created(o, &answer)));
+        assert_clean(&render(|o| print_joined(o, &answer)));
+        let joining =
+            serde_json::json!({"node": status["node"].clone(), "party": null, "joining": HOSTILE});
+        assert_clean(&render(|o| print_status(o, &joining)));
+        let list = serde_json::json!([{"id": HOSTILE, "name": HOSTILE, "host": HOSTILE, "members": 2, "protected": true, "source": HOSTILE}]);
+        let out = render(|o| print_parties(o, &list));
+        assert!(out.contains("pwned"), "{out}");
+        assert_clean(&out);
+    }
+
+    #[test]
+    fn json_output_is_escaped_json() {
+        let out = render(|o| print_json(o, &hostile_status()));
+        assert!(
+            !out.contains('\u{1b}') && out.contains("\\u001b]0;pwned\\u0007"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn browser_opens_only_for_a_person_at_a_desktop_terminal() {
+        assert!(should_open_browser(true, false, true));
+        assert!(!should_open_browser(false, false, true), "piped");
+        assert!(!should_open_browser(true, true, true), "sudo");
+        assert!(!should_open_browser(true, false, false), "no display");
+    }
+
+    #[test]
+    fn permission_denied_names_the_fix() {
+        let e = TokenFileError::Io {
+            path: "/run/lanrage/api-8666-1.token".into(),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        };
+        let msg = token_problem(Path::new("/run/lanrage/api-8666-1.token"), &e);
+        assert!(
+            msg.starts_with(
+                "permission denied reading the API token (/run/lanrage/api-8666-1.token)"
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("run as root") && msg.contains("api.operator_group"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
     }
 }

@@ -85,12 +85,16 @@ impl Default for NetworkConfig {
 pub struct ApiConfig {
     /// Address of the local HTTP API and web UI. Keep it on loopback.
     pub listen: SocketAddr,
+    /// Group whose members may use the CLI without root: the API token file is readable by
+    /// root and this group. Unset = root only.
+    pub operator_group: Option<String>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8666)),
+            operator_group: None,
         }
     }
 }
@@ -142,6 +146,7 @@ impl Settings for Config {
     fn with_all_keys() -> Self {
         let mut cfg = Config::default();
         cfg.discovery.file = Some(PathBuf::new()); // optional keys must appear too
+        cfg.api.operator_group = Some(String::new());
         cfg
     }
 
@@ -216,6 +221,19 @@ impl Config {
         }
         if self.node.state_dir.as_os_str().is_empty() {
             return Err(bad("node.state_dir", "must not be empty".into()));
+        }
+        if let Some(g) = &self.api.operator_group {
+            // What groupadd accepts (NAME_REGEX), so a typo is caught before the lookup.
+            let ok = (1..=32).contains(&g.len())
+                && !g.starts_with('-')
+                && g.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if !ok {
+                return Err(bad(
+                    "api.operator_group",
+                    format!("{g:?} is not a group name (1-32 of a-z, 0-9, _ - .)"),
+                ));
+            }
         }
         let t = &self.timers;
         if !(1..=60).contains(&t.heartbeat_secs) {
@@ -301,6 +319,9 @@ mod tests {
         let f = write("[timers]\nheartbeat_secs = 5\npeer_timeout_secs = 6\n");
         let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
         assert!(err.contains("timers.peer_timeout_secs"), "{err}");
+        let f = write("[api]\noperator_group = \"bad group\"\n");
+        let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("api.operator_group"), "{err}");
         let f = write("[network\n");
         let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
         assert!(err.contains(&f.path().display().to_string()), "{err}");

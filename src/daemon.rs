@@ -108,7 +108,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 cfg.api.listen
             )
         })?;
-    tasks.spawn("api", api::serve(listener, cfg.api.listen, api_tx));
+    let token_file =
+        api::token_file::publish_for(&cfg.api).context("cannot write the API token for the CLI")?;
+    tasks.spawn(
+        "api",
+        api::serve(listener, cfg.api.listen, api_tx, token_file.token().clone()),
+    );
     tracing::info!(api = %cfg.api.listen, udp_port = port, interface = %cfg.network.interface, "ready");
 
     let (persist_tx, persist_rx) = watch::channel::<Option<Option<SavedParty>>>(None);
@@ -202,6 +207,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = control.tunnel.set_address(None);
     tasks.abort_all();
+    drop(token_file); // removes the token file
     drop(control);
     if tokio::time::timeout(SHUTDOWN_STEP, &mut persister)
         .await
@@ -907,26 +913,16 @@ fn update_hint(theirs: u8) -> &'static str {
 }
 
 fn join_error(e: JoinError) -> ApiError {
-    match e {
-        JoinError::UnknownParty => ApiError::not_found(format!("{e}")),
-        JoinError::WrongPassword | JoinError::TooManyAttempts | JoinError::PasswordRequired => {
-            ApiError {
-                status: 403,
-                message: e.to_string(),
-            }
-        }
-        JoinError::ProtocolMismatch { .. } => ApiError {
-            status: 409,
-            message: e.to_string(),
-        },
-        JoinError::PartyFull | JoinError::Cancelled => ApiError {
-            status: 409,
-            message: e.to_string(),
-        },
-        JoinError::Timeout => ApiError {
-            status: 504,
-            message: e.to_string(),
-        },
+    let status = match e {
+        JoinError::UnknownParty => 404,
+        JoinError::WrongPassword | JoinError::TooManyAttempts | JoinError::PasswordRequired => 403,
+        JoinError::ProtocolMismatch { .. } | JoinError::PartyFull | JoinError::Cancelled => 409,
+        JoinError::Timeout => 504,
+    };
+    ApiError {
+        status,
+        message: e.to_string(),
+        code: Some(e.code()),
     }
 }
 

@@ -20,7 +20,8 @@
 //! Every host may run one `lanrage` daemon (a [`Node`]), each with its own temp dir holding its
 //! config, state dir and log. Everything (daemons, any process left in a lab namespace, the
 //! namespaces) is removed in `Drop`, also when the test panics; on panic the tail of every
-//! node's log is printed first. Set `LANRAGE_LAB_KEEP=1` to keep the temp dirs of a failed test,
+//! node's log is printed first. The API token files that killed daemons leave in
+//! /run/lanrage are removed too. Set `LANRAGE_LAB_KEEP=1` to keep the temp dirs of a failed test,
 //! `LANRAGE_LOG` to change the daemons' log filter, `LANRAGE_TEST_BIN` to run another binary.
 //!
 //! The lab needs root, `ip` (iproute2), `ping` (iputils-ping) and `/dev/net/tun`. When they are
@@ -281,6 +282,26 @@ where
     }
 }
 
+/// An HTTP answer from [`http_request_full`].
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub code: u16,
+    /// Header names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// Minimal HTTP/1.1 client (one request, `Connection: close`), for API tests that need control
 /// over headers. Must be called from inside the right namespace (see [`in_netns`]).
 /// Returns (status code, body).
@@ -291,6 +312,17 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> io::Result<(u16, String)> {
+    http_request_full(addr, method, path, headers, body).map(|r| (r.code, r.body))
+}
+
+/// Like [`http_request`], also returning the answer's headers.
+pub fn http_request_full(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> io::Result<HttpResponse> {
     let addr: SocketAddr = addr.parse().expect("socket address");
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -317,11 +349,18 @@ pub fn http_request(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| io::Error::other(format!("not an HTTP response: {resp:?}")))?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(HttpResponse {
+        code,
+        headers,
+        body: body.to_string(),
+    })
 }
 
 /// Last `n` lines of a file (or a note why it cannot be read).
@@ -418,6 +457,8 @@ pub struct NodeOpts {
     pub interface: String,
     pub listen_port: u16,
     pub api: String,
+    /// `api.operator_group` (unset by default).
+    pub operator_group: Option<String>,
 }
 
 impl NodeOpts {
@@ -433,7 +474,13 @@ impl NodeOpts {
             interface: LAB_IFACE.to_owned(),
             listen_port: LISTEN_PORT,
             api: API.to_owned(),
+            operator_group: None,
         }
+    }
+
+    pub fn operator_group(mut self, group: &str) -> Self {
+        self.operator_group = Some(group.to_owned());
+        self
     }
 
     pub fn mdns(mut self, on: bool) -> Self {
@@ -458,6 +505,9 @@ impl NodeOpts {
         let _ = writeln!(s, "listen_port = {}", self.listen_port);
         let _ = writeln!(s, "\n[api]");
         let _ = writeln!(s, "listen = {:?}", self.api);
+        if let Some(g) = &self.operator_group {
+            let _ = writeln!(s, "operator_group = {g:?}");
+        }
         let _ = writeln!(s, "\n[discovery]");
         let _ = writeln!(s, "mdns = {}", self.mdns);
         if self.discovery_file {
@@ -622,13 +672,28 @@ impl Node {
         exec_in(&self.ns, args)
     }
 
-    /// Run the CLI (`lanrage --api ADDR ARGS...`) inside this node's namespace.
+    /// Run the CLI (`lanrage --api ADDR ARGS...`) inside this node's namespace, as root: it
+    /// finds the daemon's API token by the API port and the namespace, like a user's CLI.
     pub fn cli(&self, args: &[&str]) -> CmdOutput {
+        self.cli_as(&[], args)
+    }
+
+    /// Run the CLI inside this node's namespace behind `wrapper`, a command that execs the rest
+    /// (e.g. `setpriv --reuid=nobody --regid=nogroup --clear-groups` to run it as another user).
+    pub fn cli_as(&self, wrapper: &[&str], args: &[&str]) -> CmdOutput {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns, &bin(), "--api", &self.opts.api])
+        cmd.args(["netns", "exec", &self.ns])
+            .args(wrapper)
+            .args([bin().as_str(), "--api", &self.opts.api])
             .args(args);
         clean_env(&mut cmd);
         run(&mut cmd, CLI_TIMEOUT)
+    }
+
+    /// The daemon's API token file (in /run/lanrage, named by API port and namespace inode).
+    pub fn token_file(&self) -> PathBuf {
+        let port: SocketAddr = self.opts.api.parse().expect("api address");
+        token_file_path(&self.ns, port.port()).expect("the node's namespace exists")
     }
 
     /// Run the CLI; panic with its stderr unless it succeeds. Returns stdout.
@@ -764,10 +829,25 @@ impl Node {
 fn clean_env(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {
         let k_str = k.to_string_lossy();
-        if k_str.starts_with("LANRAGE__") || k_str == "LANRAGE_LOG" {
+        if k_str.starts_with("LANRAGE__")
+            || k_str == "LANRAGE_LOG"
+            || k_str == lanrage::api::token_file::TOKEN_FILE_ENV
+        {
             cmd.env_remove(&k);
         }
     }
+}
+
+/// Where a daemon in namespace `ns` with its API on `port` writes its token: the runtime dir,
+/// named by the namespace's inode (the same as `/proc/self/ns/net` inside it).
+/// `None` if the namespace is gone.
+pub fn token_file_path(ns: &str, port: u16) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = fs::metadata(format!("/var/run/netns/{ns}")).ok()?.ino();
+    Some(
+        Path::new(lanrage::api::token_file::RUNTIME_DIR)
+            .join(lanrage::api::token_file::file_name(port, ino)),
+    )
 }
 
 /// Run `args` in namespace `ns` via `ip netns exec` (30 s limit).
@@ -1019,6 +1099,26 @@ impl Lab {
         node
     }
 
+    /// Run `lanrage up` on host `i` with `opts` in the foreground and wait for it to exit (for
+    /// configurations that must stop the daemon); panics if it still runs after `timeout`.
+    pub fn up_expecting_exit(&self, i: usize, opts: &NodeOpts, timeout: Duration) -> CmdOutput {
+        let dir = self.shared_dir().join(format!("up-{i}-{}", opts.name));
+        let state_dir = dir.join("state");
+        fs::create_dir_all(&state_dir).expect("state dir");
+        let config_path = dir.join("lanrage.toml");
+        fs::write(
+            &config_path,
+            opts.to_toml(&state_dir, &self.discovery_file()),
+        )
+        .expect("write config");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.hosts[i], &bin(), "up", "--config"])
+            .arg(&config_path);
+        clean_env(&mut cmd);
+        cmd.env("NO_COLOR", "1");
+        run(&mut cmd, timeout)
+    }
+
     /// Start a daemon with [`NodeOpts::new`]`(NAMES[i])`, adjusted by `f`, on every host in `hosts`.
     pub fn spawn_all(&mut self, hosts: &[usize], f: impl Fn(NodeOpts) -> NodeOpts) {
         for &i in hosts {
@@ -1110,6 +1210,12 @@ impl Drop for Lab {
         }
         for node in self.nodes.iter().flatten() {
             node.kill_quietly();
+            // A killed daemon cannot remove its API token file; the namespace (and so the
+            // name's inode) is still there, so this is that daemon's file.
+            let port = node.opts.api.parse::<SocketAddr>().map(|a| a.port());
+            if let Some(path) = port.ok().and_then(|p| token_file_path(&node.ns, p)) {
+                let _ = fs::remove_file(path);
+            }
         }
         for ns in self.created.iter().rev() {
             // Anything else still running in our namespaces was started by this test

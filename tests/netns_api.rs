@@ -1,0 +1,362 @@
+//! Local API security: who may drive the root daemon, the web UI's login, and its headers.
+//! One daemon per network namespace (see `tests/lab`), driven by the real CLI as root, as
+//! `nobody` and as a member of a throwaway operator group, and by raw HTTP.
+//!
+//! Needs root, iproute2, iputils-ping, setpriv (util-linux), useradd/groupadd (passwd);
+//! skipped with a message otherwise, except under CI.
+
+mod lab;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lab::*;
+use serde_json::Value;
+
+const ORIGIN: &str = "http://127.0.0.1:8666";
+const AS_NOBODY: &[&str] = &[
+    "setpriv",
+    "--reuid=nobody",
+    "--regid=nogroup",
+    "--clear-groups",
+];
+
+/// One stderr line that tells the user what to do when the token cannot be read.
+fn assert_permission_message(out: &CmdOutput, group_hint: &str) {
+    assert!(!out.success(), "must fail: {out:?}");
+    let err = out.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(
+        err.starts_with("lanrage: permission denied reading the API token (/run/lanrage/"),
+        "{err}"
+    );
+    assert!(
+        err.contains("run as root") && err.contains(group_hint),
+        "{err}"
+    );
+}
+
+/// A system group and a user in it (primary group nogroup), removed on drop even if the test
+/// fails.
+struct OperatorAccount {
+    user: String,
+    group: String,
+}
+
+static ACCOUNTS: AtomicUsize = AtomicUsize::new(0);
+
+impl OperatorAccount {
+    fn create() -> Self {
+        let n = ACCOUNTS.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let account = OperatorAccount {
+            user: format!("lru{pid}x{n}"),
+            group: format!("lrg{pid}x{n}"),
+        };
+        let t = Duration::from_secs(20);
+        let out = run(
+            Command::new("groupadd").args(["--system", &account.group]),
+            t,
+        );
+        assert!(out.success(), "groupadd: {}", out.stderr);
+        let out = run(
+            Command::new("useradd").args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--gid",
+                "nogroup",
+                "--groups",
+                &account.group,
+                &account.user,
+            ]),
+            t,
+        );
+        assert!(out.success(), "useradd: {}", out.stderr);
+        account
+    }
+
+    /// `setpriv` arguments that run the rest as this user with its groups from /etc/group.
+    fn setpriv(&self) -> Vec<String> {
+        vec![
+            "setpriv".into(),
+            format!("--reuid={}", self.user),
+            "--regid=nogroup".into(),
+            "--init-groups".into(),
+        ]
+    }
+}
+
+impl Drop for OperatorAccount {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.user).output();
+        let _ = Command::new("groupdel").arg(&self.group).output();
+    }
+}
+
+fn has_tools() -> bool {
+    ["setpriv", "useradd", "groupadd"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// Any local user reads status; without the token nobody creates, leaves or logs a browser in.
+#[test]
+fn local_user_without_the_token_reads_but_cannot_drive() {
+    if !has_tools() {
+        eprintln!("SKIPPED: setpriv/useradd/groupadd missing (apt-get install util-linux passwd)");
+        return;
+    }
+    let Some(mut lab) = Lab::new("apinobody", 1) else {
+        return;
+    };
+    let alice = lab.spawn(0, NodeOpts::new("alice"));
+
+    let out = alice.cli_as(AS_NOBODY, &["status", "--json"]);
+    assert!(out.success(), "status as nobody: {}", out.stderr);
+    let v: Value = serde_json::from_str(&out.stdout).expect("status JSON");
+    assert_eq!(v["node"]["name"], "alice");
+    let out = alice.cli_as(AS_NOBODY, &["party", "list"]);
+    assert!(out.success(), "party list as nobody: {}", out.stderr);
+
+    let out = alice.cli_as(AS_NOBODY, &["party", "create", "nobodys"]);
+    assert_permission_message(&out, "api.operator_group");
+    assert!(
+        party_of(&alice.status()).is_none(),
+        "nobody created a party"
+    );
+    let out = alice.cli_as(AS_NOBODY, &["ui"]);
+    assert_permission_message(&out, "api.operator_group");
+    assert!(
+        out.stdout.is_empty(),
+        "no login link for nobody: {}",
+        out.stdout
+    );
+
+    let party = alice.create_party("lan", None);
+    let out = alice.cli_as(AS_NOBODY, &["party", "leave"]);
+    assert_permission_message(&out, "api.operator_group");
+    let out = alice.cli_as(AS_NOBODY, &["party", "join", "k3m9-x2pq-7hvd-a8te"]);
+    assert_permission_message(&out, "api.operator_group");
+    assert_eq!(
+        party_id_of(&alice.status()).as_deref(),
+        Some(party.as_str())
+    );
+
+    // The token file: root's, 0640, in a directory others can pass but not list.
+    let file = alice.token_file();
+    let meta = std::fs::metadata(&file).expect("token file");
+    assert_eq!(meta.mode() & 0o777, 0o640, "{}", file.display());
+    assert_eq!((meta.uid(), meta.gid()), (0, 0));
+    let dir = std::fs::metadata(file.parent().unwrap()).unwrap();
+    assert_eq!(dir.mode() & 0o777, 0o711);
+
+    // LANRAGE_API_TOKEN_FILE points the CLI at a token elsewhere (here a copy anyone may read).
+    let copy = tempfile::Builder::new()
+        .prefix("lrtoken")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(copy.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copied = copy.path().join("token");
+    std::fs::copy(&file, &copied).unwrap();
+    std::fs::set_permissions(&copied, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let env = format!("LANRAGE_API_TOKEN_FILE={}", copied.display());
+    let wrapper: Vec<&str> = ["env", env.as_str()]
+        .iter()
+        .chain(AS_NOBODY)
+        .copied()
+        .collect();
+    let out = alice.cli_as(&wrapper, &["party", "leave"]);
+    assert!(
+        out.success(),
+        "leave with LANRAGE_API_TOKEN_FILE: {}",
+        out.stderr
+    );
+    assert!(party_of(&alice.status()).is_none());
+}
+
+/// Members of `api.operator_group` use the CLI without root; others still cannot.
+#[test]
+fn operator_group_member_drives_the_daemon_without_root() {
+    if !has_tools() {
+        eprintln!("SKIPPED: setpriv/useradd/groupadd missing (apt-get install util-linux passwd)");
+        return;
+    }
+    let Some(mut lab) = Lab::new("apigroup", 1) else {
+        return;
+    };
+    let account = OperatorAccount::create();
+    let alice = lab.spawn(0, NodeOpts::new("alice").operator_group(&account.group));
+    let gid = nix::unistd::Group::from_name(&account.group)
+        .unwrap()
+        .unwrap()
+        .gid
+        .as_raw();
+    let meta = std::fs::metadata(alice.token_file()).expect("token file");
+    assert_eq!(meta.mode() & 0o777, 0o640);
+    assert_eq!((meta.uid(), meta.gid()), (0, gid));
+
+    let setpriv = account.setpriv();
+    let member: Vec<&str> = setpriv.iter().map(String::as_str).collect();
+    let out = alice.cli_as(&member, &["party", "create", "ops", "--json"]);
+    assert!(out.success(), "member's create: {}", out.stderr);
+    let v: Value = serde_json::from_str(&out.stdout).expect("create JSON");
+    let party = v["party_id"].as_str().expect("party_id").to_owned();
+    assert_eq!(
+        party_id_of(&alice.status()).as_deref(),
+        Some(party.as_str())
+    );
+
+    let out = alice.cli_as(&member, &["ui"]);
+    assert!(out.success(), "member's ui: {}", out.stderr);
+    assert!(
+        out.stdout.starts_with("http://127.0.0.1:8666/login?code="),
+        "{}",
+        out.stdout
+    );
+
+    // Not in the group: refused, and told which group to join.
+    let out = alice.cli_as(AS_NOBODY, &["party", "leave"]);
+    assert_permission_message(&out, &format!("join the `{}` group", account.group));
+    assert!(party_of(&alice.status()).is_some());
+
+    let out = alice.cli_as(&member, &["party", "leave"]);
+    assert!(out.success(), "member's leave: {}", out.stderr);
+    assert!(party_of(&alice.status()).is_none());
+}
+
+/// A configured group that does not exist stops the daemon with a message naming the key.
+#[test]
+fn unknown_operator_group_stops_the_daemon() {
+    let Some(lab) = Lab::new("apinogroup", 1) else {
+        return;
+    };
+    let opts = NodeOpts::new("alice").operator_group("lrnosuchgroupxyz");
+    let out = lab.up_expecting_exit(0, &opts, Duration::from_secs(30));
+    assert!(!out.success());
+    let err = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        err.contains("api.operator_group") && err.contains("lrnosuchgroupxyz"),
+        "{err}"
+    );
+}
+
+/// Raw HTTP: no token, no change; `lanrage ui`'s link logs a browser in once, with an HttpOnly
+/// SameSite=Strict cookie, and redirects; the cookie works only from this origin.
+#[test]
+fn http_needs_a_credential_and_the_login_link_gives_a_session_once() {
+    let Some(mut lab) = Lab::new("apilogin", 1) else {
+        return;
+    };
+    lab.spawn(0, NodeOpts::new("alice"));
+    let ui = lab.node(0).cli(&["ui"]);
+    assert!(ui.success(), "lanrage ui: {}", ui.stderr);
+    let url = ui.stdout.trim().to_owned();
+    assert_eq!(ui.stdout.lines().count(), 1, "{}", ui.stdout);
+    let path = url
+        .strip_prefix(ORIGIN)
+        .unwrap_or_else(|| panic!("login URL on api.listen: {url}"))
+        .to_owned();
+    assert!(path.starts_with("/login?code="), "{url}");
+
+    let r = lab.in_host(0, move || {
+        let get = |p: &str, h: &[(&str, &str)]| http_request_full(API, "GET", p, h, None).unwrap();
+        let post = |p: &str, h: &[(&str, &str)], b: &str| {
+            http_request_full(API, "POST", p, h, Some(b)).unwrap()
+        };
+        let no_token = post("/party/create", &[], r#"{"name":"sneaky"}"#);
+        let bad_token = post(
+            "/party/create",
+            &[(
+                "Authorization",
+                "Bearer AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            )],
+            r#"{"name":"sneaky"}"#,
+        );
+        let status = get("/status", &[]);
+        let page = get("/", &[]);
+        let login = get(&path, &[]);
+        let again = get(&path, &[]);
+        let cookie = login
+            .header("set-cookie")
+            .and_then(|c| c.split(';').next())
+            .unwrap_or("")
+            .to_owned();
+        let with_cookie = [("Cookie", cookie.as_str()), ("Origin", ORIGIN)];
+        let create = post("/party/create", &with_cookie, r#"{"name":"web"}"#);
+        let evil = post(
+            "/party/leave",
+            &[
+                ("Cookie", cookie.as_str()),
+                ("Origin", "http://evil.example"),
+            ],
+            "",
+        );
+        (
+            no_token, bad_token, status, page, login, again, create, evil,
+        )
+    });
+    let (no_token, bad_token, status, page, login, again, create, evil) = r;
+
+    for (what, resp) in [("no token", &no_token), ("wrong token", &bad_token)] {
+        assert_eq!(resp.code, 401, "{what}: {}", resp.body);
+        let v: Value = serde_json::from_str(&resp.body).expect("JSON error");
+        let msg = v["error"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("lanrage ui") && msg.contains("api.operator_group"),
+            "{msg}"
+        );
+    }
+    assert_eq!(status.code, 200, "{}", status.body);
+
+    // Security headers on the page (and every answer: the unit tests check the rest).
+    for resp in [&page, &status, &no_token, &login, &again] {
+        assert_eq!(
+            resp.header("content-security-policy"),
+            Some(
+                "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                 img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+            )
+        );
+        assert_eq!(resp.header("x-frame-options"), Some("DENY"));
+        assert_eq!(resp.header("x-content-type-options"), Some("nosniff"));
+        assert_eq!(resp.header("referrer-policy"), Some("no-referrer"));
+    }
+    let html = page.body.to_ascii_lowercase();
+    assert!(
+        html.contains("<script src=\"/ui.js\"") && !html.contains("<style"),
+        "{html}"
+    );
+
+    assert_eq!(login.code, 303, "{}", login.body);
+    assert_eq!(login.header("location"), Some("/"));
+    let set_cookie = login.header("set-cookie").expect("Set-Cookie");
+    let attrs: Vec<&str> = set_cookie.split(';').map(str::trim).collect();
+    assert!(
+        attrs[0].starts_with("lanrage_session_8666="),
+        "{set_cookie}"
+    );
+    for a in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(attrs.contains(&a), "{a} missing: {set_cookie}");
+    }
+    assert!(!attrs.contains(&"Secure"), "{set_cookie}");
+
+    assert_eq!(again.code, 403, "a login code works once");
+    assert!(again.header("set-cookie").is_none());
+    assert!(again.body.contains("lanrage ui"), "{}", again.body);
+
+    assert_eq!(create.code, 200, "create with the cookie: {}", create.body);
+    assert_eq!(
+        evil.code, 403,
+        "foreign origin with a valid cookie: {}",
+        evil.body
+    );
+    let s = lab.node(0).status();
+    assert_eq!(party_of(&s).and_then(|p| p["name"].as_str()), Some("web"));
+}
