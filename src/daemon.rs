@@ -377,10 +377,14 @@ impl Control {
         self.flush_sealer().await;
     }
 
-    /// Sends what the session layer wants sent (challenges, responses, version notices).
+    /// Sends what the session layer wants sent (challenges, responses, version notices), and
+    /// starts fresh WireGuard sessions with peers that proved they restarted.
     async fn flush_sealer(&mut self) {
         while let Some((to, bytes)) = self.sealer.poll_transmit() {
             self.tunnel.send_control(&bytes, to).await;
+        }
+        while let Some(key) = self.sealer.poll_restarted() {
+            self.tunnel.reset_peer(&key);
         }
     }
 
@@ -856,6 +860,7 @@ async fn discovery_loop(
         tokio::task::JoinHandle<Result<Vec<PartyAd>, crate::discovery::file::FileError>>,
     > = None;
     let mut from_file: Vec<PartyAd> = Vec::new();
+    let mut slow_log = LogThrottle::new(Duration::from_secs(60));
     loop {
         tick.tick().await;
         if let Some(f) = &file {
@@ -876,9 +881,14 @@ async fn discovery_loop(
                     tracing::warn!(error = %e, "discovery file reader failed");
                     reading = None;
                 }
-                Err(_) => tracing::warn!(
-                    "reading the discovery file takes more than 3 s (slow network share?)"
-                ),
+                Err(_) => {
+                    if let Some(held_back) = slow_log.allow(Instant::now()) {
+                        tracing::warn!(
+                            held_back,
+                            "reading the discovery file takes more than 3 s (slow network share?)"
+                        );
+                    }
+                }
             }
         }
         let mut all: Vec<(PartyAd, Source)> = Vec::new();
@@ -964,24 +974,32 @@ fn load_saved(path: &Path) -> anyhow::Result<Option<SavedParty>> {
     }
 }
 
-/// Writes the remembered party atomically (temp file, fsync, rename). The first change is written
-/// at once; changes during the following 500 ms are coalesced into one more write.
+/// Writes the remembered party atomically (temp file, fsync, rename) as soon as it changes, one
+/// write at a time (changes during a write are coalesced into the next), at most 20 a second,
+/// skipping writes that would not change the file. A daemon killed right after someone joined
+/// must come back knowing them.
 async fn persist_loop(path: PathBuf, mut rx: watch::Receiver<Option<Option<SavedParty>>>) {
     let mut last_write: Option<tokio::time::Instant> = None;
+    let mut written: Option<Option<SavedParty>> = None;
     while rx.changed().await.is_ok() {
         if let Some(t) = last_write {
-            tokio::time::sleep_until(t + Duration::from_millis(500)).await;
+            tokio::time::sleep_until(t + Duration::from_millis(50)).await;
         }
-        last_write = Some(tokio::time::Instant::now());
         let Some(value) = rx.borrow_and_update().clone() else {
             continue;
         };
+        if written.as_ref() == Some(&value) {
+            continue;
+        }
+        last_write = Some(tokio::time::Instant::now());
         let path = path.clone();
-        let result = tokio::task::spawn_blocking(move || write_atomic(&path, value.as_ref())).await;
+        let to_write = value.clone();
+        let result =
+            tokio::task::spawn_blocking(move || write_atomic(&path, to_write.as_ref())).await;
         match result {
             Ok(Err(e)) => tracing::warn!(error = %e, "could not remember the party in state_dir"),
             Err(e) => tracing::warn!(error = %e, "state writer failed"),
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => written = Some(value),
         }
     }
 }

@@ -274,6 +274,8 @@ pub struct Sealer {
     budget: DhBudget,
     held: usize,
     transmits: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Peers that proved a new session replacing one we knew: they restarted.
+    restarted: VecDeque<[u8; 32]>,
     /// Challenges and version notices per source address (what we send to unproven addresses).
     unproven_answers: HashedLimiter,
 }
@@ -299,6 +301,7 @@ impl Sealer {
             },
             held: 0,
             transmits: VecDeque::new(),
+            restarted: VecDeque::new(),
             unproven_answers: HashedLimiter::new(20, 40, 1024, now),
         }
     }
@@ -316,6 +319,13 @@ impl Sealer {
     /// The next datagram to send, if any (challenges, responses, version notices).
     pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
         self.transmits.pop_front()
+    }
+
+    /// The next peer that proved a new session replacing the one we knew (it restarted). Its
+    /// WireGuard state can be reset safely: only the live key owner can prove a session, and a
+    /// restarted peer may have a clock behind its old handshakes' timestamps.
+    pub fn poll_restarted(&mut self) -> Option<[u8; 32]> {
+        self.restarted.pop_front()
     }
 
     /// Whether `addr` answered a challenge for `key`'s current session: it receives, so it may be
@@ -568,6 +578,9 @@ impl Sealer {
                         peer.retired.pop_front();
                     }
                     peer.retired.push_back(old.id);
+                    if self.restarted.len() < MAX_HELD {
+                        self.restarted.push_back(key);
+                    }
                 }
                 let mut rx = RxSession::new(session);
                 rx.mark(counter);
@@ -900,6 +913,12 @@ mod tests {
             send(&mut a2, addr(1), &mut b, addr(2), &leave(7), now),
             delivered(leave(7), a2.public(), addr(1))
         );
+        assert_eq!(
+            b.poll_restarted(),
+            Some(a2.public()),
+            "reported as restarted"
+        );
+        assert_eq!(b.poll_restarted(), None);
         // The old session's envelope (never delivered) is refused without a round trip.
         assert_eq!(b.open(&old, addr(1), now), Err(OpenError::Replay));
         assert!(b.poll_transmit().is_none());

@@ -311,6 +311,8 @@ impl PeerLive {
 pub(super) struct Restore {
     pub(super) name: String,
     pub(super) host: SavedHost,
+    /// The members we remembered: they can still be recognised as rivals or vouch for one.
+    pub(super) known: Vec<[u8; 32]>,
 }
 
 /// What a join that is not the user's own does when it fails, so that no failed move leaves
@@ -361,6 +363,8 @@ pub(super) struct InParty {
     pub(super) ever_members: HashMap<[u8; 32], u64>,
     /// Rival hosts being checked, by key.
     pub(super) rivals: HashMap<[u8; 32], RivalCheck>,
+    /// When we last answered a probe from a key we do not know (while alone).
+    pub(super) last_stranger_claim: Option<Instant>,
 }
 
 pub(super) enum State {
@@ -543,6 +547,7 @@ impl Engine {
         let restore = saved.hosted.clone().map(|host| Restore {
             name: saved.name.clone(),
             host,
+            known: saved.targets.iter().map(|t| t.key).collect(),
         });
         if saved.targets.is_empty() {
             match restore {
@@ -1045,6 +1050,7 @@ impl Engine {
             former_host: None,
             ever_members: HashMap::new(),
             rivals: HashMap::new(),
+            last_stranger_claim: None,
         }));
         self.after_roster_change(None);
         self.actions.push_back(Action::JoinFinished {
@@ -1572,6 +1578,7 @@ impl Engine {
             former_host: None,
             ever_members: HashMap::new(),
             rivals: HashMap::new(),
+            last_stranger_claim: None,
         }));
         self.after_roster_change(None);
     }
@@ -1596,6 +1603,11 @@ impl Engine {
             password,
             ip,
         );
+        if let State::InParty(p) = &mut self.state {
+            for key in restore.known.into_iter().take(MAX_EVER_MEMBERS) {
+                p.ever_members.entry(key).or_insert(0);
+            }
+        }
     }
 
     /// The host told us (or showed us) that we are no longer a member: ask it to let us back in.

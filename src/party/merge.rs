@@ -155,38 +155,46 @@ impl Engine {
     ) {
         let my_id = self.id;
         let my_key = self.cfg.key;
-        {
+        let known = {
             let State::InParty(p) = &mut self.state else {
                 return;
             };
             if p.roster.party != party
                 || p.roster.host != my_id
-                || !p.ever_members.contains_key(&key)
                 || p.roster.members.iter().any(|m| m.key == key)
             {
                 return;
             }
+            let known = p.ever_members.contains_key(&key);
+            // A host that does not know the prober answers only while it is alone (its claim
+            // then names nobody else): a host that restarted from a stale state may not know
+            // its rival, but the rival knows it and can decide.
+            if !known && p.roster.members.len() > 1 {
+                return;
+            }
+            known
+        };
+        if known {
+            // Check it in turn (it says it hosts our party too).
+            self.probe_rival(
+                now,
+                JoinTarget {
+                    key,
+                    endpoints: vec![from],
+                },
+            );
         }
-        // Check it in turn (it says it hosts our party too).
-        self.probe_rival(
-            now,
-            JoinTarget {
-                key,
-                endpoints: vec![from],
-            },
-        );
         let State::InParty(p) = &mut self.state else {
             return;
         };
-        if let Some(check) = p.rivals.get_mut(&key) {
-            if check
-                .last_claim_sent
-                .is_some_and(|t| now.saturating_duration_since(t) < CLAIM_EVERY)
-            {
-                return;
-            }
-            check.last_claim_sent = Some(now);
+        let last_claim = match p.rivals.get_mut(&key) {
+            Some(check) => &mut check.last_claim_sent,
+            None => &mut p.last_stranger_claim,
+        };
+        if last_claim.is_some_and(|t| now.saturating_duration_since(t) < CLAIM_EVERY) {
+            return;
         }
+        *last_claim = Some(now);
         let since = p
             .roster
             .members

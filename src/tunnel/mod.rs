@@ -221,20 +221,36 @@ impl Tunnel {
             .peers
             .write()
             .apply(specs, &self.secret, &self.limiter, Instant::now());
-        let mut buf = vec![0u8; 256];
         for peer in added {
             tracing::debug!(ip = %peer.ip, endpoint = ?peer.endpoint(), "tunnel peer added");
-            let len = match peer
-                .tunn
-                .lock()
-                .format_handshake_initiation(&mut buf, false)
-            {
-                TunnResult::WriteToNetwork(p) => p.len(),
-                _ => continue,
-            };
-            if let Some(ep) = peer.endpoint() {
-                let _ = self.socket.try_send_to(&buf[..len], ep);
-            }
+            self.start_handshake(&peer);
+        }
+    }
+
+    /// Starts `key`'s WireGuard state afresh (it restarted; see [`PeerTable::reset`]).
+    pub fn reset_peer(&self, key: &[u8; 32]) {
+        let peer = self
+            .peers
+            .write()
+            .reset(key, &self.secret, &self.limiter, Instant::now());
+        if let Some(peer) = peer {
+            tracing::debug!(ip = %peer.ip, "tunnel peer restarted; new WireGuard session");
+            self.start_handshake(&peer);
+        }
+    }
+
+    fn start_handshake(&self, peer: &Peer) {
+        let mut buf = [0u8; 256];
+        let len = match peer
+            .tunn
+            .lock()
+            .format_handshake_initiation(&mut buf, false)
+        {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => return,
+        };
+        if let Some(ep) = peer.endpoint() {
+            let _ = self.socket.try_send_to(&buf[..len], ep);
         }
     }
 

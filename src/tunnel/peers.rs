@@ -141,6 +141,42 @@ impl PeerTable {
         added
     }
 
+    /// Starts `key`'s WireGuard state afresh (a new `Tunn`, keeping its address and endpoint):
+    /// the member restarted, so our session keys and its old handshake timestamps are worthless
+    /// (and a restarted peer whose clock went back would otherwise be refused as a replay).
+    /// Returns the new peer, whose handshake the caller starts.
+    pub fn reset(
+        &mut self,
+        key: &[u8; 32],
+        secret: &StaticSecret,
+        limiter: &Arc<RateLimiter>,
+        now: Instant,
+    ) -> Option<Arc<Peer>> {
+        let old = self.by_key.get(key)?.clone();
+        let index = self.free_index();
+        let peer = Arc::new(Peer {
+            key: old.key,
+            index,
+            ip: old.ip,
+            tunn: Mutex::new(Tunn::new(
+                secret.clone(),
+                PublicKey::from(old.key),
+                None,
+                None,
+                index,
+                Some(limiter.clone()),
+            )),
+            endpoint: Mutex::new(old.endpoint()),
+            added: now,
+            tx_bytes: AtomicU64::new(old.tx_bytes.load(Ordering::Relaxed)),
+            rx_bytes: AtomicU64::new(old.rx_bytes.load(Ordering::Relaxed)),
+        });
+        self.by_key.insert(*key, peer.clone());
+        self.by_index = self.by_key.values().map(|p| (p.index, p.clone())).collect();
+        self.by_ip = self.by_key.values().map(|p| (p.ip, p.clone())).collect();
+        Some(peer)
+    }
+
     fn free_index(&mut self) -> u32 {
         loop {
             self.next_index = (self.next_index + 1) % INDEX_SPACE;

@@ -45,6 +45,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod rawpeer;
+
 /// The daemon binary built by cargo for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_lanrage");
 
@@ -459,6 +461,8 @@ pub struct NodeOpts {
     pub api: String,
     /// `api.operator_group` (unset by default).
     pub operator_group: Option<String>,
+    /// Extra environment variables for the daemon (e.g. a fake clock).
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeOpts {
@@ -475,7 +479,14 @@ impl NodeOpts {
             listen_port: LISTEN_PORT,
             api: API.to_owned(),
             operator_group: None,
+            env: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable for the daemon.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     pub fn operator_group(mut self, group: &str) -> Self {
@@ -534,6 +545,8 @@ pub struct Node {
     tmp: Option<tempfile::TempDir>,
     child: Mutex<Option<Child>>,
     starts: AtomicUsize,
+    /// Environment for the next starts (initially `opts.env`).
+    env: Mutex<Vec<(String, String)>>,
 }
 
 impl Node {
@@ -570,6 +583,13 @@ impl Node {
         )
         .env("NO_COLOR", "1")
         .env("RUST_BACKTRACE", "1")
+        .envs(
+            self.env
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("clone log fd"))
         .stderr(log);
@@ -634,6 +654,48 @@ impl Node {
         child.wait().expect("reap daemon");
         if let Ok(mut log) = OpenOptions::new().append(true).open(&self.log_path) {
             let _ = writeln!(log, "===== lab: SIGKILL =====");
+        }
+    }
+
+    /// The daemon's process id (the daemon itself: `ip netns exec` execs it).
+    pub fn pid(&self) -> Option<u32> {
+        let mut guard = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_mut().and_then(|c| match c.try_wait() {
+            Ok(None) => Some(c.id()),
+            _ => None,
+        })
+    }
+
+    /// Sets the environment of the next starts (replacing `opts.env`).
+    pub fn set_env(&self, vars: &[(&str, &str)]) {
+        *self.env.lock().unwrap_or_else(|e| e.into_inner()) = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// SIGTERM the daemon and wait up to `within` for it to exit. Returns its exit status, or
+    /// `None` if it was still running (it is then killed).
+    pub fn terminate(&self, within: Duration) -> Option<ExitStatus> {
+        let mut guard = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let mut child = guard
+            .take()
+            .unwrap_or_else(|| panic!("{}: terminate but no daemon was started", self.name));
+        // SAFETY: sending a signal has no memory-safety preconditions.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -1079,6 +1141,7 @@ impl Lab {
             opts.to_toml(&state_dir, &self.discovery_file()),
         )
         .expect("write config");
+        let opts_env = opts.env.clone();
         let node = Node {
             index: i,
             ns: self.hosts[i].clone(),
@@ -1092,6 +1155,7 @@ impl Lab {
             tmp: Some(tmp),
             child: Mutex::new(None),
             starts: AtomicUsize::new(0),
+            env: Mutex::new(opts_env),
         };
         self.nodes[i] = Some(node);
         let node = self.nodes[i].as_ref().expect("just set");
