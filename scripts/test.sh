@@ -14,6 +14,20 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 step() { printf '\n=== %s ===\n' "$*"; }
 die() { printf 'scripts/test.sh: %s\n' "$*" >&2; exit 1; }
 
+# The closing line is printed whatever happens; setup failures before the tests count as one.
+log=$(mktemp)
+totals_printed=0
+on_exit() {
+  local rc=$?
+  rm -f "$log"
+  if [[ $totals_printed != 1 ]]; then
+    echo "tests: 0 passed, 1 failed"
+    [[ $rc == 0 ]] && rc=1
+  fi
+  exit "$rc"
+}
+trap on_exit EXIT
+
 [[ $(uname -s) == Linux ]] || die "Linux only (the tests use network namespaces)"
 [[ $EUID -eq 0 ]] || die "run as root: the integration tests create network namespaces and TUN devices"
 
@@ -28,6 +42,7 @@ declare -A want=(
   [wg]=wireguard-tools
   [python3]=python3
   [turnutils_stunclient]=coturn
+  [faketime]=faketime
 )
 missing=()
 for cmd in "${!want[@]}"; do
@@ -69,16 +84,43 @@ cargo --version
 export LANRAGE_REQUIRE_NETNS=1
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
+# fmt and clippy count as one test each in the totals; a failure there does not stop the tests.
+checks_failed=0
+checks_passed=0
+check() {
+  local what=$1
+  shift
+  if "$@"; then
+    checks_passed=$((checks_passed + 1))
+  else
+    echo "FAILED: $what"
+    checks_failed=$((checks_failed + 1))
+  fi
+}
+
 step "cargo fmt --check"
-cargo fmt --all -- --check
+check "cargo fmt --check" cargo fmt --all -- --check
 
 step "cargo clippy"
-cargo clippy --workspace --all-targets -- -D warnings
+check "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test"
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-cargo test --workspace -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log"
+# Every test binary runs even when an earlier one fails (--no-fail-fast). Network-namespace tests
+# start several daemons each, so each binary runs TEST_THREADS tests at a time; binaries run one
+# after another, which keeps the flood tests (tests/netns_flood.rs, serialised inside) alone.
+set +e
+cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
 # Totals over every test binary (the last binary cargo runs is often the doc tests, with none).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
-     END { printf "tests: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' "$log"
+set +e
+awk -v status="$status" -v cp="$checks_passed" -v cf="$checks_failed" '
+  /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+  END {
+    if (status != 0 && f == 0) f = 1   # a binary that did not build or crashed counts as a failure
+    printf "tests: %d passed, %d failed\n", p + cp, f + cf
+    exit (p == 0 || f + cf > 0 || status != 0)
+  }' "$log"
+rc=$?
+totals_printed=1
+exit "$rc"

@@ -1030,3 +1030,67 @@ fn write_atomic<T: Serialize>(path: &Path, value: Option<&T>) -> std::io::Result
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A datapath task that panics (or returns) must stop the daemon with a message naming it,
+    /// not leave a daemon that passes no traffic.
+    #[tokio::test]
+    async fn a_failing_task_is_reported_by_name() {
+        let mut tasks = Tasks::default();
+        tasks.spawn("forever", std::future::pending());
+        tasks.spawn("UDP receive", async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            panic!("boom");
+        });
+        let e = tokio::time::timeout(Duration::from_secs(5), tasks.failure())
+            .await
+            .expect("the failure is noticed");
+        assert_eq!(e.to_string(), "the UDP receive task panicked");
+
+        let mut tasks = Tasks::default();
+        tasks.spawn("TUN read", async {});
+        let e = tokio::time::timeout(Duration::from_secs(5), tasks.failure())
+            .await
+            .expect("the end is noticed");
+        assert_eq!(e.to_string(), "the TUN read task stopped unexpectedly");
+        tasks.abort_all();
+    }
+
+    #[tokio::test]
+    async fn the_state_writer_writes_every_change_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PARTY_FILE);
+        let (tx, rx) = watch::channel::<Option<Option<SavedParty>>>(None);
+        let writer = tokio::spawn(persist_loop(path.clone(), rx));
+        let saved = |n: u8| SavedParty {
+            party: PartyId([n; 10]),
+            name: format!("p{n}"),
+            password: None,
+            ip: Ipv4Addr::new(10, 66, 0, 2),
+            targets: vec![],
+            hosted: None,
+        };
+        for n in 1..=3 {
+            tx.send(Some(Some(saved(n)))).unwrap();
+            let want = saved(n);
+            let ok = async {
+                loop {
+                    if load_saved(&path).ok().flatten() == Some(want.clone()) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_millis(400), ok)
+                .await
+                .unwrap_or_else(|_| panic!("change {n} written within 400 ms"));
+        }
+        tx.send(Some(None)).unwrap();
+        drop(tx);
+        writer.await.unwrap();
+        assert!(!path.exists(), "forgetting removes the file");
+    }
+}
