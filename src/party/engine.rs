@@ -62,6 +62,8 @@ const MAX_REMOVED: usize = 64;
 pub(super) const MAX_EVER_MEMBERS: usize = 256;
 /// A repeated join request (same nonce) from a member is answered at most this often.
 const REACCEPT_EVERY: Duration = Duration::from_secs(1);
+/// How long a join waits for a real answer after a version notice from the host's address.
+const NOTICE_GRACE: Duration = Duration::from_secs(1);
 /// Least time between two log lines about refused joins.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -708,10 +710,11 @@ impl Engine {
     }
 
     /// Someone at `from` told us (unauthenticated) that it speaks protocol `version`. While we
-    /// join through that address, this is its answer: the join fails with a message that says
-    /// who has to update, unless a better answer comes from elsewhere.
+    /// join through that address, this is its answer: unless a real answer arrives within
+    /// [`NOTICE_GRACE`] (a notice is easy to forge on a LAN), the join fails with a message that
+    /// says who has to update.
     pub fn handle_version_notice(&mut self, now: Instant, from: SocketAddr, version: u8) -> bool {
-        let State::Joining(j) = &self.state else {
+        let State::Joining(j) = &mut self.state else {
             return false;
         };
         let Some(key) = j
@@ -722,12 +725,10 @@ impl Engine {
         else {
             return false;
         };
-        self.record_answer(
-            now,
-            key,
-            JoinError::ProtocolMismatch { theirs: version },
-            false,
-        );
+        j.answers
+            .entry(key)
+            .or_insert(JoinError::ProtocolMismatch { theirs: version });
+        j.deadline = j.deadline.min(now + NOTICE_GRACE);
         true
     }
 
@@ -2420,6 +2421,65 @@ mod tests {
             ),
             (Some(ip(1)), Some(ip(2)), Some(ip(3)))
         );
+    }
+
+    /// A version notice from the host's address fails the join with a plain message, unless the
+    /// host really answers within the grace period (a notice is unauthenticated).
+    #[test]
+    fn version_notices_end_a_join_unless_the_host_answers() {
+        let mut sim = Sim::new(3);
+        let party = sim.create(0, None);
+        let now = sim.now;
+        let target = sim.target(0);
+        sim.nodes[1]
+            .engine
+            .join(now, party, vec![target.clone()], None)
+            .unwrap();
+        sim.nodes[0].up = false; // the "host" speaks another version: nothing else comes back
+        sim.settle();
+        let from = sim.nodes[0].addr;
+        assert!(sim.nodes[1].engine.handle_version_notice(now, from, 3));
+        sim.advance(Duration::from_secs(2));
+        assert_eq!(
+            sim.nodes[1].finished.pop(),
+            Some(Err(JoinError::ProtocolMismatch { theirs: 3 }))
+        );
+        assert!(JoinError::ProtocolMismatch { theirs: 3 }
+            .to_string()
+            .contains("update lanrage on this node"));
+        assert!(JoinError::ProtocolMismatch { theirs: 1 }
+            .to_string()
+            .contains("update lanrage on the host"));
+        // A forged notice while the real host answers changes nothing.
+        sim.nodes[0].up = true;
+        let now = sim.now;
+        sim.nodes[2]
+            .engine
+            .join(now, party, vec![target], None)
+            .unwrap();
+        assert!(sim.nodes[2].engine.handle_version_notice(now, from, 9));
+        sim.settle();
+        sim.advance(Duration::from_secs(2));
+        assert_eq!(sim.nodes[2].finished.pop(), Some(Ok(())));
+    }
+
+    /// Names reach terminals and web pages: whatever a host sends, control characters and bidi
+    /// overrides are gone before anything else sees the roster.
+    #[test]
+    fn roster_names_are_cleaned_on_arrival() {
+        let (mut sim, _) = party_of(3);
+        let mut evil = sim.roster(0);
+        evil.version += 1;
+        evil.name = "party\u{1b}]0;pwned\u{7}".into();
+        evil.members[2].name = "\u{1b}[2Jcarol\u{202e}gnp.exe".into();
+        sim.inject(0, 1, Message::Roster(evil));
+        let got = sim.roster(1);
+        assert_eq!(got.name, "party]0;pwned");
+        assert_eq!(got.members[2].name, "[2Jcarolgnp.exe");
+        assert!(got
+            .members
+            .iter()
+            .all(|m| !m.name.chars().any(|c| c.is_control())));
     }
 
     #[test]
