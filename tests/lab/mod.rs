@@ -603,6 +603,14 @@ impl Node {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// The daemon's process id while it runs. `ip netns exec` execs the daemon, so the child the
+    /// lab started is the daemon itself (its /proc entry shows the daemon's memory and CPU).
+    pub fn pid(&self) -> Option<u32> {
+        let mut guard = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let child = guard.as_mut()?;
+        matches!(child.try_wait(), Ok(None)).then(|| child.id())
+    }
+
     /// How the daemon exited, if it did.
     pub fn exit_status(&self) -> Option<ExitStatus> {
         let mut guard = self.child.lock().unwrap_or_else(|e| e.into_inner());
