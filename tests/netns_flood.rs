@@ -321,7 +321,7 @@ fn mdns_flood_keeps_memory_and_cpu_bounded() {
             api_failures.push(format!("{}: {took:?} {}", node.name, out.stderr.trim()));
         }
         pings += 1;
-        let ok = if k % 2 == 0 {
+        let ok = if k.is_multiple_of(2) {
             lab.node(0).ping(&bob_vip)
         } else {
             lab.node(1).ping(HOST_VIP)
