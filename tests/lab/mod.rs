@@ -76,9 +76,8 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 const LOG_TAIL_LINES: usize = 200;
-/// Daemon log filter unless `LANRAGE_LOG` is set: lanrage's debug output without the (very
-/// chatty) mDNS library.
-const DEFAULT_LOG_FILTER: &str = "debug,mdns_sd=info";
+/// Daemon log filter unless `LANRAGE_LOG` is set.
+const DEFAULT_LOG_FILTER: &str = "debug";
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 static ENV_PROBLEM: OnceLock<Option<String>> = OnceLock::new();

@@ -914,7 +914,10 @@ impl Core {
                         });
                     }
                 }
-                self.pace.entry(iface.index).or_default().last = Some(now);
+                // The announcement carries everything an answer would.
+                let pace = self.pace.entry(iface.index).or_default();
+                pace.last = Some(now);
+                pace.due = None;
             }
             for id in &due {
                 if let Some(own) = self.own.get_mut(id) {
@@ -1081,4 +1084,428 @@ fn party_records<'a>(
         records.push(message::ptr(name(&SERVICES), name(&SERVICE), TTL_OTHER));
     }
     Some(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::AD_VERSION;
+    use crate::ids::NodeId;
+    use proptest::prelude::*;
+    use simple_dns::Name;
+    use std::net::SocketAddr;
+
+    const PORT: u16 = 5353;
+    const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    fn iface(n: u8) -> Iface {
+        Iface {
+            index: 2,
+            addr: Ipv4Addr::new(192, 0, 2, n),
+            prefix: 24,
+        }
+    }
+
+    fn party(id: u8, host: u8, members: u32) -> PartyAd {
+        PartyAd {
+            id: PartyId([id; 10]),
+            name: format!("party {id}"),
+            host_id: NodeId([host; 8]),
+            host_name: format!("host{host}"),
+            host_key: KEY.into(),
+            endpoints: vec![SocketAddr::from(([192, 0, 2, host], 4242))],
+            members,
+            protected: false,
+            version: AD_VERSION,
+        }
+    }
+
+    /// A node of the simulation: a core on its own address.
+    struct Node {
+        core: Core,
+        iface: Iface,
+    }
+
+    impl Node {
+        fn new(n: u8, now: Instant) -> Self {
+            let mut core = Core::new(PORT, now);
+            core.set_ifaces(now, vec![iface(n)]);
+            Node {
+                core,
+                iface: iface(n),
+            }
+        }
+
+        fn src(&self) -> SocketAddrV4 {
+            SocketAddrV4::new(self.iface.addr, PORT)
+        }
+    }
+
+    /// Runs timers on every node and delivers every multicast to every other node (and its
+    /// own), `connected` saying who hears whom.
+    fn step(nodes: &mut [Node], now: Instant, connected: impl Fn(usize, usize) -> bool) -> usize {
+        let mut sent = 0;
+        for n in nodes.iter_mut() {
+            if now >= n.core.poll_timeout() {
+                n.core.handle_timeout(now);
+            }
+        }
+        let mut out = Vec::new();
+        for (i, n) in nodes.iter_mut().enumerate() {
+            while let Some(t) = n.core.poll_transmit() {
+                out.push((i, n.src(), t));
+            }
+        }
+        for (from, src, t) in out {
+            sent += 1;
+            for (j, n) in nodes.iter_mut().enumerate() {
+                if connected(from, j) {
+                    let iface = n.iface;
+                    n.core.handle_packet(now, src, iface, &t.bytes);
+                }
+            }
+        }
+        sent
+    }
+
+    /// Steps every 50 ms for `d`.
+    fn run(
+        nodes: &mut [Node],
+        now: &mut Instant,
+        d: Duration,
+        connected: impl Fn(usize, usize) -> bool + Copy,
+    ) -> usize {
+        let end = *now + d;
+        let mut sent = 0;
+        while *now < end {
+            *now += Duration::from_millis(50);
+            sent += step(nodes, *now, connected);
+        }
+        sent
+    }
+
+    fn all(_: usize, _: usize) -> bool {
+        true
+    }
+
+    #[test]
+    fn announce_update_withdraw() {
+        let mut now = Instant::now();
+        let mut nodes = vec![Node::new(10, now), Node::new(11, now)];
+        let a = party(1, 10, 1);
+        assert!(nodes[0]
+            .core
+            .announce(now, &a, &[Ipv4Addr::new(192, 0, 2, 10)], 4242));
+        // Listed by its announcer at once, by the other within one exchange.
+        assert_eq!(nodes[0].core.parties(), vec![a.clone()]);
+        run(&mut nodes, &mut now, Duration::from_millis(100), all);
+        assert_eq!(nodes[1].core.parties(), vec![a.clone()]);
+
+        let a2 = party(1, 10, 2);
+        nodes[0]
+            .core
+            .announce(now, &a2, &[Ipv4Addr::new(192, 0, 2, 10)], 4242);
+        run(&mut nodes, &mut now, Duration::from_millis(100), all);
+        assert_eq!(nodes[1].core.parties(), vec![a2.clone()]);
+
+        // Live announcers stay listed through many re-confirmation rounds.
+        run(&mut nodes, &mut now, Duration::from_secs(60), all);
+        assert_eq!(nodes[1].core.parties(), vec![a2.clone()]);
+
+        nodes[0].core.withdraw(now, a2.id);
+        assert!(nodes[0].core.parties().is_empty());
+        run(&mut nodes, &mut now, GOODBYE_GRACE + HOUSEKEEPING * 2, all);
+        assert!(nodes[1].core.parties().is_empty());
+        assert!(nodes[1].core.instances.is_empty());
+    }
+
+    #[test]
+    fn a_crashed_announcer_is_dropped_within_8_s() {
+        let mut now = Instant::now();
+        let mut nodes = vec![Node::new(10, now), Node::new(11, now)];
+        let a = party(1, 10, 1);
+        nodes[0].core.announce(now, &a, &[], 4242);
+        run(&mut nodes, &mut now, Duration::from_secs(2), all);
+        assert_eq!(nodes[1].core.parties(), vec![a]);
+        // Node 0 falls silent.
+        let start = now;
+        while !nodes[1].core.parties().is_empty() {
+            run(&mut nodes, &mut now, Duration::from_millis(100), |i, _| {
+                i != 0
+            });
+            assert!(now - start <= VERIFY_EVERY + VERIFY_TIMEOUT + HOUSEKEEPING * 3);
+        }
+    }
+
+    #[test]
+    fn a_re_announcement_cancels_the_pending_goodbye() {
+        let mut now = Instant::now();
+        let mut nodes = vec![Node::new(10, now), Node::new(11, now)];
+        let a = party(1, 10, 1);
+        nodes[0].core.announce(now, &a, &[], 4242);
+        run(&mut nodes, &mut now, Duration::from_secs(2), all);
+        nodes[0].core.withdraw(now, a.id);
+        run(&mut nodes, &mut now, Duration::from_millis(50), all);
+        nodes[0].core.announce(now, &a, &[], 4242);
+        run(&mut nodes, &mut now, Duration::from_secs(3), all);
+        assert_eq!(nodes[1].core.parties(), vec![a]);
+    }
+
+    #[test]
+    fn answers_are_paced_and_known_answers_suppress_them() {
+        let now = Instant::now();
+        let mut host = Node::new(10, now);
+        host.core.announce(now, &party(1, 10, 1), &[], 4242);
+        host.core.handle_timeout(now);
+        while host.core.poll_transmit().is_some() {}
+        // Past the two initial announcements (the second is at +1 s).
+        host.core.handle_timeout(now + Duration::from_secs(1));
+        while host.core.poll_transmit().is_some() {}
+        let query = message::query(&[(name(&SERVICE), TYPE::PTR)]).unwrap();
+        let asker = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 11), PORT);
+        // 200 queries over 2 s, starting 0.5 s after the last announcement: answers go out at
+        // most once per second (1 s after the previous multicast), so exactly two.
+        let t0 = now + Duration::from_millis(1500);
+        let mut answers = Vec::new();
+        for i in 0..200 {
+            let t = t0 + Duration::from_millis(10 * i);
+            host.core.handle_packet(t, asker, host.iface, &query);
+            if t >= host.core.poll_timeout() {
+                host.core.handle_timeout(t);
+            }
+            while let Some(tx) = host.core.poll_transmit() {
+                if message::parse(&tx.bytes)
+                    .unwrap()
+                    .has_flags(PacketFlag::RESPONSE)
+                {
+                    answers.push(t);
+                }
+            }
+        }
+        assert_eq!(
+            answers,
+            vec![
+                t0 + Duration::from_millis(500),
+                t0 + Duration::from_millis(1500)
+            ]
+        );
+
+        // A query that already lists our PTR gets no answer.
+        let own = &host.core.own.values().next().unwrap().label;
+        let known = {
+            let mut p = Packet::new_query(0);
+            p.questions.push(simple_dns::Question::new(
+                name(&SERVICE),
+                QTYPE::TYPE(TYPE::PTR),
+                simple_dns::QCLASS::CLASS(simple_dns::CLASS::IN),
+                false,
+            ));
+            p.answers.push(message::ptr(
+                name(&SERVICE),
+                name_under(own.as_bytes(), &SERVICE),
+                TTL_OTHER,
+            ));
+            p.build_bytes_vec_compressed().unwrap()
+        };
+        host.core.handle_timeout(now + Duration::from_millis(4500));
+        while host.core.poll_transmit().is_some() {}
+        let t = now + Duration::from_secs(5);
+        host.core.handle_packet(t, asker, host.iface, &known);
+        host.core.handle_timeout(t + Duration::from_millis(1500));
+        while let Some(tx) = host.core.poll_transmit() {
+            assert!(!message::parse(&tx.bytes)
+                .unwrap()
+                .has_flags(PacketFlag::RESPONSE));
+        }
+        // Without the known answer, the same query is answered.
+        host.core
+            .handle_packet(t + Duration::from_secs(2), asker, host.iface, &query);
+        let answer = host.core.poll_transmit().expect("answer");
+        assert!(message::parse(&answer.bytes)
+            .unwrap()
+            .has_flags(PacketFlag::RESPONSE));
+    }
+
+    #[test]
+    fn legacy_unicast_queries_get_a_short_lived_unicast_answer() {
+        let now = Instant::now();
+        let mut host = Node::new(10, now);
+        host.core.announce(now, &party(1, 10, 1), &[], 4242);
+        host.core.handle_timeout(now);
+        while host.core.poll_transmit().is_some() {}
+        let mut query = message::query(&[(name(&SERVICE), TYPE::PTR)]).unwrap();
+        query[0..2].copy_from_slice(&0x1234u16.to_be_bytes());
+        let asker = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 11), 40000);
+        let mut answers = Vec::new();
+        for _ in 0..20 {
+            host.core.handle_packet(now, asker, host.iface, &query);
+            while let Some(t) = host.core.poll_transmit() {
+                answers.push(t);
+            }
+        }
+        // The budget allows a burst of LEGACY_RATE.
+        assert_eq!(answers.len(), LEGACY_RATE as usize);
+        let t = &answers[0];
+        assert_eq!((t.dest, t.via), (asker, None));
+        let p = message::parse(&t.bytes).unwrap();
+        assert_eq!(p.id(), 0x1234);
+        assert_eq!(p.questions.len(), 1);
+        assert!(p
+            .answers
+            .iter()
+            .all(|r| r.ttl <= TTL_LEGACY && !r.cache_flush));
+    }
+
+    /// One PTR `_lanrage._udp.local.` to a fresh instance plus `a` A records with fresh names:
+    /// the shape of issue 6's flood.
+    fn flood_packet(seq: u32, a: usize) -> Vec<u8> {
+        let instance = format!("junk{seq}");
+        let names: Vec<String> = (0..a).map(|i| format!("n{seq}x{i}")).collect();
+        let mut records = vec![message::ptr(
+            name(&SERVICE),
+            name_under(instance.as_bytes(), &SERVICE),
+            4500,
+        )];
+        for n in &names {
+            records.push(message::a(
+                name_under(n.as_bytes(), &LOCAL),
+                Ipv4Addr::new(198, 51, 100, 1),
+                4500,
+            ));
+        }
+        let mut p = Packet::new_reply(0);
+        p.answers = records;
+        p.build_bytes_vec_compressed().unwrap()
+    }
+
+    #[test]
+    fn a_flood_of_ptr_plus_300_a_records_stores_almost_nothing() {
+        let start = Instant::now();
+        let mut core = Core::new(PORT, start);
+        core.set_ifaces(start, vec![iface(10)]);
+        let packets: Vec<Vec<u8>> = (0..64).map(|s| flood_packet(s, 300)).collect();
+        assert!(packets[0].len() < message::MAX_MESSAGE);
+        // One source, 20 000 datagrams over 20 s.
+        let src = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 66), PORT);
+        for i in 0..20_000u32 {
+            let now = start + Duration::from_millis(u64::from(i));
+            core.handle_packet(now, src, iface(10), &packets[(i % 64) as usize]);
+            if now >= core.poll_timeout() {
+                core.handle_timeout(now);
+            }
+            while core.poll_transmit().is_some() {}
+            assert!(core.instances.len() <= MAX_INSTANCES_PER_SOURCE);
+            assert!(core.hosts.is_empty());
+        }
+        let s = core.stats().clone();
+        // The budget: a burst of 40, then 20/s.
+        assert!(s.rate_limited >= 19_000, "{s:?}");
+        assert!(core.parties().is_empty());
+
+        // Many (spoofed) sources: the tables stay at their caps.
+        let mut now = start + Duration::from_secs(30);
+        for i in 0..5_000u32 {
+            now += Duration::from_millis(1);
+            let src = SocketAddrV4::new(Ipv4Addr::from(0xC000_0200 | (i % 250 + 1)), PORT);
+            core.handle_packet(now, src, iface(10), &flood_packet(1000 + i, 2));
+            assert!(core.instances.len() <= MAX_INSTANCES);
+            assert!(core.sources.len() <= MAX_SOURCES);
+        }
+        // Nobody answers re-confirmation: everything is gone within 8 s.
+        for _ in 0..100 {
+            now += Duration::from_millis(100);
+            core.handle_timeout(now);
+            while core.poll_transmit().is_some() {}
+        }
+        assert!(core.instances.is_empty() && core.hosts.is_empty() && core.per_source.is_empty());
+    }
+
+    #[test]
+    fn a_host_keeps_at_most_16_addresses() {
+        let now = Instant::now();
+        let mut core = Core::new(PORT, now);
+        core.set_ifaces(now, vec![iface(10)]);
+        let inst = name_under(b"x", &SERVICE);
+        let host = name_under(b"h", &LOCAL);
+        let mut records = vec![
+            message::ptr(name(&SERVICE), inst.clone(), 4500),
+            message::srv(inst.clone(), host.clone(), 1, 120),
+        ];
+        for i in 0..300u32 {
+            records.push(
+                message::a(host.clone(), Ipv4Addr::from(0x0A00_0000 + i), 120)
+                    .with_cache_flush(false),
+            );
+        }
+        let bytes = message::response(records).unwrap();
+        let src = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 66), PORT);
+        core.handle_packet(now, src, iface(10), &bytes);
+        assert_eq!(core.hosts.len(), 1);
+        assert_eq!(core.hosts[&b"h"[..]].len(), MAX_HOST_ADDRS);
+    }
+
+    #[test]
+    fn responses_from_other_ports_and_other_names_are_ignored() {
+        let now = Instant::now();
+        let mut core = Core::new(PORT, now);
+        core.set_ifaces(now, vec![iface(10)]);
+        let bytes = flood_packet(1, 1);
+        core.handle_packet(
+            now,
+            SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 66), 1234),
+            iface(10),
+            &bytes,
+        );
+        assert!(core.instances.is_empty());
+        assert_eq!(core.stats().wrong_port, 1);
+        // A PTR of another service type.
+        let other = message::response(vec![message::ptr(
+            name(&[b"_lanrage", b"_tcp", b"local"]),
+            name_under(b"x", &SERVICE),
+            4500,
+        )])
+        .unwrap();
+        core.handle_packet(
+            now,
+            SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 66), PORT),
+            iface(10),
+            &other,
+        );
+        assert!(core.instances.is_empty());
+        let _: Option<Name> = None;
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_datagrams_never_panic_and_stay_bounded(
+            datagrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..600), 1..20),
+            flips in proptest::collection::vec((any::<u16>(), any::<u8>()), 0..16),
+        ) {
+            let now = Instant::now();
+            let mut core = Core::new(PORT, now);
+            core.set_ifaces(now, vec![iface(10)]);
+            core.announce(now, &party(1, 10, 1), &[], 4242);
+            let src = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 66), PORT);
+            // Random bytes, and a valid announcement with random bytes changed.
+            let mut valid = {
+                let mut other = Core::new(PORT, now);
+                other.set_ifaces(now, vec![iface(66)]);
+                other.announce(now, &party(2, 66, 1), &[], 4242);
+                other.handle_timeout(now);
+                other.poll_transmit().unwrap().bytes
+            };
+            for (at, byte) in flips {
+                let n = valid.len();
+                valid[usize::from(at) % n] ^= byte;
+            }
+            core.handle_packet(now, src, iface(10), &valid);
+            for d in &datagrams {
+                core.handle_packet(now, src, iface(10), d);
+            }
+            core.handle_timeout(now + Duration::from_secs(1));
+            let _ = core.parties();
+            prop_assert!(core.instances.len() <= MAX_INSTANCES);
+            prop_assert!(core.queue.len() <= MAX_QUEUE);
+        }
+    }
 }
