@@ -246,7 +246,7 @@ fn mdns_flood_keeps_memory_and_cpu_bounded() {
     let Some(mut lab) = Lab::new("mdnsflood", 4) else {
         return;
     };
-    // alice and bob form the party; carol only watches (she finds it via mDNS); host 2 attacks.
+    // alice and bob form the party; dave (host 3) only watches (he finds it via mDNS); host 2 attacks.
     lab.spawn_all(&[0, 1, 3], |o| o.mdns(true).discovery_file(false));
     let party = lab.node(0).create_party("flooded", None);
     for i in [1, 3] {
@@ -424,7 +424,7 @@ fn mdns_flood_keeps_memory_and_cpu_bounded() {
         "the party degraded during the flood: {pings_ok}/{pings} pings answered"
     );
 
-    // After the flood: the party is intact and works, and mDNS discovery works again (carol still
+    // After the flood: the party is intact and works, and mDNS discovery works again (dave still
     // lists the party, from a fresh announcement: bob's join changed the member count).
     assert!(lab.node(0).ping_within(&bob_vip, Duration::from_secs(10)));
     assert!(lab.node(1).ping_within(HOST_VIP, Duration::from_secs(10)));
@@ -433,13 +433,13 @@ fn mdns_flood_keeps_memory_and_cpu_bounded() {
         assert_eq!(party_id_of(&s).as_deref(), Some(party.as_str()), "{s:#}");
         assert_eq!(member_ids(&s), members, "{s:#}");
     }
-    let carol = lab.node(3);
+    let dave = lab.node(3);
     assert!(
         wait_until(DISCOVERY_WITHIN, || {
-            let list = carol.parties();
+            let list = dave.parties();
             list.len() == 1 && list[0]["id"] == party.as_str() && list[0]["members"] == 2
         }),
-        "carol does not list exactly the party (2 members) after the flood: {:#?}",
-        carol.parties()
+        "dave does not list exactly the party (2 members) after the flood: {:#?}",
+        dave.parties()
     );
 }

@@ -1022,6 +1022,17 @@ impl Core {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        // A listed party that stopped answering may only have lost datagrams (a flood fills the
+        // receive queue): browse again soon, so it is back within seconds if it is alive.
+        let lost_listed = dead.iter().any(|k| {
+            self.instances
+                .get(k)
+                .is_some_and(|i| i.resolved() && i.gone_at.is_none())
+        });
+        if lost_listed {
+            self.browse_gap = Duration::from_secs(1);
+            self.next_browse = self.next_browse.min(now + self.browse_gap);
+        }
         for k in dead {
             self.remove_instance(&k);
         }
@@ -1235,6 +1246,27 @@ mod tests {
             });
             assert!(now - start <= VERIFY_EVERY + VERIFY_TIMEOUT + HOUSEKEEPING * 3);
         }
+    }
+
+    #[test]
+    fn a_party_that_lost_its_answers_is_back_soon_after() {
+        let mut now = Instant::now();
+        let mut nodes = vec![Node::new(10, now), Node::new(11, now)];
+        let a = party(1, 10, 1);
+        nodes[0].core.announce(now, &a, &[], 4242);
+        // Long enough for the browse gap and the re-announcement timer to be long.
+        run(&mut nodes, &mut now, Duration::from_secs(40), all);
+        assert_eq!(nodes[1].core.parties(), vec![a.clone()]);
+        // Everything node 0 sends is lost for a while (a flood filled node 1's queue)...
+        while !nodes[1].core.parties().is_empty() {
+            run(&mut nodes, &mut now, Duration::from_millis(100), |i, _| {
+                i != 0
+            });
+        }
+        // ...then the network is fine again: node 1 browses at once and finds it within 2 s,
+        // well before node 0 re-announces.
+        run(&mut nodes, &mut now, Duration::from_secs(2), all);
+        assert_eq!(nodes[1].core.parties(), vec![a]);
     }
 
     #[test]
