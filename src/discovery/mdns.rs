@@ -31,7 +31,7 @@ pub mod core;
 pub mod message;
 pub mod naming;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -293,7 +293,7 @@ fn lan_ifaces(exclude: &[String]) -> Vec<Iface> {
 fn run(socket: UdpSocket, port: u16, exclude: Vec<String>, shared: Arc<Shared>) {
     let mut core = Core::new(port, Instant::now());
     let mut joined: HashSet<u32> = HashSet::new();
-    let mut failed: HashMap<u32, ()> = HashMap::new();
+    let mut failed: HashSet<u32> = HashSet::new();
     let mut seen_version = 0u64;
     let mut next_iface_check = Instant::now();
     let mut slice_end = Instant::now() + SLICE;
@@ -406,7 +406,7 @@ fn join_ifaces(
     socket: &UdpSocket,
     ifaces: Vec<Iface>,
     joined: &mut HashSet<u32>,
-    failed: &mut HashMap<u32, ()>,
+    failed: &mut HashSet<u32>,
 ) -> Vec<Iface> {
     let sock = SockRef::from(socket);
     let gone: Vec<u32> = joined
@@ -418,7 +418,7 @@ fn join_ifaces(
         let _ = sock.leave_multicast_v4_n(&GROUP, &InterfaceIndexOrAddress::Index(index));
         joined.remove(&index);
     }
-    failed.retain(|index, _| ifaces.iter().any(|i| i.index == *index));
+    failed.retain(|index| ifaces.iter().any(|i| i.index == *index));
     ifaces
         .into_iter()
         .filter(|i| {
@@ -432,7 +432,7 @@ fn join_ifaces(
                     true
                 }
                 Err(e) => {
-                    if failed.insert(i.index, ()).is_none() {
+                    if failed.insert(i.index) {
                         tracing::debug!(interface = i.index, "mDNS: cannot join the group: {e}");
                     }
                     false
@@ -459,9 +459,11 @@ fn flush(socket: &UdpSocket, core: &mut Core) {
 
 /// One log line per [`LOG_EVERY`] at most about what a LAN host made us drop.
 fn log_drops(before: &Stats, now: &Stats) {
-    let over = now.rate_limited - before.rate_limited;
-    let malformed = now.malformed - before.malformed;
-    let refused = now.instances_refused - before.instances_refused;
+    let over = now.rate_limited.saturating_sub(before.rate_limited);
+    let malformed = now.malformed.saturating_sub(before.malformed);
+    let refused = now
+        .instances_refused
+        .saturating_sub(before.instances_refused);
     if over + malformed + refused > 0 {
         tracing::warn!(
             over_budget = over,
