@@ -443,3 +443,59 @@ fn mdns_flood_keeps_memory_and_cpu_bounded() {
         dave.parties()
     );
 }
+
+/// Finding 5 of issue 6: a discovery file of 500k junk entries in the right envelope (it fits the
+/// 1 MiB cap) wrote 824 MB of log in 10 s, one warning per entry per read (the daemon reads the
+/// file every second). Now a daemon reading it for 10 s logs one summary line about it.
+#[test]
+fn junk_discovery_file_does_not_flood_the_log() {
+    let _alone = alone();
+    let Some(mut lab) = Lab::new("junkfile", 1) else {
+        return;
+    };
+    let mut doc = String::from("{\"version\": 1, \"parties\": [");
+    for i in 0..500_000 {
+        doc.push_str(if i == 0 { "0" } else { ",0" });
+    }
+    doc.push_str("]}");
+    fs::write(lab.discovery_file(), &doc).expect("write junk discovery file");
+    lab.spawn(0, NodeOpts::new(NAMES[0]).mdns(false).discovery_file(true));
+    let node = lab.node(0);
+    let start = Instant::now();
+    // Watch for 10 s; stop early if the log runs away (keeps the disk healthy on a broken build).
+    while start.elapsed() < Duration::from_secs(10) && log_len(node) < MAX_LOG_GROWTH_BYTES {
+        thread::sleep(Duration::from_millis(200));
+    }
+    let log = fs::read_to_string(&node.log_path).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("discovery file"))
+        .collect();
+    let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
+    eprintln!(
+        "junk file: {} discovery-file log lines ({bytes} bytes) in {:?}; whole log {} bytes",
+        lines.len(),
+        start.elapsed(),
+        log.len()
+    );
+    assert!(
+        node.is_running(),
+        "the daemon died: {:?}",
+        node.exit_status()
+    );
+    assert!(
+        lines.len() <= 2 && bytes < 4096,
+        "{} discovery-file log lines ({bytes} bytes) in {:?}; first: {:?}",
+        lines.len(),
+        start.elapsed(),
+        lines.first()
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("kept 0 entries, dropped 512")),
+        "no summary line: {lines:#?}"
+    );
+    // The API still answers, and lists nothing from the junk.
+    assert!(node.parties().is_empty(), "{:#?}", node.parties());
+}
