@@ -17,7 +17,8 @@
 //! `IP_MULTICAST_ALL` off (so group traffic from other interfaces is never delivered) and
 //! multicast loop on (so several daemons on one machine see each other). A datagram is attributed
 //! to the interface whose subnet holds its source address; datagrams from anywhere else are
-//! dropped (mDNS is link-local, RFC 6762 §11). Interfaces are re-read every few seconds.
+//! dropped (mDNS is link-local, RFC 6762 §11). Interfaces are re-read every few seconds. IPv4
+//! only: the endpoints a party is joined at are IPv4, so there is nothing to find over IPv6.
 //!
 //! Liveness: every instance is re-confirmed every [`VERIFY_EVERY`]; a crashed announcer (no
 //! goodbye) vanishes within [`VERIFY_EVERY`] + [`VERIFY_TIMEOUT`] (8 s). Announcements skip RFC

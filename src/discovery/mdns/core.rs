@@ -27,7 +27,7 @@
 //! - Output: announcements at most twice per change plus every [`REANNOUNCE_EVERY`]; answers to
 //!   queries at most once per second per interface (RFC 6762 §6), legacy unicast answers at most
 //!   [`LEGACY_RATE`]/s in all; the transmit queue holds at most [`MAX_QUEUE`] datagrams.
-//! - Own announcements: at most [`MAX_OWN`].
+//! - Own announcements: at most [`MAX_OWN`], and at most as many goodbyes pending.
 //!
 //! # Liveness
 //! A crashed announcer never says goodbye, so every known instance is re-confirmed every
@@ -375,11 +375,7 @@ impl Core {
         let label = instance_label(ad);
         if let Some(old) = self.own.remove(&ad.id) {
             if old.label != label {
-                self.goodbyes.push(Goodbye {
-                    own: old,
-                    at: now,
-                    left: 2,
-                });
+                self.push_goodbye(now, old);
             }
         }
         // A re-announcement cancels a pending goodbye for the same instance.
@@ -402,13 +398,22 @@ impl Core {
     /// Stops announcing a party: goodbye (TTL 0) records go out twice. No-op if not announced.
     pub fn withdraw(&mut self, now: Instant, id: PartyId) {
         if let Some(own) = self.own.remove(&id) {
-            self.goodbyes.push(Goodbye {
-                own,
-                at: now,
-                left: 2,
-            });
+            self.push_goodbye(now, own);
             self.changed = true;
         }
+    }
+
+    /// Queues a goodbye (at most [`MAX_OWN`] pending: each lasts a quarter second, so only a
+    /// local caller flipping announcements very fast could reach that; the oldest then goes).
+    fn push_goodbye(&mut self, now: Instant, own: Own) {
+        if self.goodbyes.len() >= MAX_OWN {
+            self.goodbyes.remove(0);
+        }
+        self.goodbyes.push(Goodbye {
+            own,
+            at: now,
+            left: 2,
+        });
     }
 
     /// Withdraws everything (the goodbyes still need [`Core::handle_timeout`] to go out).
