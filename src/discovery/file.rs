@@ -23,10 +23,15 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use parking_lot::Mutex;
+use serde::de::{IgnoredAny, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 
 use super::{PartyAd, AD_VERSION};
 use crate::ids::{NodeId, PartyId};
@@ -37,6 +42,14 @@ const FILE_VERSION: u64 = 1;
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 /// At most this many entries are kept (the newest win).
 pub const MAX_ENTRIES: usize = 256;
+/// At most this many entries are examined per read (writers never write more than
+/// [`MAX_ENTRIES`]); the rest of the list is skipped unexamined, so a file of tiny junk entries
+/// costs one linear scan and no per-entry work.
+pub const MAX_EXAMINED: usize = 2 * MAX_ENTRIES;
+/// An unchanged problem summary is logged again at most this often.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+/// Longest reason quoted in a summary line (reasons can quote file content).
+const MAX_REASON_CHARS: usize = 120;
 /// Longest accepted party name or host name, in bytes.
 pub const MAX_NAME_BYTES: usize = 64;
 /// Most endpoints an announcement may carry.
@@ -141,6 +154,186 @@ struct Loaded {
     clean: bool,
 }
 
+/// What was wrong with the file at one read: at most one summary line per read says it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Problem {
+    /// Larger than [`MAX_FILE_BYTES`].
+    TooLarge,
+    /// Not the documented envelope.
+    Corrupt(String),
+    /// Some entries were dropped or not examined.
+    Entries {
+        kept: usize,
+        dropped: usize,
+        first_reason: String,
+        /// Entries past [`MAX_EXAMINED`], skipped unread.
+        skipped: usize,
+    },
+}
+
+impl Problem {
+    /// Entries this read did not keep (for the counter).
+    fn lost(&self) -> u64 {
+        match self {
+            Problem::Entries {
+                dropped, skipped, ..
+            } => (dropped + skipped) as u64,
+            _ => 0,
+        }
+    }
+
+    /// Whether `other` is the same problem (the count of kept entries may move).
+    fn same(&self, other: &Problem) -> bool {
+        match (self, other) {
+            (
+                Problem::Entries {
+                    dropped: a,
+                    first_reason: r,
+                    skipped: s,
+                    ..
+                },
+                Problem::Entries {
+                    dropped: b,
+                    first_reason: q,
+                    skipped: t,
+                    ..
+                },
+            ) => a == b && r == q && s == t,
+            _ => self == other,
+        }
+    }
+}
+
+/// When each problem was last logged, shared by the clones of one handle.
+#[derive(Debug, Default)]
+struct Reporter {
+    last: Mutex<Option<(Problem, Instant)>>,
+    dropped: AtomicU64,
+}
+
+impl Reporter {
+    /// Counts and logs what one read found: one line at most, and an unchanged problem only
+    /// once per [`SUMMARY_EVERY`]. `None` = the file was fine (a later problem logs again).
+    fn report(&self, path: &Path, problem: Option<Problem>, now: Instant) {
+        let mut last = self.last.lock();
+        let Some(problem) = problem else {
+            *last = None;
+            return;
+        };
+        self.dropped.fetch_add(problem.lost(), Ordering::Relaxed);
+        if let Some((old, at)) = last.as_ref() {
+            if old.same(&problem) && now.saturating_duration_since(*at) < SUMMARY_EVERY {
+                return;
+            }
+        }
+        let path = path.display();
+        match &problem {
+            Problem::TooLarge => {
+                tracing::warn!(path = %path, "discovery file is larger than {MAX_FILE_BYTES} bytes; ignoring it (it will be rebuilt on the next write)")
+            }
+            Problem::Corrupt(why) => {
+                tracing::warn!(path = %path, "discovery file is corrupt ({why}); ignoring it (it will be rebuilt on the next write)")
+            }
+            Problem::Entries {
+                kept,
+                dropped,
+                first_reason,
+                skipped,
+            } => {
+                let more = if *skipped > 0 {
+                    format!(
+                        "; stopped after examining {MAX_EXAMINED} entries, {skipped} more not read"
+                    )
+                } else {
+                    String::new()
+                };
+                tracing::warn!(path = %path, "discovery file: kept {kept} entries, dropped {dropped} (first reason: {first_reason}){more}");
+            }
+        }
+        *last = Some((problem, now));
+    }
+}
+
+/// A reason fit for a log line: control characters removed, at most [`MAX_REASON_CHARS`].
+fn clean_reason(reason: &dyn std::fmt::Display) -> String {
+    let text = reason.to_string();
+    let mut out: String = text
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_REASON_CHARS)
+        .collect();
+    if text.chars().count() > MAX_REASON_CHARS {
+        out.push('…');
+    }
+    out
+}
+
+/// The file's envelope, read without building a tree of the whole document.
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    version: Option<u64>,
+    #[serde(default)]
+    parties: Option<Parties>,
+}
+
+/// The `parties` list, examined entry by entry: at most [`MAX_EXAMINED`] entries are decoded and
+/// validated (each on its own, so one bad entry drops only itself), the rest are skipped.
+#[derive(Default)]
+struct Parties {
+    entries: Vec<Entry>,
+    dropped: usize,
+    first_reason: Option<String>,
+    skipped: usize,
+}
+
+impl<'de> Deserialize<'de> for Parties {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Parties;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of parties")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Parties, A::Error> {
+                let mut out = Parties::default();
+                let mut examined = 0usize;
+                loop {
+                    if examined >= MAX_EXAMINED {
+                        match seq.next_element::<IgnoredAny>()? {
+                            Some(_) => out.skipped += 1,
+                            None => break,
+                        }
+                        continue;
+                    }
+                    let Some(raw) = seq.next_element::<&'de RawValue>()? else {
+                        break;
+                    };
+                    examined += 1;
+                    let why = match serde_json::from_str::<Entry>(raw.get()) {
+                        Ok(entry) => match validate_ad(&entry.ad) {
+                            Ok(()) => {
+                                out.entries.push(entry);
+                                continue;
+                            }
+                            Err(why) => {
+                                clean_reason(&format_args!("entry #{}: {why}", examined - 1))
+                            }
+                        },
+                        Err(e) => clean_reason(&format_args!("entry #{}: {e}", examined - 1)),
+                    };
+                    out.dropped += 1;
+                    out.first_reason.get_or_insert(why);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
 /// Handle on one shared discovery file (config key `discovery.file`). Cheap; holds no open files.
 /// All methods block on filesystem I/O, so async callers use `spawn_blocking`.
 #[derive(Clone, Debug)]
@@ -148,6 +341,7 @@ pub struct DiscoveryFile {
     path: PathBuf,
     lock_path: PathBuf,
     stale_after: Duration,
+    reporter: Arc<Reporter>,
 }
 
 impl DiscoveryFile {
@@ -164,7 +358,14 @@ impl DiscoveryFile {
             path,
             lock_path,
             stale_after,
+            reporter: Arc::default(),
         }
+    }
+
+    /// Entries dropped (invalid) or skipped (past [`MAX_EXAMINED`]) over all reads so far, for
+    /// metrics: a file that keeps growing this is being written by something broken or hostile.
+    pub fn dropped_entries(&self) -> u64 {
+        self.reporter.dropped.load(Ordering::Relaxed)
     }
 
     /// The discovery file's path (for messages and status output).
@@ -327,103 +528,56 @@ impl DiscoveryFile {
         }
     }
 
-    /// Loads the file. Missing means empty; unreadable content is logged and treated as empty
-    /// (the next write rebuilds it); invalid entries are logged and dropped one by one.
+    /// Loads the file. Missing means empty; unreadable content is treated as empty (the next
+    /// write rebuilds it); invalid entries are dropped one by one. Whatever was wrong is summed
+    /// up in one log line at most (see [`Reporter`]).
     fn load(&self) -> Result<Loaded, FileError> {
-        let bytes = match self.read_bytes() {
-            Ok(Some(b)) => b,
-            Ok(None) => {
-                return Ok(Loaded {
+        let (loaded, problem) = match self.read_bytes()? {
+            None => (
+                Loaded {
                     entries: Vec::new(),
                     clean: true,
-                })
-            }
-            Err(Some(e)) => return Err(e),
-            Err(None) => {
-                return Ok(Loaded {
+                },
+                None,
+            ),
+            Some(None) => (
+                Loaded {
                     entries: Vec::new(),
                     clean: false,
-                })
-            }
-        };
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+                },
+                Some(Problem::TooLarge),
+            ),
             // An empty file (e.g. created by `touch`) is not worth a warning.
-            return Ok(Loaded {
-                entries: Vec::new(),
-                clean: false,
-            });
-        }
-        Ok(self.parse(&bytes))
+            Some(Some(bytes)) if bytes.iter().all(u8::is_ascii_whitespace) => (
+                Loaded {
+                    entries: Vec::new(),
+                    clean: false,
+                },
+                None,
+            ),
+            Some(Some(bytes)) => parse(&bytes),
+        };
+        self.reporter.report(&self.path, problem, Instant::now());
+        Ok(loaded)
     }
 
-    /// Reads the whole file. `Ok(None)`: missing. `Err(None)`: too large (already logged).
-    fn read_bytes(&self) -> Result<Option<Vec<u8>>, Option<FileError>> {
+    /// Reads the whole file. `None`: missing. `Some(None)`: larger than [`MAX_FILE_BYTES`]
+    /// (never read past that: one byte more than allowed is read to tell, without trusting
+    /// metadata, as the file may be replaced between stat and read).
+    fn read_bytes(&self) -> Result<Option<Option<Vec<u8>>>, FileError> {
         let file = match File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Some(self.io_err(&self.path, "open", e))),
+            Err(e) => return Err(self.io_err(&self.path, "open", e)),
         };
         let mut bytes = Vec::new();
-        // Read one byte more than allowed to detect oversize files without trusting metadata
-        // (the file may be replaced between stat and read).
         file.take(MAX_FILE_BYTES + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| Some(self.io_err(&self.path, "read", e)))?;
+            .map_err(|e| self.io_err(&self.path, "read", e))?;
         if bytes.len() as u64 > MAX_FILE_BYTES {
-            tracing::warn!(path = %self.path.display(), "discovery file is larger than {MAX_FILE_BYTES} bytes; ignoring it (it will be rebuilt on the next write)");
-            return Err(None);
+            return Ok(Some(None));
         }
-        Ok(Some(bytes))
-    }
-
-    /// Parses file content, never failing: whatever cannot be understood is logged and dropped.
-    fn parse(&self, bytes: &[u8]) -> Loaded {
-        let corrupt = |why: &dyn std::fmt::Display| {
-            tracing::warn!(path = %self.path.display(), "discovery file is corrupt ({why}); ignoring it (it will be rebuilt on the next write)");
-            Loaded {
-                entries: Vec::new(),
-                clean: false,
-            }
-        };
-        let value: serde_json::Value = match serde_json::from_slice(bytes) {
-            Ok(v) => v,
-            Err(e) => return corrupt(&e),
-        };
-        let Some(obj) = value.as_object() else {
-            return corrupt(&"top level is not an object");
-        };
-        match obj.get("version").and_then(serde_json::Value::as_u64) {
-            Some(FILE_VERSION) => {}
-            Some(v) => return corrupt(&format_args!("unsupported version {v}")),
-            None => return corrupt(&"missing version"),
-        }
-        let Some(parties) = obj.get("parties").and_then(serde_json::Value::as_array) else {
-            return corrupt(&"missing parties list");
-        };
-        let mut clean = true;
-        let mut entries = Vec::new();
-        for (i, raw) in parties.iter().enumerate() {
-            // Bounded work even for a file full of tiny entries; the newest are kept later.
-            if entries.len() >= MAX_ENTRIES * 2 {
-                clean = false;
-                break;
-            }
-            let entry = match Entry::deserialize(raw) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(path = %self.path.display(), "dropping malformed discovery file entry #{i}: {e}");
-                    clean = false;
-                    continue;
-                }
-            };
-            if let Err(why) = validate_ad(&entry.ad) {
-                tracing::warn!(path = %self.path.display(), party = %entry.ad.id, "dropping discovery file entry #{i}: {why}");
-                clean = false;
-                continue;
-            }
-            entries.push(entry);
-        }
-        Loaded { entries, clean }
+        Ok(Some(Some(bytes)))
     }
 
     /// Atomically replaces the file with `entries`: temp file in the same directory, fsync,
@@ -510,6 +664,47 @@ impl DiscoveryFile {
             }
         }
     }
+}
+
+/// Parses file content, never failing: whatever cannot be understood is dropped and described
+/// in the returned problem. Work is one linear pass over at most [`MAX_FILE_BYTES`] plus the
+/// decoding of at most [`MAX_EXAMINED`] entries.
+fn parse(bytes: &[u8]) -> (Loaded, Option<Problem>) {
+    let corrupt = |why: &dyn std::fmt::Display| {
+        (
+            Loaded {
+                entries: Vec::new(),
+                clean: false,
+            },
+            Some(Problem::Corrupt(clean_reason(why))),
+        )
+    };
+    let envelope: Envelope = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        Err(e) => return corrupt(&e),
+    };
+    match envelope.version {
+        Some(FILE_VERSION) => {}
+        Some(v) => return corrupt(&format_args!("unsupported version {v}")),
+        None => return corrupt(&"missing version"),
+    }
+    let Some(parties) = envelope.parties else {
+        return corrupt(&"missing parties list");
+    };
+    let clean = parties.dropped == 0 && parties.skipped == 0;
+    let problem = (!clean).then(|| Problem::Entries {
+        kept: parties.entries.len(),
+        dropped: parties.dropped,
+        first_reason: parties.first_reason.clone().unwrap_or_default(),
+        skipped: parties.skipped,
+    });
+    (
+        Loaded {
+            entries: parties.entries,
+            clean,
+        },
+        problem,
+    )
 }
 
 /// Wall-clock now in Unix milliseconds (the file is shared between processes, so monotonic
@@ -812,6 +1007,120 @@ mod tests {
             .filter(|n| n.contains(".tmp."))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// Collects everything logged (formatted) while `f` runs on this thread.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<parking_lot::Mutex<Vec<u8>>>);
+        impl io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&buf.0.lock()).into_owned();
+        (out, text)
+    }
+
+    /// Issue 6 finding 5: 500k junk entries in the right envelope wrote 824 MB of log in 10 s
+    /// (one warning per entry, every second). Now: one summary line for the first read, nothing
+    /// for identical re-reads, bounded work, and a counter.
+    #[test]
+    fn junk_entries_make_one_summary_line() {
+        let (_dir, file) = setup();
+        fs::create_dir_all(file.path().parent().unwrap()).unwrap();
+        let mut doc = String::from("{\"version\": 1, \"parties\": [");
+        for i in 0..500_000 {
+            doc.push_str(if i == 0 { "0" } else { ",0" });
+        }
+        doc.push_str("]}");
+        assert!(doc.len() as u64 <= MAX_FILE_BYTES, "{}", doc.len());
+        fs::write(file.path(), &doc).unwrap();
+
+        let start = Instant::now();
+        let (got, log) = logged(|| {
+            (0..10)
+                .map(|_| file.read_at(T0).unwrap().len())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(got, vec![0; 10]);
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(
+            lines[0].contains("kept 0 entries, dropped 512 (first reason: entry #0: invalid type")
+                && lines[0].contains("stopped after examining 512 entries, 499488 more not read"),
+            "{log}"
+        );
+        // Ten reads of a 1 MB file take well under a second even in a debug build.
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(file.dropped_entries(), 10 * 500_000);
+
+        // A different problem is reported at once; the same one again after it went away.
+        let good = serde_json::to_value(Entry {
+            ad: ad(1, "good"),
+            last_seen_unix_ms: T0,
+        })
+        .unwrap();
+        let doc = serde_json::json!({"version": 1, "parties": [good, "x"]});
+        fs::write(file.path(), serde_json::to_vec(&doc).unwrap()).unwrap();
+        let (got, log) = logged(|| (file.read_at(T0).unwrap(), file.read_at(T0).unwrap()));
+        assert_eq!(got, (vec![ad(1, "good")], vec![ad(1, "good")]));
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(
+            log.contains("kept 1 entries, dropped 1 (first reason: entry #1: invalid type: string"),
+            "{log}"
+        );
+        file.publish_at(&ad(2, "b"), T0).unwrap();
+        let (clean, log) = logged(|| file.read_at(T0).unwrap());
+        assert_eq!(clean.len(), 2);
+        assert!(log.is_empty(), "{log}");
+        fs::write(file.path(), serde_json::to_vec(&doc).unwrap()).unwrap();
+        let (_, log) = logged(|| file.read_at(T0).unwrap());
+        assert_eq!(log.lines().count(), 1, "{log}");
+
+        // Oversize and corrupt files: one line each, not repeated.
+        fs::write(file.path(), vec![b' '; MAX_FILE_BYTES as usize + 1]).unwrap();
+        let (_, log) = logged(|| (file.read_at(T0).unwrap(), file.read_at(T0).unwrap()));
+        assert_eq!(log.lines().count(), 1, "{log}");
+        fs::write(file.path(), b"{\"version\": 1, \"parties\": [\x1b").unwrap();
+        let (_, log) = logged(|| (file.read_at(T0).unwrap(), file.read_at(T0).unwrap()));
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(!log.contains('\u{1b}'));
+    }
+
+    /// Reasons quoting file content are cut and stripped of control characters.
+    #[test]
+    fn summary_reasons_are_short_and_clean() {
+        let (_dir, file) = setup();
+        fs::create_dir_all(file.path().parent().unwrap()).unwrap();
+        let mut bad = serde_json::to_value(Entry {
+            ad: ad(1, "good"),
+            last_seen_unix_ms: T0,
+        })
+        .unwrap();
+        bad["members"] = format!("\u{1b}[2J{}", "y".repeat(10_000)).into();
+        let doc = serde_json::json!({"version": 1, "parties": [bad]});
+        fs::write(file.path(), serde_json::to_vec(&doc).unwrap()).unwrap();
+        let (_, log) = logged(|| file.read_at(T0).unwrap());
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(log.len() < 600, "{log}");
+        assert!(!log.contains('\u{1b}'), "{log}");
     }
 
     proptest! {

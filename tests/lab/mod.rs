@@ -79,9 +79,8 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 const LOG_TAIL_LINES: usize = 200;
-/// Daemon log filter unless `LANRAGE_LOG` is set: lanrage's debug output without the (very
-/// chatty) mDNS library.
-const DEFAULT_LOG_FILTER: &str = "debug,mdns_sd=info";
+/// Daemon log filter unless `LANRAGE_LOG` is set.
+const DEFAULT_LOG_FILTER: &str = "debug";
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 static ENV_PROBLEM: OnceLock<Option<String>> = OnceLock::new();
@@ -713,6 +712,14 @@ impl Node {
         guard
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The daemon's process id while it runs. `ip netns exec` execs the daemon, so the child the
+    /// lab started is the daemon itself (its /proc entry shows the daemon's memory and CPU).
+    pub fn pid(&self) -> Option<u32> {
+        let mut guard = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let child = guard.as_mut()?;
+        matches!(child.try_wait(), Ok(None)).then(|| child.id())
     }
 
     /// How the daemon exited, if it did.

@@ -1,0 +1,501 @@
+//! Flood and load tests: a hostile host on the LAN tries to exhaust a daemon's memory, CPU or log.
+//! Each test measures the daemons' memory and CPU, so they run one at a time (every test takes
+//! the process-wide [`ALONE`] mutex) and never alongside other netns tests: scripts/test.sh runs
+//! this binary on its own.
+//!
+//! Needs root, iproute2 and iputils-ping (see tests/lab/mod.rs): `cargo test --test netns_flood`.
+//! Figures are printed on stderr (`-- --nocapture` shows them).
+
+mod lab;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lab::*;
+
+/// Held by every test in this binary: floods must not overlap.
+static ALONE: Mutex<()> = Mutex::new(());
+
+fn alone() -> MutexGuard<'static, ()> {
+    ALONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The standard mDNS port and group.
+const MDNS_PORT: u16 = 5353;
+const MDNS_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 251);
+
+/// How long the flood lasts (the finding's shape: 20 s).
+const FLOOD_FOR: Duration = Duration::from_secs(20);
+/// A records per flood packet (the finding's shape: 300; the packet stays under mDNS's 9000-byte
+/// ceiling, so every receiver parses it).
+const FLOOD_A_RECORDS: usize = 300;
+/// The target: RSS grows by less than this under the flood.
+const MAX_RSS_GROWTH_KIB: u64 = 64 * 1024;
+/// The flood is stopped early once a daemon is this big (keeps the machine healthy when the
+/// daemon is not bounded).
+const ABORT_RSS_KIB: u64 = 300 * 1024;
+/// "The API answers": `status --json` within this, during the flood.
+const API_WITHIN: Duration = Duration::from_secs(5);
+/// CPU is measured over [`CPU_FROM`, `CPU_FROM + CPU_WINDOW`] after the flood stops; the target is
+/// "back to idle within 10 s".
+const CPU_FROM: Duration = Duration::from_secs(5);
+const CPU_WINDOW: Duration = Duration::from_secs(5);
+/// "Idle": less than this share of one core (a daemon in a party heartbeats every second).
+const IDLE_CPU_PERCENT: f64 = 10.0;
+/// A flood must not turn into a log flood either.
+const MAX_LOG_GROWTH_BYTES: u64 = 1024 * 1024;
+/// mDNS propagation of a party (as in netns_lan).
+const DISCOVERY_WITHIN: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// /proc readers
+// ---------------------------------------------------------------------------------------------
+
+/// Resident memory of `pid` in KiB (VmRSS of /proc/<pid>/status).
+fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// CPU time (user + system, all threads) of `pid`, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    // Fields after the command name (which may contain spaces) start at field 3 (state);
+    // utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> u64 { fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(0) };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) as f64 / hz
+}
+
+fn log_len(node: &Node) -> u64 {
+    fs::metadata(&node.log_path).map(|m| m.len()).unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The attacker's packets (built by hand: the test is the attacker)
+// ---------------------------------------------------------------------------------------------
+
+/// Writes `v` in base 36 into `out` (lowercase letters and digits, zero-padded on the left).
+fn base36(out: &mut [u8], mut v: u64) {
+    const CHARS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    for b in out.iter_mut().rev() {
+        *b = CHARS[(v % 36) as usize];
+        v /= 36;
+    }
+}
+
+fn pointer(offset: usize) -> [u8; 2] {
+    [0xC0 | (offset >> 8) as u8, offset as u8]
+}
+
+/// Well-formed mDNS responses: one PTR `_lanrage._udp.local.` → a fresh instance, plus
+/// `a_records` A records with fresh names in `.local.` and a TTL of 75 minutes. Built once;
+/// [`FloodPacket::next`] rewrites the names (cheap, so the attacker is fast even in a debug build).
+struct FloodPacket {
+    bytes: Vec<u8>,
+    /// Where the instance label's and each A record's name bytes are.
+    instance_at: usize,
+    names_at: Vec<usize>,
+    seq: u64,
+}
+
+const INSTANCE_LEN: usize = 20;
+const NAME_LEN: usize = 8;
+/// The part of a name that changes per packet (36^5 = 60M packets before names repeat).
+const SEQ_LEN: usize = 5;
+
+impl FloodPacket {
+    fn new(a_records: usize, salt: u64) -> Self {
+        let mut p = Vec::with_capacity(12 + 64 + a_records * 25);
+        // Header: id 0, flags QR|AA, no questions, 1 + a_records answers.
+        p.extend_from_slice(&[0, 0, 0x84, 0, 0, 0]);
+        p.extend_from_slice(&((1 + a_records) as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, 0]);
+        let service_at = p.len();
+        for label in ["_lanrage", "_udp", "local"] {
+            p.push(label.len() as u8);
+            p.extend_from_slice(label.as_bytes());
+        }
+        p.push(0);
+        let local_at = service_at + 1 + 8 + 1 + 4;
+        p.extend_from_slice(&[0, 12, 0, 1]); // PTR, IN
+        p.extend_from_slice(&4500u32.to_be_bytes());
+        p.extend_from_slice(&((1 + INSTANCE_LEN + 2) as u16).to_be_bytes());
+        p.push(INSTANCE_LEN as u8);
+        let instance_at = p.len();
+        p.extend_from_slice(&[b'x'; INSTANCE_LEN]);
+        p.extend_from_slice(&pointer(service_at));
+        let mut names_at = Vec::with_capacity(a_records);
+        for i in 0..a_records {
+            p.push(NAME_LEN as u8);
+            names_at.push(p.len());
+            let mut name = [0u8; NAME_LEN];
+            base36(&mut name[SEQ_LEN..], i as u64);
+            p.extend_from_slice(&name);
+            p.extend_from_slice(&pointer(local_at));
+            p.extend_from_slice(&[0, 1, 0x80, 1]); // A, IN with the cache-flush bit
+            p.extend_from_slice(&4500u32.to_be_bytes());
+            p.extend_from_slice(&[0, 4, 198, 51, 100, (i % 250) as u8 + 1]);
+        }
+        FloodPacket {
+            bytes: p,
+            instance_at,
+            names_at,
+            seq: salt,
+        }
+    }
+
+    /// The next packet: every name in it is new (a name is the packet's sequence number in base
+    /// 36 followed by the record's index, so only the first part changes per packet).
+    fn next(&mut self) -> &[u8] {
+        self.seq += 1;
+        base36(
+            &mut self.bytes[self.instance_at..][..INSTANCE_LEN],
+            self.seq,
+        );
+        let mut seq = [0u8; SEQ_LEN];
+        base36(&mut seq, self.seq);
+        for &at in &self.names_at {
+            self.bytes[at..at + SEQ_LEN].copy_from_slice(&seq);
+        }
+        &self.bytes
+    }
+}
+
+/// What the attacker did.
+#[derive(Debug, Default)]
+struct Sent {
+    packets: u64,
+    bytes: u64,
+    errors: u64,
+}
+
+/// Sends flood packets from host `from` (no daemon there), as fast as it can, to the mDNS group
+/// and by unicast to port 5353 of each of `targets`, until `stop` is set or `for_` has passed.
+fn flood(
+    lab: &Lab,
+    from: usize,
+    targets: Vec<Ipv4Addr>,
+    for_: Duration,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Sent> {
+    let me: Ipv4Addr = underlay_ip(from).parse().expect("underlay ip");
+    lab.spawn_in_host(from, move || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
+        sock.set_reuse_address(true).expect("SO_REUSEADDR");
+        sock.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, MDNS_PORT)).into())
+            .expect("bind 5353");
+        sock.set_multicast_if_v4(&me).expect("IP_MULTICAST_IF");
+        sock.set_multicast_ttl_v4(255).expect("IP_MULTICAST_TTL");
+        let mut dests: Vec<SocketAddr> = vec![SocketAddrV4::new(MDNS_GROUP, MDNS_PORT).into()];
+        dests.extend(
+            targets
+                .iter()
+                .map(|t| SocketAddr::from(SocketAddrV4::new(*t, MDNS_PORT))),
+        );
+        let mut packets = FloodPacket::new(FLOOD_A_RECORDS, rand::random::<u32>().into());
+        let mut sent = Sent::default();
+        let start = Instant::now();
+        let mut n = 0usize;
+        while start.elapsed() < for_ && !stop.load(Ordering::Relaxed) {
+            let packet = packets.next();
+            match sock.send_to(packet, &dests[n % dests.len()].into()) {
+                Ok(len) => {
+                    sent.packets += 1;
+                    sent.bytes += len as u64;
+                }
+                Err(_) => {
+                    sent.errors += 1;
+                    // ENOBUFS and friends: the kernel's queue is full; give it a moment.
+                    thread::sleep(Duration::from_micros(100));
+                }
+            }
+            n += 1;
+        }
+        sent
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// Finding 1 of issue 6: a LAN host floods port 5353 with well-formed mDNS responses, each one PTR
+/// `_lanrage._udp.local.` plus 300 A records with fresh names and long TTLs. Under 20 s of that:
+/// the daemons' RSS grows by less than 64 MB, the API answers, the party keeps working, the log
+/// does not explode, CPU is back to idle within 10 s after, and mDNS discovery works again after.
+#[test]
+fn mdns_flood_keeps_memory_and_cpu_bounded() {
+    let _alone = alone();
+    let Some(mut lab) = Lab::new("mdnsflood", 4) else {
+        return;
+    };
+    // alice and bob form the party; dave (host 3) only watches (he finds it via mDNS); host 2 attacks.
+    lab.spawn_all(&[0, 1, 3], |o| o.mdns(true).discovery_file(false));
+    let party = lab.node(0).create_party("flooded", None);
+    for i in [1, 3] {
+        let node = lab.node(i);
+        assert!(
+            wait_until(DISCOVERY_WITHIN, || node.listed_party(&party).is_some()),
+            "{} never discovered the party via mDNS: {:#?}",
+            node.name,
+            node.parties()
+        );
+    }
+    lab.node(1).join_ok(&party, None);
+    let bob_vip = wait_for(Duration::from_secs(10), || lab.node(1).virtual_ip())
+        .expect("bob got no virtual IP");
+    assert!(
+        lab.node(0).ping_within(&bob_vip, Duration::from_secs(10)),
+        "alice cannot ping bob"
+    );
+    assert!(
+        lab.node(1).ping_within(HOST_VIP, Duration::from_secs(10)),
+        "bob cannot ping alice"
+    );
+    let members = BTreeSet::from([lab.node(0).id(), lab.node(1).id()]);
+
+    let watched = [0usize, 1, 3];
+    let pids: Vec<u32> = watched
+        .iter()
+        .map(|&i| lab.node(i).pid().expect("daemon pid"))
+        .collect();
+    // Idle CPU before the flood, for comparison.
+    let cpu_idle_a: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).collect();
+    thread::sleep(CPU_WINDOW);
+    let rss_before: Vec<u64> = pids.iter().map(|&p| rss_kib(p)).collect();
+    let cpu_before: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).collect();
+    let log_before: Vec<u64> = watched.iter().map(|&i| log_len(lab.node(i))).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let targets: Vec<Ipv4Addr> = [0, 1, 3]
+        .iter()
+        .map(|&i| underlay_ip(i).parse().unwrap())
+        .collect();
+    let flood_start = Instant::now();
+    let flooder = flood(&lab, 2, targets, FLOOD_FOR, stop.clone());
+
+    let mut rss_max = rss_before.clone();
+    let mut api_slowest = Duration::ZERO;
+    let mut api_failures = Vec::new();
+    let (mut pings_ok, mut pings) = (0u32, 0u32);
+    let mut aborted = false;
+    let mut k = 0usize;
+    while !flooder.is_finished() {
+        for (j, &pid) in pids.iter().enumerate() {
+            let rss = rss_kib(pid);
+            rss_max[j] = rss_max[j].max(rss);
+            if rss > ABORT_RSS_KIB && !aborted {
+                aborted = true;
+                eprintln!(
+                    "flood: {} reached {} MiB after {:?}; stopping the flood early",
+                    lab.node(watched[j]).name,
+                    rss / 1024,
+                    flood_start.elapsed()
+                );
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+        let node = lab.node(watched[k % watched.len()]);
+        let t = Instant::now();
+        let out = node.cli(&["status", "--json"]);
+        let took = t.elapsed();
+        api_slowest = api_slowest.max(took);
+        if !out.success() || took > API_WITHIN {
+            api_failures.push(format!("{}: {took:?} {}", node.name, out.stderr.trim()));
+        }
+        pings += 1;
+        let ok = if k.is_multiple_of(2) {
+            lab.node(0).ping(&bob_vip)
+        } else {
+            lab.node(1).ping(HOST_VIP)
+        };
+        pings_ok += u32::from(ok);
+        k += 1;
+    }
+    let flood_took = flood_start.elapsed();
+    let sent = flooder.join().expect("flooder panicked");
+    let flood_end = Instant::now();
+    let rss_end: Vec<u64> = pids.iter().map(|&p| rss_kib(p)).collect();
+    let cpu_end: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).collect();
+
+    thread::sleep(CPU_FROM.saturating_sub(flood_end.elapsed()));
+    let cpu_a: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).collect();
+    thread::sleep(CPU_WINDOW);
+    let cpu_b: Vec<f64> = pids.iter().map(|&p| cpu_secs(p)).collect();
+    let rss_after: Vec<u64> = pids.iter().map(|&p| rss_kib(p)).collect();
+    let log_after: Vec<u64> = watched.iter().map(|&i| log_len(lab.node(i))).collect();
+
+    eprintln!(
+        "flood: {} packets ({} MB, {} send errors) in {flood_took:?}{}",
+        sent.packets,
+        sent.bytes / 1_000_000,
+        sent.errors,
+        if aborted { " (stopped early)" } else { "" }
+    );
+    for (j, &i) in watched.iter().enumerate() {
+        let flood_secs = flood_took.as_secs_f64().max(0.001);
+        eprintln!(
+            "flood: {:5}: RSS {} KiB before, max {} KiB during (+{} KiB), {} KiB at the end, {} KiB \
+             {CPU_WINDOW:?} later; CPU {:.1}% of a core before, {:.0}% during the flood, {:.1}% from \
+             {CPU_FROM:?} to {:?} after; log +{} bytes",
+            lab.node(i).name,
+            rss_before[j],
+            rss_max[j],
+            rss_max[j].saturating_sub(rss_before[j]),
+            rss_end[j],
+            rss_after[j],
+            (cpu_before[j] - cpu_idle_a[j]) * 100.0 / CPU_WINDOW.as_secs_f64(),
+            (cpu_end[j] - cpu_before[j]) * 100.0 / flood_secs,
+            (cpu_b[j] - cpu_a[j]) * 100.0 / CPU_WINDOW.as_secs_f64(),
+            CPU_FROM + CPU_WINDOW,
+            log_after[j].saturating_sub(log_before[j]),
+        );
+    }
+    eprintln!(
+        "flood: API slowest status {api_slowest:?}; pings during the flood {pings_ok}/{pings}"
+    );
+
+    for &i in &watched {
+        assert!(
+            lab.node(i).is_running(),
+            "{} died under the flood: {:?}",
+            lab.node(i).name,
+            lab.node(i).exit_status()
+        );
+    }
+    assert!(
+        !aborted,
+        "RSS passed {} MiB: the flood was stopped early",
+        ABORT_RSS_KIB / 1024
+    );
+    assert!(
+        flood_took >= FLOOD_FOR,
+        "the flood ended early ({flood_took:?})"
+    );
+    assert!(
+        sent.packets >= 1000,
+        "the attacker sent only {} packets",
+        sent.packets
+    );
+    for (j, &i) in watched.iter().enumerate() {
+        let growth = rss_max[j].saturating_sub(rss_before[j]);
+        assert!(
+            growth < MAX_RSS_GROWTH_KIB,
+            "{}: RSS grew by {growth} KiB under the flood (limit {MAX_RSS_GROWTH_KIB} KiB)",
+            lab.node(i).name
+        );
+        let idle = (cpu_b[j] - cpu_a[j]) * 100.0 / CPU_WINDOW.as_secs_f64();
+        assert!(
+            idle < IDLE_CPU_PERCENT,
+            "{}: still {idle:.1}% CPU {CPU_FROM:?} after the flood",
+            lab.node(i).name
+        );
+        let log_growth = log_after[j].saturating_sub(log_before[j]);
+        assert!(
+            log_growth < MAX_LOG_GROWTH_BYTES,
+            "{}: the log grew by {log_growth} bytes under the flood",
+            lab.node(i).name
+        );
+    }
+    assert!(
+        api_failures.is_empty(),
+        "the API did not answer within {API_WITHIN:?} during the flood: {api_failures:#?}"
+    );
+    assert!(pings >= 5, "too few pings during the flood ({pings})");
+    assert!(
+        pings_ok * 2 >= pings,
+        "the party degraded during the flood: {pings_ok}/{pings} pings answered"
+    );
+
+    // After the flood: the party is intact and works, and mDNS discovery works again (dave still
+    // lists the party, from a fresh announcement: bob's join changed the member count).
+    assert!(lab.node(0).ping_within(&bob_vip, Duration::from_secs(10)));
+    assert!(lab.node(1).ping_within(HOST_VIP, Duration::from_secs(10)));
+    for i in [0, 1] {
+        let s = lab.node(i).status();
+        assert_eq!(party_id_of(&s).as_deref(), Some(party.as_str()), "{s:#}");
+        assert_eq!(member_ids(&s), members, "{s:#}");
+    }
+    let dave = lab.node(3);
+    assert!(
+        wait_until(DISCOVERY_WITHIN, || {
+            let list = dave.parties();
+            list.len() == 1 && list[0]["id"] == party.as_str() && list[0]["members"] == 2
+        }),
+        "dave does not list exactly the party (2 members) after the flood: {:#?}",
+        dave.parties()
+    );
+}
+
+/// Finding 5 of issue 6: a discovery file of 500k junk entries in the right envelope (it fits the
+/// 1 MiB cap) wrote 824 MB of log in 10 s, one warning per entry per read (the daemon reads the
+/// file every second). Now a daemon reading it for 10 s logs one summary line about it.
+#[test]
+fn junk_discovery_file_does_not_flood_the_log() {
+    let _alone = alone();
+    let Some(mut lab) = Lab::new("junkfile", 1) else {
+        return;
+    };
+    let mut doc = String::from("{\"version\": 1, \"parties\": [");
+    for i in 0..500_000 {
+        doc.push_str(if i == 0 { "0" } else { ",0" });
+    }
+    doc.push_str("]}");
+    fs::write(lab.discovery_file(), &doc).expect("write junk discovery file");
+    lab.spawn(0, NodeOpts::new(NAMES[0]).mdns(false).discovery_file(true));
+    let node = lab.node(0);
+    let start = Instant::now();
+    // Watch for 10 s; stop early if the log runs away (keeps the disk healthy on a broken build).
+    while start.elapsed() < Duration::from_secs(10) && log_len(node) < MAX_LOG_GROWTH_BYTES {
+        thread::sleep(Duration::from_millis(200));
+    }
+    let log = fs::read_to_string(&node.log_path).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("discovery file"))
+        .collect();
+    let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
+    eprintln!(
+        "junk file: {} discovery-file log lines ({bytes} bytes) in {:?}; whole log {} bytes",
+        lines.len(),
+        start.elapsed(),
+        log.len()
+    );
+    assert!(
+        node.is_running(),
+        "the daemon died: {:?}",
+        node.exit_status()
+    );
+    assert!(
+        lines.len() <= 2 && bytes < 4096,
+        "{} discovery-file log lines ({bytes} bytes) in {:?}; first: {:?}",
+        lines.len(),
+        start.elapsed(),
+        lines.first()
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("kept 0 entries, dropped 512")),
+        "no summary line: {lines:#?}"
+    );
+    // The API still answers, and lists nothing from the junk.
+    assert!(node.parties().is_empty(), "{:#?}", node.parties());
+}
