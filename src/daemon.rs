@@ -318,6 +318,9 @@ impl Control {
                 Some(req) = api_rx.recv() => self.handle_api(req).await,
                 _ = tick.tick() => {
                     let now = Instant::now();
+                    if self.mdns.as_ref().is_some_and(|m| m.has_failed()) {
+                        return Err(anyhow::anyhow!("the mDNS thread stopped unexpectedly"));
+                    }
                     self.engine.handle_timeout(now);
                     self.refresh_file(now);
                     self.refresh_endpoints(now);
@@ -829,6 +832,23 @@ impl Control {
         for (reason, n) in &self.open_errors {
             counters.insert(format!("control_{reason}"), *n);
         }
+        if let Some(m) = &self.mdns {
+            let st = m.stats();
+            for (name, n) in [
+                ("mdns_received", st.received),
+                ("mdns_not_ours", st.not_ours),
+                ("mdns_rate_limited", st.rate_limited),
+                ("mdns_malformed", st.malformed),
+                ("mdns_wrong_port", st.wrong_port),
+                ("mdns_instances_refused", st.instances_refused),
+                ("mdns_queue_dropped", st.queue_dropped),
+            ] {
+                counters.insert(name.to_string(), n);
+            }
+        }
+        if let Some(f) = &self.file {
+            counters.insert("discovery_file_dropped".to_string(), f.dropped_entries());
+        }
         StatusView {
             node: NodeView {
                 id: self.identity.id.to_string(),
@@ -874,7 +894,9 @@ async fn discovery_loop(
                     reading = None;
                 }
                 Ok(Ok(Err(e))) => {
-                    tracing::warn!(error = %e, "could not read the discovery file");
+                    if let Some(held_back) = slow_log.allow(Instant::now()) {
+                        tracing::warn!(error = %e, held_back, "could not read the discovery file");
+                    }
                     reading = None;
                 }
                 Ok(Err(e)) => {

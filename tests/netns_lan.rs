@@ -5,7 +5,7 @@
 //! (`CI` or `LANRAGE_REQUIRE_NETNS` set), where a missing environment is a failure.
 //! Run with few threads: `cargo test --test netns_lan -- --test-threads=2`.
 //! On failure the tail of every daemon's log is printed; `LANRAGE_LOG` sets the daemons' log
-//! filter (default `debug,mdns_sd=info`), `LANRAGE_LAB_KEEP=1` keeps the temp dirs of failed tests.
+//! filter (default `debug`), `LANRAGE_LAB_KEEP=1` keeps the temp dirs of failed tests.
 
 mod lab;
 

@@ -206,6 +206,13 @@ impl Mdns {
         self.shared.stats.lock().clone()
     }
 
+    /// Whether the mDNS thread ended without being asked to (a panic): the daemon then stops
+    /// with an error instead of listing ever staler parties.
+    pub fn has_failed(&self) -> bool {
+        !self.shared.stop.load(Ordering::SeqCst)
+            && self.worker.lock().as_ref().is_some_and(|w| w.is_finished())
+    }
+
     /// Stop: goodbye for everything announced, then the thread ends. Blocks briefly (normally a
     /// few hundred milliseconds, at most about a second) so the goodbyes are on the wire first.
     /// Idempotent; also run on drop.

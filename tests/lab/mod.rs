@@ -656,15 +656,6 @@ impl Node {
         }
     }
 
-    /// The daemon's process id (the daemon itself: `ip netns exec` execs it).
-    pub fn pid(&self) -> Option<u32> {
-        let mut guard = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        guard.as_mut().and_then(|c| match c.try_wait() {
-            Ok(None) => Some(c.id()),
-            _ => None,
-        })
-    }
-
     /// Sets the environment of the next starts (replacing `opts.env`).
     pub fn set_env(&self, vars: &[(&str, &str)]) {
         *self.env.lock().unwrap_or_else(|e| e.into_inner()) = vars

@@ -22,8 +22,8 @@
 //!   scanning at most [`MAX_INSTANCES`] entries.
 //! - Rate of work: a datagram that does not contain "lanrage" is dropped before parsing; the
 //!   rest is parsed only within a per-source budget ([`SOURCE_RATE`]/s, burst [`SOURCE_BURST`];
-//!   at most [`MAX_SOURCES`] sources are tracked, the others share one budget) and a global one
-//!   ([`PARSE_RATE`]/s). The edge also caps how many datagrams it reads per second.
+//!   a fixed table of [`MAX_SOURCES`] buckets picked by a keyed hash of the source, so a flood
+//!   of spoofed sources allocates nothing) and a global one ([`PARSE_RATE`]/s). The edge also caps how many datagrams it reads per second.
 //! - Output: announcements at most twice per change plus every [`REANNOUNCE_EVERY`]; answers to
 //!   queries at most once per second per interface (RFC 6762 §6), legacy unicast answers at most
 //!   [`LEGACY_RATE`]/s in all; the transmit queue holds at most [`MAX_QUEUE`] datagrams.
@@ -36,7 +36,7 @@
 //! announcer thus vanishes within 8 s; a live one answers every round.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use simple_dns::rdata::{RData, PTR};
@@ -47,6 +47,7 @@ use super::naming::{ad_from_txt, host_label, instance_label, txt_pairs, TxtPairs
 use crate::discovery::file::MAX_ENDPOINTS;
 use crate::discovery::PartyAd;
 use crate::ids::PartyId;
+use lanrage_proto::ratelimit::{HashedLimiter, TokenBucket};
 
 /// The mDNS group.
 pub const GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 251);
@@ -63,17 +64,17 @@ pub const MAX_HOST_ADDRS: usize = MAX_ENDPOINTS;
 pub const MAX_TXT_BYTES: usize = 1300;
 /// Most parties this node announces at once.
 pub const MAX_OWN: usize = 16;
-/// Most source addresses with their own parse budget.
+/// Per-source parse budgets: buckets in a fixed table (sources sharing a slot share a budget).
 pub const MAX_SOURCES: usize = 256;
 /// Parse budget per source: datagrams per second, and burst. A lanrage host sends a few per
 /// second at most (answers are limited to one per second per interface).
-pub const SOURCE_RATE: f64 = 20.0;
+pub const SOURCE_RATE: u64 = 20;
 /// See [`SOURCE_RATE`].
-pub const SOURCE_BURST: f64 = 40.0;
+pub const SOURCE_BURST: u64 = 40;
 /// Parse budget for all sources together, per second (and burst).
-pub const PARSE_RATE: f64 = 500.0;
+pub const PARSE_RATE: u64 = 500;
 /// Legacy unicast answers (RFC 6762 §6.7) per second, in all.
-pub const LEGACY_RATE: f64 = 5.0;
+pub const LEGACY_RATE: u64 = 5;
 /// Most datagrams waiting to be sent.
 pub const MAX_QUEUE: usize = 64;
 /// Longest TTL honoured (RFC 6762's 75 minutes); longer ones are cut to this.
@@ -153,34 +154,6 @@ pub struct Stats {
     pub instances_refused: u64,
     /// Datagrams dropped because the transmit queue was full.
     pub queue_dropped: u64,
-}
-
-/// A token bucket.
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn full(now: Instant, burst: f64) -> Self {
-        Bucket {
-            tokens: burst,
-            at: now,
-        }
-    }
-
-    fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
-        let dt = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + dt * rate).min(burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// A party this node announces.
@@ -272,10 +245,9 @@ pub struct Core {
     instances: HashMap<Vec<u8>, Instance>,
     per_source: HashMap<Ipv4Addr, usize>,
     hosts: HashMap<Vec<u8>, Vec<HostAddr>>,
-    sources: HashMap<Ipv4Addr, Bucket>,
-    shared_source: Bucket,
-    parse_budget: Bucket,
-    legacy_budget: Bucket,
+    sources: HashedLimiter,
+    parse_budget: TokenBucket,
+    legacy_budget: TokenBucket,
     pace: HashMap<u32, Pace>,
     queue: VecDeque<Transmit>,
     next_browse: Instant,
@@ -313,10 +285,9 @@ impl Core {
             instances: HashMap::new(),
             per_source: HashMap::new(),
             hosts: HashMap::new(),
-            sources: HashMap::new(),
-            shared_source: Bucket::full(now, SOURCE_BURST),
-            parse_budget: Bucket::full(now, PARSE_RATE),
-            legacy_budget: Bucket::full(now, LEGACY_RATE),
+            sources: HashedLimiter::new(SOURCE_RATE, SOURCE_BURST, MAX_SOURCES, now),
+            parse_budget: TokenBucket::new(PARSE_RATE, PARSE_RATE, now),
+            legacy_budget: TokenBucket::new(LEGACY_RATE, LEGACY_RATE, now),
             pace: HashMap::new(),
             queue: VecDeque::new(),
             next_browse: now,
@@ -502,8 +473,7 @@ impl Core {
             self.stats.not_ours += 1;
             return;
         }
-        if !self.source_budget(now, *src.ip())
-            || !self.parse_budget.take(now, PARSE_RATE, PARSE_RATE)
+        if !self.sources.try_take(IpAddr::V4(*src.ip()), now) || !self.parse_budget.try_take(1, now)
         {
             self.stats.rate_limited += 1;
             return;
@@ -527,26 +497,6 @@ impl Core {
         } else {
             self.handle_query(now, src, iface, &packet);
         }
-    }
-
-    /// Takes one token from the source's budget (sources beyond [`MAX_SOURCES`] share one).
-    fn source_budget(&mut self, now: Instant, ip: Ipv4Addr) -> bool {
-        if let Some(b) = self.sources.get_mut(&ip) {
-            return b.take(now, SOURCE_RATE, SOURCE_BURST);
-        }
-        if self.sources.len() >= MAX_SOURCES {
-            // Forget sources that have been quiet long enough to be full again.
-            let refill = Duration::from_secs_f64(SOURCE_BURST / SOURCE_RATE);
-            self.sources
-                .retain(|_, b| now.saturating_duration_since(b.at) < refill);
-        }
-        if self.sources.len() >= MAX_SOURCES {
-            return self.shared_source.take(now, SOURCE_RATE, SOURCE_BURST);
-        }
-        let mut b = Bucket::full(now, SOURCE_BURST);
-        let ok = b.take(now, SOURCE_RATE, SOURCE_BURST);
-        self.sources.insert(ip, b);
-        ok
     }
 
     fn own_label(&self, label: &[u8]) -> bool {
@@ -834,7 +784,7 @@ impl Core {
             }
         }
         if legacy {
-            if !self.legacy_budget.take(now, LEGACY_RATE, LEGACY_RATE) {
+            if !self.legacy_budget.try_take(1, now) {
                 self.stats.rate_limited += 1;
                 return;
             }
@@ -1446,7 +1396,6 @@ mod tests {
             let src = SocketAddrV4::new(Ipv4Addr::from(0xC000_0200 | (i % 250 + 1)), PORT);
             core.handle_packet(now, src, iface(10), &flood_packet(1000 + i, 2));
             assert!(core.instances.len() <= MAX_INSTANCES);
-            assert!(core.sources.len() <= MAX_SOURCES);
         }
         // Nobody answers re-confirmation: everything is gone within 8 s.
         for _ in 0..100 {
