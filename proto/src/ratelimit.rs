@@ -106,6 +106,16 @@ impl TokenBucket {
     }
 }
 
+/// Whether a full table may be swept for room now: at most once a second, so callers with new
+/// keys arriving at a full table cost a lookup each, not a scan of the whole table each.
+fn sweep_due(last: &mut Option<Instant>, now: Instant) -> bool {
+    if last.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1)) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
 /// Buckets per key (source IP, token hash), bounded in number.
 #[derive(Debug)]
 pub struct KeyedLimiter<K> {
@@ -134,11 +144,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// new keys are refused (an attacker with many addresses cannot grow memory).
     pub fn check(&mut self, key: &K, now: Instant) -> Result<(), Duration> {
         if !self.buckets.contains_key(key) && self.buckets.len() >= self.max_keys {
-            let recently = self
-                .last_full_sweep
-                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
-            if !recently {
-                self.last_full_sweep = Some(now);
+            if sweep_due(&mut self.last_full_sweep, now) {
                 self.sweep(now);
             }
             if self.buckets.len() >= self.max_keys {
@@ -211,11 +217,7 @@ impl<K: Hash + Eq + Clone> AttemptBudget<K> {
     /// coarser budget may take over rather than refusing everyone).
     pub fn try_charge(&mut self, key: &K, now: Instant) -> Charge {
         if !self.counts.contains_key(key) && self.counts.len() >= self.max_keys {
-            let recently = self
-                .last_full_sweep
-                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
-            if !recently {
-                self.last_full_sweep = Some(now);
+            if sweep_due(&mut self.last_full_sweep, now) {
                 self.sweep(now);
             }
             if self.counts.len() >= self.max_keys {
