@@ -7,6 +7,7 @@
 # Environment:
 #   TEST_THREADS   parallel tests per test binary (default 2; netns tests start several daemons)
 #   LANRAGE_LOG    log filter of the daemons started by the tests (default debug)
+#   TEST_TIMEOUT   bound of the whole cargo test run (default 70m; timeout(1) syntax)
 set -Eeuo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -109,8 +110,11 @@ step "cargo test"
 # start several daemons each, so each binary runs TEST_THREADS tests at a time; binaries run one
 # after another, which keeps the flood tests (tests/netns_flood.rs, serialised inside) alone.
 set +e
-cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log"
+# A hung test must not keep the totals line from being printed: the whole run is bounded.
+timeout --signal=INT --kill-after=60 "${TEST_TIMEOUT:-70m}" \
+  cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+[[ $status == 124 ]] && echo "FAILED: the tests did not finish within ${TEST_TIMEOUT:-70m}"
 set -e
 # Totals over every test binary (the last binary cargo runs is often the doc tests, with none).
 set +e

@@ -123,10 +123,7 @@ pub fn run_client(cli: &Cli) -> i32 {
 /// the marks U+200E, U+200F, U+061C) become U+FFFD, so a name cannot move the cursor, retitle
 /// the window, clear the screen or reorder what is printed after it.
 pub fn sanitize(text: &str) -> Cow<'_, str> {
-    fn bad(c: char) -> bool {
-        c.is_control()
-            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
-    }
+    let bad = crate::names::is_unsafe;
     if text.chars().any(bad) {
         Cow::Owned(
             text.chars()
@@ -404,9 +401,19 @@ fn should_open_browser(stdout_is_terminal: bool, under_sudo: bool, graphical: bo
     stdout_is_terminal && !under_sudo && graphical
 }
 
+/// Opens `url` in the user's browser without putting it on a command line (every local user can
+/// read other processes' arguments, and the URL holds a login code): xdg-open gets a private
+/// (0600) page that forwards to it.
 fn open_browser(url: &str) {
+    let page = match forwarding_page(url) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("lanrage: could not open a browser ({e}); open the link above yourself");
+            return;
+        }
+    };
     let spawned = std::process::Command::new("xdg-open")
-        .arg(url)
+        .arg(&page)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -416,6 +423,30 @@ fn open_browser(url: &str) {
             "lanrage: could not open a browser (xdg-open: {e}); open the link above yourself"
         );
     }
+}
+
+/// Writes a page only this user can read that sends the browser on to `url`; returns its path.
+/// In `$XDG_RUNTIME_DIR` (private to the user) when there is one. The code in it works once and
+/// for a minute, so the file is left for the browser.
+fn forwarding_page(url: &str) -> io::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let path = dir.join(format!("lanrage-login-{:016x}.html", rand::random::<u64>()));
+    let url = url.replace(['"', '<', '>', '&'], "");
+    let html = format!(
+        "<!doctype html><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url={url}\">\
+         <title>lanrage</title><a href=\"{url}\">Open lanrage</a>\n"
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(html.as_bytes())?;
+    Ok(path)
 }
 
 fn print_json(out: &mut impl Write, v: &Value) -> io::Result<()> {
@@ -546,6 +577,21 @@ fn print_parties(out: &mut impl Write, v: &Value) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_login_link_goes_to_the_browser_in_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let url = "http://127.0.0.1:8666/login?code=abc123";
+        let page = forwarding_page(url).unwrap();
+        let meta = std::fs::metadata(&page).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let html = std::fs::read_to_string(&page).unwrap();
+        assert!(
+            html.contains("url=http://127.0.0.1:8666/login?code=abc123"),
+            "{html}"
+        );
+        std::fs::remove_file(page).unwrap();
+    }
 
     const HOSTILE: &str = "ev\u{1b}]0;pwned\u{7}il\u{1b}[2J\u{9b}31m\u{202e}gnp.exe\u{2066}x\r\n";
 

@@ -212,7 +212,7 @@ impl Config {
         }
         if self.node.name.trim().is_empty()
             || self.node.name.len() > 32
-            || self.node.name.chars().any(char::is_control)
+            || !crate::names::is_safe(&self.node.name)
         {
             return Err(bad(
                 "node.name",

@@ -471,6 +471,7 @@ impl Control {
             members: h.members,
             protected: h.protected,
             version: AD_VERSION,
+            proto: WIRE_VERSION,
         }
     }
 
@@ -586,7 +587,9 @@ impl Control {
             .discovered
             .read()
             .iter()
-            .filter(|(ad, _)| ad.id == hosted.party && ad.host_key != mine)
+            .filter(|(ad, _)| {
+                ad.id == hosted.party && ad.host_key != mine && ad.proto == WIRE_VERSION
+            })
             .filter_map(|(ad, _)| {
                 Some(JoinTarget {
                     key: decode_key(&ad.host_key)?,
@@ -638,7 +641,13 @@ impl Control {
                     let _ = reply.send(Ok(self.party_answer()));
                     return;
                 }
-                let targets = self.targets_for(party);
+                let targets = match self.targets_for(party) {
+                    Ok(t) => t,
+                    Err(theirs) => {
+                        let _ = reply.send(Err(join_error(JoinError::ProtocolMismatch { theirs })));
+                        return;
+                    }
+                };
                 if targets.is_empty() {
                     let _ = reply.send(Err(ApiError::not_found(format!(
                         "unknown party {party}: not seen on the LAN (mDNS) or in the discovery file"
@@ -671,10 +680,17 @@ impl Control {
     }
 
     /// Every advertised way into `party`: hosts seen by mDNS and in the discovery file.
-    fn targets_for(&self, party: PartyId) -> Vec<JoinTarget> {
+    /// Hosts of another protocol version are left out; `Err` names that version when they are
+    /// all there is.
+    fn targets_for(&self, party: PartyId) -> Result<Vec<JoinTarget>, u8> {
         let mut targets: Vec<JoinTarget> = Vec::new();
+        let mut other_protocol = None;
         for (ad, _) in self.discovered() {
             if ad.id != party {
+                continue;
+            }
+            if ad.proto != WIRE_VERSION {
+                other_protocol = Some(ad.proto);
                 continue;
             }
             let Some(key) = decode_key(&ad.host_key) else {
@@ -697,7 +713,10 @@ impl Control {
                 }),
             }
         }
-        targets
+        match other_protocol {
+            Some(theirs) if targets.is_empty() => Err(theirs),
+            _ => Ok(targets),
+        }
     }
 
     /// What discovery shows now: mDNS live, the discovery file as last read in the background.
@@ -728,6 +747,7 @@ impl Control {
                 members: r.members.len() as u32,
                 protected: r.verifier.is_some(),
                 source: Source::Local,
+                protocol: WIRE_VERSION,
             });
         }
         // One row per party: the announcement with the most members (two hosts after a split).
@@ -745,6 +765,7 @@ impl Control {
                 members: ad.members,
                 protected: ad.protected,
                 source,
+                protocol: ad.proto,
             });
         }
         list

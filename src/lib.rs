@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod identity;
 pub mod ids;
+pub mod names;
 pub mod party;
 pub mod seal;
 pub mod throttle;

@@ -6,28 +6,39 @@
 //! `"LR" | version | sender key (32) | session (8, BE) | counter (8, BE) | nonce (12) | ciphertext+tag`,
 //! the header authenticated as associated data. The key is BLAKE2s(label, DH(sender, receiver),
 //! sender key, receiver key): one key per direction. The plaintext is a kind byte and a body:
-//! a postcard [`Message`], or one of the two freshness messages below.
+//! a postcard [`Message`], or one of the freshness messages below.
 //!
 //! The first three bytes and the sender key are the same in every protocol version, so a node
 //! can always tell who speaks another version ([`OpenError::Version`]). A version-independent
-//! notice, `"LR" | 0 | 'V' | version`, tells the other side which version this node speaks
-//! ([`Delivered::PeerVersion`]); it is unauthenticated and only ever used for error messages.
+//! notice, `"LR" | 0 | 'V' | version | echo (8)`, tells the other side which version this node
+//! speaks ([`Delivered::PeerVersion`]). It is unauthenticated, so it echoes the 8 bytes that
+//! follow the sender key in the datagram it answers (a version-2 node's session id): a notice
+//! that does not echo our session is not believed, so a blind spoofer cannot fake one. It is
+//! only ever used for error messages.
 //!
 //! # Freshness without clocks
 //! Every run of a node picks a random 64-bit *session* and numbers its envelopes 1, 2, 3, …
 //! within it. A receiver accepts a sender's session only after a round trip: on an authentic
 //! envelope from a session it has not accepted (the sender restarted, or the receiver did, or an
-//! attacker replays old traffic), it holds the message and sends a sealed *challenge* (a random
-//! nonce) to the source address; the sender answers with a *response* sealed in its current
-//! session, from that address. Only the live owner of the key can answer, and only in its
-//! current session, so replays of older sessions are never accepted, whatever anyone's clock
-//! says; within an accepted session a 64-message sliding window refuses repeats.
+//! attacker replays old traffic), it holds the message and sends a sealed *challenge* to the
+//! source address. The challenge carries a MAC (under a secret of this run) over the sender's
+//! key, the session, the address and a coarse time slot, plus the held message's counter, so the
+//! receiver keeps no state for it and nothing a flood sends can push a live challenge out. The
+//! sender answers with a *response* sealed in its current session, from that address, and says
+//! whether it sent that counter to us in the last [`SENT_MEMORY`]: only the live owner of the
+//! key can answer, only in its current session, and only confirms what it really just sent. So
+//! replays of older sessions are never accepted, a captured message of a live session is not
+//! delivered to a receiver that restarted, and no clock has to agree with anyone's; within an
+//! accepted session a 64-message window refuses repeats (everything before the accepting
+//! response counts as seen).
 //!
 //! The same round trip proves that the source address receives: messages are delivered only
 //! from addresses that answered a challenge in the current session ([`Sealer::is_proven`]), so a
 //! spoofed source never reaches the party logic, and a member that moves to a new address is
-//! challenged there once. Challenges and responses are never larger than the envelope that
-//! caused them, and are rate limited, so none of this can be used to amplify traffic.
+//! challenged there once. Challenges, responses and notices are never larger than the datagram
+//! that caused them, and are rate limited (challenges overall, answers per challenge and per
+//! peer, notices per source), so none of this can be used to amplify traffic, and spoofed
+//! notices cannot spend the budget that challenges need.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -48,15 +59,19 @@ pub const HEADER_LEN: usize = 2 + 1 + 32 + 8 + 8 + 12;
 const TAG_LEN: usize = 16;
 /// The version byte of a version notice (no real version is 0).
 const NOTICE_VERSION: u8 = 0;
-/// A version notice: magic, 0, 'V', the sender's version.
-const NOTICE_LEN: usize = 5;
+/// A version notice: magic, 0, 'V', the sender's version, the 8 echoed bytes.
+const NOTICE_LEN: usize = 5 + 8;
 /// Bytes every protocol version starts with: magic, version, sender key.
 const STABLE_PREFIX: usize = 2 + 1 + 32;
 /// Kinds of sealed plaintext.
 const KIND_MESSAGE: u8 = 0;
 const KIND_CHALLENGE: u8 = 1;
-const KIND_RESPONSE: u8 = 2;
-/// A challenge or response: kind byte and a 64-bit nonce.
+/// A response that confirms the challenged counter was sent to us recently.
+const KIND_CONFIRMED: u8 = 2;
+/// A response that proves the session and address but does not confirm the counter.
+const KIND_UNCONFIRMED: u8 = 3;
+/// A challenge or response: kind byte and 8 bytes (a 32-bit MAC and the held counter's low 32
+/// bits). Small enough that a challenge is never larger than the smallest message.
 const PROBE_BODY: usize = 1 + 8;
 /// Size of a sealed challenge or response.
 pub const PROBE_LEN: usize = HEADER_LEN + PROBE_BODY + TAG_LEN;
@@ -65,17 +80,23 @@ const MAX_KEYS: usize = 4096;
 /// Of [`NEW_KEYS_PER_SEC`], the most one source address may use.
 const NEW_KEYS_PER_SOURCE_PER_SEC: u32 = 20;
 /// Most Diffie-Hellman computations per second for keys not yet cached (a flood of forged sender
-/// keys must not eat the CPU).
-const NEW_KEYS_PER_SEC: u32 = 200;
+/// keys must not eat the CPU: about 5% of a core). Keys of peers we send to are derived when we
+/// first send, outside this budget, so members are never waiting for it.
+const NEW_KEYS_PER_SEC: u32 = 1000;
 /// Messages held while their sender proves freshness, over all senders.
 const MAX_HELD: usize = 128;
-/// Outstanding challenges per sender (a replay of an old session cannot push out the challenge
-/// that the live session is answering).
-const MAX_CHALLENGES: usize = 4;
-/// A challenge is answerable this long.
-const CHALLENGE_TTL: Duration = Duration::from_secs(5);
-/// Least time between two sends of the same challenge.
+/// Messages held per sender (each with its own challenge).
+const MAX_HELD_PER_PEER: usize = 4;
+/// How long a challenge can be answered: its MAC covers the current and the previous slot.
+const CHALLENGE_SLOT: Duration = Duration::from_secs(5);
+/// Least time between two sends of a challenge to the same peer, session and address.
 const CHALLENGE_RESEND: Duration = Duration::from_millis(200);
+/// Challenges sent per second in all (each no larger than what caused it).
+const CHALLENGES_PER_SEC: u64 = 500;
+/// How long a sender remembers what it sent to a peer, to confirm a challenged counter.
+pub const SENT_MEMORY: Duration = Duration::from_secs(10);
+/// Counters remembered per peer for confirmations.
+const MAX_SENT: usize = 64;
 /// Sessions of a sender remembered as superseded (their messages are refused at once).
 const RETIRED_SESSIONS: usize = 4;
 /// Proven source addresses remembered per sender session.
@@ -141,18 +162,26 @@ struct RxSession {
     /// Highest counter accepted and a bitmap of the [`WINDOW`] counters below it.
     top: u64,
     seen: u64,
+    /// The counter of the response that accepted the session: what the session sent before
+    /// it is delivered only when the sender confirms having sent it just now (a captured
+    /// envelope of a live session must not reach a receiver that restarted).
+    floor: u64,
     /// Addresses that answered a challenge in this session.
     proven: VecDeque<SocketAddr>,
 }
 
 impl RxSession {
-    fn new(id: u64) -> Self {
-        RxSession {
+    /// A session accepted by the response numbered `counter`, from `from`.
+    fn accepted(id: u64, counter: u64, from: SocketAddr) -> Self {
+        let mut rx = RxSession {
             id,
-            top: 0,
-            seen: 0,
+            top: counter,
+            seen: 1,
+            floor: counter,
             proven: VecDeque::new(),
-        }
+        };
+        rx.prove(from);
+        rx
     }
 
     /// Whether `counter` has not been accepted yet and is inside the window.
@@ -197,15 +226,6 @@ impl RxSession {
     }
 }
 
-/// A challenge we sent and wait to see answered.
-struct Challenge {
-    nonce: u64,
-    to: SocketAddr,
-    session: u64,
-    first_sent: Instant,
-    last_sent: Instant,
-}
-
 /// A message waiting for its sender's freshness proof.
 struct Held {
     from: SocketAddr,
@@ -221,8 +241,16 @@ struct PeerKeys {
     last_used: Instant,
     rx: Option<RxSession>,
     retired: VecDeque<u64>,
-    challenges: Vec<Challenge>,
-    held: Option<Held>,
+    /// What we last challenged it about (address, session, counter) and when: only to pace
+    /// resends for one envelope seen twice; verification is stateless.
+    last_challenge: Option<(SocketAddr, u64, u64, Instant)>,
+    /// Messages waiting for their own challenge's answer, oldest first.
+    held: VecDeque<Held>,
+    /// Counters we sent it recently, to confirm a challenge about one.
+    sent: VecDeque<(u64, Instant)>,
+    /// Challenges of it we answered recently (a replayed challenge is answered five times a
+    /// second at most, so it cannot spend the budget that real challenges need).
+    answered: VecDeque<(u64, Instant)>,
     /// Our answers to this peer's challenges.
     answers: TokenBucket,
 }
@@ -276,8 +304,14 @@ pub struct Sealer {
     transmits: VecDeque<(SocketAddr, Vec<u8>)>,
     /// Peers that proved a new session replacing one we knew: they restarted.
     restarted: VecDeque<[u8; 32]>,
-    /// Challenges and version notices per source address (what we send to unproven addresses).
-    unproven_answers: HashedLimiter,
+    /// The key of this run's challenge MACs.
+    mac_secret: [u8; 32],
+    /// Time zero of the challenge slots.
+    epoch: Instant,
+    /// Challenges we send, in all.
+    challenges: TokenBucket,
+    /// Version notices we send, per source address.
+    notices: HashedLimiter,
 }
 
 impl Sealer {
@@ -287,6 +321,7 @@ impl Sealer {
         let public = PublicKey::from(&secret).to_bytes();
         let mut rng = StdRng::from_seed(seed);
         let session = rng.gen::<u64>() | 1;
+        let mac_secret: [u8; 32] = rng.gen();
         Sealer {
             secret,
             public,
@@ -302,7 +337,10 @@ impl Sealer {
             held: 0,
             transmits: VecDeque::new(),
             restarted: VecDeque::new(),
-            unproven_answers: HashedLimiter::new(20, 40, 1024, now),
+            mac_secret,
+            epoch: now,
+            challenges: TokenBucket::new(CHALLENGES_PER_SEC, CHALLENGES_PER_SEC, now),
+            notices: HashedLimiter::new(1, 3, 1024, now),
         }
     }
 
@@ -337,9 +375,46 @@ impl Sealer {
             .is_some_and(|rx| rx.is_proven(addr))
     }
 
-    /// The notice that tells another node which protocol version this node speaks.
-    pub fn version_notice() -> [u8; NOTICE_LEN] {
-        [MAGIC[0], MAGIC[1], NOTICE_VERSION, b'V', WIRE_VERSION]
+    /// The notice that tells another node which protocol version this node speaks, in answer
+    /// to `trigger` (whose 8 bytes after the sender key it echoes).
+    pub fn version_notice(trigger: &[u8]) -> [u8; NOTICE_LEN] {
+        let mut n = [0u8; NOTICE_LEN];
+        n[..5].copy_from_slice(&[MAGIC[0], MAGIC[1], NOTICE_VERSION, b'V', WIRE_VERSION]);
+        if let Some(echo) = trigger.get(STABLE_PREFIX..STABLE_PREFIX + 8) {
+            n[5..].copy_from_slice(echo);
+        }
+        n
+    }
+
+    /// The MAC part of a challenge about `session` of `key` at `addr`, in time slot `slot`,
+    /// for the held counter `counter` (its low 32 bits).
+    fn challenge_mac(
+        &self,
+        key: &[u8; 32],
+        session: u64,
+        addr: &SocketAddr,
+        slot: u64,
+        counter: u32,
+    ) -> u32 {
+        let mut h = Blake2s256::new()
+            .chain_update(b"lanrage challenge v2")
+            .chain_update(self.mac_secret)
+            .chain_update(key)
+            .chain_update(session.to_be_bytes())
+            .chain_update(slot.to_be_bytes())
+            .chain_update(counter.to_be_bytes());
+        match addr {
+            SocketAddr::V4(a) => h.update(a.ip().octets()),
+            SocketAddr::V6(a) => h.update(a.ip().octets()),
+        }
+        h.update(addr.port().to_be_bytes());
+        let d = h.finalize();
+        u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+    }
+
+    /// The current challenge time slot.
+    fn slot(&self, now: Instant) -> u64 {
+        (now.saturating_duration_since(self.epoch).as_secs()) / CHALLENGE_SLOT.as_secs()
     }
 
     fn derive(&self, peer: &[u8; 32], now: Instant) -> Option<PeerKeys> {
@@ -362,9 +437,11 @@ impl Sealer {
             last_used: now,
             rx: None,
             retired: VecDeque::new(),
-            challenges: Vec::new(),
-            held: None,
-            answers: TokenBucket::new(10, 10, now),
+            last_challenge: None,
+            held: VecDeque::new(),
+            sent: VecDeque::new(),
+            answered: VecDeque::new(),
+            answers: TokenBucket::new(20, 20, now),
         })
     }
 
@@ -376,8 +453,8 @@ impl Sealer {
             let held = &mut self.held;
             self.peers.retain(|_, p| {
                 let keep = p.last_used > cutoff;
-                if !keep && p.held.is_some() {
-                    *held = held.saturating_sub(1);
+                if !keep {
+                    *held = held.saturating_sub(p.held.len());
                 }
                 keep
             });
@@ -426,7 +503,20 @@ impl Sealer {
 
     /// Seals `msg` for the node with public key `to`. `None` only for a low-order `to`.
     pub fn seal(&mut self, to: &[u8; 32], msg: &Message, now: Instant) -> Option<Vec<u8>> {
-        self.seal_raw(to, KIND_MESSAGE, &msg.encode(), now)
+        let bytes = self.seal_raw(to, KIND_MESSAGE, &msg.encode(), now)?;
+        let counter = self.counter;
+        if let Some(peer) = self.peers.get_mut(to) {
+            while peer.sent.len() >= MAX_SENT
+                || peer
+                    .sent
+                    .front()
+                    .is_some_and(|(_, t)| now.saturating_duration_since(*t) > SENT_MEMORY)
+            {
+                peer.sent.pop_front();
+            }
+            peer.sent.push_back((counter, now));
+        }
+        Some(bytes)
     }
 
     /// Opens a datagram received from `from`. `Ok(None)`: nothing for the caller (a freshness
@@ -442,8 +532,13 @@ impl Sealer {
         }
         let version = datagram[2];
         if version == NOTICE_VERSION {
+            // Believed only when it echoes our session: an answer to something we sent.
             return match datagram {
-                [_, _, _, b'V', v, ..] if *v != NOTICE_VERSION => {
+                [_, _, _, b'V', v, echo @ ..]
+                    if *v != NOTICE_VERSION
+                        && echo.len() == 8
+                        && echo == self.session.to_be_bytes() =>
+                {
                     Ok(Some(Delivered::PeerVersion { from, version: *v }))
                 }
                 _ => Err(OpenError::Header),
@@ -454,9 +549,9 @@ impl Sealer {
                 .get(3..STABLE_PREFIX)
                 .and_then(|k| <[u8; 32]>::try_from(k).ok());
             // Tell it which version we speak (never more bytes than it sent).
-            if datagram.len() >= NOTICE_LEN && self.unproven_answers.try_take(from.ip(), now) {
+            if datagram.len() >= NOTICE_LEN && self.notices.try_take(from.ip(), now) {
                 self.transmits
-                    .push_back((from, Self::version_notice().to_vec()));
+                    .push_back((from, Self::version_notice(datagram).to_vec()));
             }
             return Err(OpenError::Version { version, sender });
         }
@@ -511,9 +606,10 @@ impl Sealer {
                 self.answer_challenge(sender, from, nonce, datagram.len(), now);
                 Ok(None)
             }
-            KIND_RESPONSE => {
+            KIND_CONFIRMED | KIND_UNCONFIRMED => {
                 let nonce = probe_nonce(body)?;
-                Ok(self.on_response(sender, from, session, counter, nonce, now))
+                let confirmed = *kind == KIND_CONFIRMED;
+                Ok(self.on_response(sender, from, session, counter, nonce, confirmed, now))
             }
             KIND_MESSAGE => {
                 let msg = Message::decode(body)?;
@@ -523,9 +619,10 @@ impl Sealer {
         }
     }
 
-    /// Answers a challenge from `key`: a response sealed in our session, to where it came from.
-    /// Challenges need no freshness (answering a replayed one costs one datagram of the same
-    /// size), but answers are rate limited per peer.
+    /// Answers a challenge from `key`: a response sealed in our session, to where it came from,
+    /// confirming or not that we sent it the challenged counter recently. Challenges need no
+    /// freshness (answering a replayed one costs one datagram of the same size), but each is
+    /// answered five times a second at most, and all of a peer's twenty.
     fn answer_challenge(
         &mut self,
         key: [u8; 32],
@@ -537,16 +634,33 @@ impl Sealer {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
+        peer.answered
+            .retain(|(_, t)| now.saturating_duration_since(*t) < CHALLENGE_RESEND);
+        if peer.answered.iter().any(|(n, _)| *n == nonce) || peer.answered.len() >= 16 {
+            return;
+        }
         if !peer.answers.try_take(1, now) {
             return;
         }
-        if let Some(bytes) = self.seal_raw(&key, KIND_RESPONSE, &nonce.to_be_bytes(), now) {
+        peer.answered.push_back((nonce, now));
+        let counter = nonce as u32;
+        let confirmed = peer
+            .sent
+            .iter()
+            .any(|(c, t)| *c as u32 == counter && now.saturating_duration_since(*t) <= SENT_MEMORY);
+        let kind = if confirmed {
+            KIND_CONFIRMED
+        } else {
+            KIND_UNCONFIRMED
+        };
+        if let Some(bytes) = self.seal_raw(&key, kind, &nonce.to_be_bytes(), now) {
             if bytes.len() <= trigger_len {
                 self.transmits.push_back((to, bytes));
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_response(
         &mut self,
         key: [u8; 32],
@@ -554,16 +668,23 @@ impl Sealer {
         session: u64,
         counter: u64,
         nonce: u64,
+        confirmed: bool,
         now: Instant,
     ) -> Option<Delivered> {
+        // Stateless check: a MAC of ours over this key, session and address, this slot or the
+        // last, for the counter it names.
+        let (mac, held_counter) = ((nonce >> 32) as u32, nonce as u32);
+        let slot = self.slot(now);
+        let valid = [slot, slot.saturating_sub(1)]
+            .iter()
+            .any(|s| self.challenge_mac(&key, session, &from, *s, held_counter) == mac);
+        if !valid {
+            return None;
+        }
         let peer = self.peers.get_mut(&key)?;
-        let i = peer.challenges.iter().position(|c| {
-            c.nonce == nonce
-                && c.to == from
-                && c.session == session
-                && now.saturating_duration_since(c.first_sent) <= CHALLENGE_TTL
-        })?;
-        peer.challenges.swap_remove(i);
+        if peer.retired.contains(&session) {
+            return None;
+        }
         match &mut peer.rx {
             Some(rx) if rx.id == session => {
                 if !rx.fresh(counter) {
@@ -582,19 +703,17 @@ impl Sealer {
                         self.restarted.push_back(key);
                     }
                 }
-                let mut rx = RxSession::new(session);
-                rx.mark(counter);
-                rx.prove(from);
-                peer.rx = Some(rx);
-                // Challenges about other sessions are moot now.
-                peer.challenges.retain(|c| c.session == session);
+                peer.rx = Some(RxSession::accepted(session, counter, from));
             }
         }
-        // Release the held message if it belongs to the accepted session and address.
-        let rx = peer.rx.as_mut()?;
-        let held = peer.held.take()?;
+        // Release the held message this challenge was about, if the sender confirms it.
+        let i = peer.held.iter().position(|h| {
+            h.session == session && h.from == from && h.counter as u32 == held_counter
+        })?;
+        let held = peer.held.remove(i)?;
         self.held = self.held.saturating_sub(1);
-        if held.session != rx.id || !rx.is_proven(&held.from) || !rx.fresh(held.counter) {
+        let rx = peer.rx.as_mut()?;
+        if !confirmed || !rx.fresh(held.counter) {
             return None;
         }
         rx.mark(held.counter);
@@ -626,86 +745,62 @@ impl Sealer {
             if !rx.fresh(counter) {
                 return Err(OpenError::Replay);
             }
-            if rx.is_proven(&from) {
+            if rx.is_proven(&from) && counter > rx.floor {
                 rx.mark(counter);
                 return Ok(Some(Delivered::Message { key, from, msg }));
             }
         }
-        // A session we have not accepted, or an address it has not proven: hold the message
-        // (the newest one per sender) and challenge the address.
-        if peer.held.is_none() && self.held >= MAX_HELD {
-            // Too many senders waiting at once: drop; the sender will send again.
-        } else {
-            if peer.held.is_none() {
-                self.held += 1;
-            }
-            peer.held = Some(Held {
+        // A session we have not accepted, an address it has not proven, or something it sent
+        // before we accepted it: hold the message and challenge the address about it.
+        if peer.held.len() >= MAX_HELD_PER_PEER {
+            peer.held.pop_front();
+            self.held = self.held.saturating_sub(1);
+        }
+        if self.held < MAX_HELD {
+            self.held += 1;
+            peer.held.push_back(Held {
                 from,
                 session,
                 counter,
                 msg,
             });
         }
-        self.challenge(key, from, session, trigger_len, now);
+        self.challenge(key, from, session, counter, trigger_len, now);
         Ok(None)
     }
 
-    /// Sends (or re-sends) a challenge about `session` to `to`, within the limits.
+    /// Sends a challenge about `session` (and its message `counter`) to `to`, paced per peer
+    /// and within the overall budget.
     fn challenge(
         &mut self,
         key: [u8; 32],
         to: SocketAddr,
         session: u64,
+        counter: u64,
         trigger_len: usize,
         now: Instant,
     ) {
         if trigger_len < PROBE_LEN {
             return;
         }
+        let slot = self.slot(now);
+        let mac = self.challenge_mac(&key, session, &to, slot, counter as u32);
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
-        peer.challenges
-            .retain(|c| now.saturating_duration_since(c.first_sent) <= CHALLENGE_TTL);
-        let nonce = match peer
-            .challenges
-            .iter_mut()
-            .find(|c| c.to == to && c.session == session)
-        {
-            Some(c) if now.saturating_duration_since(c.last_sent) < CHALLENGE_RESEND => return,
-            Some(c) => {
-                c.last_sent = now;
-                c.nonce
-            }
-            None => {
-                if peer.challenges.len() >= MAX_CHALLENGES {
-                    if let Some(oldest) = peer
-                        .challenges
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, c)| c.first_sent)
-                        .map(|(i, _)| i)
-                    {
-                        peer.challenges.swap_remove(oldest);
-                    }
-                }
-                let nonce = self.rng.gen();
-                let Some(peer) = self.peers.get_mut(&key) else {
-                    return;
-                };
-                peer.challenges.push(Challenge {
-                    nonce,
-                    to,
-                    session,
-                    first_sent: now,
-                    last_sent: now,
-                });
-                nonce
-            }
-        };
-        if !self.unproven_answers.try_take(to.ip(), now) {
+        if peer.last_challenge.is_some_and(|(a, s, c, t)| {
+            a == to
+                && s == session
+                && c == counter
+                && now.saturating_duration_since(t) < CHALLENGE_RESEND
+        }) {
             return;
         }
+        peer.last_challenge = Some((to, session, counter, now));
+        if !self.challenges.try_take(1, now) {
+            return;
+        }
+        let nonce = (u64::from(mac) << 32) | u64::from(counter as u32);
         if let Some(bytes) = self.seal_raw(&key, KIND_CHALLENGE, &nonce.to_be_bytes(), now) {
             self.transmits.push_back((to, bytes));
         }
@@ -848,6 +943,36 @@ mod tests {
         assert!(b.poll_transmit().is_none());
     }
 
+    /// Several messages from a session we do not know yet (a claim and a probe sent together)
+    /// are each held and each delivered once the sender confirms them.
+    #[test]
+    fn messages_sent_together_before_the_proof_all_arrive() {
+        let now = Instant::now();
+        let (mut a, mut b) = (node(1, now), node(2, now));
+        let envs: Vec<Vec<u8>> = (1..=3)
+            .map(|i| a.seal(&b.public(), &leave(i), now).unwrap())
+            .collect();
+        for e in &envs {
+            assert_eq!(b.open(e, addr(1), now), Ok(None));
+        }
+        let (_, got) = exchange(&mut a, addr(1), &mut b, addr(2), now);
+        let mut since: Vec<u64> = got
+            .iter()
+            .filter_map(|d| match d {
+                Delivered::Message {
+                    msg: Message::Leave { since, .. },
+                    ..
+                } => Some(*since),
+                _ => None,
+            })
+            .collect();
+        since.sort();
+        assert_eq!(since, vec![1, 2, 3]);
+        for e in &envs {
+            assert_eq!(b.open(e, addr(1), now), Err(OpenError::Replay));
+        }
+    }
+
     #[test]
     fn replays_and_tampering_are_refused() {
         let now = Instant::now();
@@ -924,35 +1049,112 @@ mod tests {
         assert!(b.poll_transmit().is_none());
     }
 
-    /// A receiver that restarted has no state; replays of old traffic still get nowhere because
-    /// only the live sender can answer a challenge, and only in its current session.
+    /// A receiver that restarted has no state. A captured envelope of the sender's live session,
+    /// replayed to it, makes it challenge the sender, which answers (its session is live) but
+    /// does not confirm a message it did not just send: the session is accepted, the replay is
+    /// not delivered, and nothing before the response is accepted later either.
     #[test]
     fn restarted_receiver_is_not_fooled_by_replays() {
-        let now = Instant::now();
+        let t0 = Instant::now();
         let secret_b = StaticSecret::random_from_rng(rand::rngs::OsRng);
-        let mut a = node(1, now);
-        let mut b = Sealer::new(secret_b.clone(), [2; 32], now);
-        let captured = a.seal(&b.public(), &leave(1), now).unwrap();
-        let _ = b.open(&captured, addr(1), now);
-        exchange(&mut a, addr(1), &mut b, addr(2), now);
-        // a restarts (new session); b restarts and gets the captured envelope replayed.
-        let mut a = Sealer::new(
-            StaticSecret::random_from_rng(rand::rngs::OsRng),
-            [5; 32],
-            now,
-        );
-        let _ = &mut a;
-        let mut b = Sealer::new(secret_b, [6; 32], now);
-        assert_eq!(b.open(&captured, addr(1), now), Ok(None));
-        // The challenge goes to the address; nobody with the old session answers it.
-        let (_, challenge) = b.poll_transmit().unwrap();
+        let mut a = node(1, t0);
+        let mut b = Sealer::new(secret_b.clone(), [2; 32], t0);
+        send(&mut a, addr(1), &mut b, addr(2), &leave(1), t0);
+        let captured = a.seal(&b.public(), &leave(2), t0).unwrap();
+        let also = a.seal(&b.public(), &leave(3), t0).unwrap();
+        assert!(matches!(b.open(&captured, addr(1), t0), Ok(Some(_))));
+        // b restarts; later the captured envelopes are replayed to it (a is alive meanwhile).
+        let later = t0 + SENT_MEMORY + Duration::from_secs(1);
+        let mut b = Sealer::new(secret_b, [6; 32], later);
+        assert_eq!(b.open(&captured, addr(1), later), Ok(None), "held");
+        let (to, challenge) = b.poll_transmit().unwrap();
+        assert_eq!(to, addr(1));
         assert!(challenge.len() <= captured.len());
-        assert!(b.poll_transmit().is_none());
-        assert!(!b.is_proven(&captured_sender(&captured), &addr(1)));
+        assert_eq!(a.open(&challenge, addr(2), later), Ok(None));
+        let (_, response) = a.poll_transmit().unwrap();
+        assert_eq!(
+            b.open(&response, addr(1), later),
+            Ok(None),
+            "the replay is not delivered"
+        );
+        assert!(b.is_proven(&a.public(), &addr(1)), "a's live session is");
+        // Other captured envelopes of the session, from before b accepted it, are asked about
+        // each time and never confirmed.
+        for (k, replay) in [&also, &captured].into_iter().enumerate() {
+            let t = later + CHALLENGE_RESEND * (k as u32 + 1);
+            assert_eq!(b.open(replay, addr(1), t), Ok(None));
+            let (_, challenge) = b.poll_transmit().unwrap();
+            assert!(challenge.len() <= replay.len());
+            let _ = a.open(&challenge, addr(2), t);
+            let (_, response) = a.poll_transmit().unwrap();
+            assert_eq!(b.open(&response, addr(1), t), Ok(None), "not delivered");
+        }
+        // What a sends now goes straight through.
+        let env = a.seal(&b.public(), &leave(4), later).unwrap();
+        assert!(matches!(b.open(&env, addr(1), later), Ok(Some(_))));
     }
 
-    fn captured_sender(env: &[u8]) -> [u8; 32] {
-        env[3..35].try_into().unwrap()
+    /// Challenges keep no state, so a flood of replays from old sessions and spoofed addresses
+    /// cannot push the live session's challenge out: its answer is still accepted.
+    #[test]
+    fn replays_cannot_crowd_out_the_live_session() {
+        let now = Instant::now();
+        let secret = StaticSecret::random_from_rng(rand::rngs::OsRng);
+        let mut b = node(2, now);
+        // Old sessions of a, captured.
+        let old: Vec<Vec<u8>> = (0..8)
+            .map(|i| {
+                let mut x = Sealer::new(secret.clone(), [100 + i; 32], now);
+                x.seal(&b.public(), &leave(1), now).unwrap()
+            })
+            .collect();
+        let mut a = Sealer::new(secret, [7; 32], now);
+        let env = a.seal(&b.public(), &leave(9), now).unwrap();
+        assert_eq!(b.open(&env, addr(1), now), Ok(None));
+        let (_, challenge) = b.poll_transmit().unwrap();
+        // The flood arrives between the challenge and its answer.
+        for (i, e) in old.iter().enumerate() {
+            for n in 0..4 {
+                let _ = b.open(e, addr(50 + (i * 4 + n) as u8), now);
+            }
+        }
+        while b.poll_transmit().is_some() {}
+        assert_eq!(a.open(&challenge, addr(2), now), Ok(None));
+        let (_, response) = a.poll_transmit().unwrap();
+        assert!(b.open(&response, addr(1), now).is_ok());
+        assert!(b.is_proven(&a.public(), &addr(1)));
+        let env = a.seal(&b.public(), &leave(10), now).unwrap();
+        assert!(matches!(b.open(&env, addr(1), now), Ok(Some(_))));
+    }
+
+    /// A captured challenge replayed over and over is answered a few times a second at most, so
+    /// real challenges still get answers.
+    #[test]
+    fn replayed_challenges_cannot_silence_a_peer() {
+        let now = Instant::now();
+        let (mut a, mut b) = (node(1, now), node(2, now));
+        let env = a.seal(&b.public(), &leave(1), now).unwrap();
+        let _ = b.open(&env, addr(1), now);
+        let (_, captured) = b.poll_transmit().unwrap();
+        let mut answers = 0;
+        for _ in 0..1000 {
+            let _ = a.open(&captured, addr(2), now);
+            while a.poll_transmit().is_some() {
+                answers += 1;
+            }
+        }
+        assert!(answers <= 1, "{answers} answers to one replayed challenge");
+        // A new, real challenge (another message held) is answered.
+        let env = a.seal(&b.public(), &leave(2), now).unwrap();
+        let later = now + CHALLENGE_RESEND;
+        let _ = b.open(&env, addr(1), later);
+        let (_, real) = b.poll_transmit().unwrap();
+        let _ = a.open(&real, addr(2), later);
+        let (_, response) = a.poll_transmit().expect("the real challenge is answered");
+        assert!(matches!(
+            b.open(&response, addr(1), later),
+            Ok(Some(Delivered::Message { .. }))
+        ));
     }
 
     /// A spoofed source gets a challenge (no larger than what it sent) and nothing else; the
@@ -968,8 +1170,7 @@ mod tests {
         let (to, challenge) = b.poll_transmit().unwrap();
         assert_eq!(to, victim);
         assert!(challenge.len() <= env.len());
-        // Repeats within the resend interval send nothing more.
-        let env = a.seal(&b.public(), &leave(3), now).unwrap();
+        // The same envelope again within the resend interval gets nothing more.
         assert_eq!(b.open(&env, victim, now), Ok(None));
         assert!(b.poll_transmit().is_none());
         assert!(!b.is_proven(&a.public(), &victim));
@@ -1098,26 +1299,51 @@ mod tests {
         assert!(matches!(b.open(&env, addr(1), now), Ok(Some(_))));
     }
 
+    /// The review's attack: spoofed version-1 datagrams "from" a member's address, at any rate,
+    /// spend only the notice budget; challenges to that member still go out. And challenges in
+    /// all are capped per second, each no larger than what caused it.
     #[test]
-    fn answers_to_unproven_addresses_are_rate_limited() {
+    fn notices_cannot_spend_the_challenges_and_challenges_are_capped() {
         let now = Instant::now();
         let (mut a, mut b) = (node(1, now), node(2, now));
-        // 1000 envelopes from 1000 sessions of one key, all "from" one victim address.
+        let mut notices = 0;
+        for _ in 0..10_000 {
+            let mut junk = b"LR\x01".to_vec();
+            junk.extend_from_slice(&[9u8; 60]);
+            let _ = b.open(&junk, addr(1), now);
+            while let Some((_, n)) = b.poll_transmit() {
+                assert!(n.len() <= junk.len());
+                notices += 1;
+            }
+        }
+        assert!(
+            notices <= 3,
+            "{notices} notices to one address in one instant"
+        );
+        assert_eq!(
+            send(&mut a, addr(1), &mut b, addr(2), &leave(1), now),
+            delivered(leave(1), a.public(), addr(1)),
+            "the member still gets its session accepted"
+        );
+        // 2000 sessions of one key, each "from" another address, in one instant.
         let secret = StaticSecret::random_from_rng(rand::rngs::OsRng);
         let mut sent = 0;
-        for i in 0..1000u32 {
-            let mut x = Sealer::new(secret.clone(), [i as u8; 32], now);
-            let _ = &mut a;
+        for i in 0..2000u32 {
+            let mut seed = [0u8; 32];
+            seed[..4].copy_from_slice(&i.to_be_bytes());
+            let mut x = Sealer::new(secret.clone(), seed, now);
             let env = x.seal(&b.public(), &leave(1), now).unwrap();
-            let _ = b.open(&env, addr(99), now);
-            while let Some((to, _)) = b.poll_transmit() {
-                assert_eq!(to, addr(99));
+            let from = SocketAddr::from((Ipv4Addr::from(0x0a00_0000 + i), 9));
+            let _ = b.open(&env, from, now);
+            while let Some((to, c)) = b.poll_transmit() {
+                assert_eq!(to, from);
+                assert!(c.len() <= env.len());
                 sent += 1;
             }
         }
         assert!(
-            sent <= 40,
-            "{sent} challenges to one address in one instant"
+            sent as u64 <= CHALLENGES_PER_SEC,
+            "{sent} challenges in one instant"
         );
     }
 
@@ -1137,7 +1363,7 @@ mod tests {
 
         #[test]
         fn window_never_accepts_twice(counters in proptest::collection::vec(1u64..200, 1..100)) {
-            let mut rx = RxSession::new(1);
+            let mut rx = RxSession::accepted(1, 0, addr(1));
             let mut accepted = std::collections::HashSet::new();
             for c in counters {
                 if rx.fresh(c) {

@@ -32,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
         members: 1,
         protected: false,
         version: AD_VERSION,
+        proto: lanrage::wire::WIRE_VERSION,
     };
     core.announce(now, &ad, &[], 4242);
     // As a response from the mDNS port, and as a legacy query from another port; twice, so a

@@ -204,10 +204,11 @@ pub struct RelayConfig {
     pub global_pps: u64,
     /// Bytes per second over all sessions.
     pub global_bytes_per_sec: u64,
-    /// Rebind hints and bind challenges per second over all sources.
+    /// Rebind hints per second over all sources; bind challenges have a budget of the same size
+    /// of their own.
     pub hints_per_sec: u64,
-    /// Rebind hints and bind challenges per second to one source (IPv4 address or IPv6 /64);
-    /// burst twice that.
+    /// Rebind hints per second to one source (IPv4 address or IPv6 /64), burst twice that; bind
+    /// challenges have a budget of the same size of their own.
     pub hints_per_source_per_sec: u64,
 }
 

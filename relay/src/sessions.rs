@@ -288,6 +288,11 @@ pub struct SessionTable {
     global_bytes: TokenBucket,
     hints: TokenBucket,
     hints_per_source: HashedLimiter,
+    /// Bind challenges have budgets of their own: they answer only binds that carry a member's
+    /// valid tag, so a spoofer sending unauthenticated frames "from" a member's address (which
+    /// spends the hint budgets) cannot keep that member from binding.
+    challenges: TokenBucket,
+    challenges_per_source: HashedLimiter,
     cookie_secret: [u8; 32],
     epoch: Instant,
     own: Vec<SocketAddr>,
@@ -305,6 +310,13 @@ impl SessionTable {
             global_bytes: TokenBucket::new(limits.global_bps, limits.global_bps, now),
             hints: TokenBucket::new(limits.hints_pps, limits.hints_pps, now),
             hints_per_source: HashedLimiter::new(
+                per_source,
+                per_source.saturating_mul(2),
+                ANSWER_SLOTS,
+                now,
+            ),
+            challenges: TokenBucket::new(limits.hints_pps, limits.hints_pps, now),
+            challenges_per_source: HashedLimiter::new(
                 per_source,
                 per_source.saturating_mul(2),
                 ANSWER_SLOTS,
@@ -441,14 +453,20 @@ impl SessionTable {
     }
 
     /// Whether an answer to an unproven source may go out now: that source's budget first, so
-    /// one sender that is out of budget cannot use up the global one.
-    fn answer_allowed(&mut self, to: IpAddr, now: Instant) -> bool {
-        if !self.hints_per_source.try_take(to, now) {
+    /// one sender that is out of budget cannot use up the global one. Hints and challenges each
+    /// have their own pair of budgets.
+    fn answer_allowed(&mut self, challenge: bool, to: IpAddr, now: Instant) -> bool {
+        let (global, per_source) = if challenge {
+            (&mut self.challenges, &mut self.challenges_per_source)
+        } else {
+            (&mut self.hints, &mut self.hints_per_source)
+        };
+        if !per_source.try_take(to, now) {
             self.stats.answers_limited += 1;
             return false;
         }
-        if !self.hints.try_take(1, now) {
-            self.hints_per_source.give_back(to);
+        if !global.try_take(1, now) {
+            per_source.give_back(to);
             self.stats.answers_limited += 1;
             return false;
         }
@@ -474,7 +492,7 @@ impl SessionTable {
         // Never answer with more bytes than came in (no amplification); check the size before
         // spending budget on an answer that will not be sent.
         match frame::encode_rebind(&hint, out) {
-            Ok(n) if n <= room && self.answer_allowed(from.ip(), now) => {
+            Ok(n) if n <= room && self.answer_allowed(false, from.ip(), now) => {
                 self.stats.hints += 1;
                 Verdict::Drop {
                     reason,
@@ -584,7 +602,7 @@ impl SessionTable {
         };
         match frame::encode_challenge(&c, out) {
             // Never larger than the bind that caused it.
-            Ok(n) if n <= room && self.answer_allowed(from.ip(), now) => {
+            Ok(n) if n <= room && self.answer_allowed(true, from.ip(), now) => {
                 self.stats.challenges += 1;
                 Verdict::Drop {
                     reason,
@@ -1461,14 +1479,18 @@ mod tests {
         assert_eq!(count(&mut t, B, 100), 0);
         assert_eq!(t.stats.hints, 25);
         assert_eq!(t.stats.answers_limited, 80 + 10 + 95 + 100);
-        // Challenges spend the same budget.
+        // Challenges have budgets of their own: hints spent by anyone (spoofed frames "from"
+        // a member's address) do not keep that member from binding.
         let (v, _) = bind_once(&mut t, now, 1, 1, 1, NOW_US, A, None);
-        assert_eq!(
-            v,
-            Verdict::Drop {
-                reason: DropReason::Unproven,
-                hint: None
-            }
+        assert!(
+            matches!(
+                v,
+                Verdict::Drop {
+                    reason: DropReason::Unproven,
+                    hint: Some(_)
+                }
+            ),
+            "{v:?}"
         );
         assert!(matches!(
             t.handle(now, 0, addr(C), b"RL\x01\x02", &mut [0u8; 64]),

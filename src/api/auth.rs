@@ -167,7 +167,7 @@ impl Auth {
             token,
             cookie_name: format!("{COOKIE_PREFIX}{port}"),
             tables: Mutex::default(),
-            log: Mutex::default(),
+            log: Mutex::new(LogThrottle::new(super::LOG_EVERY)),
             counters: AuthCounters::default(),
         }
     }

@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use self::auth::{ApiToken, Auth, Credential};
 use crate::discovery::Source;
 use crate::party::EngineError;
+pub(crate) use crate::throttle::LogThrottle;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -210,6 +211,13 @@ pub struct PartyListing {
     pub protected: bool,
     /// Where it was seen.
     pub source: Source,
+    /// The control protocol its host speaks (joining needs the same as this node's).
+    #[serde(default = "protocol_1")]
+    pub protocol: u8,
+}
+
+fn protocol_1() -> u8 {
+    1
 }
 
 #[derive(Deserialize)]
@@ -231,28 +239,6 @@ type Tx = mpsc::Sender<ApiRequest>;
 /// At most one warning per this interval for each kind of refused request: local users and web
 /// pages control how often they happen.
 const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Keeps one warning per [`LOG_EVERY`] and counts the rest.
-#[derive(Default)]
-pub(crate) struct LogThrottle {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogThrottle {
-    /// `Some(lines suppressed since the last one)` when a line may be written now.
-    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|t| now.saturating_duration_since(t) < LOG_EVERY)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
 
 /// The origin guard's state: where we listen, and its refusals (counted, logs throttled).
 struct OriginGuard {
@@ -305,7 +291,7 @@ pub fn router(listen: SocketAddr, tx: Tx, auth: Arc<Auth>) -> Router {
         .layer(middleware::from_fn_with_state(
             Arc::new(OriginGuard {
                 listen,
-                log: parking_lot::Mutex::default(),
+                log: parking_lot::Mutex::new(LogThrottle::new(LOG_EVERY)),
                 refused: AtomicU64::new(0),
             }),
             guard,
@@ -739,17 +725,6 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         assert_eq!(app.clone().oneshot(req).await.unwrap().status(), 403);
-    }
-
-    #[test]
-    fn refusal_logs_are_throttled_and_counted() {
-        let mut t = LogThrottle::default();
-        let t0 = Instant::now();
-        assert_eq!(t.allow(t0), Some(0));
-        for i in 1..=1000 {
-            assert_eq!(t.allow(t0 + std::time::Duration::from_millis(i)), None);
-        }
-        assert_eq!(t.allow(t0 + LOG_EVERY), Some(1000));
     }
 
     #[tokio::test]

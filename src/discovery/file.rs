@@ -126,9 +126,9 @@ pub(crate) fn validate_ad(ad: &PartyAd) -> Result<(), &'static str> {
 }
 
 /// Whether a party or host name is acceptable: at most [`MAX_NAME_BYTES`] bytes and no control
-/// characters (names end up on terminals, where escape sequences from strangers are unwelcome).
+/// or bidi characters ([`crate::names`]: names end up on terminals and web pages).
 pub(crate) fn name_ok(name: &str) -> bool {
-    name.len() <= MAX_NAME_BYTES && !name.chars().any(char::is_control)
+    name.len() <= MAX_NAME_BYTES && crate::names::is_safe(name)
 }
 
 /// One entry of the file: the announcement plus when its host last refreshed it.
@@ -259,7 +259,7 @@ fn clean_reason(reason: &dyn std::fmt::Display) -> String {
     let text = reason.to_string();
     let mut out: String = text
         .chars()
-        .filter(|c| !c.is_control())
+        .filter(|c| !crate::names::is_unsafe(*c))
         .take(MAX_REASON_CHARS)
         .collect();
     if text.chars().count() > MAX_REASON_CHARS {
@@ -738,6 +738,7 @@ mod tests {
             members: 1,
             protected: n.is_multiple_of(2),
             version: AD_VERSION,
+            proto: crate::wire::WIRE_VERSION,
         }
     }
 

@@ -501,6 +501,7 @@ mod tests {
             members: 1,
             protected: false,
             version: AD_VERSION,
+            proto: crate::wire::WIRE_VERSION,
         };
         assert!(matches!(
             mdns.announce(&a, &[], 1),
@@ -533,6 +534,7 @@ mod loopback_tests {
             members,
             protected: false,
             version: AD_VERSION,
+            proto: crate::wire::WIRE_VERSION,
         }
     }
 

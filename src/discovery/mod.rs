@@ -35,6 +35,15 @@ pub struct PartyAd {
     pub protected: bool,
     /// Announcement format version ([`AD_VERSION`]).
     pub version: u32,
+    /// The control protocol the host speaks ([`crate::wire::WIRE_VERSION`]); absent in
+    /// announcements of protocol 1, which had no such field. A joiner whose protocol differs is
+    /// told at once who has to update, instead of waiting for an answer that never comes.
+    #[serde(default = "protocol_1")]
+    pub proto: u8,
+}
+
+fn protocol_1() -> u8 {
+    1
 }
 
 /// Where a party was seen; shown in `lanrage party list`.

@@ -122,11 +122,24 @@ pub struct SavedParty {
     pub hosted: Option<SavedHost>,
 }
 
-/// What a host needs to bring back a party it hosted.
+/// What a host needs to bring back a party it hosted, as it was: the facts a merge with
+/// another half of the party is decided on (join orders, who was a member) included.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedHost {
     /// The password verifier, if the party is protected.
     pub verifier: Option<PasswordVerifier>,
+    /// Our own join order.
+    #[serde(default)]
+    pub since: u64,
+    /// The next join order to hand out.
+    #[serde(default)]
+    pub next_since: u64,
+    /// The highest roster version seen.
+    #[serde(default)]
+    pub version: u64,
+    /// Keys that were members, with the highest join order seen for each.
+    #[serde(default)]
+    pub former: Vec<([u8; 32], u64)>,
 }
 
 /// What this node announces while it hosts a party.
@@ -387,6 +400,8 @@ pub struct Engine {
     pub(super) epoch: Instant,
     pub(super) rng: StdRng,
     refusals_log: LogThrottle,
+    /// Warnings about odd messages from peers (malformed rosters and accepts).
+    odd_log: LogThrottle,
 }
 
 impl Engine {
@@ -406,6 +421,7 @@ impl Engine {
             epoch: now,
             rng: StdRng::from_seed(seed),
             refusals_log: LogThrottle::new(REFUSAL_LOG_EVERY),
+            odd_log: LogThrottle::new(REFUSAL_LOG_EVERY),
         }
     }
 
@@ -1028,7 +1044,9 @@ impl Engine {
             .any(|m| m.id == roster.host && m.key == key);
         let me_ok = roster.members.iter().any(|m| m.key == self.cfg.key);
         if !host_ok || !me_ok || !valid_roster(&roster, &self.ipam, &self.cfg.key, None) {
-            tracing::warn!(%from, "ignoring a join accept that is not from the host, lacks us, or is malformed");
+            if let Some(held_back) = self.odd_log.allow(now) {
+                tracing::warn!(%from, held_back, "ignoring a join accept that is not from the host, lacks us, or is malformed");
+            }
             return;
         }
         let (party, by_user, password) = (j.party, j.by_user, j.password.clone());
@@ -1167,12 +1185,16 @@ impl Engine {
             return;
         }
         if roster.version - p.roster.version > MAX_VERSION_JUMP {
-            tracing::warn!(%from, "ignoring a roster with an absurd version jump");
+            if let Some(held_back) = self.odd_log.allow(now) {
+                tracing::warn!(%from, held_back, "ignoring a roster with an absurd version jump");
+            }
             return;
         }
         sanitize_roster(&mut roster);
         if !valid_roster(&roster, &self.ipam, &my_key, my_ip) {
-            tracing::warn!(%from, "ignoring a malformed roster (addresses outside the subnet, duplicated, or ours changed)");
+            if let Some(held_back) = self.odd_log.allow(now) {
+                tracing::warn!(%from, held_back, "ignoring a malformed roster (addresses outside the subnet, duplicated, or ours changed)");
+            }
             return;
         }
         if let Some(live) = p.live.get_mut(&key) {
@@ -1316,6 +1338,11 @@ impl Engine {
         if p.roster.party != party {
             return;
         }
+        // It left on purpose: not a half of a split that may come back as a rival, and no
+        // longer one of the friends who may vouch for one. (Its own membership's goodbye only:
+        // one replayed from an earlier membership has an older join order.)
+        let forgotten =
+            p.ever_members.get(&key) == Some(&since) && p.ever_members.remove(&key).is_some();
         let Some(m) = p
             .roster
             .members
@@ -1323,6 +1350,9 @@ impl Engine {
             .find(|m| m.key == key && m.since == since)
             .cloned()
         else {
+            if forgotten {
+                self.after_roster_change(None); // remember that it left
+            }
             return;
         };
         tracing::info!(member = %m.id, name = %m.name, "member left");
@@ -1517,6 +1547,20 @@ impl Engine {
                 .collect(),
             hosted: (p.roster.host == my_id).then(|| SavedHost {
                 verifier: p.roster.verifier.clone(),
+                since: p
+                    .roster
+                    .members
+                    .iter()
+                    .find(|m| m.key == my_key)
+                    .map_or(0, |m| m.since),
+                next_since: p.roster.next_since,
+                version: p.max_seen_version.max(p.roster.version),
+                former: p
+                    .ever_members
+                    .iter()
+                    .filter(|(k, _)| **k != my_key)
+                    .map(|(k, s)| (*k, *s))
+                    .collect(),
             }),
         });
         let hosted = self.hosted();
@@ -1600,15 +1644,33 @@ impl Engine {
             now,
             party,
             restore.name,
-            restore.host.verifier,
+            restore.host.verifier.clone(),
             password,
             ip,
         );
+        let my_key = self.cfg.key;
+        let saved = restore.host;
         if let State::InParty(p) = &mut self.state {
-            for key in restore.known.into_iter().take(MAX_EVER_MEMBERS) {
+            // Back as it was: our join order, the orders still to hand out, versions above any
+            // seen, and who was a member (the facts a merge with another half is decided on).
+            if let Some(me) = p.roster.members.iter_mut().find(|m| m.key == my_key) {
+                me.since = saved.since;
+            }
+            p.roster.next_since = saved.next_since.max(saved.since.saturating_add(1));
+            p.roster.version = saved.version.saturating_add(1).max(p.roster.version);
+            p.max_seen_version = p.roster.version;
+            for (key, since) in saved.former.into_iter().take(MAX_EVER_MEMBERS) {
+                p.ever_members.insert(key, since);
+            }
+            for key in restore.known {
+                if p.ever_members.len() >= MAX_EVER_MEMBERS {
+                    break;
+                }
                 p.ever_members.entry(key).or_insert(0);
             }
+            p.ever_members.insert(my_key, saved.since);
         }
+        self.after_roster_change(None);
     }
 
     /// The host told us (or showed us) that we are no longer a member: ask it to let us back in.
@@ -1926,7 +1988,7 @@ pub(super) fn push_addrs(live: Option<&PeerLive>) -> Vec<SocketAddr> {
 pub fn clean_name(name: &str) -> Option<String> {
     let cleaned: String = name
         .chars()
-        .filter(|c| !c.is_control() && !is_bidi_control(*c))
+        .filter(|c| !crate::names::is_unsafe(*c))
         .collect::<String>()
         .trim()
         .to_string();
@@ -1941,11 +2003,6 @@ pub fn clean_name(name: &str) -> Option<String> {
         return Some(cleaned[..end].to_string());
     }
     Some(cleaned)
-}
-
-/// Unicode bidirectional overrides and isolates, which can make a name display as another.
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}')
 }
 
 fn check_password(password: Option<&str>) -> Result<(), EngineError> {

@@ -14,7 +14,9 @@ const MAX_REMEMBERED: usize = 1024;
 #[derive(Clone, Debug)]
 pub struct Ipam {
     subnet: Ipv4Net,
-    remembered: HashMap<[u8; 32], Ipv4Addr>,
+    /// Key → (its address, when it was last remembered: a sequence number).
+    remembered: HashMap<[u8; 32], (Ipv4Addr, u64)>,
+    seq: u64,
 }
 
 impl Ipam {
@@ -23,6 +25,7 @@ impl Ipam {
         Ipam {
             subnet,
             remembered: HashMap::new(),
+            seq: 0,
         }
     }
 
@@ -41,12 +44,22 @@ impl Ipam {
         self.remembered.contains_key(key)
     }
 
-    /// Remembers that `key` holds `ip` (so it gets it back later).
+    /// Remembers that `key` holds `ip` (so it gets it back later). When full, the key remembered
+    /// longest ago is forgotten (not everyone at once: join churn must not make every returning
+    /// member a stranger).
     pub fn remember(&mut self, key: [u8; 32], ip: Ipv4Addr) {
         if self.remembered.len() >= MAX_REMEMBERED && !self.remembered.contains_key(&key) {
-            self.remembered.clear();
+            if let Some(oldest) = self
+                .remembered
+                .iter()
+                .min_by_key(|(_, (_, seq))| *seq)
+                .map(|(k, _)| *k)
+            {
+                self.remembered.remove(&oldest);
+            }
         }
-        self.remembered.insert(key, ip);
+        self.seq += 1;
+        self.remembered.insert(key, (ip, self.seq));
     }
 
     /// An address for `key`: the one it had before if free, else the one it asks for if usable
@@ -64,14 +77,14 @@ impl Ipam {
             .remembered
             .iter()
             .filter(|(k, _)| **k != key)
-            .map(|(_, ip)| *ip)
+            .map(|(_, (ip, _))| *ip)
             .collect();
         let start = u32::from(self.first());
         let end = u32::from(self.subnet.broadcast());
         let pick = self
             .remembered
             .get(&key)
-            .copied()
+            .map(|(ip, _)| *ip)
             .filter(free)
             .or_else(|| wish.filter(free))
             .or_else(|| {
@@ -149,6 +162,24 @@ mod tests {
             ipam.allocate([4; 32], &used, Some(Ipv4Addr::new(192, 0, 2, 1))),
             Some(Ipv4Addr::new(10, 66, 0, 4))
         );
+    }
+
+    #[test]
+    fn a_full_memory_forgets_the_oldest_not_everyone() {
+        let mut ipam = Ipam::new(net("10.66.0.0/16"));
+        let key = |n: u32| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&n.to_be_bytes());
+            k
+        };
+        ipam.remember(key(0), Ipv4Addr::new(10, 66, 0, 7));
+        for n in 1..(MAX_REMEMBERED as u32 + 10) {
+            ipam.remember(key(n), Ipv4Addr::new(10, 66, 1, 1));
+        }
+        assert!(ipam.remembered.len() <= MAX_REMEMBERED);
+        assert!(!ipam.remembers(&key(0)), "the oldest went");
+        assert!(ipam.remembers(&key(MAX_REMEMBERED as u32 + 9)));
+        assert!(ipam.remembers(&key(20)), "the others stayed");
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub(super) const RIVAL_PROBE_EVERY: Duration = Duration::from_secs(1);
 const RIVAL_CHECK_TTL: Duration = Duration::from_secs(15);
 /// Rivals checked at once.
 const MAX_RIVALS: usize = 4;
+/// Probes (or query rounds) sent per check at most: a forged announcement naming a former host
+/// and someone else's addresses gets that address a few small datagrams, not a stream.
+const MAX_SENDS: u32 = 3;
 /// Least time between two claims sent to the same prober.
 const CLAIM_EVERY: Duration = Duration::from_millis(500);
 
@@ -49,6 +52,8 @@ pub(crate) struct RivalCheck {
     endpoints: Vec<SocketAddr>,
     started: Instant,
     last_sent: Option<Instant>,
+    /// Probes or query rounds sent so far.
+    sends: u32,
     /// When we last sent it a claim (answers to its probes are rate limited).
     last_claim_sent: Option<Instant>,
     claim: Option<Claim>,
@@ -94,6 +99,7 @@ impl Engine {
             endpoints: Vec::new(),
             started: now,
             last_sent: None,
+            sends: 0,
             last_claim_sent: None,
             claim: None,
             confirmed: HashSet::new(),
@@ -103,10 +109,11 @@ impl Engine {
                 check.endpoints.push(e);
             }
         }
-        if check.claim.is_some() || recently(check.last_sent, now) {
+        if check.claim.is_some() || recently(check.last_sent, now) || check.sends >= MAX_SENDS {
             return;
         }
         check.last_sent = Some(now);
+        check.sends += 1;
         let msg = Message::RivalProbe {
             party,
             nonce: check.nonce,
@@ -136,10 +143,14 @@ impl Engine {
             let Some(claim) = &check.claim else {
                 continue;
             };
-            if !check.confirmed.is_empty() || recently(check.last_sent, now) {
+            if !check.confirmed.is_empty()
+                || recently(check.last_sent, now)
+                || check.sends >= MAX_SENDS
+            {
                 continue;
             }
             check.last_sent = Some(now);
+            check.sends += 1;
             queries(party, check.nonce, &claim.askable, &mut sends);
         }
         self.actions.extend(sends);
@@ -270,6 +281,7 @@ impl Engine {
         let mut sends = Vec::new();
         queries(party, nonce, &askable, &mut sends);
         check.last_sent = Some(now);
+        check.sends = 1;
         // A rival cannot claim to be older than we knew it to be.
         let since = since.max(p.ever_members.get(&key).copied().unwrap_or(0));
         check.claim = Some(Claim { since, askable });
@@ -542,11 +554,19 @@ mod tests {
     /// when members the host knows confirm it; a former member can claim what it likes.
     #[test]
     fn a_former_member_cannot_take_the_party_away() {
-        let (mut sim, party) = party_of_seeded(4, 7);
+        let (mut sim, party) = party_of_seeded(5, 7);
+        // Node 4 left on purpose: it is not even answered any more.
         let now = sim.now;
-        sim.nodes[3].engine.leave(now).unwrap();
+        sim.nodes[4].engine.leave(now).unwrap();
         sim.settle();
+        sim.nodes[4].up = false;
+        assert!(sim
+            .inject(4, 0, Message::RivalProbe { party, nonce: 1 })
+            .is_empty());
+        // Node 3 dropped out (it could be half of a split), so it can still probe.
         sim.nodes[3].up = false; // from here on only what the test injects comes from node 3
+        sim.advance(TIMEOUT + Duration::from_secs(1));
+        assert_eq!(sim.roster(0).members.len(), 3);
         let before = sim.roster(0);
         // It probes; the host answers with its claim and checks it in turn.
         let answer = sim.inject(3, 0, Message::RivalProbe { party, nonce: 1 });
@@ -631,6 +651,45 @@ mod tests {
         sim.advance(TIMEOUT * 2);
         sim.assert_one_party(&[0, 1, 2, 3], "after the path works");
         assert_eq!(addresses(&sim), before);
+    }
+
+    /// A host brought back from its remembered state is what it was: its own join order, the
+    /// orders still to hand out, versions above any seen, and who was a member. (A restored
+    /// host used to claim join order 0 and forget the others, which skewed merges.)
+    #[test]
+    fn a_restored_host_keeps_the_facts_merges_rely_on() {
+        let (mut sim, _) = party_of_seeded(4, 10);
+        let now = sim.now;
+        sim.nodes[0].engine.leave(now).unwrap();
+        sim.settle();
+        assert_eq!(sim.roster(1).host, sim.nodes[1].engine.id());
+        let before = sim.roster(1);
+        let saved = sim.nodes[1].saved.clone().unwrap();
+        let host = saved.hosted.clone().expect("saved as host");
+        assert_eq!(host.since, 1);
+        // Everyone else is gone; node 1 restarts and brings the party back alone.
+        for i in [2, 3] {
+            sim.nodes[i].up = false;
+        }
+        sim.restart(1);
+        let now = sim.now;
+        sim.nodes[1].engine.rejoin(now, saved).unwrap();
+        sim.advance(TIMEOUT * 4);
+        let r = sim.roster(1);
+        assert_eq!(r.host, sim.nodes[1].engine.id());
+        assert_eq!(r.members[0].since, 1, "its own join order");
+        assert!(r.next_since >= before.next_since);
+        assert!(r.version > before.version);
+        let State::InParty(p) = &sim.nodes[1].engine.state else {
+            panic!("in a party");
+        };
+        for i in [2, 3] {
+            assert!(p.ever_members.contains_key(&sim.nodes[i].key), "node {i}");
+        }
+        assert!(
+            !p.ever_members.contains_key(&sim.nodes[0].key),
+            "node 0 left on purpose"
+        );
     }
 
     #[test]

@@ -6,6 +6,14 @@ const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<
 
 class NeedsLogin extends Error {}
 
+// The page's own words for errors the daemon marks with a code (its message is worded for the
+// command line).
+const MESSAGES = {
+  password_required: "This party is protected: type its password in the password field, then Join.",
+  wrong_password: "Wrong password.",
+  too_many_attempts: "Too many wrong passwords from here; wait a minute.",
+};
+
 async function call(method, path, body) {
   const r = await fetch(path, {
     method,
@@ -17,7 +25,7 @@ async function call(method, path, body) {
     showLogin(true);
     throw new NeedsLogin(j.error || "not logged in");
   }
-  if (!r.ok) throw new Error(j.error || r.statusText);
+  if (!r.ok) throw new Error(MESSAGES[j.code] || j.error || r.statusText);
   return j;
 }
 

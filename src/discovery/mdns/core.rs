@@ -1083,6 +1083,7 @@ mod tests {
             members,
             protected: false,
             version: AD_VERSION,
+            proto: crate::wire::WIRE_VERSION,
         }
     }
 

@@ -9,7 +9,7 @@
 //! authoritative; nothing is parsed back out of the instance name.
 //!
 //! TXT keys: `id`, `name`, `host` (host node id), `host_name`, `key` (host public key, base64),
-//! `members`, `protected` (`1`/`0`), `version`. SRV port = the host's UDP port; A records = the
+//! `members`, `protected` (`1`/`0`), `version`, `proto` (the control protocol; absent = 1). SRV port = the host's UDP port; A records = the
 //! host's LAN addresses, under the per-node host name `lanrage-<node id>.local.`.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -35,7 +35,7 @@ pub fn instance_label(ad: &PartyAd) -> String {
     let budget = MAX_LABEL_BYTES - id.len() - 1;
     let mut name = String::new();
     for c in ad.name.chars() {
-        let c = if c == '.' || c == '\\' || c.is_control() {
+        let c = if c == '.' || c == '\\' || crate::names::is_unsafe(c) {
             '_'
         } else {
             c
@@ -72,6 +72,7 @@ pub fn txt_pairs(ad: &PartyAd) -> TxtPairs {
             if ad.protected { "1" } else { "0" }.to_string(),
         ),
         ("version", ad.version.to_string()),
+        ("proto", ad.proto.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.as_bytes().to_vec(), Some(v.into_bytes())))
@@ -102,6 +103,15 @@ pub fn ad_from_txt(
     if version != AD_VERSION {
         return Err("unsupported version");
     }
+    // Absent before protocol 2.
+    let proto: u8 = match txt_value(txt, "proto") {
+        None => 1,
+        Some(v) => std::str::from_utf8(v)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|p| *p != 0)
+            .ok_or("bad protocol version")?,
+    };
     let id: PartyId = get("id")?.parse().map_err(|_| "bad party id")?;
     let host_id: NodeId = get("host")?.parse().map_err(|_| "bad host id")?;
     let name = get("name")?;
@@ -146,6 +156,7 @@ pub fn ad_from_txt(
         members,
         protected,
         version,
+        proto,
     };
     validate_ad(&ad)?;
     Ok(ad)
@@ -169,6 +180,7 @@ mod tests {
             members: 3,
             protected: true,
             version: AD_VERSION,
+            proto: crate::wire::WIRE_VERSION,
         }
     }
 
