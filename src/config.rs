@@ -28,6 +28,35 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     /// Heartbeats and timeouts.
     pub timers: TimersConfig,
+    /// The control server (a lanrage-relay) for playing across the internet; unset = LAN only.
+    pub control: ControlConfig,
+    /// STUN servers for NAT detection (default: those the control server names).
+    pub stun: StunConfig,
+}
+
+/// `[control]`: where internet parties are registered and found, and who relays.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// `http://HOST:8667` or `https://HOST`; unset = the daemon contacts nothing beyond the LAN.
+    pub server: Option<String>,
+    /// The relay operator's access key, when the relay requires one.
+    pub access_key: Option<String>,
+    /// Pin of the relay's static key (base64, as the relay logs it and `GET /relays` shows it):
+    /// a control server that names another key is refused.
+    pub relay_key: Option<String>,
+    /// PEM file with the CA certificate(s) to trust for an `https://` server instead of the
+    /// public web roots (a relay with a private CA or a self-signed certificate).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `[stun]`
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StunConfig {
+    /// `host:port` STUN servers used instead of the control server's relays. Two different
+    /// servers are needed to tell a symmetric NAT from a cone NAT.
+    pub servers: Vec<SocketAddr>,
 }
 
 /// `[node]`
@@ -147,6 +176,10 @@ impl Settings for Config {
         let mut cfg = Config::default();
         cfg.discovery.file = Some(PathBuf::new()); // optional keys must appear too
         cfg.api.operator_group = Some(String::new());
+        cfg.control.server = Some(String::new());
+        cfg.control.access_key = Some(String::new());
+        cfg.control.relay_key = Some(String::new());
+        cfg.control.ca_file = Some(PathBuf::new());
         cfg
     }
 
@@ -234,6 +267,28 @@ impl Config {
                     format!("{g:?} is not a group name (1-32 of a-z, 0-9, _ - .)"),
                 ));
             }
+        }
+        if let Some(server) = &self.control.server {
+            if let Err(e) = crate::control::client::parse_server(server) {
+                return Err(bad("control.server", e));
+            }
+        }
+        if let Some(k) = &self.control.relay_key {
+            if crate::control::client::parse_key(k).is_none() {
+                return Err(bad(
+                    "control.relay_key",
+                    "must be the relay's 32-byte public key in base64 (as in its start-up log)"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(k) = &self.control.access_key {
+            if k.is_empty() || k.len() > 256 {
+                return Err(bad("control.access_key", "must be 1 to 256 bytes".into()));
+            }
+        }
+        if self.stun.servers.len() > 8 {
+            return Err(bad("stun.servers", "at most 8 servers".into()));
         }
         let t = &self.timers;
         if !(1..=60).contains(&t.heartbeat_secs) {

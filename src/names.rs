@@ -17,9 +17,24 @@ pub fn is_safe(name: &str) -> bool {
     !name.chars().any(is_unsafe)
 }
 
+/// `text` (e.g. an error message from a server) cut to `max` characters with every unsafe
+/// character replaced, fit for a log line or a terminal.
+pub fn printable(text: &str, max: usize) -> String {
+    text.chars()
+        .take(max)
+        .map(|c| if is_unsafe(c) { '\u{FFFD}' } else { c })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_cuts_and_replaces() {
+        assert_eq!(printable("a\u{1b}[2Jb", 100), "a\u{FFFD}[2Jb");
+        assert_eq!(printable("abcdef", 3), "abc");
+    }
 
     #[test]
     fn escapes_and_bidi_controls_are_unsafe() {
