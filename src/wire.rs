@@ -1,10 +1,13 @@
 //! lanrage's own control messages and how datagrams on the shared UDP socket are told apart.
 //!
-//! One UDP socket carries three protocols, demultiplexed by their first bytes:
+//! One UDP socket carries five protocols, demultiplexed by their first bytes:
 //! - WireGuard: type byte 1..=4 followed by three zero bytes;
 //! - STUN: first two bits zero and the magic cookie 0x2112A442 at offset 4;
 //! - lanrage: the ASCII magic `LR` (0x4C 0x52), then a version byte, then a sealed envelope
-//!   ([`crate::seal`]) whose plaintext is a postcard-encoded [`Message`].
+//!   ([`crate::seal`]) whose plaintext is a postcard-encoded [`Message`];
+//! - relay frames: the ASCII magic `RL` ([`lanrage_proto::frame`]); a `Data` frame carries one
+//!   datagram of the other four kinds (never another relay frame) to or from a relayed peer;
+//! - path probes: the ASCII magic `LP` (`crate::path::probe`).
 //!
 //! Postcard encodes enums by variant index, so variants are only ever appended, never reordered
 //! or removed, within one [`WIRE_VERSION`]; the version changes for incompatible changes, and a
@@ -34,6 +37,9 @@ pub const MAX_NAME: usize = 32;
 /// Longest password, in bytes.
 pub const MAX_PASSWORD: usize = 128;
 
+/// First two bytes of a path probe.
+pub const PROBE_MAGIC: [u8; 2] = *b"LP";
+
 const STUN_MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
 
 /// Which protocol a datagram on the shared socket belongs to.
@@ -45,6 +51,10 @@ pub enum DatagramKind {
     Stun,
     /// A lanrage control envelope.
     Control,
+    /// A relay frame (`RL`).
+    Relay,
+    /// A path probe (`LP`).
+    Probe,
     /// Nothing we speak: drop and count.
     Garbage,
 }
@@ -59,6 +69,10 @@ pub fn classify(datagram: &[u8]) -> DatagramKind {
         DatagramKind::Stun
     } else if datagram.len() >= 3 && datagram[..2] == MAGIC {
         DatagramKind::Control
+    } else if lanrage_proto::frame::is_relay_frame(datagram) {
+        DatagramKind::Relay
+    } else if datagram.len() >= 3 && datagram[..2] == PROBE_MAGIC {
+        DatagramKind::Probe
     } else {
         DatagramKind::Garbage
     }
@@ -552,6 +566,8 @@ mod tests {
         stun[0] = 1;
         assert_eq!(classify(&stun), DatagramKind::Stun);
         assert_eq!(classify(b"LR\x02rest"), DatagramKind::Control);
+        assert_eq!(classify(b"RL\x01\x01session!"), DatagramKind::Relay);
+        assert_eq!(classify(b"LP\x01probe"), DatagramKind::Probe);
         assert_eq!(classify(b""), DatagramKind::Garbage);
         assert_eq!(classify(&[5, 0, 0, 0, 1]), DatagramKind::Garbage);
     }

@@ -156,8 +156,17 @@ pub struct NodeView {
     pub public_key: String,
     /// Virtual IP while in a party.
     pub virtual_ip: Option<String>,
-    /// NAT type as seen by STUN ("unknown" without STUN servers).
+    /// NAT type as seen by STUN: open, full-cone, restricted, port-restricted, symmetric,
+    /// cone (filtering not testable) or unknown (no STUN server, or none answered).
     pub nat_type: String,
+    /// Our public address as STUN saw it ("ip:port"), if known.
+    pub public_endpoint: Option<String>,
+    /// The configured control server, if any.
+    #[serde(default)]
+    pub control_server: Option<String>,
+    /// The last error talking to it (cleared by the next success).
+    #[serde(default)]
+    pub control_error: Option<String>,
 }
 
 /// A party, in `/status` and in create/join answers.
@@ -186,12 +195,20 @@ pub struct PeerView {
     pub virtual_ip: String,
     /// self, direct, relayed, connecting or failed.
     pub connection: String,
-    /// UDP endpoint in use.
+    /// The relay in use ("ip:port"), when relayed.
+    pub relay: Option<String>,
+    /// The peer's direct UDP endpoint in use or last known (for self: our public endpoint).
     pub endpoint: Option<String>,
-    /// Round-trip time of the last heartbeat.
+    /// Smoothed round-trip time of the path in use, in milliseconds (microsecond precision).
     pub latency_ms: Option<f64>,
     /// Seconds since the last WireGuard handshake.
     pub last_handshake_secs: Option<u64>,
+    /// Payload bytes received from the peer through the tunnel.
+    #[serde(default)]
+    pub rx_bytes: u64,
+    /// Payload bytes sent to the peer through the tunnel.
+    #[serde(default)]
+    pub tx_bytes: u64,
 }
 
 /// A visible party, in `/parties`.
@@ -571,6 +588,9 @@ mod tests {
                                 public_key: "k".into(),
                                 virtual_ip: None,
                                 nat_type: "unknown".into(),
+                                public_endpoint: None,
+                                control_server: None,
+                                control_error: None,
                             },
                             party: None,
                             joining: None,

@@ -289,9 +289,15 @@ impl Rendezvous {
         if let Some(p) = &mut self.party {
             if p.id == party {
                 if p.role != role {
+                    // A member that took over stays registered: it publishes the membership
+                    // (a higher version makes it the host on the server). A renamed party or
+                    // a changed password registers again.
+                    let was_member = matches!(p.role, Role::Member { .. });
                     p.role = role;
-                    p.registered = false;
-                    self.party_retry = Retry::new(now);
+                    if !was_member {
+                        p.registered = false;
+                        self.party_retry = Retry::new(now);
+                    }
                 }
                 return;
             }
@@ -693,10 +699,8 @@ impl Rendezvous {
             }
             (Call::Signal { to, nonce, .. }, Err(e)) => {
                 // A peer that is not (yet) admitted: try again a little later, a few times.
-                if e.status.is_none() || e.status == Some(429) {
-                    if self.outbox.len() < MAX_OUTBOX {
-                        self.outbox.push_back((to, nonce));
-                    }
+                if (e.status.is_none() || e.status == Some(429)) && self.outbox.len() < MAX_OUTBOX {
+                    self.outbox.push_back((to, nonce));
                 }
             }
             (Call::Signal { .. }, Ok(_)) => {}

@@ -533,6 +533,19 @@ impl Engine {
         targets: Vec<JoinTarget>,
         password: Option<&str>,
     ) -> Result<(), EngineError> {
+        self.join_with_timeout(now, party, targets, password, JOIN_TIMEOUT)
+    }
+
+    /// [`Engine::join`] with a longer wait for the answer (a host found through the control
+    /// server is reached only once a path to it exists: hole punching, else the relay).
+    pub fn join_with_timeout(
+        &mut self,
+        now: Instant,
+        party: PartyId,
+        targets: Vec<JoinTarget>,
+        password: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(), EngineError> {
         if let State::InParty(p) = &self.state {
             if p.roster.party == party {
                 self.actions.push_back(Action::JoinFinished {
@@ -551,7 +564,7 @@ impl Engine {
             targets,
             password.map(str::to_string),
             None,
-            JOIN_TIMEOUT,
+            timeout,
             true,
             None,
         );

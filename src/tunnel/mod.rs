@@ -1,9 +1,17 @@
 //! The datapath: a TUN device with this node's virtual IP, one UDP socket shared by all peers
 //! (and by STUN and lanrage control messages), and one boringtun `Tunn` per peer.
 //!
-//! Three tasks move bytes: TUN → encrypt → UDP, UDP → demux → decrypt → TUN (control datagrams go
-//! to the control task through a bounded channel), and a 250 ms timer tick for WireGuard's
-//! timers. Buffers are allocated once per task; nothing is allocated per data packet.
+//! Three tasks move bytes: TUN → encrypt → UDP, UDP → demux → decrypt → TUN (control, STUN,
+//! probe and relay-control datagrams go to the control task through a bounded channel), and a
+//! 250 ms timer tick for WireGuard's timers. Buffers are allocated once per task; nothing is
+//! allocated per data packet.
+//!
+//! Where a peer's packets go is the path layer's decision ([`Tunnel::set_endpoint`]); the
+//! datapath only reports a peer heard from a new address (roaming) to the control task. A
+//! relayed peer's endpoint is a virtual address ([`crate::path::vaddr`]): datagrams to it are
+//! sent to the session's relay in a `Data` frame whose header is written into
+//! [`HEADROOM`] bytes left free before every outgoing datagram, and `Data` frames from a relay
+//! are handed up as datagrams from the virtual address.
 
 pub mod packet;
 pub mod peers;
@@ -27,6 +35,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use crate::config::NetworkConfig;
 use crate::identity::Identity;
 use crate::party::PeerSpec;
+use crate::path::vaddr;
 use crate::tunnel::peers::{Peer, PeerTable};
 use crate::wire::{classify, DatagramKind, MAX_CONTROL_DATAGRAM};
 
@@ -36,6 +45,13 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 const BUF: usize = 65536;
 /// Control datagrams queued for the control task before new ones are dropped.
 pub const CONTROL_QUEUE: usize = 1024;
+/// Roaming reports queued for the control task before new ones are dropped.
+pub const ROAM_QUEUE: usize = 256;
+/// Bytes kept free before each outgoing datagram for a relay `Data` header.
+pub const HEADROOM: usize = lanrage_proto::frame::DATA_HEADER_LEN;
+
+/// "Peer `key` sent an authenticated packet from this address": input for the path layer.
+pub type RoamReport = ([u8; 32], SocketAddr);
 
 /// One of the datapath's long-running tasks.
 pub type DatapathTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -57,8 +73,16 @@ pub struct Stats {
     pub bad_destination: AtomicU64,
     /// Control datagrams dropped because the control task was behind.
     pub control_dropped: AtomicU64,
-    /// STUN datagrams (no STUN client yet).
+    /// STUN datagrams dropped because the control task was behind.
     pub stun: AtomicU64,
+    /// Datagrams for a relayed peer whose relay session is not known (yet).
+    pub relay_no_route: AtomicU64,
+    /// Relay `Data` frames from an address that is not the session's relay, or malformed.
+    pub relay_unexpected: AtomicU64,
+    /// Datagrams received through a relay.
+    pub relay_rx: AtomicU64,
+    /// Roaming reports dropped because the control task was behind.
+    pub roam_dropped: AtomicU64,
     /// Packets from the TUN device to an address no peer has.
     pub no_route: AtomicU64,
     /// Packets from the TUN device that were not IPv4.
@@ -102,6 +126,8 @@ pub struct Tunnel {
     address: RwLock<Option<Ipv4Addr>>,
     /// The same address for the receive path, read per packet without a lock (0: none).
     address_bits: std::sync::atomic::AtomicU32,
+    /// Relay session → the relay UDP address its `Data` frames go to (set by the path layer).
+    relays: RwLock<std::collections::HashMap<u64, SocketAddr>>,
     /// Drop and traffic counters.
     pub stats: Stats,
 }
@@ -177,6 +203,7 @@ impl Tunnel {
             subnet,
             address: RwLock::new(None),
             address_bits: std::sync::atomic::AtomicU32::new(0),
+            relays: RwLock::new(std::collections::HashMap::new()),
             stats: Stats::default(),
         }))
     }
@@ -187,10 +214,11 @@ impl Tunnel {
     }
 
     /// The datapath tasks, by name, for the caller to spawn and supervise; control datagrams go
-    /// to `control`. Each runs until aborted.
+    /// to `control`, roaming reports to `roam`. Each runs until aborted.
     pub fn tasks(
         self: &Arc<Self>,
         control: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+        roam: mpsc::Sender<RoamReport>,
     ) -> Vec<(&'static str, DatapathTask)> {
         let a = self.clone();
         let b = self.clone();
@@ -198,7 +226,7 @@ impl Tunnel {
         vec![
             (
                 "UDP receive",
-                Box::pin(async move { a.udp_loop(control).await }),
+                Box::pin(async move { a.udp_loop(control, roam).await }),
             ),
             ("TUN read", Box::pin(async move { b.tun_loop().await })),
             (
@@ -208,10 +236,106 @@ impl Tunnel {
         ]
     }
 
-    /// Sends a control datagram (already sealed).
+    /// Sends a datagram from the control task (sealed message, probe, STUN, relay bind); a
+    /// virtual `to` goes through its relay.
     pub async fn send_control(&self, bytes: &[u8], to: SocketAddr) {
+        let framed;
+        let (bytes, to) = match vaddr::session_of(&to) {
+            Some(session) => {
+                let Some(relay) = self.relay_of(session.0) else {
+                    bump(&self.stats.relay_no_route);
+                    return;
+                };
+                let mut buf = vec![0u8; HEADROOM + bytes.len()];
+                buf[HEADROOM..].copy_from_slice(bytes);
+                let _ = lanrage_proto::frame::encode_data_header(session, &mut buf[..HEADROOM]);
+                framed = buf;
+                (&framed[..], relay)
+            }
+            None => (bytes, to),
+        };
         if let Err(e) = self.socket.send_to(bytes, to).await {
             tracing::debug!(%to, error = %e, "control send failed");
+        }
+    }
+
+    /// Where `session`'s `Data` frames go (`None`: the session is gone).
+    pub fn set_relay_route(
+        &self,
+        session: lanrage_proto::ids::SessionId,
+        relay: Option<SocketAddr>,
+    ) {
+        let mut relays = self.relays.write();
+        match relay {
+            Some(r) => {
+                relays.insert(session.0, r);
+            }
+            None => {
+                relays.remove(&session.0);
+            }
+        }
+    }
+
+    fn relay_of(&self, session: u64) -> Option<SocketAddr> {
+        self.relays.read().get(&session).copied()
+    }
+
+    /// The path layer's decision: send `key`'s packets to `endpoint` (direct or virtual). A peer
+    /// that gets its first endpoint starts its handshake at once.
+    pub fn set_endpoint(&self, key: &[u8; 32], endpoint: Option<SocketAddr>) {
+        let peer = self.peers.read().by_key(key).cloned();
+        let Some(peer) = peer else { return };
+        let was = std::mem::replace(&mut *peer.endpoint.lock(), endpoint);
+        *peer.reported.lock() = None;
+        if was.is_none()
+            && endpoint.is_some()
+            && peer.tunn.lock().time_since_last_handshake().is_none()
+        {
+            self.start_handshake(&peer);
+        }
+    }
+
+    /// Where the bytes at `buf[HEADROOM..HEADROOM + len]` must go: the slice to send and its
+    /// destination (a relay `Data` frame built in the headroom for a virtual `to`).
+    fn framed<'a>(
+        &self,
+        buf: &'a mut [u8],
+        len: usize,
+        to: SocketAddr,
+    ) -> Option<(&'a [u8], SocketAddr)> {
+        match vaddr::session_of(&to) {
+            None => Some((&buf[HEADROOM..HEADROOM + len], to)),
+            Some(session) => {
+                let Some(relay) = self.relay_of(session.0) else {
+                    bump(&self.stats.relay_no_route);
+                    return None;
+                };
+                lanrage_proto::frame::encode_data_header(session, &mut buf[..HEADROOM]).ok()?;
+                Some((&buf[..HEADROOM + len], relay))
+            }
+        }
+    }
+
+    /// Sends `buf[HEADROOM..HEADROOM + len]` to `to` (through its relay if `to` is virtual).
+    async fn send_framed(&self, buf: &mut [u8], len: usize, to: SocketAddr) {
+        if let Some((bytes, dst)) = self.framed(buf, len, to) {
+            self.send(bytes, dst).await;
+        }
+    }
+
+    /// Tells the path layer that `peer` was heard from `src` when that is not its endpoint.
+    fn note_source(&self, peer: &Peer, src: SocketAddr, roam: &mpsc::Sender<RoamReport>) {
+        if peer.endpoint() == Some(src) {
+            return;
+        }
+        let mut last = peer.reported.lock();
+        if *last == Some(src) {
+            return;
+        }
+        if roam.try_send((peer.key, src)).is_ok() {
+            *last = Some(src);
+        } else {
+            bump(&self.stats.roam_dropped);
         }
     }
 
@@ -240,17 +364,19 @@ impl Tunnel {
     }
 
     fn start_handshake(&self, peer: &Peer) {
-        let mut buf = [0u8; 256];
+        let mut buf = [0u8; HEADROOM + 256];
         let len = match peer
             .tunn
             .lock()
-            .format_handshake_initiation(&mut buf, false)
+            .format_handshake_initiation(&mut buf[HEADROOM..], false)
         {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return,
         };
         if let Some(ep) = peer.endpoint() {
-            let _ = self.socket.try_send_to(&buf[..len], ep);
+            if let Some((bytes, dst)) = self.framed(&mut buf, len, ep) {
+                let _ = self.socket.try_send_to(bytes, dst);
+            }
         }
     }
 
@@ -305,9 +431,13 @@ impl Tunnel {
         }
     }
 
-    async fn udp_loop(self: Arc<Self>, control: mpsc::Sender<(SocketAddr, Vec<u8>)>) {
+    async fn udp_loop(
+        self: Arc<Self>,
+        control: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+        roam: mpsc::Sender<RoamReport>,
+    ) {
         let mut buf = vec![0u8; BUF];
-        let mut out = vec![0u8; BUF];
+        let mut out = vec![0u8; HEADROOM + BUF];
         loop {
             let (n, src) = match self.socket.recv_from(&mut buf).await {
                 Ok(r) => r,
@@ -326,17 +456,49 @@ impl Tunnel {
                     continue;
                 }
             };
-            let datagram = &buf[..n];
-            match classify(datagram) {
-                DatagramKind::WireGuard => self.handle_wireguard(src, datagram, &mut out).await,
-                DatagramKind::Control => {
-                    if n > MAX_CONTROL_DATAGRAM
-                        || control.try_send((src, datagram.to_vec())).is_err()
-                    {
-                        bump(&self.stats.control_dropped);
+            let mut datagram = &buf[..n];
+            let mut src = src;
+            let mut kind = classify(datagram);
+            if kind == DatagramKind::Relay {
+                match lanrage_proto::frame::decode(datagram) {
+                    Ok(lanrage_proto::frame::Frame::Data { session, payload }) => {
+                        if self.relay_of(session.0) != Some(src) {
+                            bump(&self.stats.relay_unexpected);
+                            continue;
+                        }
+                        bump(&self.stats.relay_rx);
+                        src = vaddr::vaddr(session);
+                        datagram = payload;
+                        kind = match classify(datagram) {
+                            DatagramKind::Relay => DatagramKind::Garbage,
+                            k => k,
+                        };
+                    }
+                    Ok(_) => {} // relay control (challenge, bound, rebind): the path layer's
+                    Err(_) => {
+                        bump(&self.stats.relay_unexpected);
+                        continue;
                     }
                 }
-                DatagramKind::Stun => bump(&self.stats.stun),
+            }
+            match kind {
+                DatagramKind::WireGuard => {
+                    self.handle_wireguard(src, datagram, &mut out, &roam).await
+                }
+                DatagramKind::Control
+                | DatagramKind::Probe
+                | DatagramKind::Relay
+                | DatagramKind::Stun => {
+                    if datagram.len() > MAX_CONTROL_DATAGRAM
+                        || control.try_send((src, datagram.to_vec())).is_err()
+                    {
+                        bump(if kind == DatagramKind::Stun {
+                            &self.stats.stun
+                        } else {
+                            &self.stats.control_dropped
+                        });
+                    }
+                }
                 DatagramKind::Garbage => bump(&self.stats.garbage),
             }
         }
@@ -355,21 +517,31 @@ impl Tunnel {
         }
     }
 
-    async fn handle_wireguard(&self, src: SocketAddr, datagram: &[u8], out: &mut [u8]) {
+    async fn handle_wireguard(
+        &self,
+        src: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+        roam: &mpsc::Sender<RoamReport>,
+    ) {
         // MACs and the handshake rate limit first, before any Diffie-Hellman on our side.
-        let packet = match self.limiter.verify_packet(Some(src.ip()), datagram, out) {
-            Ok(p) => p,
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                let len = cookie.len();
-                bump(&self.stats.wg_cookies_sent);
-                self.send(&out[..len], src).await;
-                return;
-            }
-            Err(_) => {
-                bump(&self.stats.wg_invalid);
-                return;
-            }
-        };
+        let packet =
+            match self
+                .limiter
+                .verify_packet(Some(src.ip()), datagram, &mut out[HEADROOM..])
+            {
+                Ok(p) => p,
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    let len = cookie.len();
+                    bump(&self.stats.wg_cookies_sent);
+                    self.send_framed(out, len, src).await;
+                    return;
+                }
+                Err(_) => {
+                    bump(&self.stats.wg_invalid);
+                    return;
+                }
+            };
         let Some(peer) = self.find_peer(&packet) else {
             bump(&self.stats.wg_unknown_peer);
             return;
@@ -382,28 +554,40 @@ impl Tunnel {
                 Done,
                 Error,
             }
-            let next = match peer.tunn.lock().decapsulate(Some(src.ip()), input, out) {
-                TunnResult::WriteToNetwork(p) => Next::Network(p.len()),
-                TunnResult::WriteToTunnelV4(p, addr) => Next::Tunnel(p.len(), addr),
-                TunnResult::WriteToTunnelV6(..) => Next::Done,
-                TunnResult::Done => Next::Done,
-                TunnResult::Err(e) => {
-                    tracing::trace!(%src, error = ?e, "wireguard decapsulate");
-                    Next::Error
-                }
-            };
+            let next =
+                match peer
+                    .tunn
+                    .lock()
+                    .decapsulate(Some(src.ip()), input, &mut out[HEADROOM..])
+                {
+                    TunnResult::WriteToNetwork(p) => Next::Network(p.len()),
+                    TunnResult::WriteToTunnelV4(p, addr) => Next::Tunnel(p.len(), addr),
+                    TunnResult::WriteToTunnelV6(..) => Next::Done,
+                    TunnResult::Done => Next::Done,
+                    TunnResult::Err(e) => {
+                        tracing::trace!(%src, error = ?e, "wireguard decapsulate");
+                        Next::Error
+                    }
+                };
             match next {
                 Next::Network(len) => {
-                    // A handshake answer or queued packets: send, then ask for more.
-                    *peer.endpoint.lock() = Some(src);
-                    self.send(&out[..len], src).await;
+                    // A handshake answer or queued packets: send, then ask for more. Answers
+                    // go where the message came from; queued data goes to the endpoint.
+                    self.note_source(&peer, src, roam);
+                    let to = if matches!(packet, Packet::PacketData(_)) {
+                        peer.endpoint().unwrap_or(src)
+                    } else {
+                        src
+                    };
+                    self.send_framed(out, len, to).await;
                     input = &[];
                 }
                 Next::Tunnel(len, addr) => {
-                    *peer.endpoint.lock() = Some(src);
+                    self.note_source(&peer, src, roam);
                     if len == 0 {
                         break; // keepalive
                     }
+                    let out = &out[HEADROOM..];
                     if addr != peer.ip || packet::ipv4_src(&out[..len]) != Some(peer.ip) {
                         bump(&self.stats.bad_source);
                         break;
@@ -437,7 +621,7 @@ impl Tunnel {
 
     async fn tun_loop(self: Arc<Self>) {
         let mut buf = vec![0u8; BUF];
-        let mut out = vec![0u8; BUF + 148];
+        let mut out = vec![0u8; HEADROOM + BUF + 148];
         let mut everyone: Vec<Arc<Peer>> = Vec::new();
         loop {
             let n = match self.tun.recv(&mut buf).await {
@@ -473,19 +657,19 @@ impl Tunnel {
             bump(&self.stats.no_endpoint);
             return;
         };
-        let len = match peer.tunn.lock().encapsulate(pkt, out) {
+        let len = match peer.tunn.lock().encapsulate(pkt, &mut out[HEADROOM..]) {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return,
         };
         peer.count_tx(pkt.len());
         bump(&self.stats.tx_packets);
-        self.send(&out[..len], ep).await;
+        self.send_framed(out, len, ep).await;
     }
 
     async fn timer_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut out = vec![0u8; BUF];
+        let mut out = vec![0u8; HEADROOM + BUF];
         let mut all: Vec<Arc<Peer>> = Vec::new();
         let mut n = 0u32;
         loop {
@@ -497,12 +681,12 @@ impl Tunnel {
             all.clear();
             all.extend(self.peers.read().iter().cloned());
             for peer in &all {
-                let len = match peer.tunn.lock().update_timers(&mut out) {
+                let len = match peer.tunn.lock().update_timers(&mut out[HEADROOM..]) {
                     TunnResult::WriteToNetwork(p) => p.len(),
                     _ => continue,
                 };
                 if let Some(ep) = peer.endpoint() {
-                    self.send(&out[..len], ep).await;
+                    self.send_framed(&mut out, len, ep).await;
                 }
             }
         }

@@ -27,8 +27,12 @@ pub struct Peer {
     pub ip: Ipv4Addr,
     /// The WireGuard state machine.
     pub tunn: Mutex<Tunn>,
-    /// Where to send; follows the peer when it roams (any authenticated packet updates it).
+    /// Where to send: set only by the path layer (a direct address or a relay's virtual
+    /// endpoint, [`crate::path::vaddr`]).
     pub endpoint: Mutex<Option<SocketAddr>>,
+    /// The last source address reported to the path layer that was not `endpoint` (so a
+    /// roaming peer is reported once, not per packet).
+    pub reported: Mutex<Option<SocketAddr>>,
     /// When it was added (for "connecting" vs "failed").
     pub added: Instant,
     /// Payload bytes sent to it.
@@ -102,10 +106,10 @@ impl PeerTable {
         for spec in specs {
             match self.by_key.get(&spec.key) {
                 Some(existing) if existing.ip == spec.ip => {
-                    // An endpoint the member was heard from (authenticated) replaces a guess;
-                    // an advertised one only fills a gap.
+                    // The endpoint belongs to the path layer (Tunnel::set_endpoint); a spec's
+                    // endpoint only fills a gap.
                     let mut ep = existing.endpoint.lock();
-                    if ep.is_none() || (spec.observed && spec.endpoint.is_some()) {
+                    if ep.is_none() {
                         *ep = spec.endpoint;
                     }
                 }
@@ -127,6 +131,7 @@ impl PeerTable {
                         ip: spec.ip,
                         tunn: Mutex::new(tunn),
                         endpoint: Mutex::new(old_endpoint.or(spec.endpoint)),
+                        reported: Mutex::new(None),
                         added: now,
                         tx_bytes: AtomicU64::new(0),
                         rx_bytes: AtomicU64::new(0),
@@ -167,6 +172,7 @@ impl PeerTable {
                 Some(limiter.clone()),
             )),
             endpoint: Mutex::new(old.endpoint()),
+            reported: Mutex::new(None),
             added: now,
             tx_bytes: AtomicU64::new(old.tx_bytes.load(Ordering::Relaxed)),
             rx_bytes: AtomicU64::new(old.rx_bytes.load(Ordering::Relaxed)),

@@ -1,8 +1,11 @@
 //! The running daemon: wires the sans-IO party engine to the tunnel, discovery, the local API
-//! and the state directory. One control task owns the engine and the sealer; it reacts to control
-//! datagrams, API requests and a 100 ms tick, and executes the engine's actions.
+//! and the state directory. One control task owns the engine, the sealer and [`net::Net`] (path
+//! layer, NAT detection, control server); it reacts to datagrams, API requests, control-server
+//! answers, roaming reports and timers, and executes the engine's actions.
 
-use std::collections::HashMap;
+mod net;
+
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,8 +40,6 @@ pub const PARTY_FILE: &str = "party.json";
 const TICK: Duration = Duration::from_millis(100);
 /// A peer without a handshake for this long after being added is shown as "failed".
 const CONNECT_GRACE: Duration = Duration::from_secs(15);
-/// WireGuard rekeys every 2 minutes; a session older than 3 minutes is gone.
-const SESSION_FRESH: Duration = Duration::from_secs(180);
 /// How often our LAN addresses are checked for changes.
 const ENDPOINT_CHECK: Duration = Duration::from_secs(10);
 /// Answers and pushes at most this large may go to an address that has not proven it receives
@@ -48,6 +49,9 @@ const UNPROVEN_MAX: usize = 128;
 const VERSION_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Bound of each shutdown step (goodbyes, mDNS goodbyes, discovery file, state writer).
 const SHUTDOWN_STEP: Duration = Duration::from_secs(2);
+/// How long a join through the control server waits for the host's answer: finding a path
+/// (hole punching, else the relay) comes first.
+const INTERNET_JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -64,10 +68,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let port = tunnel.local_port();
 
     let (control_tx, control_rx) = mpsc::channel(tunnel::CONTROL_QUEUE);
+    let (roam_tx, roam_rx) = mpsc::channel(tunnel::ROAM_QUEUE);
     // Every long-lived task is supervised: one that ends or panics stops the daemon with an
     // error (a daemon that silently passes no traffic is worse than one that restarts).
     let mut tasks = Tasks::default();
-    for (name, task) in tunnel.tasks(control_tx) {
+    for (name, task) in tunnel.tasks(control_tx, roam_tx) {
         tasks.spawn(name, task);
     }
 
@@ -133,13 +138,54 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         rand::random(),
     );
     let endpoints = local_endpoints(port, &cfg.network.interface);
-    engine.set_endpoints(endpoints.clone());
+    let api = match &cfg.control.server {
+        Some(server) => {
+            let ca =
+                match &cfg.control.ca_file {
+                    Some(path) => Some(std::fs::read(path).with_context(|| {
+                        format!("cannot read control.ca_file {}", path.display())
+                    })?),
+                    None => None,
+                };
+            let pin = cfg
+                .control
+                .relay_key
+                .as_deref()
+                .and_then(crate::control::client::parse_key);
+            let api = crate::control::client::ControlApi::new(
+                server,
+                cfg.control.access_key.clone(),
+                pin,
+                ca.as_deref(),
+                identity.secret.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("control.server: {e}"))?;
+            tracing::info!(server = %api.server(), "internet play through the control server");
+            Some(Arc::new(api))
+        }
+        None => None,
+    };
+    let (answers_tx, answers_rx) = mpsc::channel(64);
+    let mut net = net::Net::new(
+        identity.secret.clone(),
+        api,
+        cfg.stun.servers.clone(),
+        cfg.node.name.clone(),
+        answers_tx,
+        now,
+    );
+    net.set_local(endpoints.clone(), now);
+    engine.set_endpoints(net.advertised());
 
     let mut control = Control {
         cfg,
         identity: identity.clone(),
         sealer: Sealer::new(identity.secret.clone(), rand::random(), now),
         engine,
+        net,
+        sent: HashSet::new(),
+        party_sync: None,
+        pending_apply: None,
         tunnel,
         mdns,
         file,
@@ -168,7 +214,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let stopped = control
-        .run(control_rx, api_rx, &mut tasks, &mut persister)
+        .run(
+            Inputs {
+                control_rx,
+                api_rx,
+                roam_rx,
+                answers_rx,
+            },
+            &mut tasks,
+            &mut persister,
+        )
         .await;
 
     // Shut down, every step bounded (a hung network share or mDNS socket must not keep the
@@ -276,11 +331,36 @@ struct PendingJoin {
     reply: oneshot::Sender<Result<serde_json::Value, ApiError>>,
 }
 
+/// A join waiting for the control server to name the party's host.
+struct PendingApply {
+    party: PartyId,
+    password: Option<String>,
+    reply: oneshot::Sender<Result<serde_json::Value, ApiError>>,
+}
+
+/// What the control task listens to.
+struct Inputs {
+    control_rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+    api_rx: mpsc::Receiver<ApiRequest>,
+    roam_rx: mpsc::Receiver<tunnel::RoamReport>,
+    answers_rx: mpsc::Receiver<net::Answer>,
+}
+
+/// What the control server was last told: our party (with name and protection while we host
+/// it, and the roster version published), and whether a join was under way.
+type PartySync = (Option<(PartyId, Option<(String, bool)>, u64)>, bool);
+
 struct Control {
     cfg: Config,
     identity: Identity,
     sealer: Sealer,
     engine: Engine,
+    net: net::Net,
+    /// (destination, recipient, message) sent in the current round, so a message the engine
+    /// addressed to several endpoints of one peer goes once down the path the path layer chose.
+    sent: HashSet<(SocketAddr, [u8; 32], Vec<u8>)>,
+    party_sync: Option<PartySync>,
+    pending_apply: Option<PendingApply>,
     tunnel: Arc<Tunnel>,
     mdns: Option<Arc<Mdns>>,
     file: Option<Arc<DiscoveryFile>>,
@@ -303,25 +383,42 @@ impl Control {
     /// Runs until SIGINT/SIGTERM (`Ok`) or until a supervised task fails (`Err`).
     async fn run(
         &mut self,
-        mut control_rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
-        mut api_rx: mpsc::Receiver<ApiRequest>,
+        inputs: Inputs,
         tasks: &mut Tasks,
         persister: &mut tokio::task::JoinHandle<()>,
     ) -> anyhow::Result<()> {
+        let Inputs {
+            mut control_rx,
+            mut api_rx,
+            mut roam_rx,
+            mut answers_rx,
+        } = inputs;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot install the SIGTERM handler")?;
         loop {
+            let deadline = self
+                .net
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + TICK);
             tokio::select! {
-                Some((from, bytes)) = control_rx.recv() => self.on_control(from, &bytes).await,
+                Some((from, bytes)) = control_rx.recv() => self.on_datagram(from, &bytes).await,
                 Some(req) = api_rx.recv() => self.handle_api(req).await,
+                Some((key, from)) = roam_rx.recv() => self.net.heard(&key, from, Instant::now()),
+                Some(answer) = answers_rx.recv() => {
+                    self.net.handle_answer(answer, Instant::now());
+                    self.net_outcomes().await;
+                }
+                _ = tokio::time::sleep_until(deadline) => self.net.handle_timeout(Instant::now()),
                 _ = tick.tick() => {
                     let now = Instant::now();
                     if self.mdns.as_ref().is_some_and(|m| m.has_failed()) {
                         return Err(anyhow::anyhow!("the mDNS thread stopped unexpectedly"));
                     }
                     self.engine.handle_timeout(now);
+                    self.net.handle_timeout(now);
                     self.refresh_file(now);
                     self.refresh_endpoints(now);
                     self.probe_rivals(now);
@@ -337,7 +434,123 @@ impl Control {
                 _ = sigterm.recv() => { tracing::info!("terminated"); return Ok(()); }
             }
             self.drain().await;
+            self.net.flush(&self.tunnel, Instant::now()).await;
         }
+    }
+
+    /// A datagram the datapath passed up: sealed control messages to the session layer,
+    /// probes, relay control and STUN to [`net::Net`].
+    async fn on_datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
+        match crate::wire::classify(bytes) {
+            crate::wire::DatagramKind::Control => self.on_control(from, bytes).await,
+            kind => self.net.handle_datagram(kind, from, bytes, Instant::now()),
+        }
+    }
+
+    /// Acts on what the control server told us.
+    async fn net_outcomes(&mut self) {
+        while let Some(outcome) = self.net.poll_outcome() {
+            match outcome {
+                net::NetOutcome::Applied(party, result) => {
+                    let Some(p) = self.pending_apply.take() else {
+                        continue;
+                    };
+                    if p.party != party {
+                        self.pending_apply = Some(p);
+                        continue;
+                    }
+                    match result {
+                        Err(e) => {
+                            let status = match e.status {
+                                Some(404) => 404,
+                                Some(403) => 403,
+                                Some(409) => 409,
+                                _ => 502,
+                            };
+                            let message = if status == 404 {
+                                format!("unknown party {party}: not seen on the LAN (mDNS), in the discovery file or on the control server")
+                            } else {
+                                format!(
+                                    "could not join party {party} through the control server: {e}"
+                                )
+                            };
+                            let _ = p.reply.send(Err(ApiError {
+                                status,
+                                message,
+                                code: Some(if status == 404 {
+                                    "unknown_party"
+                                } else {
+                                    "control_server"
+                                }),
+                            }));
+                        }
+                        Ok((key, endpoints)) => {
+                            let targets = vec![JoinTarget {
+                                key: key.0,
+                                endpoints: if endpoints.is_empty() {
+                                    vec![SocketAddr::from(([0, 0, 0, 0], 9))]
+                                } else {
+                                    endpoints
+                                },
+                            }];
+                            let now = Instant::now();
+                            match self.engine.join_with_timeout(
+                                now,
+                                party,
+                                targets,
+                                p.password.as_deref(),
+                                INTERNET_JOIN_TIMEOUT,
+                            ) {
+                                Ok(()) => {
+                                    if let Some(old) = self.pending_join.replace(PendingJoin {
+                                        party,
+                                        reply: p.reply,
+                                    }) {
+                                        let _ =
+                                            old.reply.send(Err(join_error(JoinError::Cancelled)));
+                                    }
+                                    self.drain().await;
+                                }
+                                Err(e) => {
+                                    let _ = p.reply.send(Err(ApiError::conflict_or_bad(&e)));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the control server about our party when it changes (host: name and membership).
+    /// While a join is under way nothing is withdrawn.
+    fn sync_party(&mut self) {
+        let now = Instant::now();
+        let busy = self.pending_apply.is_some() || self.engine.joining().is_some();
+        let hosting = self.engine.is_host();
+        let roster = self.engine.roster().map(|r| {
+            (
+                r.party,
+                hosting.then(|| (r.name.clone(), r.verifier.is_some())),
+                if hosting { r.version } else { 0 },
+            )
+        });
+        let want = (roster, busy);
+        if self.party_sync.as_ref() == Some(&want) {
+            return;
+        }
+        match &want.0 {
+            Some((party, hosted, _)) => self.net.set_party(Some((*party, hosted.clone())), now),
+            None if !busy => self.net.set_party(None, now),
+            None => {}
+        }
+        if let (Some((_, Some(_), version)), Some(r)) = (&want.0, self.engine.roster()) {
+            let mut members: Vec<&crate::wire::Member> = r.members.iter().collect();
+            members.sort_by_key(|m| (m.id != r.host, m.since));
+            let keys = members.iter().map(|m| m.key).collect();
+            self.net.publish(*version, keys, now);
+        }
+        self.party_sync = Some(want);
     }
 
     /// A control datagram from `from`: opened by the session layer (which may answer with a
@@ -347,6 +560,7 @@ impl Control {
         match self.sealer.open(bytes, from, now) {
             Ok(Some(Delivered::Message { key, from, msg })) => {
                 tracing::trace!(%from, ?msg, "control message");
+                self.net.heard(&key, from, now);
                 self.engine.handle_message(now, from, key, msg);
             }
             Ok(Some(Delivered::PeerVersion { from, version })) => {
@@ -394,6 +608,12 @@ impl Control {
     /// Seals and sends one engine message, unless it is an answer or a push too large for an
     /// address that has not proven it receives (a spoofed or stale address).
     async fn send_message(&mut self, to: SocketAddr, key: [u8; 32], msg: &Message) {
+        let to = self.net.route(&key, to);
+        if let Ok(plain) = postcard::to_stdvec(msg) {
+            if !self.sent.insert((to, key, plain)) {
+                return; // the same message to the same place in this round
+            }
+        }
         let Some(bytes) = self.sealer.seal(&key, msg, Instant::now()) else {
             return;
         };
@@ -410,6 +630,8 @@ impl Control {
         while let Some(action) = self.engine.poll_action() {
             self.execute(action).await;
         }
+        self.sent.clear();
+        self.sync_party();
     }
 
     /// During shutdown: only send what the engine wants sent (goodbyes), change nothing else.
@@ -424,7 +646,30 @@ impl Control {
     async fn execute(&mut self, action: Action) {
         match action {
             Action::Send { to, key, msg } => self.send_message(to, key, &msg).await,
-            Action::Peers(specs) => self.tunnel.set_peers(&specs),
+            Action::Peers(specs) => {
+                let now = Instant::now();
+                let roster = self.engine.roster();
+                let members: Vec<([u8; 32], Vec<SocketAddr>)> = specs
+                    .iter()
+                    .map(|s| {
+                        let mut eps: Vec<SocketAddr> = roster
+                            .and_then(|r| r.members.iter().find(|m| m.key == s.key))
+                            .map(|m| m.endpoints.clone())
+                            .unwrap_or_default();
+                        eps.extend(s.endpoint);
+                        (s.key, eps)
+                    })
+                    .collect();
+                self.net.set_members(&members, now);
+                let specs: Vec<crate::party::PeerSpec> = specs
+                    .into_iter()
+                    .map(|mut s| {
+                        s.endpoint = self.net.paths.best(&s.key);
+                        s
+                    })
+                    .collect();
+                self.tunnel.set_peers(&specs);
+            }
             Action::Address(ip) => {
                 if let Err(e) = self.tunnel.set_address(ip) {
                     tracing::error!(error = %e, ?ip, "could not set the virtual IP on the TUN interface");
@@ -536,7 +781,8 @@ impl Control {
         }
         tracing::info!(?endpoints, "our LAN addresses changed");
         self.endpoints = endpoints.clone();
-        self.engine.set_endpoints(endpoints);
+        self.net.set_local(endpoints, now);
+        self.engine.set_endpoints(self.net.advertised());
         if let Some(hosted) = self.engine.hosted() {
             self.announce(Some(hosted));
         }
@@ -649,8 +895,23 @@ impl Control {
                     }
                 };
                 if targets.is_empty() {
+                    if self.engine.roster().is_none()
+                        && self.engine.joining().is_none()
+                        && self.net.apply(party, now)
+                    {
+                        // Not on the LAN: ask the control server who hosts it.
+                        if let Some(old) = self.pending_apply.replace(PendingApply {
+                            party,
+                            password,
+                            reply,
+                        }) {
+                            let _ = old.reply.send(Err(join_error(JoinError::Cancelled)));
+                        }
+                        return;
+                    }
                     let _ = reply.send(Err(ApiError::not_found(format!(
-                        "unknown party {party}: not seen on the LAN (mDNS) or in the discovery file"
+                        "unknown party {party}: not seen on the LAN (mDNS), in the discovery file{}",
+                        if self.net.has_control() { " or on the control server" } else { " (no control server is configured for internet parties)" }
                     ))));
                     return;
                 }
@@ -667,6 +928,12 @@ impl Control {
                 }
             }
             ApiRequest::Leave { reply } => {
+                if let Some(p) = self.pending_apply.take() {
+                    let _ = p.reply.send(Err(join_error(JoinError::Cancelled)));
+                    self.net.set_party(None, now);
+                    let _ = reply.send(Ok(serde_json::json!({"left": true})));
+                    return;
+                }
                 let answer = match self.engine.leave(now) {
                     Ok(()) => {
                         self.drain().await;
@@ -792,33 +1059,49 @@ impl Control {
                         name: m.name.clone(),
                         virtual_ip: m.ip.to_string(),
                         connection: "self".into(),
-                        endpoint: None,
+                        relay: None,
+                        endpoint: self.net.public_endpoint().map(|e| e.to_string()),
                         latency_ms: None,
                         last_handshake_secs: None,
+                        rx_bytes: 0,
+                        tx_bytes: 0,
                     };
                 }
                 let live = self.engine.live(&m.key);
                 let tun = self.tunnel.peer_status(&m.key);
+                let path = self.net.status(&m.key);
                 let handshake = tun.as_ref().and_then(|t| t.last_handshake);
-                let connection = match (&tun, handshake) {
-                    (_, Some(h)) if h < SESSION_FRESH => "direct",
-                    (Some(t), _) if now.saturating_duration_since(t.added) < CONNECT_GRACE => {
-                        "connecting"
-                    }
-                    (None, _) => "connecting",
-                    _ => "failed",
+                let connection = match path.as_ref().map(|p| p.connection) {
+                    Some(crate::path::Connection::Direct) => "direct",
+                    Some(crate::path::Connection::Relayed) => "relayed",
+                    Some(crate::path::Connection::Failed) => "failed",
+                    _ => match &tun {
+                        Some(t) if now.saturating_duration_since(t.added) >= CONNECT_GRACE => {
+                            "failed"
+                        }
+                        _ => "connecting",
+                    },
                 };
                 PeerView {
                     id: m.id.to_string(),
                     name: m.name.clone(),
                     virtual_ip: m.ip.to_string(),
                     connection: connection.into(),
-                    endpoint: tun
-                        .and_then(|t| t.endpoint)
+                    relay: path.as_ref().and_then(|p| p.relay).map(|r| r.to_string()),
+                    endpoint: path
+                        .as_ref()
+                        .and_then(|p| p.endpoint)
                         .or_else(|| live.and_then(|l| l.observed))
+                        .filter(|e| !crate::path::vaddr::is_virtual(e))
                         .map(|e| e.to_string()),
-                    latency_ms: live.and_then(|l| l.rtt).map(|d| d.as_secs_f64() * 1000.0),
+                    latency_ms: path
+                        .as_ref()
+                        .and_then(|p| p.rtt)
+                        .or_else(|| live.and_then(|l| l.rtt))
+                        .map(|d| (d.as_secs_f64() * 1_000_000.0).round() / 1000.0),
                     last_handshake_secs: handshake.map(|d| d.as_secs()),
+                    rx_bytes: tun.as_ref().map_or(0, |t| t.rx_bytes),
+                    tx_bytes: tun.as_ref().map_or(0, |t| t.tx_bytes),
                 }
             })
             .collect();
@@ -843,7 +1126,11 @@ impl Control {
             ("bad_source".to_string(), load(&s.bad_source)),
             ("bad_destination".to_string(), load(&s.bad_destination)),
             ("control_dropped".to_string(), load(&s.control_dropped)),
-            ("stun_ignored".to_string(), load(&s.stun)),
+            ("stun_dropped".to_string(), load(&s.stun)),
+            ("relay_no_route".to_string(), load(&s.relay_no_route)),
+            ("relay_unexpected".to_string(), load(&s.relay_unexpected)),
+            ("relay_rx".to_string(), load(&s.relay_rx)),
+            ("roam_dropped".to_string(), load(&s.roam_dropped)),
             ("no_route".to_string(), load(&s.no_route)),
             ("not_ipv4".to_string(), load(&s.not_ipv4)),
             ("no_endpoint".to_string(), load(&s.no_endpoint)),
@@ -876,7 +1163,10 @@ impl Control {
                 name: self.cfg.node.name.clone(),
                 public_key: self.identity.public_b64(),
                 virtual_ip: self.engine.address().map(|ip| ip.to_string()),
-                nat_type: "unknown".into(),
+                nat_type: self.net.nat_type().to_string(),
+                public_endpoint: self.net.public_endpoint().map(|e| e.to_string()),
+                control_server: self.cfg.control.server.clone(),
+                control_error: self.net.control_error(),
             },
             party: self.party_view(),
             joining: self.engine.joining().map(|p| p.to_string()),

@@ -1,0 +1,519 @@
+//! Internet wiring of the control task: the path layer, NAT detection and the control-server
+//! conversation, and the blocking threads that make its HTTP calls. One owner ([`Net`], inside
+//! the control task) for all three; the tunnel only gets the path layer's decisions.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lanrage_proto::api::{MemberView, PartyView as RelayPartyView, RelayInfo};
+use lanrage_proto::ids::{PeerId, PublicKey};
+use tokio::sync::mpsc;
+use x25519_dalek::StaticSecret;
+
+use crate::control::client::{CallError, ControlApi};
+use crate::control::rendezvous::{Call, Event, Rendezvous, Reply};
+use crate::ids::PartyId;
+use crate::path::nat::{NatDetector, NatReport, NatType, StunServer};
+use crate::path::vaddr;
+use crate::path::{PathConfig, PathEvent, PathStatus, Paths};
+use crate::tunnel::Tunnel;
+
+/// Applicants (joiners we host but have not admitted yet) kept at once.
+const MAX_APPLICANTS: usize = 16;
+/// An applicant that has not become a member after this long is forgotten.
+const APPLICANT_TTL: Duration = Duration::from_secs(60);
+/// Signals from peers we cannot place yet, kept until the member list is re-read.
+const MAX_UNPLACED: usize = 16;
+/// Keys we remember per peer id (members and applicants of the current party).
+const MAX_KEYS: usize = 128;
+
+/// A finished control-server call, back from its blocking thread.
+pub type Answer = (Call, Result<Reply, CallError>);
+
+/// What the control task must act on after [`Net`] handled something.
+#[derive(Debug)]
+pub enum NetOutcome {
+    /// The answer to a join through the control server: the party's host (key and endpoints),
+    /// or why not.
+    Applied(PartyId, Result<(PublicKey, Vec<SocketAddr>), CallError>),
+}
+
+/// Path layer + NAT detection + control server, as the control task owns them.
+pub struct Net {
+    our_key: [u8; 32],
+    secret: StaticSecret,
+    /// The only owner of "where do packets for peer K go".
+    pub paths: Paths,
+    nat: NatDetector,
+    nat_report: Option<NatReport>,
+    stun_override: Vec<SocketAddr>,
+    api: Option<Arc<ControlApi>>,
+    rdv: Option<Rendezvous>,
+    answers: mpsc::Sender<Answer>,
+    /// Keys of peers the control server told us about, by id.
+    keys: HashMap<PeerId, [u8; 32]>,
+    /// Party members (they have WireGuard peers in the tunnel).
+    members: HashSet<[u8; 32]>,
+    /// Joiners of the party we host, not admitted yet: path peers only.
+    applicants: HashMap<[u8; 32], Instant>,
+    unplaced: Vec<lanrage_proto::api::Signal>,
+    local: Vec<SocketAddr>,
+    outcomes: Vec<NetOutcome>,
+    /// Relay sessions in use, by peer (to drop their routes when the peer goes).
+    sessions: HashMap<[u8; 32], lanrage_proto::ids::SessionId>,
+}
+
+impl Net {
+    /// Sets up the parts; `api` is `None` without `[control] server` (then nothing is sent
+    /// beyond the LAN, unless `[stun] servers` is set).
+    pub fn new(
+        secret: StaticSecret,
+        api: Option<Arc<ControlApi>>,
+        stun_override: Vec<SocketAddr>,
+        peer_name: String,
+        answers: mpsc::Sender<Answer>,
+        now: Instant,
+    ) -> Self {
+        let our_key = x25519_dalek::PublicKey::from(&secret).to_bytes();
+        let rdv = api
+            .as_ref()
+            .map(|_| Rendezvous::new(now, peer_name, rand::random()));
+        let mut nat = NatDetector::new(now, rand::random());
+        if !stun_override.is_empty() {
+            nat.start(
+                stun_override
+                    .iter()
+                    .map(|&addr| StunServer {
+                        addr,
+                        discovery: false,
+                    })
+                    .collect(),
+                Vec::new(),
+                now,
+            );
+        }
+        Net {
+            our_key,
+            secret,
+            paths: Paths::new(
+                PathConfig {
+                    our_key,
+                    ..PathConfig::default()
+                },
+                now,
+                rand::random(),
+            ),
+            nat,
+            nat_report: None,
+            stun_override,
+            api,
+            rdv,
+            answers,
+            keys: HashMap::new(),
+            members: HashSet::new(),
+            applicants: HashMap::new(),
+            unplaced: Vec::new(),
+            local: Vec::new(),
+            outcomes: Vec::new(),
+            sessions: HashMap::new(),
+        }
+    }
+
+    /// Whether a control server is configured.
+    pub fn has_control(&self) -> bool {
+        self.rdv.is_some()
+    }
+
+    /// The NAT type, for status.
+    pub fn nat_type(&self) -> NatType {
+        self.nat_report
+            .as_ref()
+            .map(|r| r.nat_type)
+            .unwrap_or(NatType::Unknown)
+    }
+
+    /// Our public (STUN-mapped) endpoint, for status.
+    pub fn public_endpoint(&self) -> Option<SocketAddr> {
+        self.nat_report.as_ref().and_then(|r| r.public)
+    }
+
+    /// The control server's last error, for status.
+    pub fn control_error(&self) -> Option<String> {
+        self.rdv
+            .as_ref()
+            .and_then(|r| r.last_error().map(str::to_string))
+    }
+
+    /// Our endpoints as others should try them: LAN addresses, then the STUN-mapped one.
+    pub fn advertised(&self) -> Vec<SocketAddr> {
+        let mut out = self.local.clone();
+        if let Some(p) = self.public_endpoint() {
+            if !out.contains(&p) {
+                out.insert(0, p);
+            }
+        }
+        out.truncate(crate::wire::MAX_ENDPOINTS);
+        out
+    }
+
+    /// Our LAN endpoints changed (or are known for the first time): NAT detection starts over.
+    pub fn set_local(&mut self, local: Vec<SocketAddr>, now: Instant) {
+        if local == self.local {
+            return;
+        }
+        self.local = local;
+        self.nat.restart(self.local.clone(), now);
+        let adv = self.advertised();
+        if let Some(r) = &mut self.rdv {
+            r.set_endpoints(adv, now);
+        }
+    }
+
+    /// The per-pair probe key with `key`, or `None` for a key we cannot pair with.
+    fn pair_key(&self, key: &[u8; 32]) -> Option<[u8; 32]> {
+        crate::path::probe::pair_key(&self.secret, key)
+    }
+
+    fn add_path_peer(&mut self, key: [u8; 32], endpoints: &[SocketAddr], now: Instant) {
+        if key == self.our_key {
+            return;
+        }
+        let Some(pk) = self.pair_key(&key) else {
+            return;
+        };
+        self.paths.upsert_peer(key, pk, now);
+        let real: Vec<SocketAddr> = endpoints
+            .iter()
+            .copied()
+            .filter(|e| !vaddr::is_virtual(e))
+            .collect();
+        if !real.is_empty() {
+            self.paths.add_candidates(&key, &real, now);
+        }
+        let id = PeerId::from_public_key(&key);
+        if self.keys.len() < MAX_KEYS || self.keys.contains_key(&id) {
+            self.keys.insert(id, key);
+        }
+        if let Some(r) = &mut self.rdv {
+            r.want_session(id, false, now);
+        }
+    }
+
+    /// The party's members (other than us) with their advertised endpoints: they get paths
+    /// (and relay sessions), everyone else loses them, applicants aside.
+    pub fn set_members(&mut self, members: &[([u8; 32], Vec<SocketAddr>)], now: Instant) {
+        let wanted: HashSet<[u8; 32]> = members.iter().map(|(k, _)| *k).collect();
+        let gone: Vec<[u8; 32]> = self
+            .members
+            .iter()
+            .filter(|k| !wanted.contains(*k) && !self.applicants.contains_key(*k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.drop_peer(&key);
+        }
+        for (key, endpoints) in members {
+            self.applicants.remove(key);
+            self.add_path_peer(*key, endpoints, now);
+        }
+        self.members = wanted;
+    }
+
+    fn drop_peer(&mut self, key: &[u8; 32]) {
+        self.paths.remove_peer(key);
+        let id = PeerId::from_public_key(key);
+        if let Some(r) = &mut self.rdv {
+            r.forget_session(&id);
+        }
+        self.sessions.remove(key);
+    }
+
+    /// Where to send a control message for `key` that the engine addressed to `to`.
+    pub fn route(&self, key: &[u8; 32], to: SocketAddr) -> SocketAddr {
+        self.paths.best(key).unwrap_or(to)
+    }
+
+    /// Path state of a peer, for status.
+    pub fn status(&self, key: &[u8; 32]) -> Option<PathStatus> {
+        self.paths.status(key)
+    }
+
+    /// The party we host, are in, or none: what the control server should know.
+    pub fn set_party(&mut self, party: Option<(PartyId, Option<(String, bool)>)>, now: Instant) {
+        let Some(r) = &mut self.rdv else { return };
+        match party {
+            None => {
+                if r.party().is_some() {
+                    r.leave();
+                }
+                self.applicants.clear();
+            }
+            Some((id, Some((name, protected)))) => r.host(id, name, protected, now),
+            Some((id, None)) => r.member(id, now),
+        }
+    }
+
+    /// As host: publish who is in (host first).
+    pub fn publish(&mut self, version: u64, members: Vec<[u8; 32]>, now: Instant) {
+        if let Some(r) = &mut self.rdv {
+            let ids = members.iter().map(PeerId::from_public_key).collect();
+            r.publish(version, ids, now);
+        }
+    }
+
+    /// Join `party` through the control server; the answer comes as [`NetOutcome::Applied`].
+    pub fn apply(&mut self, party: PartyId, now: Instant) -> bool {
+        match &mut self.rdv {
+            Some(r) => {
+                r.apply(party, now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A datagram for the path layer or NAT detection (probe, relay control, STUN).
+    pub fn handle_datagram(
+        &mut self,
+        kind: crate::wire::DatagramKind,
+        from: SocketAddr,
+        bytes: &[u8],
+        now: Instant,
+    ) {
+        use crate::wire::DatagramKind;
+        match kind {
+            DatagramKind::Probe => {
+                self.paths.handle_probe(from, bytes, now);
+            }
+            DatagramKind::Relay => {
+                self.paths.handle_relay_frame(from, bytes, now);
+            }
+            DatagramKind::Stun if self.nat.handle_stun(from, bytes, now) => self.nat_changed(now),
+            _ => {}
+        }
+    }
+
+    fn nat_changed(&mut self, now: Instant) {
+        let report = self.nat.result();
+        if report.is_some() && report != self.nat_report {
+            if let Some(r) = &report {
+                tracing::info!(nat = %r.nat_type, public = ?r.public, "NAT detected");
+            }
+            self.nat_report = report;
+            let adv = self.advertised();
+            if let Some(r) = &mut self.rdv {
+                r.set_endpoints(adv, now);
+            }
+        }
+    }
+
+    /// A peer was heard (authenticated) from `from`.
+    pub fn heard(&mut self, key: &[u8; 32], from: SocketAddr, now: Instant) {
+        self.paths.handle_authenticated(key, from, now);
+    }
+
+    /// Runs timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.paths.handle_timeout(now);
+        let before = self.nat.result();
+        self.nat.handle_timeout(now);
+        if self.nat.result() != before {
+            self.nat_changed(now);
+        }
+        self.applicants
+            .retain(|_, since| now.saturating_duration_since(*since) < APPLICANT_TTL);
+    }
+
+    /// The earliest time [`Net::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.paths.poll_timeout(),
+            self.nat.poll_timeout(),
+            self.rdv.as_ref().and_then(|r| r.poll_timeout()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// A control-server call finished.
+    pub fn handle_answer(&mut self, answer: Answer, now: Instant) {
+        if let Some(r) = &mut self.rdv {
+            r.handle_answer(answer.0, answer.1, now);
+        }
+        self.handle_events(now);
+    }
+
+    fn handle_events(&mut self, now: Instant) {
+        while let Some(ev) = self.rdv.as_mut().and_then(|r| r.poll_event()) {
+            match ev {
+                Event::Relays(relays) => self.use_relays(relays, now),
+                Event::Applied(party, result) => {
+                    let result = result.and_then(|view| self.host_of(&view, now));
+                    self.outcomes.push(NetOutcome::Applied(party, result));
+                }
+                Event::Peers(peers) => self.place_peers(&peers, now),
+                Event::Signal(s) => self.on_signal(s, now),
+                Event::Session(s) => {
+                    let Some(&key) = self.keys.get(&s.peer) else {
+                        continue;
+                    };
+                    let Some(shared) = self.api.as_ref().and_then(|a| a.shared_key()) else {
+                        continue;
+                    };
+                    if let Some(old) = self.sessions.insert(key, s.session) {
+                        if old != s.session {
+                            tracing::debug!(peer = %s.peer, "relay session replaced");
+                        }
+                    }
+                    self.paths.set_relay(
+                        &key,
+                        s.session,
+                        s.relay.clone(),
+                        shared.bind_key(s.session),
+                        now,
+                    );
+                }
+                Event::RosterChanged => {}
+            }
+        }
+    }
+
+    fn host_of(
+        &mut self,
+        view: &RelayPartyView,
+        now: Instant,
+    ) -> Result<(PublicKey, Vec<SocketAddr>), CallError> {
+        let host = view
+            .peers
+            .iter()
+            .find(|m| member_is_host(m))
+            .or_else(|| view.peers.first())
+            .filter(|m| m.key.0 != self.our_key)
+            .ok_or_else(|| CallError {
+                status: None,
+                message: "the control server shows no host for this party".into(),
+                retry_after: None,
+            })?;
+        let key = host.key;
+        let endpoints: Vec<SocketAddr> = host.endpoints.iter().copied().take(8).collect();
+        self.add_path_peer(key.0, &endpoints, now);
+        if let Some(r) = &mut self.rdv {
+            r.signal(host.peer, None);
+        }
+        Ok((key, endpoints))
+    }
+
+    fn use_relays(&mut self, relays: Vec<RelayInfo>, now: Instant) {
+        if !self.stun_override.is_empty() {
+            return;
+        }
+        let servers: Vec<StunServer> = relays
+            .iter()
+            .flat_map(|r| {
+                r.udp.iter().map(|&addr| StunServer {
+                    addr,
+                    discovery: r.nat_discovery,
+                })
+            })
+            .take(8)
+            .collect();
+        if !servers.is_empty() {
+            self.nat.start(servers, self.local.clone(), now);
+        }
+    }
+
+    /// Members or applicants as the control server lists them: keys for ids we heard from.
+    fn place_peers(&mut self, peers: &[MemberView], now: Instant) {
+        for m in peers.iter().take(64) {
+            if m.key.0 == self.our_key {
+                continue;
+            }
+            if self.keys.len() < MAX_KEYS || self.keys.contains_key(&m.peer) {
+                self.keys.insert(m.peer, m.key.0);
+            }
+        }
+        let waiting = std::mem::take(&mut self.unplaced);
+        for s in waiting {
+            self.on_signal(s, now);
+        }
+    }
+
+    /// A member or applicant told us its endpoints: probe them, and answer with ours once.
+    fn on_signal(&mut self, s: lanrage_proto::api::Signal, now: Instant) {
+        let Some(&key) = self.keys.get(&s.from) else {
+            if self.unplaced.len() < MAX_UNPLACED {
+                self.unplaced.push(s);
+            }
+            if let Some(r) = &mut self.rdv {
+                r.refresh_peers();
+            }
+            return;
+        };
+        if !self.members.contains(&key) && !self.applicants.contains_key(&key) {
+            if self.applicants.len() >= MAX_APPLICANTS {
+                return;
+            }
+            self.applicants.insert(key, now);
+        }
+        let endpoints: Vec<SocketAddr> = s.endpoints.iter().copied().take(8).collect();
+        self.add_path_peer(key, &endpoints, now);
+        if s.nonce != 0 {
+            // Answer (nonce 0 marks an answer, so two sides never ping-pong signals).
+            if let Some(r) = &mut self.rdv {
+                r.signal(s.from, Some(0));
+            }
+        }
+    }
+
+    /// Sends what the parts want sent, applies the path layer's decisions to the tunnel, and
+    /// starts due control-server calls.
+    pub async fn flush(&mut self, tunnel: &Tunnel, now: Instant) {
+        while let Some(t) = self.paths.poll_transmit() {
+            tunnel.send_control(&t.bytes, t.to).await;
+        }
+        while let Some((to, bytes)) = self.nat.poll_transmit() {
+            tunnel.send_control(&bytes, to).await;
+        }
+        while let Some(ev) = self.paths.poll_event() {
+            match ev {
+                PathEvent::Endpoint { key, endpoint } => tunnel.set_endpoint(&key, endpoint),
+                PathEvent::RelayRoute { session, relay } => tunnel.set_relay_route(session, relay),
+                PathEvent::NeedRelaySession { key } => {
+                    let id = PeerId::from_public_key(&key);
+                    if let Some(r) = &mut self.rdv {
+                        r.want_session(id, true, now);
+                    }
+                }
+                #[allow(unreachable_patterns)]
+                _ => {}
+            }
+        }
+        let (Some(r), Some(api)) = (&mut self.rdv, &self.api) else {
+            return;
+        };
+        while let Some(call) = r.poll_call(now) {
+            let api = api.clone();
+            let tx = self.answers.clone();
+            tokio::task::spawn_blocking(move || {
+                let result = crate::control::exec(&api, &call);
+                let _ = tx.blocking_send((call, result));
+            });
+        }
+    }
+
+    /// What the control task must act on.
+    pub fn poll_outcome(&mut self) -> Option<NetOutcome> {
+        self.outcomes.pop()
+    }
+}
+
+fn member_is_host(m: &MemberView) -> bool {
+    // `host` arrives with the rendezvous control plane; older relays list the creator first.
+    serde_json::to_value(m)
+        .ok()
+        .and_then(|v| v.get("host").and_then(|h| h.as_bool()))
+        .unwrap_or(false)
+}
