@@ -40,6 +40,8 @@
 //! party makes the key's tokens last the relay's full token lifetime, and refreshing gives a long
 //! or short token by the same rule. Refresh at about two thirds of `expires_in_secs`.
 
+pub mod status;
+
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
