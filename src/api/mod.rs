@@ -516,7 +516,7 @@ mod tests {
                             },
                             party: None,
                             joining: None,
-                            counters: HashMap::new(),
+                            counters: std::collections::HashMap::new(),
                         });
                     }
                 }
