@@ -483,7 +483,16 @@ fn print_status(out: &mut impl Write, v: &Value) -> io::Result<()> {
     writeln!(out, "Node      {} ({})", s(&n["name"]), s(&n["id"]))?;
     writeln!(out, "Key       {}", s(&n["public_key"]))?;
     writeln!(out, "Address   {}", s(&n["virtual_ip"]))?;
-    writeln!(out, "NAT       {}", s(&n["nat_type"]))?;
+    match n["public_endpoint"].as_str() {
+        Some(p) => writeln!(out, "NAT       {} (public {})", s(&n["nat_type"]), sanitize(p))?,
+        None => writeln!(out, "NAT       {}", s(&n["nat_type"]))?,
+    }
+    if let Some(server) = n["control_server"].as_str() {
+        match n["control_error"].as_str() {
+            Some(e) => writeln!(out, "Control   {} (error: {})", sanitize(server), sanitize(e))?,
+            None => writeln!(out, "Control   {}", sanitize(server))?,
+        }
+    }
     if v["party"].is_null() {
         match v["joining"].as_str() {
             Some(p) => writeln!(out, "Party     joining {}...", sanitize(p)),
@@ -515,7 +524,7 @@ fn print_party(out: &mut impl Write, p: &Value) -> io::Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:<18} {:<16} {:<15} {:<11} {:<22} {:>8}",
+        "{:<18} {:<16} {:<15} {:<11} {:<22} {:>9}",
         "NAME", "ID", "VIRTUAL IP", "CONNECTION", "ENDPOINT", "LATENCY"
     )?;
     let host = p["host_id"].as_str().unwrap_or("");
@@ -526,16 +535,27 @@ fn print_party(out: &mut impl Write, p: &Value) -> io::Result<()> {
         }
         let latency = peer["latency_ms"]
             .as_f64()
-            .map(|l| format!("{l:.1} ms"))
+            .map(|l| {
+                if l < 10.0 {
+                    format!("{l:.2} ms")
+                } else {
+                    format!("{l:.1} ms")
+                }
+            })
             .unwrap_or_else(|| "-".into());
+        // A relayed peer shows the relay it goes through.
+        let endpoint = match peer["relay"].as_str() {
+            Some(r) if peer["connection"].as_str() == Some("relayed") => format!("via {}", sanitize(r)),
+            _ => s(&peer["endpoint"]),
+        };
         writeln!(
             out,
-            "{:<18} {:<16} {:<15} {:<11} {:<22} {:>8}",
+            "{:<18} {:<16} {:<15} {:<11} {:<22} {:>9}",
             name,
             s(&peer["id"]),
             s(&peer["virtual_ip"]),
             s(&peer["connection"]),
-            s(&peer["endpoint"]),
+            endpoint,
             latency
         )?;
     }
