@@ -1,5 +1,10 @@
 //! The control plane over real HTTP: the auth matrix (401 / 403 / 404 / 400 / 413 / 429), the
+//! one-authority rules (the relay checks no password; joiners are applicants that reach only the
+//! host until the host publishes its roster; host migration by a newer roster version), the
 //! access key, token expiry and refresh, signaling with long polls, metrics access.
+//!
+//! The tests of the one-authority rules read answers as plain JSON, so they also build against
+//! the relay before those rules (to show they fail there).
 
 mod common;
 
@@ -10,6 +15,7 @@ use lanrage_proto::api::{
     HeartbeatResponse, PartyInfo, PartyView, PeersResponse, SessionResponse, SignalsResponse,
     TokenResponse,
 };
+use serde_json::Value;
 
 fn create(http: &Http, p: &Peer, body: &str) -> PartyView {
     http.post_ok("/parties", p.t(), body)
@@ -36,6 +42,7 @@ fn auth_matrix() {
     let base = format!("/parties/{id}");
 
     // No token, a garbage token, a token in the wrong scheme: 401 on every protected route.
+    assert_eq!(http.put(&format!("{base}/roster"), None, "{}").0, 401);
     let protected_posts = [
         "/parties".to_string(),
         format!("{base}/join"),
@@ -70,9 +77,10 @@ fn auth_matrix() {
     );
     assert_eq!(http.get("/parties/not-an-id", a.t()).0, 400);
 
-    // Join; then acting for another peer is 403.
+    // Join (an applicant seeing the host), the host admits; then acting for another peer is 403.
     let v: PartyView = http.post_ok(&format!("{base}/join"), b.t(), r#"{"peer_name":"bob"}"#);
-    assert_eq!(v.peers.len(), 2);
+    assert_eq!(v.peers.len(), 1);
+    assert_eq!(http.publish(&id, &a, 1, &[&a, &b]).0, 200);
     assert_eq!(http.delete(&format!("{base}/peers/{}", a.id), b.t()).0, 403);
     assert_eq!(
         http.post(&format!("{base}/peers/{}/heartbeat", a.id), b.t(), "")
@@ -100,7 +108,7 @@ fn auth_matrix() {
         404
     );
 
-    // Malformed bodies: 400 (bad JSON, unknown field, bad endpoint, name too long).
+    // Malformed bodies: 400 (bad JSON, unknown field, bad endpoint, name too long, bad roster).
     assert_eq!(http.post("/parties", a.t(), "{").0, 400);
     assert_eq!(
         http.post("/parties", a.t(), r#"{"name":"x","colour":"red"}"#)
@@ -125,6 +133,17 @@ fn auth_matrix() {
         http.post("/auth/challenge", None, r#"{"key":"short"}"#).0,
         400
     );
+    for bad in [
+        r#"{"members":[]}"#,
+        r#"{"version":1,"members":["zz"]}"#,
+        r#"{"version":1,"members":[],"host":"x"}"#,
+    ] {
+        assert_eq!(
+            http.put(&format!("{base}/roster"), a.t(), bad).0,
+            400,
+            "{bad}"
+        );
+    }
     // Bodies are capped.
     let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(20_000));
     assert_eq!(http.post("/parties", a.t(), &big).0, 413);
@@ -166,38 +185,227 @@ fn auth_matrix() {
     assert_eq!(relay.metric("lanrage_relay_registered_peers "), 3);
 }
 
+/// `POST` expecting `code`, the answer as JSON.
+fn post_json(http: &Http, path: &str, p: &Peer, body: &str, code: u16) -> Value {
+    let (got, text) = http.post(path, p.t(), body);
+    assert_eq!(got, code, "POST {path}: {text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+/// (peer id, host, admitted) of each entry of a `peers` array.
+fn roster_of(v: &Value) -> Vec<(String, bool, bool)> {
+    v["peers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no peers in {v}"))
+        .iter()
+        .map(|m| {
+            (
+                m["peer"].as_str().unwrap_or_default().to_string(),
+                m["host"].as_bool().unwrap_or(false),
+                m["admitted"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+fn entry(p: &Peer, host: bool, admitted: bool) -> (String, bool, bool) {
+    (p.id.to_string(), host, admitted)
+}
+
+fn signal(http: &Http, base: &str, from: &Peer, to: &Peer) -> u16 {
+    http.post(
+        &format!("{base}/peers/{}/signal", to.id),
+        from.t(),
+        r#"{"endpoints":["203.0.113.9:4000"]}"#,
+    )
+    .0
+}
+
+fn session(http: &Http, base: &str, from: &Peer, to: &Peer) -> (u16, String) {
+    http.post(
+        &format!("{base}/sessions"),
+        from.t(),
+        &format!(r#"{{"peer":"{}"}}"#, to.id),
+    )
+}
+
 #[test]
-fn protected_parties_and_password_attempts() {
+fn passwords_are_the_hosts_business() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(
-        dir.path(),
-        &[("LANRAGE_RELAY__PARTIES__PASSWORD_ATTEMPTS_PER_MIN", "2")],
-    );
+    let relay = RelayProc::start(dir.path(), &[]);
     let http = relay.http();
     let (a, b) = (Peer::registered(&http), Peer::registered(&http));
-    let party = create(
-        &http,
-        &a,
+    let refused = "the relay does not check party passwords; the party's host does";
+    // A password is refused with the reason, on create and on join.
+    let (code, text) = http.post(
+        "/parties",
+        a.t(),
         r#"{"name":"private","password":"correct horse"}"#,
     );
-    assert!(party.party.protected);
-    let join = format!("/parties/{}/join", party.party.id);
-    assert_eq!(http.post(&join, b.t(), "{}").0, 403);
-    assert_eq!(http.post(&join, b.t(), r#"{"password":"wrong"}"#).0, 403);
-    // Out of attempts: even the right password is refused for a minute.
-    let (code, _) = http.post(&join, b.t(), r#"{"password":"correct horse"}"#);
-    assert_eq!(code, 429);
-    let c = Peer::registered(&http);
-    assert_eq!(
-        http.post(&join, c.t(), r#"{"password":"correct horse"}"#).0,
-        200
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains(refused), "{text}");
+    // The flag is the host's word to joiners, nothing the relay checks.
+    let party = post_json(
+        &http,
+        "/parties",
+        &a,
+        r#"{"name":"private","protected":true}"#,
+        201,
     );
-    // The stored state never holds the password.
-    std::thread::sleep(Duration::from_millis(200));
-    for f in std::fs::read_dir(&relay.state_dir).unwrap() {
-        let bytes = std::fs::read(f.unwrap().path()).unwrap();
-        assert!(!bytes.windows(13).any(|w| w == b"correct horse"));
+    assert_eq!(party["party"]["protected"], true);
+    let join = format!("/parties/{}/join", party["party"]["id"].as_str().unwrap());
+    let (code, text) = http.post(&join, b.t(), r#"{"password":"correct horse"}"#);
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains(refused), "{text}");
+    let v = post_json(&http, &join, &b, "{}", 200);
+    assert_eq!(v["party"]["protected"], true);
+    // No password machinery left to count.
+    let (_, metrics) = relay.metrics_http().get("/metrics", None);
+    assert!(!metrics.contains("password"), "{metrics}");
+}
+
+#[test]
+fn applicants_reach_only_the_host_until_the_host_publishes_its_roster() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(dir.path(), &[]);
+    let http = relay.http();
+    let (a, b, c) = (
+        Peer::registered(&http),
+        Peer::registered(&http),
+        Peer::registered(&http),
+    );
+    // The daemon registers its engine's party id.
+    let party_id = "k3m9-x2pq-7hvd-a8te";
+    let created = post_json(
+        &http,
+        "/parties",
+        &a,
+        &format!(r#"{{"id":"{party_id}","name":"lan night","peer_name":"alice"}}"#),
+        201,
+    );
+    assert_eq!(created["party"]["id"], party_id);
+    assert_eq!(created["party"]["host"], a.id.to_string());
+    assert_eq!(roster_of(&created), vec![entry(&a, true, true)]);
+    let base = format!("/parties/{party_id}");
+    // b and c join: applicants, told about the host only (so they can reach it).
+    let vb = post_json(
+        &http,
+        &format!("{base}/join"),
+        &b,
+        r#"{"peer_name":"bob"}"#,
+        200,
+    );
+    assert_eq!(roster_of(&vb), vec![entry(&a, true, true)]);
+    assert_eq!(vb["party"]["members"], 1);
+    let _ = post_json(&http, &format!("{base}/join"), &c, "{}", 200);
+    // Applicants read the party and see the host; the host sees them.
+    assert_eq!(http.get(&base, b.t()).0, 200);
+    let (_, text) = http.get(&format!("{base}/peers"), b.t());
+    let seen: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(roster_of(&seen), vec![entry(&a, true, true)]);
+    let (_, text) = http.get(&format!("{base}/peers"), a.t());
+    let seen: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        roster_of(&seen),
+        vec![
+            entry(&a, true, true),
+            entry(&b, false, false),
+            entry(&c, false, false)
+        ]
+    );
+    // Applicant and host reach each other; applicants do not reach anyone else.
+    assert_eq!(signal(&http, &base, &b, &a), 202);
+    assert_eq!(signal(&http, &base, &a, &b), 202);
+    assert_eq!(session(&http, &base, &b, &a).0, 200);
+    assert_eq!(signal(&http, &base, &b, &c), 403);
+    assert_eq!(session(&http, &base, &b, &c).0, 403);
+    // Nor can an applicant publish a roster that lets it in.
+    assert_eq!(http.publish(party_id, &b, 99, &[&a, &b, &c]).0, 403);
+
+    // The host's engine admitted b and c: they reach each other now.
+    let (code, text) = http.publish(party_id, &a, 5, &[&a, &b, &c]);
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        roster_of(&v),
+        vec![
+            entry(&a, true, true),
+            entry(&b, false, true),
+            entry(&c, false, true)
+        ]
+    );
+    assert_eq!(v["party"]["roster_version"], 5);
+    assert_eq!(signal(&http, &base, &b, &c), 202);
+    let (code, text) = session(&http, &base, &b, &c);
+    assert_eq!(code, 200, "{text}");
+    // A non-host with a stale roster version cannot publish (nor make itself host).
+    for stale in [4, 5] {
+        assert_eq!(http.publish(party_id, &b, stale, &[&b]).0, 409);
     }
+    let (_, text) = http.get(&base, c.t());
+    let info: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(info["host"], a.id.to_string());
+    // The host drops c (kicked): c is an applicant again, cut off from b but not from the host.
+    assert_eq!(http.publish(party_id, &a, 6, &[&a, &b]).0, 200);
+    assert_eq!(signal(&http, &base, &c, &b), 403);
+    assert_eq!(session(&http, &base, &b, &c).0, 403);
+    assert_eq!(signal(&http, &base, &c, &a), 202);
+}
+
+#[test]
+fn host_migration_by_a_newer_roster_and_when_the_host_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(dir.path(), &[]);
+    let http = relay.http();
+    let (a, b, c, d) = (
+        Peer::registered(&http),
+        Peer::registered(&http),
+        Peer::registered(&http),
+        Peer::registered(&http),
+    );
+    let party_id = "m9x2-pq7h-vda8-tek3";
+    let _ = post_json(
+        &http,
+        "/parties",
+        &a,
+        &format!(r#"{{"id":"{party_id}","name":"x"}}"#),
+        201,
+    );
+    let base = format!("/parties/{party_id}");
+    for p in [&c, &b, &d] {
+        let _ = post_json(&http, &format!("{base}/join"), p, "{}", 200);
+    }
+    // Admitted in the roster's order: b before c. d stays an applicant.
+    assert_eq!(http.publish(party_id, &a, 10, &[&a, &b, &c]).0, 200);
+    // Only the host may create the party's id again (an update), anyone else gets 409.
+    let again = format!(r#"{{"id":"{party_id}","name":"y"}}"#);
+    let v = post_json(&http, "/parties", &a, &again, 201);
+    assert_eq!(v["party"]["name"], "y");
+    let _ = post_json(&http, "/parties", &b, &again, 409);
+    // c is the engine's successor: it publishes version 11 and becomes the relay's host; the
+    // applicant d now reaches c, not a.
+    let (code, text) = http.publish(party_id, &c, 11, &[&a, &b, &c]);
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["party"]["host"], c.id.to_string());
+    assert_eq!(signal(&http, &base, &d, &c), 202);
+    assert_eq!(signal(&http, &base, &d, &a), 403);
+    // The old host is an ordinary member now: its stale roster is refused.
+    assert_eq!(http.publish(party_id, &a, 11, &[&a]).0, 409);
+    // The host leaves the relay: the earliest-admitted member left (a, the creator) takes over
+    // until someone publishes; then a leaves too: b, admitted before c.
+    assert_eq!(http.delete(&format!("{base}/peers/{}", c.id), c.t()).0, 204);
+    let (_, text) = http.get(&base, b.t());
+    let info: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(info["host"], a.id.to_string(), "{info}");
+    assert_eq!(http.delete(&format!("{base}/peers/{}", a.id), a.t()).0, 204);
+    let (_, text) = http.get(&base, d.t());
+    let info: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(info["host"], b.id.to_string(), "{info}");
+    assert_eq!(signal(&http, &base, &d, &b), 202);
+    // The last admitted member goes: nobody could admit d, the party ends.
+    assert_eq!(http.delete(&format!("{base}/peers/{}", b.id), b.t()).0, 204);
+    assert_eq!(http.get(&base, d.t()).0, 404);
 }
 
 #[test]
