@@ -264,8 +264,20 @@ fn passwords_are_the_hosts_business() {
     assert!(!metrics.contains("password"), "{metrics}");
 }
 
-#[test]
-fn applicants_reach_only_the_host_until_the_host_publishes_its_roster() {
+/// A relay and a party of host `a` (created without an id: the relay picks one) that `b` and
+/// `c` joined (applicants, nobody admitted yet). Returns the party's id too.
+struct Three {
+    relay: RelayProc,
+    http: Http,
+    id: String,
+    base: String,
+    a: Peer,
+    b: Peer,
+    c: Peer,
+    _dir: tempfile::TempDir,
+}
+
+fn three() -> Three {
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(dir.path(), &[]);
     let http = relay.http();
@@ -274,138 +286,205 @@ fn applicants_reach_only_the_host_until_the_host_publishes_its_roster() {
         Peer::registered(&http),
         Peer::registered(&http),
     );
-    // The daemon registers its engine's party id.
-    let party_id = "k3m9-x2pq-7hvd-a8te";
-    let created = post_json(
-        &http,
-        "/parties",
-        &a,
-        &format!(r#"{{"id":"{party_id}","name":"lan night","peer_name":"alice"}}"#),
-        201,
-    );
-    assert_eq!(created["party"]["id"], party_id);
-    assert_eq!(created["party"]["host"], a.id.to_string());
-    assert_eq!(roster_of(&created), vec![entry(&a, true, true)]);
-    let base = format!("/parties/{party_id}");
-    // b and c join: applicants, told about the host only (so they can reach it).
-    let vb = post_json(
+    let created = post_json(&http, "/parties", &a, r#"{"name":"lan night"}"#, 201);
+    let id = created["party"]["id"].as_str().unwrap().to_string();
+    let base = format!("/parties/{id}");
+    let _ = post_json(
         &http,
         &format!("{base}/join"),
         &b,
         r#"{"peer_name":"bob"}"#,
         200,
     );
-    assert_eq!(roster_of(&vb), vec![entry(&a, true, true)]);
-    assert_eq!(vb["party"]["members"], 1);
     let _ = post_json(&http, &format!("{base}/join"), &c, "{}", 200);
-    // Applicants read the party and see the host; the host sees them.
-    assert_eq!(http.get(&base, b.t()).0, 200);
-    let (_, text) = http.get(&format!("{base}/peers"), b.t());
-    let seen: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(roster_of(&seen), vec![entry(&a, true, true)]);
-    let (_, text) = http.get(&format!("{base}/peers"), a.t());
-    let seen: Value = serde_json::from_str(&text).unwrap();
+    Three {
+        relay,
+        http,
+        id,
+        base,
+        a,
+        b,
+        c,
+        _dir: dir,
+    }
+}
+
+fn host_of(http: &Http, base: &str, asker: &Peer) -> String {
+    let (code, text) = http.get(base, asker.t());
+    assert_eq!(code, 200, "{text}");
+    let info: Value = serde_json::from_str(&text).unwrap();
+    info["host"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn the_client_chooses_the_party_id_and_only_its_host_creates_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(dir.path(), &[]);
+    let http = relay.http();
+    let (a, b) = (Peer::registered(&http), Peer::registered(&http));
+    // The daemon registers its engine's party id.
+    let party_id = "k3m9-x2pq-7hvd-a8te";
+    let create =
+        |name: &str| format!(r#"{{"id":"{party_id}","name":"{name}","peer_name":"alice"}}"#);
+    let created = post_json(&http, "/parties", &a, &create("lan"), 201);
+    assert_eq!(created["party"]["id"], party_id);
+    assert_eq!(created["party"]["host"], a.id.to_string());
+    assert_eq!(roster_of(&created), vec![entry(&a, true, true)]);
+    // Again by its host (a lost answer, a relay restart): an update, not a second party.
+    let again = post_json(&http, "/parties", &a, &create("lan night"), 201);
+    assert_eq!(again["party"]["name"], "lan night");
+    assert_eq!(roster_of(&again).len(), 1);
+    assert_eq!(relay.metric("lanrage_relay_parties "), 1);
+    // Anyone else, a member included, gets 409.
+    let _ = post_json(&http, &format!("/parties/{party_id}/join"), &b, "{}", 200);
+    let _ = post_json(&http, "/parties", &b, &create("mine"), 409);
+}
+
+#[test]
+fn a_joiner_is_an_applicant_that_reaches_only_the_host() {
+    let t = three();
+    let (http, base) = (&t.http, t.base.as_str());
+    // Not another applicant (nor any non-host), by signal or session...
+    assert_eq!(signal(http, base, &t.b, &t.c), 403);
+    assert_eq!(session(http, base, &t.b, &t.c).0, 403);
+    // ...but the host, both ways.
+    assert_eq!(signal(http, base, &t.b, &t.a), 202);
+    assert_eq!(signal(http, base, &t.a, &t.b), 202);
+    let (code, text) = session(http, base, &t.b, &t.a);
+    assert_eq!(code, 200, "{text}");
+    // It reads the party (to learn the host) and takes its signals.
+    assert_eq!(host_of(http, base, &t.b), t.a.id.to_string());
+    let (code, text) = http.get(&format!("{base}/signals"), t.b.t());
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains(&t.a.id.to_string()), "{text}");
+}
+
+#[test]
+fn an_applicant_sees_only_the_host_and_the_host_sees_the_applicants() {
+    let t = three();
+    let (http, base) = (&t.http, t.base.as_str());
+    let d = Peer::registered(http);
+    let joined = post_json(http, &format!("{base}/join"), &d, "{}", 200);
+    assert_eq!(roster_of(&joined), vec![entry(&t.a, true, true)]);
+    assert_eq!(joined["party"]["members"], 1, "applicants are not members");
+    let (_, text) = http.get(&format!("{base}/peers"), t.b.t());
     assert_eq!(
-        roster_of(&seen),
+        roster_of(&serde_json::from_str(&text).unwrap()),
+        vec![entry(&t.a, true, true)]
+    );
+    let (_, text) = http.get(&format!("{base}/peers"), t.a.t());
+    assert_eq!(
+        roster_of(&serde_json::from_str(&text).unwrap()),
         vec![
-            entry(&a, true, true),
-            entry(&b, false, false),
-            entry(&c, false, false)
+            entry(&t.a, true, true),
+            entry(&t.b, false, false),
+            entry(&t.c, false, false),
+            entry(&d, false, false)
         ]
     );
-    // Applicant and host reach each other; applicants do not reach anyone else.
-    assert_eq!(signal(&http, &base, &b, &a), 202);
-    assert_eq!(signal(&http, &base, &a, &b), 202);
-    assert_eq!(session(&http, &base, &b, &a).0, 200);
-    assert_eq!(signal(&http, &base, &b, &c), 403);
-    assert_eq!(session(&http, &base, &b, &c).0, 403);
-    // Nor can an applicant publish a roster that lets it in.
-    assert_eq!(http.publish(party_id, &b, 99, &[&a, &b, &c]).0, 403);
+    assert_eq!(t.relay.metric("lanrage_relay_party_applicants "), 3);
+}
 
+#[test]
+fn the_hosts_roster_admits_and_demotes() {
+    let t = three();
+    let (http, base) = (&t.http, t.base.as_str());
+    // An applicant cannot publish a roster that lets it in.
+    assert_eq!(http.publish(&t.id, &t.b, 99, &[&t.a, &t.b, &t.c]).0, 403);
     // The host's engine admitted b and c: they reach each other now.
-    let (code, text) = http.publish(party_id, &a, 5, &[&a, &b, &c]);
+    let (code, text) = http.publish(&t.id, &t.a, 5, &[&t.a, &t.b, &t.c]);
     assert_eq!(code, 200, "{text}");
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(
         roster_of(&v),
         vec![
-            entry(&a, true, true),
-            entry(&b, false, true),
-            entry(&c, false, true)
+            entry(&t.a, true, true),
+            entry(&t.b, false, true),
+            entry(&t.c, false, true)
         ]
     );
     assert_eq!(v["party"]["roster_version"], 5);
-    assert_eq!(signal(&http, &base, &b, &c), 202);
-    let (code, text) = session(&http, &base, &b, &c);
+    assert_eq!(signal(http, base, &t.b, &t.c), 202);
+    let (code, text) = session(http, base, &t.b, &t.c);
     assert_eq!(code, 200, "{text}");
-    // A non-host with a stale roster version cannot publish (nor make itself host).
-    for stale in [4, 5] {
-        assert_eq!(http.publish(party_id, &b, stale, &[&b]).0, 409);
-    }
-    let (_, text) = http.get(&base, c.t());
-    let info: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(info["host"], a.id.to_string());
-    // The host drops c (kicked): c is an applicant again, cut off from b but not from the host.
-    assert_eq!(http.publish(party_id, &a, 6, &[&a, &b]).0, 200);
-    assert_eq!(signal(&http, &base, &c, &b), 403);
-    assert_eq!(session(&http, &base, &b, &c).0, 403);
-    assert_eq!(signal(&http, &base, &c, &a), 202);
+    assert_eq!(t.relay.metric("lanrage_relay_sessions "), 1);
+    // The host drops c (kicked): an applicant again, cut off from b (the session closes) but
+    // not from the host (to rejoin).
+    assert_eq!(http.publish(&t.id, &t.a, 6, &[&t.a, &t.b]).0, 200);
+    assert_eq!(signal(http, base, &t.c, &t.b), 403);
+    assert_eq!(session(http, base, &t.b, &t.c).0, 403);
+    assert_eq!(t.relay.metric("lanrage_relay_sessions "), 0);
+    assert_eq!(signal(http, base, &t.c, &t.a), 202);
 }
 
 #[test]
-fn host_migration_by_a_newer_roster_and_when_the_host_leaves() {
-    let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(dir.path(), &[]);
-    let http = relay.http();
-    let (a, b, c, d) = (
-        Peer::registered(&http),
-        Peer::registered(&http),
-        Peer::registered(&http),
-        Peer::registered(&http),
+fn a_member_cannot_publish_a_stale_roster() {
+    let t = three();
+    assert_eq!(
+        http_ok(t.http.publish(&t.id, &t.a, 5, &[&t.a, &t.b, &t.c])),
+        200
     );
-    let party_id = "m9x2-pq7h-vda8-tek3";
-    let _ = post_json(
-        &http,
-        "/parties",
-        &a,
-        &format!(r#"{{"id":"{party_id}","name":"x"}}"#),
-        201,
-    );
-    let base = format!("/parties/{party_id}");
-    for p in [&c, &b, &d] {
-        let _ = post_json(&http, &format!("{base}/join"), p, "{}", 200);
+    for stale in [4, 5] {
+        assert_eq!(t.http.publish(&t.id, &t.b, stale, &[&t.b]).0, 409);
     }
-    // Admitted in the roster's order: b before c. d stays an applicant.
-    assert_eq!(http.publish(party_id, &a, 10, &[&a, &b, &c]).0, 200);
-    // Only the host may create the party's id again (an update), anyone else gets 409.
-    let again = format!(r#"{{"id":"{party_id}","name":"y"}}"#);
-    let v = post_json(&http, "/parties", &a, &again, 201);
-    assert_eq!(v["party"]["name"], "y");
-    let _ = post_json(&http, "/parties", &b, &again, 409);
-    // c is the engine's successor: it publishes version 11 and becomes the relay's host; the
-    // applicant d now reaches c, not a.
-    let (code, text) = http.publish(party_id, &c, 11, &[&a, &b, &c]);
+    // Nothing changed: a is still the host, c still admitted.
+    assert_eq!(host_of(&t.http, &t.base, &t.c), t.a.id.to_string());
+    assert_eq!(signal(&t.http, &t.base, &t.c, &t.b), 202);
+}
+
+#[test]
+fn a_member_publishing_a_newer_roster_becomes_the_host() {
+    let t = three();
+    let (http, base) = (&t.http, t.base.as_str());
+    assert_eq!(http_ok(http.publish(&t.id, &t.a, 10, &[&t.a, &t.b])), 200);
+    // b is the engine's successor: it publishes version 11 and becomes the relay's host; the
+    // applicant c now reaches b, not a.
+    let (code, text) = http.publish(&t.id, &t.b, 11, &[&t.a, &t.b]);
     assert_eq!(code, 200, "{text}");
     let v: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["party"]["host"], c.id.to_string());
-    assert_eq!(signal(&http, &base, &d, &c), 202);
-    assert_eq!(signal(&http, &base, &d, &a), 403);
+    assert_eq!(v["party"]["host"], t.b.id.to_string());
+    assert_eq!(signal(http, base, &t.c, &t.b), 202);
+    assert_eq!(signal(http, base, &t.c, &t.a), 403);
     // The old host is an ordinary member now: its stale roster is refused.
-    assert_eq!(http.publish(party_id, &a, 11, &[&a]).0, 409);
-    // The host leaves the relay: the earliest-admitted member left (a, the creator) takes over
-    // until someone publishes; then a leaves too: b, admitted before c.
-    assert_eq!(http.delete(&format!("{base}/peers/{}", c.id), c.t()).0, 204);
-    let (_, text) = http.get(&base, b.t());
-    let info: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(info["host"], a.id.to_string(), "{info}");
-    assert_eq!(http.delete(&format!("{base}/peers/{}", a.id), a.t()).0, 204);
-    let (_, text) = http.get(&base, d.t());
-    let info: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(info["host"], b.id.to_string(), "{info}");
-    assert_eq!(signal(&http, &base, &d, &b), 202);
-    // The last admitted member goes: nobody could admit d, the party ends.
-    assert_eq!(http.delete(&format!("{base}/peers/{}", b.id), b.t()).0, 204);
-    assert_eq!(http.get(&base, d.t()).0, 404);
+    assert_eq!(http.publish(&t.id, &t.a, 11, &[&t.a]).0, 409);
+}
+
+#[test]
+fn when_the_host_leaves_the_earliest_admitted_member_takes_over() {
+    let t = three();
+    let (http, base) = (&t.http, t.base.as_str());
+    let d = Peer::registered(http);
+    let _ = post_json(http, &format!("{base}/join"), &d, "{}", 200);
+    // Admitted in the roster's order: c before b (b joined first). d stays an applicant.
+    assert_eq!(
+        http_ok(http.publish(&t.id, &t.a, 1, &[&t.a, &t.c, &t.b])),
+        200
+    );
+    assert_eq!(
+        http.delete(&format!("{base}/peers/{}", t.a.id), t.a.t()).0,
+        204
+    );
+    assert_eq!(host_of(http, base, &t.b), t.c.id.to_string());
+    // The applicant follows the host; the new host publishes without a newer version.
+    assert_eq!(signal(http, base, &d, &t.c), 202);
+    assert_eq!(http_ok(http.publish(&t.id, &t.c, 1, &[&t.b, &t.c])), 200);
+    // The host goes, then the last admitted member: nobody could admit d, the party ends.
+    assert_eq!(
+        http.delete(&format!("{base}/peers/{}", t.c.id), t.c.t()).0,
+        204
+    );
+    assert_eq!(host_of(http, base, &d), t.b.id.to_string());
+    assert_eq!(
+        http.delete(&format!("{base}/peers/{}", t.b.id), t.b.t()).0,
+        204
+    );
+    assert_eq!(http.get(base, d.t()).0, 404);
+}
+
+/// The status of an answer, its body in the message when it is not 2xx.
+fn http_ok((code, text): (u16, String)) -> u16 {
+    assert!((200..300).contains(&code), "{code} {text}");
+    code
 }
 
 #[test]
