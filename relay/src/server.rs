@@ -366,19 +366,23 @@ async fn serve_http(
 
 /// State from an older relay holds party password verifiers, which this relay neither uses nor
 /// keeps: commit what loading changed, then compact, so the snapshot and the journal no longer
-/// hold them.
-fn purge_verifiers(relay: &Relay, store: &mut dyn Store) -> anyhow::Result<()> {
+/// hold them. Not fatal: if the disk refuses now, the flusher retries the batch as usual and the
+/// verifiers go with the next compaction.
+fn purge_verifiers(relay: &Relay, store: &mut dyn Store) {
     let (batch, snapshot) = {
         let mut core = relay.core.lock();
         let batch = std::mem::take(&mut core.pending);
         (batch, Relay::snapshot(&core))
     };
-    store
-        .commit(&batch)
-        .and_then(|()| store.compact(&snapshot))
-        .map_err(|e| anyhow::anyhow!("cannot rewrite the state without password verifiers: {e}"))?;
-    tracing::info!("rewrote the state without the party password verifiers of an older relay");
-    Ok(())
+    match store.commit(&batch).and_then(|()| store.compact(&snapshot)) {
+        Ok(()) => tracing::info!(
+            "rewrote the state without the party password verifiers of an older relay"
+        ),
+        Err(e) => {
+            relay.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "cannot rewrite the state without the password verifiers of an older relay now; they stay on disk until the next snapshot");
+        }
+    }
 }
 
 async fn listen(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
@@ -397,7 +401,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let relay = Arc::new(Relay::new(cfg, identity));
     relay.load(&records);
     if records.iter().any(Record::holds_verifier) {
-        purge_verifiers(&relay, &mut store)?;
+        purge_verifiers(&relay, &mut store);
     }
 
     let sockets = Arc::new(crate::udp::bind_sockets(
