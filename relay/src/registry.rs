@@ -577,6 +577,8 @@ impl Registry {
             tracing::debug!(party = %party, evicted = %old, "applicant limit reached: evicting the one silent longest");
             ended = self.remove_member(party, &old, journal);
         }
+        // Taken after the eviction's own bump, so the party's version is the latest one.
+        let version = self.next_version();
         let p = self.party_mut(party)?;
         let member = Member {
             peer,
@@ -1601,7 +1603,8 @@ mod tests {
         // 2 heartbeats later than 3: 3 is the one silent longest.
         r.heartbeat(&id(2), &p, &id(2), None, t + Duration::from_secs(5), &mut j)
             .unwrap();
-        let (_, ended) = r
+        let before = r.info(&id(1), &p).unwrap().version;
+        let (v, ended) = r
             .join(
                 key(4),
                 &p,
@@ -1613,6 +1616,10 @@ mod tests {
             )
             .unwrap();
         assert!(ended.is_empty());
+        assert!(
+            v.party.version > before,
+            "the host sees that something changed"
+        );
         let applicants: Vec<PeerId> = r
             .peers(&id(1), &p)
             .unwrap()
