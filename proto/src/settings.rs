@@ -2,7 +2,8 @@
 //! overrides, merged by the `config` crate, for both `lanrage` and `lanrage-relay`. Unknown keys
 //! and bad values are refused with a message naming the key and where it came from (the file or
 //! the environment variable); the set of known keys is derived from the config struct itself, so
-//! it cannot drift.
+//! it cannot drift. Keys a binary no longer has can be listed as retired
+//! ([`Settings::RETIRED_KEYS`]): a file or variable naming one still loads, with a warning.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,10 @@ pub trait Settings: Serialize + DeserializeOwned + Default {
     const ENV_PREFIX: &'static str;
     /// File read when no path is given, if it exists.
     const DEFAULT_PATH: &'static str;
+    /// Dotted keys the program had once and ignores now: naming one gives a warning
+    /// ([`load_with_warnings`]) instead of the unknown-key error, so an upgrade does not stop on
+    /// an old config file.
+    const RETIRED_KEYS: &'static [&'static str] = &[];
 
     /// The defaults with every optional key set to some value, so that optional keys count as
     /// known.
@@ -59,6 +64,17 @@ pub trait Settings: Serialize + DeserializeOwned + Default {
 /// Loads `path` (if given; it must exist) or `T::DEFAULT_PATH` (if it exists), applies the
 /// environment overrides found in `env` (list keys take comma-separated values), then validates.
 pub fn load<T: Settings>(path: Option<&Path>, env: &[(String, String)]) -> Result<T, ConfigError> {
+    Ok(load_with_warnings(path, env)?.0)
+}
+
+/// [`load`], also returning one warning per retired key ([`Settings::RETIRED_KEYS`]) the file or
+/// the environment named (each ignored), for the caller to log once its logging is set up.
+pub fn load_with_warnings<T: Settings>(
+    path: Option<&Path>,
+    env: &[(String, String)],
+) -> Result<(T, Vec<String>), ConfigError> {
+    let mut warnings = Vec::new();
+    let retired = |key: &str| T::RETIRED_KEYS.contains(&key);
     let (file, required) = match path {
         Some(p) => (Some(p.to_path_buf()), true),
         None => {
@@ -82,16 +98,34 @@ pub fn load<T: Settings>(path: Option<&Path>, env: &[(String, String)]) -> Resul
                 format!("cannot read: {e}")
             },
         })?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::File {
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::File {
             file: origin.clone(),
             message: e.to_string(),
         })?;
-        if let Some(key) = flatten_keys(&table)
-            .into_iter()
-            .find(|k| !known.contains(k))
-        {
-            return Err(ConfigError::UnknownKey { origin, key });
+        let mut dropped = false;
+        for key in flatten_keys(&table) {
+            if retired(&key) {
+                warnings.push(format!(
+                    "{origin}: `{key}` is no longer used and is ignored; remove it"
+                ));
+                if let Some((section, leaf)) = key.split_once('.') {
+                    if let Some(toml::Value::Table(inner)) = table.get_mut(section) {
+                        inner.remove(leaf);
+                    }
+                }
+                dropped = true;
+            } else if !known.contains(&key) {
+                return Err(ConfigError::UnknownKey { origin, key });
+            }
         }
+        let text = if dropped {
+            toml::to_string(&table).map_err(|e| ConfigError::File {
+                file: origin.clone(),
+                message: e.to_string(),
+            })?
+        } else {
+            text
+        };
         builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
     }
 
@@ -102,6 +136,12 @@ pub fn load<T: Settings>(path: Option<&Path>, env: &[(String, String)]) -> Resul
             continue;
         };
         let key = rest.to_ascii_lowercase().replace("__", ".");
+        if retired(&key) {
+            warnings.push(format!(
+                "environment variable {name}: `{key}` is no longer used and is ignored; unset it"
+            ));
+            continue;
+        }
         if !known.contains(&key) {
             return Err(ConfigError::UnknownKey {
                 origin: format!("environment variable {name}"),
@@ -167,7 +207,7 @@ pub fn load<T: Settings>(path: Option<&Path>, env: &[(String, String)]) -> Resul
         },
         other => other,
     })?;
-    Ok(cfg)
+    Ok((cfg, warnings))
 }
 
 /// Every dotted key `T` knows, and those that hold lists.

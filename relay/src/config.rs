@@ -146,8 +146,11 @@ impl Default for ControlConfig {
 pub struct PartiesConfig {
     /// Most parties on this relay.
     pub max_parties: usize,
-    /// Most members per party.
+    /// Most admitted members per party (a roster admitting more is refused).
     pub max_members: usize,
+    /// Most applicants (joined, not admitted by the host yet) per party; a new one evicts the one
+    /// silent longest.
+    pub max_applicants: usize,
     /// Most parties one peer can be in at once.
     pub max_parties_per_peer: usize,
     /// Most live parties created from one source (IPv4 address or IPv6 /64).
@@ -158,13 +161,6 @@ pub struct PartiesConfig {
     pub max_signals: usize,
     /// Undelivered signals older than this are dropped.
     pub signal_ttl_secs: u64,
-    /// Wrong passwords one peer may try per party per minute.
-    pub password_attempts_per_min: u32,
-    /// Wrong passwords per party per minute, all peers together (fresh keys do not help a guesser).
-    pub password_failures_per_party_per_min: u32,
-    /// Wrong passwords per minute from one source (IPv4 address or IPv6 /64), all parties
-    /// together.
-    pub password_failures_per_ip_per_min: u32,
 }
 
 impl Default for PartiesConfig {
@@ -172,14 +168,12 @@ impl Default for PartiesConfig {
         PartiesConfig {
             max_parties: 10_000,
             max_members: 32,
+            max_applicants: 16,
             max_parties_per_peer: 4,
             max_parties_per_ip: 1000,
             peer_timeout_secs: 60,
             max_signals: 32,
             signal_ttl_secs: 30,
-            password_attempts_per_min: 5,
-            password_failures_per_party_per_min: 20,
-            password_failures_per_ip_per_min: 10,
         }
     }
 }
@@ -258,6 +252,14 @@ impl Settings for Config {
     const ENV_PREFIX: &'static str = ENV_PREFIX;
     const DEFAULT_PATH: &'static str = DEFAULT_CONFIG_PATH;
 
+    /// The password limits of relays that checked party passwords (the party's host does now):
+    /// an old config naming them still loads, with a warning.
+    const RETIRED_KEYS: &'static [&'static str] = &[
+        "parties.password_attempts_per_min",
+        "parties.password_failures_per_party_per_min",
+        "parties.password_failures_per_ip_per_min",
+    ];
+
     fn with_all_keys() -> Self {
         let mut cfg = Config::default();
         cfg.control.access_key = Some(String::new()); // optional keys must appear too
@@ -274,7 +276,16 @@ impl Config {
     /// `LANRAGE_RELAY__SECTION__KEY` overrides from `env` (lists comma-separated), then checks
     /// every value.
     pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
-        settings::load(path, env)
+        Ok(Self::load_with_warnings(path, env)?.0)
+    }
+
+    /// [`Config::load`], with a warning for each retired key the file or environment still
+    /// names (ignored; see `RETIRED_KEYS`), for the caller to log once logging is set up.
+    pub fn load_with_warnings(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        settings::load_with_warnings(path, env)
     }
 
     /// Range checks that types alone cannot express.
@@ -405,18 +416,6 @@ impl Config {
             ),
             ("parties.max_signals", self.parties.max_signals as u64),
             (
-                "parties.password_attempts_per_min",
-                u64::from(self.parties.password_attempts_per_min),
-            ),
-            (
-                "parties.password_failures_per_party_per_min",
-                u64::from(self.parties.password_failures_per_party_per_min),
-            ),
-            (
-                "parties.password_failures_per_ip_per_min",
-                u64::from(self.parties.password_failures_per_ip_per_min),
-            ),
-            (
                 "parties.max_parties_per_ip",
                 self.parties.max_parties_per_ip as u64,
             ),
@@ -461,6 +460,12 @@ impl Config {
             return Err(bad(
                 "parties.max_members",
                 format!("{} is outside 2..=256", p.max_members),
+            ));
+        }
+        if !(1..=256).contains(&p.max_applicants) {
+            return Err(bad(
+                "parties.max_applicants",
+                format!("{} is outside 1..=256", p.max_applicants),
             ));
         }
         if !(10..=3600).contains(&p.peer_timeout_secs) {
@@ -663,6 +668,34 @@ mod tests {
             err.contains("LANRAGE_RELAY__RELAY__IDLE_TIMEOUT_SECS"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn retired_password_keys_load_with_a_warning() {
+        // A config written for a relay that checked party passwords.
+        let f = write(&format!(
+            "{MIN}[parties]\npassword_attempts_per_min = 5\npassword_failures_per_party_per_min = 20\nmax_members = 8\n"
+        ));
+        let env = vec![(
+            "LANRAGE_RELAY__PARTIES__PASSWORD_FAILURES_PER_IP_PER_MIN".to_string(),
+            "10".to_string(),
+        )];
+        let (cfg, warnings) = Config::load_with_warnings(Some(f.path()), &env).unwrap();
+        assert_eq!(cfg.parties.max_members, 8, "the rest of the file is read");
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(
+            warnings[0].contains("parties.password_attempts_per_min")
+                && warnings[0].contains(&f.path().display().to_string())
+                && warnings[0].contains("ignored"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[2].contains("LANRAGE_RELAY__PARTIES__PASSWORD_FAILURES_PER_IP_PER_MIN"),
+            "{warnings:?}"
+        );
+        // Still refused: a key that never existed.
+        let f = write(&format!("{MIN}[parties]\npassword = \"x\"\n"));
+        assert!(Config::load(Some(f.path()), &[]).is_err());
     }
 
     #[test]

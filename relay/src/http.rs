@@ -8,7 +8,11 @@
 //!
 //! A request (body included) must be answered within [`REQUEST_TIMEOUT`] or gets 408: the
 //! connection layer ([`crate::server`]) bounds how long a request head may take, this bounds a
-//! body sent slowly. Password stretching (create, join) runs on blocking threads.
+//! body sent slowly.
+//!
+//! Create and join bodies with a `password` field get 400 [`PASSWORD_REFUSED`] (rather than the
+//! generic unknown-field message), so a client written for a relay that checked passwords learns
+//! why.
 //!
 //! `GET /metrics` is not on this router but on [`metrics_router`], served on its own listener
 //! (`control.metrics_listen`): behind a reverse proxy on the same host every client of the control
@@ -23,11 +27,12 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, RawQuery, Request, Stat
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use lanrage_proto::api::{
     ChallengeRequest, CreatePartyRequest, ErrorBody, HeartbeatRequest, JoinRequest,
-    RegisterRequest, SessionRequest, SignalRequest, SignalsResponse, MAX_WAIT_SECS,
+    RegisterRequest, RosterRequest, SessionRequest, SignalRequest, SignalsResponse, MAX_WAIT_SECS,
+    PASSWORD_REFUSED,
 };
 
 /// Longest a request may take from its head to its answer (the longest long poll plus room for
@@ -92,6 +97,19 @@ fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::new(400, format!("malformed request body: {e}")))
 }
 
+/// Refuses a body that carries a `password` field, with the reason (the party's host checks
+/// passwords, not the relay).
+fn refuse_password(body: &[u8]) -> Result<(), ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        password: Option<serde::de::IgnoredAny>,
+    }
+    match serde_json::from_slice::<Probe>(body) {
+        Ok(Probe { password: Some(_) }) => Err(ApiError::new(400, PASSWORD_REFUSED)),
+        _ => Ok(()),
+    }
+}
+
 /// A JSON body, or the default for an empty one.
 fn json_or_default<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -121,6 +139,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/parties", post(create_party))
         .route("/parties/{id}", get(party_info))
         .route("/parties/{id}/join", post(join))
+        .route("/parties/{id}/roster", put(roster))
         .route("/parties/{id}/peers", get(peers))
         .route("/parties/{id}/peers/{peer}", delete(leave))
         .route("/parties/{id}/peers/{peer}/heartbeat", post(heartbeat))
@@ -155,15 +174,6 @@ async fn edge(State(r): Shared, ConnectInfo(peer): Peer, req: Request, next: Nex
     resp
 }
 
-/// Runs a blocking operation (password stretching) off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|_| Err(ApiError::new(500, "internal error")))
-}
-
 async fn challenge(State(r): Shared, ConnectInfo(peer): Peer, body: Bytes) -> Response {
     reply(
         StatusCode::OK,
@@ -193,17 +203,10 @@ async fn create_party(
 ) -> Response {
     let res = (|| {
         let c = auth(&r, &headers)?;
+        refuse_password(&body)?;
         let req: CreatePartyRequest = json(&body)?;
-        Ok((c, req))
+        r.create_party(&c, req, peer.ip())
     })();
-    // A protected party's password is stretched: off the async workers.
-    let res = match res {
-        Ok((c, req)) => {
-            let r2 = r.clone();
-            blocking(move || r2.create_party(&c, req, peer.ip())).await
-        }
-        Err(e) => Err(e),
-    };
     reply(StatusCode::CREATED, res)
 }
 
@@ -216,24 +219,32 @@ async fn party_info(State(r): Shared, headers: HeaderMap, Path(id): Path<String>
 
 async fn join(
     State(r): Shared,
-    ConnectInfo(peer): Peer,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let res = auth(&r, &headers).and_then(|c| {
+    let res = (|| {
+        let c = auth(&r, &headers)?;
         let id = party_id(&id)?;
+        refuse_password(&body)?;
         let req: JoinRequest = json_or_default(&body)?;
-        Ok((c, id, req))
-    });
-    // Password stretching takes milliseconds: off the async workers.
-    let res = match res {
-        Ok((c, id, req)) => {
-            let r2 = r.clone();
-            blocking(move || r2.join(&c, id, req, peer.ip())).await
-        }
-        Err(e) => Err(e),
-    };
+        r.join(&c, id, req)
+    })();
+    reply(StatusCode::OK, res)
+}
+
+async fn roster(
+    State(r): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let res = (|| {
+        let c = auth(&r, &headers)?;
+        let id = party_id(&id)?;
+        let req: RosterRequest = json(&body)?;
+        r.publish_roster(&c, id, req)
+    })();
     reply(StatusCode::OK, res)
 }
 

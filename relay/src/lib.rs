@@ -10,9 +10,9 @@
 //! Sans-IO cores (plain structs: time and bytes in, answers out, unit-tested without sockets):
 //! - [`stun`]: STUN responder and the UDP socket layout;
 //! - [`sessions`]: the UDP session table (bind, forward, limits, drop reasons);
-//! - [`registry`]: parties, members, signals, which sessions exist;
-//! - [`tokens`], [`challenge`], [`password`]: bearer tokens, registration challenges, party
-//!   password verifiers;
+//! - [`registry`]: parties (a rendezvous: hosts, admitted members and applicants as the host
+//!   publishes them; no passwords), signals, which sessions exist;
+//! - [`tokens`], [`challenge`]: bearer tokens, registration challenges;
 //! - [`ratelimit`]: token buckets (from `lanrage-proto`, shared with the daemon);
 //! - [`store`]: durable records, the `Store` trait and the journal+snapshot implementation.
 //!
@@ -25,7 +25,6 @@ pub mod config;
 pub mod http;
 pub mod identity;
 pub mod metrics;
-pub mod password;
 pub mod registry;
 pub mod server;
 pub mod sessions;

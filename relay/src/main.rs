@@ -22,7 +22,7 @@ struct Cli {
 fn main() {
     let cli = Cli::parse();
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let cfg = match Config::load(cli.config.as_deref(), &env) {
+    let (cfg, warnings) = match Config::load_with_warnings(cli.config.as_deref(), &env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("lanrage-relay: invalid configuration: {e}");
@@ -30,6 +30,9 @@ fn main() {
         }
     };
     if cli.check_config {
+        for w in &warnings {
+            eprintln!("lanrage-relay: warning: {w}");
+        }
         println!("configuration ok");
         return;
     }
@@ -42,6 +45,9 @@ fn main() {
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
+    for w in &warnings {
+        tracing::warn!("configuration: {w}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -13,10 +13,9 @@
 //!   `lanrage_relay_bind_challenges_total`, `lanrage_relay_hints_limited_total`
 //! - `lanrage_relay_stun_requests_total{result="success"|"error"|"ignored"|"oversized"|"rate_limited"}`
 //! - `lanrage_relay_registered_peers`, `lanrage_relay_tokens`, `lanrage_relay_parties`,
-//!   `lanrage_relay_party_members`
+//!   `lanrage_relay_party_members` (admitted), `lanrage_relay_party_applicants`
 //! - `lanrage_relay_http_responses_total{code=...}`, `lanrage_relay_rate_limited_total{scope="ip"|"token"}`
 //! - `lanrage_relay_http_connections_refused_total` (connection caps)
-//! - `lanrage_relay_password_checks_total` (password stretchings: creates and joins)
 //! - `lanrage_relay_store_commits_total`, `lanrage_relay_store_records_total`,
 //!   `lanrage_relay_store_compactions_total`, `lanrage_relay_store_errors_total`,
 //!   `lanrage_relay_store_blocked` (1 while a failed write waits to be retried: state changes are
@@ -57,8 +56,6 @@ pub struct Metrics {
     pub limited_token: AtomicU64,
     /// TCP connections closed at once because of `control.max_connections(_per_ip)`.
     pub connections_refused: AtomicU64,
-    /// Party password stretchings (create and join).
-    pub password_checks: AtomicU64,
     /// Store batches committed.
     pub store_commits: AtomicU64,
     /// Records committed.
@@ -86,8 +83,10 @@ pub struct Gauges {
     pub tokens: usize,
     /// Parties.
     pub parties: usize,
-    /// Memberships.
+    /// Admitted memberships.
     pub members: usize,
+    /// Applicants (joined, not admitted by the party's host).
+    pub applicants: usize,
     /// Changes in memory not yet durable (pending and the store's backlog).
     pub unsaved: usize,
 }
@@ -214,8 +213,14 @@ impl Metrics {
         metric(
             "lanrage_relay_party_members",
             "gauge",
-            "Party memberships.",
+            "Admitted party memberships.",
             &one(g.members as u64),
+        );
+        metric(
+            "lanrage_relay_party_applicants",
+            "gauge",
+            "Peers that joined a party and are not admitted by its host (yet).",
+            &one(g.applicants as u64),
         );
         let mut http: Vec<(String, u64)> = CODES
             .iter()
@@ -243,12 +248,6 @@ impl Metrics {
             "counter",
             "Control-plane connections closed at once by the connection caps.",
             &one(get(&self.connections_refused)),
-        );
-        metric(
-            "lanrage_relay_password_checks_total",
-            "counter",
-            "Party password stretchings (creates and joins).",
-            &one(get(&self.password_checks)),
         );
         metric(
             "lanrage_relay_store_commits_total",

@@ -40,7 +40,7 @@ use crate::config::Config;
 use crate::identity::Identity;
 use crate::ratelimit::source_key;
 use crate::state::Relay;
-use crate::store::{FileStore, Store, StoreError};
+use crate::store::{FileStore, Record, Store, StoreError};
 
 /// Longest wait between two retries of a failed write (the first retry comes after one flush
 /// interval, then the wait doubles): how long the relay may take to notice that space is back.
@@ -364,6 +364,27 @@ async fn serve_http(
     }
 }
 
+/// State from an older relay holds party password verifiers, which this relay neither uses nor
+/// keeps: commit what loading changed, then compact, so the snapshot and the journal no longer
+/// hold them. Not fatal: if the disk refuses now, the flusher retries the batch as usual and the
+/// verifiers go with the next compaction.
+fn purge_verifiers(relay: &Relay, store: &mut dyn Store) {
+    let (batch, snapshot) = {
+        let mut core = relay.core.lock();
+        let batch = std::mem::take(&mut core.pending);
+        (batch, Relay::snapshot(&core))
+    };
+    match store.commit(&batch).and_then(|()| store.compact(&snapshot)) {
+        Ok(()) => tracing::info!(
+            "rewrote the state without the party password verifiers of an older relay"
+        ),
+        Err(e) => {
+            relay.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "cannot rewrite the state without the password verifiers of an older relay now; they stay on disk until the next snapshot");
+        }
+    }
+}
+
 async fn listen(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -379,6 +400,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot load state: {e}"))?;
     let relay = Arc::new(Relay::new(cfg, identity));
     relay.load(&records);
+    if records.iter().any(Record::holds_verifier) {
+        purge_verifiers(&relay, &mut store);
+    }
 
     let sockets = Arc::new(crate::udp::bind_sockets(
         &relay.layout,

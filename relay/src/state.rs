@@ -7,16 +7,16 @@
 //! session table, taken per forwarded datagram and otherwise only briefly). Anything that changes
 //! which sessions exist (opening, leaving, sweeping) holds `core` while it touches `table`, so the
 //! registry and the table never disagree about a session for longer than one such operation.
-//! Password stretching and Diffie-Hellman happen outside `core`, and stretching only after every
-//! cheap check (fields, limits, attempt budgets) has passed.
+//! Diffie-Hellman happens outside `core`. No party password is checked here: the party's host
+//! does (see `lanrage_proto::api`).
 //!
 //! Per-source limits count by [`source_key`] (IPv4 address or IPv6 /64): live tokens, outstanding
-//! challenges, wrong passwords, live parties and sessions. Behind a reverse proxy every client has
+//! challenges, live parties and sessions. Behind a reverse proxy every client has
 //! the proxy's address; see `relay/OPERATOR.md`.
 //!
 //! Changes wait in `Core::pending` until the store thread commits them ([`crate::server::Flusher`]).
 //! What waits is bounded: every request that would add records (register, refresh, create, join,
-//! leave, a heartbeat that changes endpoints, opening a session) is refused with 503 while a
+//! publishing a roster, leave, a heartbeat that changes endpoints, opening a session) is refused with 503 while a
 //! write has failed and waits to be retried ([`Saving`]; the disk is full, say) or while
 //! `store.max_unsaved_records` changes wait. Expiry (the sweep) is never refused: it only removes
 //! things, so while requests are refused it adds at most one record per thing that exists.
@@ -32,8 +32,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use lanrage_proto::api::{
     ChallengeRequest, ChallengeResponse, CreatePartyRequest, HeartbeatResponse, JoinRequest,
-    PartyInfo, PartyView, PeersResponse, RegisterRequest, RelayInfo, RelaysResponse,
-    SessionResponse, Signal, TokenResponse, MAX_PASSWORD,
+    PartyInfo, PartyView, PeersResponse, RegisterRequest, RelayInfo, RelaysResponse, RosterRequest,
+    SessionResponse, Signal, TokenResponse,
 };
 use lanrage_proto::auth::{SharedKey, CHALLENGE_LEN};
 use lanrage_proto::ids::{PartyId, PeerId, PublicKey, SessionId};
@@ -44,11 +44,8 @@ use crate::challenge::{ChallengeError, Challenges};
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::metrics::{Gauges, Metrics};
-use crate::password::Verifier;
-use crate::ratelimit::{source_key, AttemptBudget, KeyedLimiter};
-use crate::registry::{
-    check_new_party, check_password, NewParty, Registry, RegistryError, RegistryLimits,
-};
+use crate::ratelimit::{source_key, KeyedLimiter};
+use crate::registry::{NewParty, Registry, RegistryError, RegistryLimits};
 use crate::sessions::{SessionLimits, SessionTable};
 use crate::store::Record;
 use crate::stun::{Layout, StunLimiter, StunResponder};
@@ -117,14 +114,12 @@ impl From<RegistryError> for ApiError {
             RegistryError::Invalid(_) => 400,
             RegistryError::Forbidden(_) => 403,
             RegistryError::NotFound(_) => 404,
-            RegistryError::Full(_) => 409,
-            RegistryError::TooManyAttempts => 429,
+            RegistryError::Full(_) | RegistryError::Conflict(_) => 409,
         };
-        let retry_after = (status == 429).then_some(60);
         ApiError {
             status,
             message: e.to_string(),
-            retry_after,
+            retry_after: None,
         }
     }
 }
@@ -218,8 +213,6 @@ pub struct Core {
     pub ip_limiter: KeyedLimiter<IpAddr>,
     /// Per token.
     pub token_limiter: KeyedLimiter<TokenHash>,
-    /// Wrong party passwords per source, all parties together.
-    pub password_sources: AttemptBudget<IpAddr>,
     /// Who created each live party.
     pub party_sources: PerSource<PartyId>,
     /// Who opened each live session.
@@ -301,11 +294,6 @@ impl Relay {
             token_limiter: KeyedLimiter::new(
                 u64::from(c.token_rate_per_sec),
                 u64::from(c.token_burst),
-                MAX_LIMITER_KEYS,
-            ),
-            password_sources: AttemptBudget::new(
-                cfg.parties.password_failures_per_ip_per_min,
-                Duration::from_secs(60),
                 MAX_LIMITER_KEYS,
             ),
             party_sources: PerSource::new(cfg.parties.max_parties_per_ip),
@@ -412,14 +400,24 @@ impl Relay {
         }
         core.journal(|core, j| {
             core.tokens.sweep(unix, j);
-            let empty = core.registry.drop_empty(j);
+            let (empty, _) = core.registry.repair(j);
             if !empty.is_empty() {
                 tracing::warn!(
                     parties = empty.len(),
-                    "dropped parties without members (left by a torn journal batch)"
+                    "dropped parties without admitted members (left by a torn journal batch)"
                 );
             }
         });
+        let legacy = records
+            .iter()
+            .filter(|r| matches!(r, Record::Party { .. }))
+            .count();
+        if legacy > 0 {
+            tracing::info!(
+                records = legacy,
+                "read parties stored by an older relay: their password verifiers are dropped (the party's host checks passwords), their members count as admitted and the earliest as host"
+            );
+        }
         let mut table = self.table.lock();
         for (id, party, a, b) in core.registry.sessions() {
             let (Some(ka), Some(kb)) = (
@@ -586,13 +584,21 @@ impl Relay {
         })
     }
 
-    /// Stretches a party password (milliseconds of CPU: call from a blocking thread), counted.
-    fn stretch<T>(&self, f: impl FnOnce() -> T) -> T {
-        self.metrics.password_checks.fetch_add(1, Ordering::Relaxed);
-        f()
+    /// Drops sessions the registry ended from the UDP table and the per-source counts (call
+    /// with `core` held: the lock order).
+    fn end_sessions(&self, core: &mut Core, ended: &[SessionId]) {
+        if ended.is_empty() {
+            return;
+        }
+        core.sessions_gone(ended);
+        let mut table = self.table.lock();
+        for id in ended {
+            table.remove(id);
+        }
     }
 
-    /// `POST /parties` from `ip`. Blocking (password stretching): call it off the async workers.
+    /// `POST /parties` from `ip`: a new party with the caller as its host, or (same id, same
+    /// host) an update of it.
     pub fn create_party(
         &self,
         caller: &Caller,
@@ -600,94 +606,50 @@ impl Relay {
         ip: IpAddr,
     ) -> Result<PartyView, ApiError> {
         let source = source_key(ip);
-        if let Some(p) = &req.password {
-            check_password(p)?;
-        }
-        let mut new = NewParty {
+        let new = NewParty {
+            id: req.id,
             name: req.name,
-            verifier: None,
+            protected: req.protected,
             peer_name: req.peer_name,
             endpoints: req.endpoints,
         };
-        check_new_party(&new)?;
-        // Every cheap check before the expensive one: a request that will be refused anyway
-        // must not cost milliseconds of stretching.
-        {
-            let core = self.core.lock();
-            self.writable(&core)?;
-            core.registry.precheck_create(&caller.key, &new)?;
-            if !core.party_sources.has_room(&source) {
-                return Err(ApiError::source_cap(
-                    "too many parties created from your address (parties.max_parties_per_ip)",
-                    60,
-                ));
-            }
-        }
-        // The verifier is salted with the party id, which the registry picks: pick it here.
-        let id = PartyId::random();
-        new.verifier = req
-            .password
-            .as_deref()
-            .map(|p| self.stretch(|| Verifier::new(&id, p)));
         let (unix, _) = unix_now();
         let mut core = self.core.lock();
         self.writable(&core)?;
-        if !core.party_sources.has_room(&source) {
+        let exists = new.id.is_some_and(|id| core.registry.contains(&id));
+        if !exists && !core.party_sources.has_room(&source) {
             return Err(ApiError::source_cap(
                 "too many parties created from your address (parties.max_parties_per_ip)",
                 60,
             ));
         }
-        let view = core.journal(|core, j| {
-            let view =
-                core.registry
-                    .create_with_id(caller.key, id, new, Instant::now(), unix, j)?;
+        let created = core.journal(|core, j| {
+            let created = core
+                .registry
+                .create(caller.key, new, Instant::now(), unix, j)?;
             core.tokens.affiliate(&caller.key, unix, j);
-            Ok::<_, RegistryError>(view)
+            Ok::<_, RegistryError>(created)
         })?;
-        core.party_sources.add(id, source);
-        Ok(view)
+        if created.new {
+            core.party_sources.add(created.view.party.id, source);
+        }
+        Ok(created.view)
     }
 
-    /// `POST /parties/{id}/join` from `ip`. Blocking (password stretching): call it off the
-    /// async workers.
+    /// `POST /parties/{id}/join`: the caller becomes an applicant (or updates itself).
     pub fn join(
         &self,
         caller: &Caller,
         party: PartyId,
         req: JoinRequest,
-        ip: IpAddr,
     ) -> Result<PartyView, ApiError> {
-        let source = source_key(ip);
-        // Charge the attempt (per peer, per party, per source) before stretching, so guesses
-        // sent in parallel are all counted before any is checked.
-        let verifier = {
-            let mut core = self.core.lock();
-            // Before anything is charged: a refused join is not a guess.
-            self.writable(&core)?;
-            let now = Instant::now();
-            let verifier = core.registry.precheck_join(&party, &caller.key, now)?;
-            if verifier.is_some() && !core.password_sources.charge(&source, now) {
-                core.registry.refund_attempt(&party, &caller.key);
-                return Err(RegistryError::TooManyAttempts.into());
-            }
-            verifier
-        };
-        let password_ok = match (&verifier, &req.password) {
-            (Some(v), Some(p)) => p.len() <= MAX_PASSWORD && self.stretch(|| v.check(&party, p)),
-            _ => false,
-        };
         let (unix, _) = unix_now();
         let mut core = self.core.lock();
-        if password_ok {
-            core.password_sources.refund(&source);
-        }
         self.writable(&core)?;
-        core.journal(|core, j| {
-            let view = core.registry.join(
+        let (view, ended) = core.journal(|core, j| {
+            let out = core.registry.join(
                 caller.key,
                 &party,
-                password_ok,
                 req.peer_name,
                 req.endpoints,
                 Instant::now(),
@@ -695,9 +657,33 @@ impl Relay {
                 j,
             )?;
             core.tokens.affiliate(&caller.key, unix, j);
-            Ok::<_, RegistryError>(view)
-        })
-        .map_err(Into::into)
+            Ok::<_, RegistryError>(out)
+        })?;
+        self.end_sessions(&mut core, &ended);
+        Ok(view)
+    }
+
+    /// `PUT /parties/{id}/roster`: the host (or its successor) publishes who is admitted.
+    pub fn publish_roster(
+        &self,
+        caller: &Caller,
+        party: PartyId,
+        req: RosterRequest,
+    ) -> Result<PartyView, ApiError> {
+        let mut core = self.core.lock();
+        self.writable(&core)?;
+        let (view, ended) = core.journal(|core, j| {
+            core.registry.publish(
+                &caller.peer,
+                &party,
+                req.version,
+                &req.members,
+                Instant::now(),
+                j,
+            )
+        })?;
+        self.end_sessions(&mut core, &ended);
+        Ok(view)
     }
 
     /// `DELETE /parties/{id}/peers/{peer}`.
@@ -705,14 +691,10 @@ impl Relay {
         let mut core = self.core.lock();
         self.writable(&core)?;
         let ended = core.journal(|core, j| core.registry.leave(&caller.peer, &party, &peer, j))?;
-        core.sessions_gone(&ended);
         if !core.registry.contains(&party) {
             core.party_sources.remove(&party);
         }
-        let mut table = self.table.lock();
-        for id in ended {
-            table.remove(&id);
-        }
+        self.end_sessions(&mut core, &ended);
         Ok(())
     }
 
@@ -873,6 +855,7 @@ impl Relay {
                 tokens: core.tokens.len(),
                 parties: core.registry.party_count(),
                 members: core.registry.member_count(),
+                applicants: core.registry.applicant_count(),
                 unsaved: core.pending.len() + core.saving.backlog,
                 ..Default::default()
             }
@@ -914,7 +897,6 @@ impl Relay {
         core.challenges.sweep(now);
         core.ip_limiter.sweep(now);
         core.token_limiter.sweep(now);
-        core.password_sources.sweep(now);
         if !swept.sessions.is_empty() {
             let mut table = self.table.lock();
             for id in &swept.sessions {
@@ -1021,11 +1003,19 @@ mod tests {
         }
     }
 
-    fn with_password(pw: &str) -> JoinRequest {
-        JoinRequest {
-            password: Some(pw.into()),
-            ..Default::default()
-        }
+    /// The host publishes `members` (and itself) as admitted.
+    fn admit(r: &Relay, host: &Caller, party: PartyId, version: u64, members: &[&Caller]) {
+        let mut list: Vec<PeerId> = members.iter().map(|c| c.peer).collect();
+        list.push(host.peer);
+        r.publish_roster(
+            host,
+            party,
+            RosterRequest {
+                version,
+                members: list,
+            },
+        )
+        .unwrap();
     }
 
     #[test]
@@ -1195,7 +1185,7 @@ mod tests {
         assert!(!entry.provisional);
         // Joining does the same; later registrations and refreshes are long from the start.
         let cb = caller(&r, &b);
-        r.join(&cb, id, JoinRequest::default(), IP).unwrap();
+        r.join(&cb, id, JoinRequest::default()).unwrap();
         assert!(r.core.lock().tokens.entry(&cb.token).unwrap().expires_at >= unix_now().0 + 86000);
         assert!(register(&r, &b, None).unwrap().expires_in_secs > 86000);
         assert!(r.refresh(&cb).unwrap().expires_in_secs > 86000);
@@ -1221,62 +1211,93 @@ mod tests {
     #[test]
     fn party_auth_matrix() {
         let r = relay(None);
-        let (a, b, c) = (peer(), peer(), peer());
-        let (ca, cb, cc) = (caller(&r, &a), caller(&r, &b), caller(&r, &c));
+        let (a, b, c, d) = (peer(), peer(), peer(), peer());
+        let (ca, cb, cc, cd) = (
+            caller(&r, &a),
+            caller(&r, &b),
+            caller(&r, &c),
+            caller(&r, &d),
+        );
         let v = r
             .create_party(
                 &ca,
                 CreatePartyRequest {
                     name: "lan".into(),
-                    password: Some("pw".into()),
+                    protected: true,
                     ..Default::default()
                 },
                 IP,
             )
             .unwrap();
         let id = v.party.id;
-        assert!(v.party.protected);
-        // Wrong / missing password: 403; right one: in.
-        assert_eq!(
-            r.join(&cb, id, JoinRequest::default(), IP)
-                .unwrap_err()
-                .status,
-            403
-        );
-        assert_eq!(
-            r.join(&cb, id, with_password("nope"), IP)
-                .unwrap_err()
-                .status,
-            403
-        );
-        r.join(&cb, id, with_password("pw"), IP).unwrap();
-        // Reading: members yes, strangers 403, unknown party 404.
+        assert!(v.party.protected, "shown to joiners; checked by the host");
+        // b and c join: applicants that see the host only.
+        let vb = r.join(&cb, id, JoinRequest::default()).unwrap();
+        assert_eq!(vb.peers.len(), 1);
+        assert!(vb.peers[0].host && vb.peers[0].peer == ca.peer);
+        r.join(&cc, id, JoinRequest::default()).unwrap();
+        // Reading: applicants yes, strangers 403, unknown party 404.
         assert!(r.info(&cb, id).is_ok());
-        assert_eq!(r.info(&cc, id).unwrap_err().status, 403);
-        assert_eq!(r.peers(&cc, id).unwrap_err().status, 403);
+        assert_eq!(r.info(&cd, id).unwrap_err().status, 403);
+        assert_eq!(r.peers(&cd, id).unwrap_err().status, 403);
         assert_eq!(r.info(&ca, PartyId([0; 10])).unwrap_err().status, 404);
         // Acting for another peer: 403.
         assert_eq!(r.leave(&cb, id, ca.peer).unwrap_err().status, 403);
         assert_eq!(r.heartbeat(&cb, id, ca.peer, None).unwrap_err().status, 403);
-        assert_eq!(r.leave(&cc, id, ca.peer).unwrap_err().status, 403);
-        // Sessions only between members.
-        assert_eq!(
-            r.open_session(&cc, id, ca.peer, IP).unwrap_err().status,
-            403
-        );
-        assert_eq!(
-            r.open_session(&ca, id, cc.peer, IP).unwrap_err().status,
-            404
-        );
-        let s1 = r.open_session(&ca, id, cb.peer, IP).unwrap();
-        let s2 = r.open_session(&cb, id, ca.peer, IP).unwrap();
-        assert_eq!(s1.session, s2.session);
-        assert_eq!(r.table.lock().len(), 1);
-        // Signals.
+        assert_eq!(r.leave(&cd, id, ca.peer).unwrap_err().status, 403);
+        // Applicants reach the host only.
         let ep = vec!["198.51.100.7:51820".parse().unwrap()];
         r.signal(&cb, id, ca.peer, ep.clone(), 5).unwrap();
         assert_eq!(
-            r.signal(&cc, id, ca.peer, ep.clone(), 5)
+            r.signal(&cb, id, cc.peer, ep.clone(), 5)
+                .unwrap_err()
+                .status,
+            403
+        );
+        assert_eq!(
+            r.open_session(&cb, id, cc.peer, IP).unwrap_err().status,
+            403
+        );
+        let host_b = r.open_session(&cb, id, ca.peer, IP).unwrap();
+        // Only the host publishes; then b is admitted and reaches admitted members.
+        let roster = RosterRequest {
+            version: 1,
+            members: vec![ca.peer, cb.peer],
+        };
+        assert_eq!(
+            r.publish_roster(&cb, id, roster.clone())
+                .unwrap_err()
+                .status,
+            403
+        );
+        assert_eq!(
+            r.publish_roster(&cd, id, roster.clone())
+                .unwrap_err()
+                .status,
+            403
+        );
+        let v = r.publish_roster(&ca, id, roster).unwrap();
+        assert_eq!(v.party.members, 2);
+        assert_eq!(v.peers.len(), 3, "the host sees the applicant c too");
+        assert_eq!(r.peers(&cb, id).unwrap().peers.len(), 2, "b does not");
+        // Sessions: strangers 403, unknown peers 404, a pair gets one session.
+        assert_eq!(
+            r.open_session(&cd, id, ca.peer, IP).unwrap_err().status,
+            403
+        );
+        assert_eq!(
+            r.open_session(&ca, id, cd.peer, IP).unwrap_err().status,
+            404
+        );
+        assert_eq!(
+            r.open_session(&cb, id, cc.peer, IP).unwrap_err().status,
+            403
+        );
+        let s2 = r.open_session(&ca, id, cb.peer, IP).unwrap();
+        assert_eq!(host_b.session, s2.session);
+        assert_eq!(r.table.lock().len(), 1);
+        assert_eq!(
+            r.signal(&cd, id, ca.peer, ep.clone(), 5)
                 .unwrap_err()
                 .status,
             403
@@ -1289,153 +1310,73 @@ mod tests {
         assert_eq!(r.table.lock().len(), 0);
         let text = r.metrics_text();
         assert!(text.contains("lanrage_relay_parties 1\n"), "{text}");
+        assert!(text.contains("lanrage_relay_party_members 1\n"), "{text}");
         assert!(
-            text.contains("lanrage_relay_registered_peers 3\n"),
+            text.contains("lanrage_relay_party_applicants 1\n"),
             "{text}"
         );
-        // Two stretchings on create and join with a password: one create, two joins (the
-        // missing password is not stretched).
         assert!(
-            text.contains("lanrage_relay_password_checks_total 3\n"),
+            text.contains("lanrage_relay_registered_peers 4\n"),
             "{text}"
         );
+        assert!(!text.contains("password"), "{text}");
     }
 
     #[test]
-    fn concurrent_guesses_are_all_counted_before_any_is_checked() {
-        let mut cfg = config(None);
-        cfg.parties.password_attempts_per_min = 3;
-        let r = Arc::new(relay_with(cfg));
-        let owner = caller(&r, &peer());
-        let id = r
-            .create_party(
-                &owner,
-                CreatePartyRequest {
-                    name: "vault".into(),
-                    password: Some("right".into()),
-                    ..Default::default()
-                },
-                IP,
-            )
-            .unwrap()
-            .party
-            .id;
-        let guesser = caller(&r, &peer());
-        let barrier = Arc::new(std::sync::Barrier::new(12));
-        let threads: Vec<_> = (0..12)
-            .map(|i| {
-                let (r, barrier) = (r.clone(), barrier.clone());
-                std::thread::spawn(move || {
-                    barrier.wait();
-                    r.join(&guesser, id, with_password(&format!("guess{i}")), IP)
-                        .unwrap_err()
-                        .status
-                })
-            })
-            .collect();
-        let codes: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-        assert_eq!(codes.iter().filter(|c| **c == 403).count(), 3, "{codes:?}");
-        assert_eq!(codes.iter().filter(|c| **c == 429).count(), 9, "{codes:?}");
-        // Only the three counted guesses were stretched (plus the create).
-        assert_eq!(r.metrics.password_checks.load(Ordering::Relaxed), 4);
+    fn a_demoted_member_loses_its_sessions_with_members_in_the_udp_table_too() {
+        let r = relay(None);
+        let (a, b, c) = (peer(), peer(), peer());
+        let (ca, cb, cc) = (caller(&r, &a), caller(&r, &b), caller(&r, &c));
+        let id = r.create_party(&ca, open("lan"), IP).unwrap().party.id;
+        r.join(&cb, id, JoinRequest::default()).unwrap();
+        r.join(&cc, id, JoinRequest::default()).unwrap();
+        admit(&r, &ca, id, 1, &[&cb, &cc]);
+        let bc = r.open_session(&cb, id, cc.peer, IP).unwrap().session;
+        let ab = r.open_session(&ca, id, cb.peer, IP).unwrap().session;
+        admit(&r, &ca, id, 2, &[&cc]);
+        // b is an applicant again: its session with c is gone everywhere, the one with the host
+        // stays (b can rejoin through it).
+        let table = r.table.lock();
+        assert!(!table.contains(&bc));
+        assert!(table.contains(&ab));
+        drop(table);
+        assert_eq!(r.core.lock().registry.sessions().len(), 1);
+        assert!(r
+            .core
+            .lock()
+            .pending
+            .contains(&Record::SessionGone { id: bc }));
     }
 
     #[test]
-    fn fresh_keys_do_not_buy_more_guesses() {
+    fn create_with_the_clients_id_is_idempotent_for_its_host_only() {
         let mut cfg = config(None);
-        cfg.parties.password_attempts_per_min = 5;
-        cfg.parties.password_failures_per_party_per_min = 100;
-        cfg.parties.password_failures_per_ip_per_min = 4;
-        cfg.control.max_tokens_per_ip = 100;
+        cfg.parties.max_parties_per_ip = 1;
         let r = relay_with(cfg);
-        let owner = caller(&r, &peer());
-        let protected = |name: &str| {
-            r.create_party(
-                &owner,
-                CreatePartyRequest {
-                    name: name.into(),
-                    password: Some("right".into()),
-                    ..Default::default()
-                },
-                IP,
-            )
-            .unwrap()
-            .party
-            .id
-        };
-        let (p1, p2) = (protected("one"), protected("two"));
-        // Four wrong guesses from four new keys, over two parties, from one source...
-        for (i, p) in [p1, p2, p1, p2].into_iter().enumerate() {
-            let c = caller(&r, &peer());
-            let e = r
-                .join(&c, p, with_password(&format!("g{i}")), IP)
-                .unwrap_err();
-            assert_eq!(e.status, 403);
-        }
-        // ...use up that source: a fifth key is refused before any stretching, even with the
-        // right password; another source is not.
-        let c = caller(&r, &peer());
-        let before = r.metrics.password_checks.load(Ordering::Relaxed);
-        assert_eq!(
-            r.join(&c, p1, with_password("right"), IP)
-                .unwrap_err()
-                .status,
-            429
-        );
-        assert_eq!(r.metrics.password_checks.load(Ordering::Relaxed), before);
-        let elsewhere: IpAddr = "198.51.100.20".parse().unwrap();
-        r.join(&c, p1, with_password("right"), elsewhere).unwrap();
-        // A right password does not use up the source's budget.
-        let c = caller(&r, &peer());
-        for _ in 0..6 {
-            let _ = r.leave(&c, p2, c.peer);
-            r.join(&c, p2, with_password("right"), elsewhere).unwrap();
-        }
-    }
-
-    #[test]
-    fn create_checks_everything_cheap_before_stretching() {
-        let mut cfg = config(None);
-        cfg.parties.max_parties_per_peer = 1;
-        let r = relay_with(cfg);
-        let c = caller(&r, &peer());
-        let pw = |name: &str, password: &str| CreatePartyRequest {
+        let (ca, cb) = (caller(&r, &peer()), caller(&r, &peer()));
+        let pid: PartyId = "k3m9-x2pq-7hvd-a8te".parse().unwrap();
+        let req = |name: &str| CreatePartyRequest {
+            id: Some(pid),
             name: name.into(),
-            password: Some(password.into()),
             ..Default::default()
         };
-        let stretched = || r.metrics.password_checks.load(Ordering::Relaxed);
+        assert_eq!(r.create_party(&ca, req("lan"), IP).unwrap().party.id, pid);
+        // Repeating it (a lost answer, a relay restart) neither fails nor counts as a second
+        // party of this source (whose limit is one).
+        let v = r.create_party(&ca, req("lan night"), IP).unwrap();
+        assert_eq!((v.party.id, v.party.name.as_str()), (pid, "lan night"));
+        assert_eq!(r.core.lock().registry.party_count(), 1);
         assert_eq!(
-            r.create_party(&c, pw("\u{1}", "pw"), IP)
-                .unwrap_err()
-                .status,
-            400
+            r.create_party(&cb, req("mine"), IP).unwrap_err().status,
+            409
         );
+        let elsewhere: IpAddr = "198.51.100.3".parse().unwrap();
         assert_eq!(
-            r.create_party(&c, pw("x", &"p".repeat(MAX_PASSWORD + 1)), IP)
-                .unwrap_err()
-                .status,
-            400
-        );
-        let bad_endpoint = CreatePartyRequest {
-            endpoints: vec!["0.0.0.0:1".parse().unwrap()],
-            ..pw("x", "pw")
-        };
-        assert_eq!(
-            r.create_party(&c, bad_endpoint, IP).unwrap_err().status,
-            400
-        );
-        assert_eq!(stretched(), 0);
-        r.create_party(&c, pw("first", "pw"), IP).unwrap();
-        assert_eq!(stretched(), 1);
-        // Over the per-peer limit: refused without stretching.
-        assert_eq!(
-            r.create_party(&c, pw("second", "pw"), IP)
+            r.create_party(&cb, req("mine"), elsewhere)
                 .unwrap_err()
                 .status,
             409
         );
-        assert_eq!(stretched(), 1);
     }
 
     #[test]
@@ -1458,8 +1399,9 @@ mod tests {
         // Leaving (the party empties and is deleted) gives the place back.
         r.leave(&b, p2, b.peer).unwrap();
         r.create_party(&b, open("two again"), IP).unwrap();
-        r.join(&b, p1, JoinRequest::default(), IP).unwrap();
-        r.join(&c, p1, JoinRequest::default(), IP).unwrap();
+        r.join(&b, p1, JoinRequest::default()).unwrap();
+        r.join(&c, p1, JoinRequest::default()).unwrap();
+        admit(&r, &a, p1, 1, &[&b, &c]);
         r.open_session(&a, p1, b.peer, IP).unwrap();
         // The same session again is no new session; a new pair is.
         r.open_session(&b, p1, a.peer, IP).unwrap();
@@ -1481,7 +1423,7 @@ mod tests {
         let r = Arc::new(relay(None));
         let (a, b) = (caller(&r, &peer()), caller(&r, &peer()));
         let id = r.create_party(&a, open("lan"), IP).unwrap().party.id;
-        r.join(&b, id, JoinRequest::default(), IP).unwrap();
+        r.join(&b, id, JoinRequest::default()).unwrap();
         let s = r.open_session(&a, id, b.peer, IP).unwrap().session;
         let core = r.core.lock();
         let sweeper = {
@@ -1511,8 +1453,8 @@ mod tests {
             caller(&r, &peer()),
         );
         let id = r.create_party(&a, open("lan"), IP).unwrap().party.id;
-        r.join(&b, id, JoinRequest::default(), IP).unwrap();
-        r.join(&c, id, JoinRequest::default(), IP).unwrap();
+        r.join(&b, id, JoinRequest::default()).unwrap();
+        r.join(&c, id, JoinRequest::default()).unwrap();
         {
             let (wa, wc) = (r.waiter(id, a.peer), r.waiter(id, c.peer));
             let (na, nc) = (wa.notified(), wc.notified());
@@ -1544,12 +1486,13 @@ mod tests {
         let ca = r.authenticate(Some(&token_a)).unwrap();
         let cb = caller(&r, &b);
         let id = r.create_party(&ca, open("lan"), IP).unwrap().party.id;
-        r.join(&cb, id, JoinRequest::default(), IP).unwrap();
+        r.join(&cb, id, JoinRequest::default()).unwrap();
+        admit(&r, &ca, id, 1, &[&cb]);
         let s = r.open_session(&ca, id, cb.peer, IP).unwrap();
         let records = std::mem::take(&mut r.core.lock().pending);
         let r2 = Relay::new(r.cfg.clone(), r.identity.clone());
         r2.load(&records);
-        // Same tokens, same party, same session.
+        // Same tokens, same party (host, admitted member), same session.
         assert_eq!(r2.authenticate(Some(&token_a)).unwrap().peer, ca.peer);
         assert_eq!(r2.peers(&ca, id).unwrap().peers.len(), 2);
         assert_eq!(
@@ -1561,7 +1504,15 @@ mod tests {
         let snap = Relay::snapshot(&r2.core.lock());
         let r3 = Relay::new(r.cfg.clone(), r.identity.clone());
         r3.load(&snap);
-        assert_eq!(r3.peers(&cb, id).unwrap().peers.len(), 2);
+        let peers = r3.peers(&cb, id).unwrap().peers;
+        assert_eq!(
+            peers
+                .iter()
+                .map(|m| (m.host, m.admitted))
+                .collect::<Vec<_>>(),
+            [(true, true), (false, true)]
+        );
+        assert_eq!(r3.info(&cb, id).unwrap().roster_version, 1);
         assert_eq!(r3.core.lock().tokens.len(), 2);
         assert_eq!(r3.table.lock().len(), 1);
     }
@@ -1591,9 +1542,7 @@ mod tests {
         assert!(r.peers(&ca, id).unwrap().peers[0].endpoints.is_empty());
         // So are joins and leaving.
         assert_eq!(
-            r.join(&cb, id, JoinRequest::default(), IP)
-                .unwrap_err()
-                .status,
+            r.join(&cb, id, JoinRequest::default()).unwrap_err().status,
             503
         );
         assert_eq!(r.leave(&ca, id, ca.peer).unwrap_err().status, 503);
@@ -1602,7 +1551,7 @@ mod tests {
         r.core.lock().saving.failure = None;
         r.heartbeat(&ca, id, ca.peer, Some(moved.clone())).unwrap();
         assert_eq!(r.peers(&ca, id).unwrap().peers[0].endpoints, moved);
-        r.join(&cb, id, JoinRequest::default(), IP).unwrap();
+        r.join(&cb, id, JoinRequest::default()).unwrap();
         assert!(!r.core.lock().pending.is_empty());
     }
 
@@ -1612,7 +1561,7 @@ mod tests {
         let (a, b) = (peer(), peer());
         let (ca, cb) = (caller(&r, &a), caller(&r, &b));
         let id = r.create_party(&ca, open("lan"), IP).unwrap().party.id;
-        r.join(&cb, id, JoinRequest::default(), IP).unwrap();
+        r.join(&cb, id, JoinRequest::default()).unwrap();
         let s = r.open_session(&ca, id, cb.peer, IP).unwrap().session;
         let key = SharedKey::for_peer(&a.secret, &r.identity.public)
             .unwrap()

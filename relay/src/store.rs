@@ -1,8 +1,11 @@
 //! Durable state behind a small trait, so a shared database can back several control servers
 //! later; the embedded implementation is a journal plus a snapshot in `state_dir`.
 //!
-//! What is stored: tokens (hashes only), parties (name, password verifier), members (key, name,
-//! endpoints), relay sessions (id and the two members). What is not: heartbeat times (reset to
+//! What is stored: tokens (hashes only), parties (name, the `protected` flag, the host, the last
+//! published roster version), members (key, name, endpoints, whether and when admitted), relay
+//! sessions (id and the two members). No password verifier: the party's host checks passwords
+//! (journals of older relays hold verifiers in [`Record::Party`]; they are read and dropped, and
+//! the state is compacted at once so they leave the disk). What is not: heartbeat times (reset to
 //! "now" on load, so peers are not expired for the relay's own downtime), signals (seconds-lived),
 //! UDP bindings (peers re-bind within one round trip when the relay answers their next data frame
 //! with a `Rebind` hint, or at their next keepalive), challenges and rate-limit buckets.
@@ -64,8 +67,6 @@ use blake2::{Blake2s256, Digest};
 use lanrage_proto::ids::{PartyId, PeerId, PublicKey, SessionId};
 use serde::{Deserialize, Serialize};
 
-use crate::password::Verifier;
-
 /// Journal file name inside the state directory.
 pub const JOURNAL_FILE: &str = "journal.bin";
 /// Snapshot file name inside the state directory.
@@ -95,14 +96,16 @@ pub enum Record {
         /// BLAKE2s of the token.
         hash: [u8; 32],
     },
-    /// A party exists.
+    /// A party exists (written by older relays only; superseded by [`Record::PartyV2`]).
+    /// Loaded as a party without a host yet (its earliest member becomes the host) and with the
+    /// verifier dropped.
     Party {
         /// Its id.
         id: PartyId,
         /// Its name.
         name: String,
-        /// Password verifier for protected parties.
-        verifier: Option<Verifier>,
+        /// Password verifier for protected parties (read, never used, never written).
+        verifier: Option<LegacyVerifier>,
         /// Unix seconds.
         created_at: u64,
     },
@@ -111,7 +114,9 @@ pub enum Record {
         /// Its id.
         id: PartyId,
     },
-    /// A member exists (or changed name or endpoints).
+    /// A member exists (or changed name or endpoints). Written by older relays only
+    /// (superseded by [`Record::MemberV2`]); loaded as an admitted member, admitted in the order
+    /// the records come.
     Member {
         /// Which party.
         party: PartyId,
@@ -165,6 +170,62 @@ pub enum Record {
         /// Issued with the short lifetime of keys in no party; extended when the key joins one.
         provisional: bool,
     },
+    /// A party exists (or its name, flag, host or roster version changed).
+    PartyV2 {
+        /// Its id.
+        id: PartyId,
+        /// Its name.
+        name: String,
+        /// Whether its host asks for a password (informational).
+        protected: bool,
+        /// Unix seconds.
+        created_at: u64,
+        /// The relay's current host.
+        host: PeerId,
+        /// The last roster version published (0: none).
+        roster_version: u64,
+    },
+    /// A member or applicant exists (or changed name, endpoints or admission).
+    MemberV2 {
+        /// Which party.
+        party: PartyId,
+        /// The member's key (its id derives from it).
+        key: PublicKey,
+        /// Display name.
+        name: String,
+        /// Advertised endpoints.
+        endpoints: Vec<SocketAddr>,
+        /// Unix seconds.
+        joined_at: u64,
+        /// `Some(order)` when admitted (smaller: admitted earlier; the earliest-admitted member
+        /// succeeds a host that leaves), `None` for an applicant.
+        admitted: Option<u64>,
+    },
+}
+
+/// A party password verifier as relays before the one-authority change stored it: a random salt
+/// and a stretched hash. Only here so their journals and snapshots still decode (postcard is not
+/// self-describing: the layout must match); it is dropped on load and never written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyVerifier {
+    /// Random per party.
+    pub salt: [u8; 16],
+    /// The stretched hash.
+    pub hash: [u8; 32],
+}
+
+impl Record {
+    /// Whether this record holds a password verifier (from an older relay): the relay compacts
+    /// its state at start when any does, so verifiers leave the disk.
+    pub fn holds_verifier(&self) -> bool {
+        matches!(
+            self,
+            Record::Party {
+                verifier: Some(_),
+                ..
+            }
+        )
+    }
 }
 
 /// A storage failure (I/O or corruption), with the file it concerns.

@@ -1,5 +1,10 @@
 //! The control plane over real HTTP: the auth matrix (401 / 403 / 404 / 400 / 413 / 429), the
+//! one-authority rules (the relay checks no password; joiners are applicants that reach only the
+//! host until the host publishes its roster; host migration by a newer roster version), the
 //! access key, token expiry and refresh, signaling with long polls, metrics access.
+//!
+//! The tests of the one-authority rules read answers as plain JSON, so they also build against
+//! the relay before those rules (to show they fail there).
 
 mod common;
 
@@ -10,6 +15,7 @@ use lanrage_proto::api::{
     HeartbeatResponse, PartyInfo, PartyView, PeersResponse, SessionResponse, SignalsResponse,
     TokenResponse,
 };
+use serde_json::Value;
 
 fn create(http: &Http, p: &Peer, body: &str) -> PartyView {
     http.post_ok("/parties", p.t(), body)
@@ -36,6 +42,7 @@ fn auth_matrix() {
     let base = format!("/parties/{id}");
 
     // No token, a garbage token, a token in the wrong scheme: 401 on every protected route.
+    assert_eq!(http.put(&format!("{base}/roster"), None, "{}").0, 401);
     let protected_posts = [
         "/parties".to_string(),
         format!("{base}/join"),
@@ -70,9 +77,10 @@ fn auth_matrix() {
     );
     assert_eq!(http.get("/parties/not-an-id", a.t()).0, 400);
 
-    // Join; then acting for another peer is 403.
+    // Join (an applicant seeing the host), the host admits; then acting for another peer is 403.
     let v: PartyView = http.post_ok(&format!("{base}/join"), b.t(), r#"{"peer_name":"bob"}"#);
-    assert_eq!(v.peers.len(), 2);
+    assert_eq!(v.peers.len(), 1);
+    assert_eq!(http.publish(&id, &a, 1, &[&a, &b]).0, 200);
     assert_eq!(http.delete(&format!("{base}/peers/{}", a.id), b.t()).0, 403);
     assert_eq!(
         http.post(&format!("{base}/peers/{}/heartbeat", a.id), b.t(), "")
@@ -100,7 +108,7 @@ fn auth_matrix() {
         404
     );
 
-    // Malformed bodies: 400 (bad JSON, unknown field, bad endpoint, name too long).
+    // Malformed bodies: 400 (bad JSON, unknown field, bad endpoint, name too long, bad roster).
     assert_eq!(http.post("/parties", a.t(), "{").0, 400);
     assert_eq!(
         http.post("/parties", a.t(), r#"{"name":"x","colour":"red"}"#)
@@ -125,6 +133,17 @@ fn auth_matrix() {
         http.post("/auth/challenge", None, r#"{"key":"short"}"#).0,
         400
     );
+    for bad in [
+        r#"{"members":[]}"#,
+        r#"{"version":1,"members":["zz"]}"#,
+        r#"{"version":1,"members":[],"host":"x"}"#,
+    ] {
+        assert_eq!(
+            http.put(&format!("{base}/roster"), a.t(), bad).0,
+            400,
+            "{bad}"
+        );
+    }
     // Bodies are capped.
     let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(20_000));
     assert_eq!(http.post("/parties", a.t(), &big).0, 413);
@@ -166,38 +185,306 @@ fn auth_matrix() {
     assert_eq!(relay.metric("lanrage_relay_registered_peers "), 3);
 }
 
+/// `POST` expecting `code`, the answer as JSON.
+fn post_json(http: &Http, path: &str, p: &Peer, body: &str, code: u16) -> Value {
+    let (got, text) = http.post(path, p.t(), body);
+    assert_eq!(got, code, "POST {path}: {text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+/// (peer id, host, admitted) of each entry of a `peers` array.
+fn roster_of(v: &Value) -> Vec<(String, bool, bool)> {
+    v["peers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no peers in {v}"))
+        .iter()
+        .map(|m| {
+            (
+                m["peer"].as_str().unwrap_or_default().to_string(),
+                m["host"].as_bool().unwrap_or(false),
+                m["admitted"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+fn entry(p: &Peer, host: bool, admitted: bool) -> (String, bool, bool) {
+    (p.id.to_string(), host, admitted)
+}
+
+fn signal(http: &Http, base: &str, from: &Peer, to: &Peer) -> u16 {
+    http.post(
+        &format!("{base}/peers/{}/signal", to.id),
+        from.t(),
+        r#"{"endpoints":["203.0.113.9:4000"]}"#,
+    )
+    .0
+}
+
+fn session(http: &Http, base: &str, from: &Peer, to: &Peer) -> (u16, String) {
+    http.post(
+        &format!("{base}/sessions"),
+        from.t(),
+        &format!(r#"{{"peer":"{}"}}"#, to.id),
+    )
+}
+
 #[test]
-fn protected_parties_and_password_attempts() {
+fn passwords_are_the_hosts_business() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(
-        dir.path(),
-        &[("LANRAGE_RELAY__PARTIES__PASSWORD_ATTEMPTS_PER_MIN", "2")],
-    );
+    let relay = RelayProc::start(dir.path(), &[]);
     let http = relay.http();
     let (a, b) = (Peer::registered(&http), Peer::registered(&http));
-    let party = create(
-        &http,
-        &a,
+    let refused = "the relay does not check party passwords; the party's host does";
+    // A password is refused with the reason, on create and on join.
+    let (code, text) = http.post(
+        "/parties",
+        a.t(),
         r#"{"name":"private","password":"correct horse"}"#,
     );
-    assert!(party.party.protected);
-    let join = format!("/parties/{}/join", party.party.id);
-    assert_eq!(http.post(&join, b.t(), "{}").0, 403);
-    assert_eq!(http.post(&join, b.t(), r#"{"password":"wrong"}"#).0, 403);
-    // Out of attempts: even the right password is refused for a minute.
-    let (code, _) = http.post(&join, b.t(), r#"{"password":"correct horse"}"#);
-    assert_eq!(code, 429);
-    let c = Peer::registered(&http);
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains(refused), "{text}");
+    // The flag is the host's word to joiners, nothing the relay checks.
+    let party = post_json(
+        &http,
+        "/parties",
+        &a,
+        r#"{"name":"private","protected":true}"#,
+        201,
+    );
+    assert_eq!(party["party"]["protected"], true);
+    let join = format!("/parties/{}/join", party["party"]["id"].as_str().unwrap());
+    let (code, text) = http.post(&join, b.t(), r#"{"password":"correct horse"}"#);
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains(refused), "{text}");
+    let v = post_json(&http, &join, &b, "{}", 200);
+    assert_eq!(v["party"]["protected"], true);
+    // No password machinery left to count.
+    let (_, metrics) = relay.metrics_http().get("/metrics", None);
+    assert!(!metrics.contains("password"), "{metrics}");
+}
+
+/// A relay and a party of host `a` (created without an id: the relay picks one) that `b` and
+/// `c` joined (applicants, nobody admitted yet). Returns the party's id too.
+struct Three {
+    relay: RelayProc,
+    http: Http,
+    id: String,
+    base: String,
+    a: Peer,
+    b: Peer,
+    c: Peer,
+    _dir: tempfile::TempDir,
+}
+
+fn three() -> Three {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(dir.path(), &[]);
+    let http = relay.http();
+    let (a, b, c) = (
+        Peer::registered(&http),
+        Peer::registered(&http),
+        Peer::registered(&http),
+    );
+    let created = post_json(&http, "/parties", &a, r#"{"name":"lan night"}"#, 201);
+    let id = created["party"]["id"].as_str().unwrap().to_string();
+    let base = format!("/parties/{id}");
+    let _ = post_json(
+        &http,
+        &format!("{base}/join"),
+        &b,
+        r#"{"peer_name":"bob"}"#,
+        200,
+    );
+    let _ = post_json(&http, &format!("{base}/join"), &c, "{}", 200);
+    Three {
+        relay,
+        http,
+        id,
+        base,
+        a,
+        b,
+        c,
+        _dir: dir,
+    }
+}
+
+fn host_of(http: &Http, base: &str, asker: &Peer) -> String {
+    let (code, text) = http.get(base, asker.t());
+    assert_eq!(code, 200, "{text}");
+    let info: Value = serde_json::from_str(&text).unwrap();
+    info["host"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn the_client_chooses_the_party_id_and_only_its_host_creates_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(dir.path(), &[]);
+    let http = relay.http();
+    let (a, b) = (Peer::registered(&http), Peer::registered(&http));
+    // The daemon registers its engine's party id.
+    let party_id = "k3m9-x2pq-7hvd-a8te";
+    let create =
+        |name: &str| format!(r#"{{"id":"{party_id}","name":"{name}","peer_name":"alice"}}"#);
+    let created = post_json(&http, "/parties", &a, &create("lan"), 201);
+    assert_eq!(created["party"]["id"], party_id);
+    assert_eq!(created["party"]["host"], a.id.to_string());
+    assert_eq!(roster_of(&created), vec![entry(&a, true, true)]);
+    // Again by its host (a lost answer, a relay restart): an update, not a second party.
+    let again = post_json(&http, "/parties", &a, &create("lan night"), 201);
+    assert_eq!(again["party"]["name"], "lan night");
+    assert_eq!(roster_of(&again).len(), 1);
+    assert_eq!(relay.metric("lanrage_relay_parties "), 1);
+    // Anyone else, a member included, gets 409.
+    let _ = post_json(&http, &format!("/parties/{party_id}/join"), &b, "{}", 200);
+    let _ = post_json(&http, "/parties", &b, &create("mine"), 409);
+}
+
+#[test]
+fn a_joiner_is_an_applicant_that_reaches_only_the_host() {
+    let t = three();
+    let (http, base) = (&t.http, t.base.as_str());
+    // Not another applicant (nor any non-host), by signal or session...
+    assert_eq!(signal(http, base, &t.b, &t.c), 403);
+    assert_eq!(session(http, base, &t.b, &t.c).0, 403);
+    // ...but the host, both ways.
+    assert_eq!(signal(http, base, &t.b, &t.a), 202);
+    assert_eq!(signal(http, base, &t.a, &t.b), 202);
+    let (code, text) = session(http, base, &t.b, &t.a);
+    assert_eq!(code, 200, "{text}");
+    // It reads the party (to learn the host) and takes its signals.
+    assert_eq!(host_of(http, base, &t.b), t.a.id.to_string());
+    let (code, text) = http.get(&format!("{base}/signals"), t.b.t());
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains(&t.a.id.to_string()), "{text}");
+}
+
+#[test]
+fn an_applicant_sees_only_the_host_and_the_host_sees_the_applicants() {
+    let t = three();
+    let (http, base) = (&t.http, t.base.as_str());
+    let d = Peer::registered(http);
+    let joined = post_json(http, &format!("{base}/join"), &d, "{}", 200);
+    assert_eq!(roster_of(&joined), vec![entry(&t.a, true, true)]);
+    assert_eq!(joined["party"]["members"], 1, "applicants are not members");
+    let (_, text) = http.get(&format!("{base}/peers"), t.b.t());
     assert_eq!(
-        http.post(&join, c.t(), r#"{"password":"correct horse"}"#).0,
+        roster_of(&serde_json::from_str(&text).unwrap()),
+        vec![entry(&t.a, true, true)]
+    );
+    let (_, text) = http.get(&format!("{base}/peers"), t.a.t());
+    assert_eq!(
+        roster_of(&serde_json::from_str(&text).unwrap()),
+        vec![
+            entry(&t.a, true, true),
+            entry(&t.b, false, false),
+            entry(&t.c, false, false),
+            entry(&d, false, false)
+        ]
+    );
+    assert_eq!(t.relay.metric("lanrage_relay_party_applicants "), 3);
+}
+
+#[test]
+fn the_hosts_roster_admits_and_demotes() {
+    let t = three();
+    let (http, base) = (&t.http, t.base.as_str());
+    // An applicant cannot publish a roster that lets it in.
+    assert_eq!(http.publish(&t.id, &t.b, 99, &[&t.a, &t.b, &t.c]).0, 403);
+    // The host's engine admitted b and c: they reach each other now.
+    let (code, text) = http.publish(&t.id, &t.a, 5, &[&t.a, &t.b, &t.c]);
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        roster_of(&v),
+        vec![
+            entry(&t.a, true, true),
+            entry(&t.b, false, true),
+            entry(&t.c, false, true)
+        ]
+    );
+    assert_eq!(v["party"]["roster_version"], 5);
+    assert_eq!(signal(http, base, &t.b, &t.c), 202);
+    let (code, text) = session(http, base, &t.b, &t.c);
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(t.relay.metric("lanrage_relay_sessions "), 1);
+    // The host drops c (kicked): an applicant again, cut off from b (the session closes) but
+    // not from the host (to rejoin).
+    assert_eq!(http.publish(&t.id, &t.a, 6, &[&t.a, &t.b]).0, 200);
+    assert_eq!(signal(http, base, &t.c, &t.b), 403);
+    assert_eq!(session(http, base, &t.b, &t.c).0, 403);
+    assert_eq!(t.relay.metric("lanrage_relay_sessions "), 0);
+    assert_eq!(signal(http, base, &t.c, &t.a), 202);
+}
+
+#[test]
+fn a_member_cannot_publish_a_stale_roster() {
+    let t = three();
+    assert_eq!(
+        http_ok(t.http.publish(&t.id, &t.a, 5, &[&t.a, &t.b, &t.c])),
         200
     );
-    // The stored state never holds the password.
-    std::thread::sleep(Duration::from_millis(200));
-    for f in std::fs::read_dir(&relay.state_dir).unwrap() {
-        let bytes = std::fs::read(f.unwrap().path()).unwrap();
-        assert!(!bytes.windows(13).any(|w| w == b"correct horse"));
+    for stale in [4, 5] {
+        assert_eq!(t.http.publish(&t.id, &t.b, stale, &[&t.b]).0, 409);
     }
+    // Nothing changed: a is still the host, c still admitted.
+    assert_eq!(host_of(&t.http, &t.base, &t.c), t.a.id.to_string());
+    assert_eq!(signal(&t.http, &t.base, &t.c, &t.b), 202);
+}
+
+#[test]
+fn a_member_publishing_a_newer_roster_becomes_the_host() {
+    let t = three();
+    let (http, base) = (&t.http, t.base.as_str());
+    assert_eq!(http_ok(http.publish(&t.id, &t.a, 10, &[&t.a, &t.b])), 200);
+    // b is the engine's successor: it publishes version 11 and becomes the relay's host; the
+    // applicant c now reaches b, not a.
+    let (code, text) = http.publish(&t.id, &t.b, 11, &[&t.a, &t.b]);
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["party"]["host"], t.b.id.to_string());
+    assert_eq!(signal(http, base, &t.c, &t.b), 202);
+    assert_eq!(signal(http, base, &t.c, &t.a), 403);
+    // The old host is an ordinary member now: its stale roster is refused.
+    assert_eq!(http.publish(&t.id, &t.a, 11, &[&t.a]).0, 409);
+}
+
+#[test]
+fn when_the_host_leaves_the_earliest_admitted_member_takes_over() {
+    let t = three();
+    let (http, base) = (&t.http, t.base.as_str());
+    let d = Peer::registered(http);
+    let _ = post_json(http, &format!("{base}/join"), &d, "{}", 200);
+    // Admitted in the roster's order: c before b (b joined first). d stays an applicant.
+    assert_eq!(
+        http_ok(http.publish(&t.id, &t.a, 1, &[&t.a, &t.c, &t.b])),
+        200
+    );
+    assert_eq!(
+        http.delete(&format!("{base}/peers/{}", t.a.id), t.a.t()).0,
+        204
+    );
+    assert_eq!(host_of(http, base, &t.b), t.c.id.to_string());
+    // The applicant follows the host; the new host publishes without a newer version.
+    assert_eq!(signal(http, base, &d, &t.c), 202);
+    assert_eq!(http_ok(http.publish(&t.id, &t.c, 1, &[&t.b, &t.c])), 200);
+    // The host goes, then the last admitted member: nobody could admit d, the party ends.
+    assert_eq!(
+        http.delete(&format!("{base}/peers/{}", t.c.id), t.c.t()).0,
+        204
+    );
+    assert_eq!(host_of(http, base, &d), t.b.id.to_string());
+    assert_eq!(
+        http.delete(&format!("{base}/peers/{}", t.b.id), t.b.t()).0,
+        204
+    );
+    assert_eq!(http.get(base, d.t()).0, 404);
+}
+
+/// The status of an answer, its body in the message when it is not 2xx.
+fn http_ok((code, text): (u16, String)) -> u16 {
+    assert!((200..300).contains(&code), "{code} {text}");
+    code
 }
 
 #[test]

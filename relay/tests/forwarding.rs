@@ -33,6 +33,8 @@ fn setup() -> Setup {
     let party: PartyView = http.post_ok("/parties", a.t(), r#"{"name":"x"}"#);
     let base = format!("/parties/{}", party.party.id);
     let _: PartyView = http.post_ok(&format!("{base}/join"), b.t(), "{}");
+    let (code, text) = http.publish(&party.party.id.to_string(), &a, 1, &[&a, &b]);
+    assert_eq!(code, 200, "{text}");
     // c is registered, but in a party of its own.
     let _: PartyView = http.post_ok("/parties", c.t(), r#"{"name":"y"}"#);
     let s: SessionResponse = http.post_ok(

@@ -1,13 +1,15 @@
-//! Durability: parties, members, tokens and sessions survive kill -9 and restarts; relayed
-//! traffic resumes by itself (the relay hints, the peers re-bind through the cookie round trip)
-//! within seconds; binds captured before the restart are refused.
+//! Durability: parties (with their host, admitted members, applicants and roster version),
+//! tokens and sessions survive kill -9 and restarts; relayed traffic resumes by itself (the relay
+//! hints, the peers re-bind through the cookie round trip) within seconds; binds captured before
+//! the restart are refused; state written by an older relay (with party password verifiers)
+//! loads, without the verifiers.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Got, Peer, RelayProc, UdpPeer};
-use lanrage_proto::api::{PartyInfo, PartyView, PeersResponse, SessionResponse};
+use common::{Got, Http, Peer, RelayProc, UdpPeer};
+use lanrage_proto::api::{PartyView, SessionResponse};
 use lanrage_proto::frame::RebindReason;
 use lanrage_proto::ids::SessionId;
 
@@ -52,19 +54,53 @@ fn pump(u: &mut UdpPeer, p: &Peer, session: SessionId) -> bool {
     got
 }
 
+/// `GET` expecting 200, as JSON (so these tests read fields without the API types).
+fn json(http: &Http, path: &str, p: &Peer) -> serde_json::Value {
+    let (code, text) = http.get(path, p.t());
+    assert_eq!(code, 200, "GET {path}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// (peer id, host, admitted) of each entry of a `peers` array.
+fn roster_of(v: &serde_json::Value) -> Vec<(String, bool, bool)> {
+    v["peers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no peers in {v}"))
+        .iter()
+        .map(|m| {
+            (
+                m["peer"].as_str().unwrap_or_default().to_string(),
+                m["host"].as_bool().unwrap_or(false),
+                m["admitted"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+fn signal(http: &Http, base: &str, from: &Peer, to: &Peer) -> u16 {
+    http.post(
+        &format!("{base}/peers/{}/signal", to.id),
+        from.t(),
+        r#"{"endpoints":["203.0.113.9:4000"]}"#,
+    )
+    .0
+}
+
 #[test]
 fn state_survives_kill_9_and_sessions_resume() {
     let dir = tempfile::tempdir().unwrap();
     let mut relay = RelayProc::start(dir.path(), &[]);
     let http = relay.http();
     let (a, b) = (Peer::registered(&http), Peer::registered(&http));
-    let party: PartyView = http.post_ok("/parties", a.t(), r#"{"name":"durable","password":"pw"}"#);
+    let party: PartyView =
+        http.post_ok("/parties", a.t(), r#"{"name":"durable","protected":true}"#);
     let base = format!("/parties/{}", party.party.id);
-    let _: PartyView = http.post_ok(
-        &format!("{base}/join"),
-        b.t(),
-        r#"{"password":"pw","peer_name":"bob"}"#,
-    );
+    let _: PartyView = http.post_ok(&format!("{base}/join"), b.t(), r#"{"peer_name":"bob"}"#);
+    // c waits as an applicant; b is admitted by the host.
+    let c = Peer::registered(&http);
+    let _: PartyView = http.post_ok(&format!("{base}/join"), c.t(), "{}");
+    let (code, text) = http.publish(&party.party.id.to_string(), &a, 7, &[&a, &b]);
+    assert_eq!(code, 200, "{text}");
     let s: SessionResponse = http.post_ok(
         &format!("{base}/sessions"),
         a.t(),
@@ -104,19 +140,30 @@ fn state_survives_kill_9_and_sessions_resume() {
     relay.restart();
     let http = relay.http();
 
-    // Tokens still work, the party and its members are there, the password still protects it.
-    let info: PartyInfo = http.get_ok(&base, a.t());
+    // Tokens still work, the party is there with its host, its admitted member, its applicant
+    // and its roster version.
+    let info = json(&http, &base, &a);
+    assert_eq!(info["name"], "durable");
+    assert_eq!(info["protected"], true);
+    assert_eq!(info["members"], 2);
+    assert_eq!(info["host"], a.id.to_string());
+    assert_eq!(info["roster_version"], 7);
+    let peers = json(&http, &format!("{base}/peers"), &a);
     assert_eq!(
-        (info.name.as_str(), info.members, info.protected),
-        ("durable", 2, true)
+        roster_of(&peers),
+        vec![
+            (a.id.to_string(), true, true),
+            (b.id.to_string(), false, true),
+            (c.id.to_string(), false, false)
+        ]
     );
-    let peers: PeersResponse = http.get_ok(&format!("{base}/peers"), b.t());
-    assert_eq!(peers.peers[1].name, "bob");
-    let c = Peer::registered(&http);
+    assert_eq!(peers["peers"][1]["name"], "bob");
+    // The applicant still reaches only the host; a stale roster from b is still refused.
+    assert_eq!(signal(&http, &base, &c, &b), 403);
+    assert_eq!(signal(&http, &base, &c, &a), 202);
     assert_eq!(
-        http.post(&format!("{base}/join"), c.t(), r#"{"password":"nope"}"#)
-            .0,
-        403
+        http.publish(&party.party.id.to_string(), &b, 7, &[&b]).0,
+        409
     );
     // Same session for the pair.
     let s2: SessionResponse = http.post_ok(
@@ -205,4 +252,120 @@ fn graceful_stop_flushes_and_cleanup_runs_after_restart() {
     relay.restart();
     assert_eq!(relay.http().get(&base, a.t()).0, 404);
     assert_eq!(relay.metric("lanrage_relay_parties "), 0);
+}
+
+/// A peer of the fixture: its X25519 secret is `[n; 32]`.
+fn fixture_peer(n: u8, http: &Http) -> Peer {
+    let secret = x25519_dalek::StaticSecret::from([n; 32]);
+    let key = lanrage_proto::ids::PublicKey::from(&secret);
+    let mut p = Peer {
+        id: lanrage_proto::ids::PeerId::from_key(&key),
+        secret,
+        key,
+        token: String::new(),
+        shared: None,
+    };
+    p.register(http);
+    p
+}
+
+#[test]
+fn state_of_an_older_relay_loads() {
+    // tests/fixtures/old-state: written by the relay that kept party password verifiers (see
+    // its README): a protected party of a (creator), b and c, a session between b and c.
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/old-state");
+    let ids = std::fs::read_to_string(fixture.join("ids.txt")).unwrap();
+    let id_of = |what: &str| {
+        ids.lines()
+            .find_map(|l| l.strip_prefix(what).map(|v| v.trim().to_string()))
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    for f in ["journal.bin", "snapshot.bin"] {
+        std::fs::copy(fixture.join(f), state.join(f)).unwrap();
+    }
+    // The verifier as stored (salt and hash, 48 bytes), read with the store's own decoder.
+    let scratch = tempfile::tempdir().unwrap();
+    for f in ["journal.bin", "snapshot.bin"] {
+        std::fs::copy(fixture.join(f), scratch.path().join(f)).unwrap();
+    }
+    use lanrage_relay::store::{FileStore, Record, Store};
+    let old = FileStore::new(scratch.path(), 10_000).load().unwrap();
+    let stored: Vec<u8> = old
+        .iter()
+        .find_map(|r| match r {
+            Record::Party {
+                verifier: Some(v), ..
+            } => Some([&v.salt[..], &v.hash[..]].concat()),
+            _ => None,
+        })
+        .expect("the fixture holds a verifier");
+    let holds_verifier = |path: &std::path::Path| {
+        std::fs::read(path)
+            .unwrap_or_default()
+            .windows(stored.len())
+            .any(|w| w == stored)
+    };
+    assert!(holds_verifier(&state.join("snapshot.bin")));
+
+    let mut relay = RelayProc::start(dir.path(), &[]);
+    let http = relay.http();
+    // Same keys, fresh tokens (the fixture's have expired by now).
+    let (a, b, c) = (
+        fixture_peer(1, &http),
+        fixture_peer(2, &http),
+        fixture_peer(3, &http),
+    );
+    assert_eq!(a.id.to_string(), id_of("a "));
+    let base = format!("/parties/{}", id_of("party "));
+    let check = |http: &Http| {
+        let info = json(http, &base, &b);
+        assert_eq!(info["name"], "old night");
+        assert_eq!(
+            info["protected"], true,
+            "the flag is kept, the verifier is not"
+        );
+        assert_eq!(info["members"], 3);
+        assert_eq!(info["host"], a.id.to_string(), "the creator is the host");
+        assert_eq!(
+            roster_of(&json(http, &format!("{base}/peers"), &c)),
+            vec![
+                (a.id.to_string(), true, true),
+                (b.id.to_string(), false, true),
+                (c.id.to_string(), false, true)
+            ]
+        );
+    };
+    check(&http);
+    // Their relay session is the one they had.
+    let s: SessionResponse = http.post_ok(
+        &format!("{base}/sessions"),
+        c.t(),
+        &format!(r#"{{"peer":"{}"}}"#, b.id),
+    );
+    assert_eq!(s.session.to_string(), id_of("session "));
+    // No password is asked or checked: a newcomer is an applicant, the host decides.
+    let d = Peer::registered(&http);
+    let _: PartyView = http.post_ok(&format!("{base}/join"), d.t(), "{}");
+    assert_eq!(signal(&http, &base, &d, &b), 403);
+    assert_eq!(signal(&http, &base, &d, &a), 202);
+    // The verifier left the disk at start (the state was compacted without it).
+    std::thread::sleep(Duration::from_millis(200));
+    for f in ["journal.bin", "snapshot.bin"] {
+        assert!(
+            !holds_verifier(&state.join(f)),
+            "{f} still holds the verifier"
+        );
+    }
+    assert!(
+        relay.log_text().contains("older relay"),
+        "{}",
+        relay.log_text()
+    );
+    // And what it wrote loads again.
+    relay.kill9();
+    relay.restart();
+    check(&relay.http());
 }

@@ -294,6 +294,35 @@ impl Http {
         Self::finish(req.send(body))
     }
 
+    /// PUT with a raw body.
+    pub fn put(&self, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+        let mut req = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .header("Content-Type", "application/json");
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        Self::finish(req.send(body))
+    }
+
+    /// The host (or a successor) publishes the party's roster: `PUT /parties/{id}/roster`.
+    /// Returns the status and the body.
+    pub fn publish(
+        &self,
+        party: &str,
+        by: &Peer,
+        version: u64,
+        members: &[&Peer],
+    ) -> (u16, String) {
+        let ids: Vec<String> = members.iter().map(|p| format!("\"{}\"", p.id)).collect();
+        self.put(
+            &format!("/parties/{party}/roster"),
+            by.t(),
+            &format!(r#"{{"version":{version},"members":[{}]}}"#, ids.join(",")),
+        )
+    }
+
     /// DELETE.
     pub fn delete(&self, path: &str, token: Option<&str>) -> (u16, String) {
         let mut req = self.agent.delete(format!("{}{path}", self.base));
