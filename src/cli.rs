@@ -484,12 +484,22 @@ fn print_status(out: &mut impl Write, v: &Value) -> io::Result<()> {
     writeln!(out, "Key       {}", s(&n["public_key"]))?;
     writeln!(out, "Address   {}", s(&n["virtual_ip"]))?;
     match n["public_endpoint"].as_str() {
-        Some(p) => writeln!(out, "NAT       {} (public {})", s(&n["nat_type"]), sanitize(p))?,
+        Some(p) => writeln!(
+            out,
+            "NAT       {} (public {})",
+            s(&n["nat_type"]),
+            sanitize(p)
+        )?,
         None => writeln!(out, "NAT       {}", s(&n["nat_type"]))?,
     }
     if let Some(server) = n["control_server"].as_str() {
         match n["control_error"].as_str() {
-            Some(e) => writeln!(out, "Control   {} (error: {})", sanitize(server), sanitize(e))?,
+            Some(e) => writeln!(
+                out,
+                "Control   {} (error: {})",
+                sanitize(server),
+                sanitize(e)
+            )?,
             None => writeln!(out, "Control   {}", sanitize(server))?,
         }
     }
@@ -545,7 +555,9 @@ fn print_party(out: &mut impl Write, p: &Value) -> io::Result<()> {
             .unwrap_or_else(|| "-".into());
         // A relayed peer shows the relay it goes through.
         let endpoint = match peer["relay"].as_str() {
-            Some(r) if peer["connection"].as_str() == Some("relayed") => format!("via {}", sanitize(r)),
+            Some(r) if peer["connection"].as_str() == Some("relayed") => {
+                format!("via {}", sanitize(r))
+            }
             _ => s(&peer["endpoint"]),
         };
         writeln!(

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use lanrage_proto::api::{
-    ChallengeResponse, ErrorBody, PartyView, PeersResponse, RelaysResponse, SessionResponse,
-    SignalsResponse, TokenResponse,
+    ChallengeResponse, CreatePartyRequest, ErrorBody, JoinRequest, PartyView, PeersResponse,
+    RelaysResponse, RosterRequest, SessionResponse, SignalsResponse, TokenResponse,
 };
 use lanrage_proto::auth::{SharedKey, CHALLENGE_LEN};
 use lanrage_proto::ids::{PartyId, PeerId, PublicKey};
@@ -354,14 +354,14 @@ impl ControlApi {
         peer_name: &str,
         endpoints: &[std::net::SocketAddr],
     ) -> Result<PartyView, CallError> {
-        self.expect(
-            "POST",
-            "/parties",
-            Some(json!({
-                "id": id, "name": name, "protected": protected,
-                "peer_name": peer_name, "endpoints": endpoints,
-            })),
-        )
+        let req = CreatePartyRequest {
+            id: Some(id),
+            name: name.to_string(),
+            protected,
+            peer_name: Some(peer_name.to_string()),
+            endpoints: endpoints.to_vec(),
+        };
+        self.expect("POST", "/parties", serde_json::to_value(req).ok())
     }
 
     /// Applies to join a party: the answer names its host.
@@ -371,10 +371,14 @@ impl ControlApi {
         peer_name: &str,
         endpoints: &[std::net::SocketAddr],
     ) -> Result<PartyView, CallError> {
+        let req = JoinRequest {
+            peer_name: Some(peer_name.to_string()),
+            endpoints: endpoints.to_vec(),
+        };
         self.expect(
             "POST",
             &format!("/parties/{id}/join"),
-            Some(json!({ "peer_name": peer_name, "endpoints": endpoints })),
+            serde_json::to_value(req).ok(),
         )
     }
 
@@ -388,7 +392,11 @@ impl ControlApi {
         self.call::<serde_json::Value>(
             "PUT",
             &format!("/parties/{id}/roster"),
-            Some(json!({ "version": version, "members": members })),
+            serde_json::to_value(RosterRequest {
+                version,
+                members: members.to_vec(),
+            })
+            .ok(),
             true,
             REQUEST_TIMEOUT,
         )

@@ -373,6 +373,16 @@ impl Rendezvous {
         }
     }
 
+    /// As host: publish the last membership again (the server lost part of it).
+    pub fn republish(&mut self, now: Instant) {
+        if let Some(p) = &mut self.party {
+            if matches!(p.role, Role::Host { .. }) && p.to_publish.is_none() {
+                p.to_publish = p.published.clone();
+                self.publish_retry = Retry::new(now);
+            }
+        }
+    }
+
     /// We want a relay session with `peer` (kept until [`Rendezvous::forget_session`]); `renew`
     /// asks again even if we have one (the relay forgot it).
     pub fn want_session(&mut self, peer: PeerId, renew: bool, now: Instant) {

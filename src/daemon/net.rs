@@ -389,7 +389,7 @@ impl Net {
         let host = view
             .peers
             .iter()
-            .find(|m| member_is_host(m))
+            .find(|m| m.host)
             .or_else(|| view.peers.first())
             .filter(|m| m.key.0 != self.our_key)
             .ok_or_else(|| CallError {
@@ -427,12 +427,20 @@ impl Net {
 
     /// Members or applicants as the control server lists them: keys for ids we heard from.
     fn place_peers(&mut self, peers: &[MemberView], now: Instant) {
+        let mut stale = false;
         for m in peers.iter().take(64) {
             if m.key.0 == self.our_key {
                 continue;
             }
             if self.keys.len() < MAX_KEYS || self.keys.contains_key(&m.peer) {
                 self.keys.insert(m.peer, m.key.0);
+            }
+            // A member the server timed out (it was away) comes back as an applicant.
+            stale |= !m.admitted && self.members.contains(&m.key.0);
+        }
+        if stale {
+            if let Some(r) = &mut self.rdv {
+                r.republish(now);
             }
         }
         let waiting = std::mem::take(&mut self.unplaced);
@@ -508,12 +516,4 @@ impl Net {
     pub fn poll_outcome(&mut self) -> Option<NetOutcome> {
         self.outcomes.pop()
     }
-}
-
-fn member_is_host(m: &MemberView) -> bool {
-    // `host` arrives with the rendezvous control plane; older relays list the creator first.
-    serde_json::to_value(m)
-        .ok()
-        .and_then(|v| v.get("host").and_then(|h| h.as_bool()))
-        .unwrap_or(false)
 }

@@ -83,4 +83,3 @@ pub struct PeerView {
     #[serde(default)]
     pub tx_bytes: u64,
 }
-
