@@ -46,6 +46,9 @@ pub mod relay;
 pub mod vaddr;
 // NAT detection (another part of issue 7) adds `pub mod nat; pub mod stun;` here.
 
+#[cfg(test)]
+mod sim;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
