@@ -436,11 +436,7 @@ impl Paths {
             self.out.counters.peers_refused += 1;
             return;
         }
-        let mut relay: Vec<SocketAddr> = relay
-            .into_iter()
-            .map(canonical)
-            .filter(usable)
-            .collect();
+        let mut relay: Vec<SocketAddr> = relay.into_iter().map(canonical).filter(usable).collect();
         relay.dedup();
         self.with_peer(key, |p, ctx| {
             p.set_relay(session, relay, bind_key, now, ctx)
