@@ -436,8 +436,13 @@ impl Paths {
             self.out.counters.peers_refused += 1;
             return;
         }
-        let mut relay: Vec<SocketAddr> = relay.into_iter().map(canonical).filter(usable).collect();
-        relay.dedup();
+        let mut addrs: Vec<SocketAddr> = Vec::with_capacity(relay::MAX_RELAY_ADDRS);
+        for a in relay.into_iter().map(canonical).filter(usable) {
+            if !addrs.contains(&a) && addrs.len() < relay::MAX_RELAY_ADDRS {
+                addrs.push(a);
+            }
+        }
+        let relay = addrs;
         self.with_peer(key, |p, ctx| {
             p.set_relay(session, relay, bind_key, now, ctx)
         });

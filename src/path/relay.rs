@@ -245,8 +245,8 @@ impl RelayClient {
         self.unanswered = self.unanswered.saturating_add(1);
         self.last_bind = Some(now);
         let f = self.bind_frame();
-        let to = self.addrs[self.at];
-        ((!f.is_empty()).then_some((to, f)), step)
+        let to = self.addrs.get(self.at).copied();
+        (to.filter(|_| !f.is_empty()).map(|to| (to, f)), step)
     }
 
     fn need_allowed(&mut self, now: Instant, every: Duration) -> bool {
@@ -267,7 +267,7 @@ impl RelayClient {
         c: &Challenge,
         now: Instant,
     ) -> Challenged {
-        if c.session != self.session || from != self.addrs[self.at] {
+        if c.session != self.session || self.addrs.get(self.at) != Some(&from) {
             return Challenged::NotOurs;
         }
         self.cookie = Some(c.cookie);
@@ -299,7 +299,7 @@ impl RelayClient {
     ) -> Option<Step> {
         let b = t.body;
         if b.session != self.session
-            || from != self.addrs[self.at]
+            || self.addrs.get(self.at) != Some(&from)
             || !t.verify(&self.key)
             || b.counter > self.counter
             || b.counter <= self.acked
@@ -324,7 +324,7 @@ impl RelayClient {
 
     /// A `Rebind` hint from `from`. `None` if it is not for us.
     pub(crate) fn on_rebind(&mut self, from: SocketAddr, r: &Rebind, now: Instant) -> Option<Step> {
-        if r.session != self.session || from != self.addrs[self.at] {
+        if r.session != self.session || self.addrs.get(self.at) != Some(&from) {
             return None;
         }
         self.last_answer = Some(now);
@@ -555,6 +555,30 @@ mod tests {
             c.on_rebind(addr("203.0.113.1:3478"), &unknown, t1 + NEED_SESSION_EVERY),
             Some(Step::NeedSession)
         );
+    }
+
+    #[test]
+    fn no_addresses_no_binds_and_no_panics() {
+        let t0 = Instant::now();
+        let mut c = client(t0, &[]);
+        assert_eq!(c.poll(t0), (None, Step::Nothing));
+        assert_eq!(c.next_timeout(), None);
+        let ch = Challenge {
+            session: SessionId(42),
+            cookie: [9; 16],
+        };
+        let from = addr("203.0.113.1:3478");
+        assert_eq!(c.on_challenge(from, &ch, t0), Challenged::NotOurs);
+        assert_eq!(
+            feed_bound(&mut c, "203.0.113.1:3478", &bound(1, true, 5), t0),
+            None
+        );
+        let r = Rebind {
+            session: SessionId(42),
+            reason: RebindReason::UnknownSession,
+        };
+        assert_eq!(c.on_rebind(from, &r, t0), None);
+        assert_eq!(c.route(), None);
     }
 
     #[test]
