@@ -128,10 +128,10 @@ impl PathConfig {
         }
     }
 
-    /// No timing below 10 ms (or retry_max below retry_min), so no setting can make the core
-    /// spin.
+    /// Every timing between 10 ms and an hour (and retry_max not below retry_min): no setting
+    /// can make the core spin, or overflow an `Instant`.
     fn sane(mut self) -> Self {
-        let floor = Duration::from_millis(10);
+        let (floor, ceiling) = (Duration::from_millis(10), Duration::from_secs(3600));
         for d in [
             &mut self.direct_wait,
             &mut self.dead_after,
@@ -140,8 +140,9 @@ impl PathConfig {
             &mut self.retry_min,
             &mut self.suspect_after,
             &mut self.fail_after,
+            &mut self.retry_max,
         ] {
-            *d = (*d).max(floor);
+            *d = (*d).clamp(floor, ceiling);
         }
         self.retry_max = self.retry_max.max(self.retry_min);
         self
@@ -833,6 +834,17 @@ mod tests {
         let p = Paths::new(cfg, now, [0; 32]);
         assert!(p.config().keepalive >= Duration::from_millis(10));
         assert!(p.config().retry_max >= p.config().retry_min);
+        // Nor can huge ones overflow an Instant.
+        let cfg = PathConfig {
+            dead_after: Duration::MAX,
+            fail_after: Duration::MAX,
+            direct_wait: Duration::MAX,
+            ..PathConfig::new(ka)
+        };
+        let mut p = Paths::new(cfg, now, [0; 32]);
+        p.upsert_peer([5; 32], [6; 32], now);
+        p.handle_timeout(now + Duration::from_secs(1));
+        assert!(p.poll_timeout().is_some());
     }
 
     #[test]
