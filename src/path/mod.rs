@@ -7,7 +7,7 @@
 //! hints, relay sessions, the probes and relay frames the socket receives, and reports of
 //! authenticated (WireGuard) packets and where they came from. It sends what
 //! [`Paths::poll_transmit`] returns (a `to` in `100::/64` is a relay session's virtual endpoint:
-//! the edge wraps the bytes in a relay `Data` frame, see [`vaddr`]), acts on
+//! the edge wraps the bytes in a relay `Data` frame, see [`mod@vaddr`]), acts on
 //! [`Paths::poll_event`], and calls [`Paths::handle_timeout`] at [`Paths::poll_timeout`].
 //! [`PathEvent::Endpoint`] is the only source of a peer's tunnel endpoint.
 //!
@@ -152,7 +152,7 @@ impl PathConfig {
 /// A datagram to send from the shared socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
-    /// Where to: a real address, or a relay session's virtual endpoint ([`vaddr`]), which the
+    /// Where to: a real address, or a relay session's virtual endpoint ([`fn@vaddr`]), which the
     /// edge wraps in a relay `Data` frame and sends to the session's relay.
     pub to: SocketAddr,
     /// The datagram.

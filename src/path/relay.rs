@@ -11,7 +11,7 @@
 //!    [`KEEPALIVE_GRACE`] and we bind from scratch;
 //! 4. `Rebind { NotBound }`: bind again (the relay restarted or our NAT moved us);
 //!    `Rebind { UnknownSession }`: the relay does not know the session: the daemon must ask the
-//!    control plane for one ([`Step::NeedSession`], at most every [`NEED_SESSION_EVERY`]), while
+//!    control plane for one (a `NeedRelaySession` event, at most every [`NEED_SESSION_EVERY`]), while
 //!    we keep binding, so a relay that comes back finds us.
 //!
 //! Challenges and hints are unauthenticated, so they are only believed from the relay address we
