@@ -1,7 +1,8 @@
 //! lanrage: play LAN games with friends over a userspace WireGuard mesh.
 //!
-//! The party logic ([`party`]) and the control-message crypto ([`seal`]) and codecs ([`wire`]) are
-//! plain data with no I/O; [`daemon`] and [`tunnel`] move bytes between them and the world.
+//! The party logic ([`party`]), the path layer ([`path`]), the control-message crypto ([`seal`])
+//! and codecs ([`wire`]) are plain data with no I/O; [`daemon`] and [`tunnel`] move bytes between
+//! them and the world.
 
 pub mod api;
 pub mod cli;
