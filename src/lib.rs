@@ -12,6 +12,7 @@ pub mod identity;
 pub mod ids;
 pub mod names;
 pub mod party;
+pub mod path;
 pub mod seal;
 pub mod throttle;
 pub mod tunnel;
