@@ -15,10 +15,11 @@
 //!    retransmission's wait, address-and-port-dependent (port restricted). An answer that comes
 //!    from the address the request went to (a server ignoring CHANGE-REQUEST) or an error answer
 //!    makes filtering "not testable".
-//! 3. **Mapping**: Binding requests to A2:P1 and A2:P2 (or, without discovery, to up to two other
-//!    servers, other IPs first). All mapped addresses equal to M1: endpoint-independent mapping.
-//!    Otherwise the mapping depends on the destination: [`NatType::Symmetric`] (address-dependent
-//!    if the two A2 answers agree, else address-and-port-dependent).
+//! 3. **Mapping** (RFC 5780 §4.3), one request at a time: Binding to A2:P1; if it sees M1 again
+//!    the mapping is endpoint-independent and the run ends. Otherwise Binding to A2:P2: the same
+//!    mapping as A2:P1 means address-dependent, another one address-and-port-dependent; both
+//!    are [`NatType::Symmetric`]. Without discovery (or when A2:P1 is silent) other servers are
+//!    asked instead, other IPs first, until two answers are in.
 //!
 //! The type is then: open; full-cone / restricted / port-restricted (endpoint-independent
 //! mapping with the filtering found); `cone` (endpoint-independent mapping, filtering not
@@ -33,27 +34,32 @@
 //!
 //! A NAT that filters by address and port (Linux `masquerade`, most home routers) lets in
 //! anything from an address:port this socket has sent to recently (conntrack keeps that
-//! "permission" for minutes). If the mapping tests had already sent to A2:P2, the "change IP and
-//! port" answer from A2:P2 would get in and a port-restricted NAT would look like a full cone. So:
-//! - the filtering tests run while only P has been contacted from this socket in this run, before
-//!   the mapping tests send to A2:P1 and A2:P2;
+//! "permission" for minutes). Once this socket has sent to A2:P2, the "change IP and port" answer
+//! from A2:P2 gets in and a port-restricted NAT looks like a full cone. So:
+//! - the filtering tests run while only P has been contacted from this socket in this run,
+//!   before any mapping test;
 //! - later runs (periodic refresh, [`NatDetector::restart`]) do not rerun the filtering tests
 //!   while the primary server and the mapped address M1 are unchanged: the previous filtering
-//!   result is kept, because the previous run's mapping tests left permissions for A2:P2 that
-//!   can outlive the refresh interval. A changed M1 (new network, renumbered router, flushed NAT
-//!   table) means a new mapping without those permissions, and filtering is tested again. A
-//!   local-address change alone (a VPN or container interface coming up) does not: behind the
-//!   same public address the NAT is the same and its permissions are still there.
-//! - The daemon should send relay traffic to the same address this detector uses as primary
-//!   (list it first), or run detection before talking to the relay's other addresses, for the
-//!   same reason.
+//!   result is kept, because by then the socket may well have sent to A2:P2 (relay traffic, or
+//!   the mapping tests of a run that found a destination-dependent mapping), and those
+//!   permissions can outlive the refresh interval. A changed M1 (new network, renumbered router,
+//!   flushed NAT table) means a new mapping without those permissions, and filtering is tested
+//!   again. A local-address change alone (a VPN or container interface coming up) does not:
+//!   behind the same public address the NAT is the same and its permissions are still there;
+//! - A2:P2 and A1:P2 are not asked for a mapping unless the mapping already proved
+//!   destination-dependent: on Linux, the filtering tests' *rejected* answers from them leave
+//!   conntrack entries (30 s) that make a new flow towards them get another public port, so a
+//!   mapping test there would make plain `masquerade` look symmetric (the netns lab caught this);
+//! - the first detection can still be fooled if the daemon has already talked to the relay's
+//!   other address: it should send relay traffic to the address this detector uses as primary
+//!   (the first discovery server given), or start detection before any relay traffic.
 //!
 //! # Timing and bounds
 //!
 //! Each request is sent up to [`TRIES`] times, [`RETRY`] apart, and given up [`LAST_WAIT`] after
 //! the last try (1.75 s in all). A normal detection takes one round trip, at most 1.75 s of
-//! filtering and one more round trip: about 2 s on a port-restricted NAT. Each unanswered primary
-//! costs another 1.75 s. Results are refreshed every [`REFRESH`] (± [`REFRESH_JITTER`], from the
+//! filtering and one or two more round trips: about 1.8 s on a port-restricted NAT, a few round
+//! trips on a full cone. Each unanswered primary costs another 1.75 s. Results are refreshed every [`REFRESH`] (± [`REFRESH_JITTER`], from the
 //! seed); after a run in which nothing answered, retries back off from [`RETRY_UNKNOWN`]. At most
 //! [`MAX_SERVERS`] servers and [`MAX_LOCAL`] local addresses are kept, at most two requests are
 //! outstanding and [`MAX_QUEUED`] datagrams queued. Time and randomness come in from outside.
@@ -253,6 +259,9 @@ struct Run {
     m1: Option<SocketAddr>,
     other: Option<SocketAddr>,
     filtering: Option<Behaviour>,
+    /// Mapping tests still to send, in order: (destination, only after an answer differing
+    /// from M1).
+    plan: VecDeque<(SocketAddr, bool)>,
     /// (destination, mapped) of the mapping tests, in send order.
     mappings: Vec<(SocketAddr, Option<SocketAddr>)>,
     logged_malformed: bool,
@@ -500,6 +509,7 @@ impl NatDetector {
             m1: None,
             other: None,
             filtering: None,
+            plan: VecDeque::new(),
             mappings: Vec::new(),
             logged_malformed: false,
         });
@@ -667,33 +677,25 @@ impl NatDetector {
                     continue;
                 }
                 Stage::Mapping => {
-                    if run
-                        .tests
-                        .iter()
-                        .any(|t| matches!(t.outcome, Outcome::Pending))
-                    {
-                        return;
-                    }
-                    run.mappings = run
-                        .tests
-                        .iter()
-                        .map(|t| {
-                            let mapped = match &t.outcome {
-                                Outcome::Answered { resp, .. } if resp.error.is_none() => {
-                                    resp.mapped
-                                }
-                                _ => None,
-                            };
-                            (t.to, mapped)
-                        })
-                        .collect();
-                    return self.finish(now);
+                    let Some(t) = run.tests.first() else {
+                        return self.finish(now);
+                    };
+                    let mapped = match &t.outcome {
+                        Outcome::Pending => return,
+                        Outcome::Answered { resp, .. } if resp.error.is_none() => resp.mapped,
+                        _ => None,
+                    };
+                    run.mappings.push((t.to, mapped));
+                    run.tests.clear();
+                    self.next_mapping(now);
+                    continue;
                 }
             }
         }
     }
 
-    /// Sends the mapping tests (A2:P1 then A2:P2, or other servers).
+    /// Plans the mapping tests (RFC 5780 §4.3: A2:P1, and A2:P2 only if A2:P1 saw another
+    /// mapping; without discovery, other servers) and sends the first.
     fn start_mapping(&mut self, now: Instant) {
         let Some(run) = self.run.as_mut() else {
             return;
@@ -703,24 +705,53 @@ impl NatDetector {
         let Some(primary) = self.servers.get(run.primary).map(|s| s.addr) else {
             return;
         };
-        let dests: Vec<SocketAddr> = match run.other {
-            Some(o) => vec![SocketAddr::new(o.ip(), primary.port()), o],
-            None => {
-                let mut others: Vec<SocketAddr> = self
-                    .servers
-                    .iter()
-                    .map(|s| s.addr)
-                    .filter(|a| *a != primary && !run.failed.contains(a))
-                    .collect();
-                // Other IPs first: they tell endpoint-independent from address-dependent.
-                others.sort_by_key(|a| a.ip() == primary.ip());
-                others.truncate(2);
-                others
-            }
-        };
-        for d in dests {
-            self.send(Role::Mapping, d, None, now);
+        let mut plan = VecDeque::new();
+        // The primary's grid: A1:P2 and A2:P2 answered the filtering tests, so on a Linux NAT
+        // their rejected answers left conntrack entries that make a *new* flow to them get
+        // another public port. Asking them for a mapping would make a cone look symmetric.
+        let mut tainted = vec![primary];
+        if let Some(o) = run.other {
+            let a2p1 = SocketAddr::new(o.ip(), primary.port());
+            plan.push_back((a2p1, false));
+            plan.push_back((o, true));
+            tainted.extend([a2p1, o, SocketAddr::new(primary.ip(), o.port())]);
         }
+        // Other servers (other IPs first: they tell endpoint-independent from
+        // address-dependent), as the plan without discovery or the fallback when A2:P1 is silent.
+        let mut others: Vec<SocketAddr> = self
+            .servers
+            .iter()
+            .map(|s| s.addr)
+            .filter(|a| !tainted.contains(a) && !run.failed.contains(a))
+            .collect();
+        others.sort_by_key(|a| a.ip() == primary.ip());
+        plan.extend(others.into_iter().map(|a| (a, false)));
+        run.plan = plan;
+        self.next_mapping(now);
+    }
+
+    /// Sends the next planned mapping test, or finishes the run when the answers so far decide
+    /// (one answer equal to M1: endpoint-independent; two answers: enough to classify and to
+    /// measure the port delta) or nothing is left to ask.
+    fn next_mapping(&mut self, now: Instant) {
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        let Some(m1) = run.m1 else {
+            return self.finish(now);
+        };
+        let answered: Vec<SocketAddr> = run.mappings.iter().filter_map(|m| m.1).collect();
+        let differs = answered.iter().any(|m| *m != m1);
+        if answered.len() >= 2 || (answered.len() == 1 && !differs) {
+            return self.finish(now);
+        }
+        while let Some((to, needs_difference)) = run.plan.pop_front() {
+            if needs_difference && !differs {
+                continue;
+            }
+            return self.send(Role::Mapping, to, None, now);
+        }
+        self.finish(now)
     }
 
     fn finish(&mut self, now: Instant) {
@@ -879,6 +910,8 @@ mod tests {
     const LATENCY: Duration = Duration::from_millis(20);
     const INTERNAL: &str = "192.0.2.10:51820";
     const PUBLIC_IP: &str = "198.51.100.7";
+    /// Linux's `nf_conntrack_udp_timeout`.
+    const CONNTRACK_UNREPLIED: Duration = Duration::from_secs(30);
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -1012,6 +1045,11 @@ mod tests {
         ports: Vec<(Option<SocketAddr>, u16)>,
         /// (public port, destination, when) of outbound packets.
         sent: Vec<(u16, SocketAddr, Instant)>,
+        /// Like Linux conntrack: a rejected inbound packet leaves an entry that keeps its
+        /// (public port, remote) pair from being used by a new outbound flow for a while.
+        conntrack: bool,
+        /// (public port, remote, when) of rejected inbound packets.
+        rejected: Vec<(u16, SocketAddr, Instant)>,
         next_port: u16,
         rng: StdRng,
     }
@@ -1025,6 +1063,8 @@ mod tests {
                 permission: Duration::from_secs(30),
                 ports: Vec::new(),
                 sent: Vec::new(),
+                conntrack: true,
+                rejected: Vec::new(),
                 next_port: 40000,
                 rng: StdRng::seed_from_u64(7),
             }
@@ -1034,6 +1074,7 @@ mod tests {
             self.public_ip = ip.parse().unwrap();
             self.ports.clear();
             self.sent.clear();
+            self.rejected.clear();
         }
         fn outbound(&mut self, to: SocketAddr, now: Instant) -> SocketAddr {
             let internal = sa(INTERNAL);
@@ -1042,16 +1083,20 @@ mod tests {
                 Mapping::Independent => None,
                 Mapping::Random | Mapping::Sequential => Some(to),
             };
-            let port = match self.ports.iter().find(|(k, _)| *k == key) {
-                Some(&(_, p)) => p,
+            let exception = self.ports.iter().find(|(k, _)| *k == Some(to)).map(|e| e.1);
+            let port = match exception.or(self.ports.iter().find(|(k, _)| *k == key).map(|e| e.1)) {
+                // Linux conntrack: the port is taken towards `to` by an entry a rejected packet
+                // from `to` created; this flow gets another port.
+                Some(p) if key.is_none() && self.reserved(p, to, now) && exception.is_none() => {
+                    let p = self.fresh_port();
+                    self.ports.push((Some(to), p));
+                    p
+                }
+                Some(p) => p,
                 None => {
                     let p = match self.mapping {
                         Mapping::Independent => internal.port(),
-                        Mapping::Random => self.rng.gen_range(1024..=65535),
-                        _ => {
-                            self.next_port += 1;
-                            self.next_port
-                        }
+                        _ => self.fresh_port(),
                     };
                     self.ports.push((key, p));
                     p
@@ -1060,8 +1105,27 @@ mod tests {
             self.sent.push((port, to, now));
             SocketAddr::new(self.public_ip, port)
         }
+        fn fresh_port(&mut self) -> u16 {
+            if self.mapping == Mapping::Random {
+                return self.rng.gen_range(1024..=65535);
+            }
+            self.next_port += 1;
+            self.next_port
+        }
+        fn reserved(&self, port: u16, to: SocketAddr, now: Instant) -> bool {
+            self.rejected.iter().any(|&(p, from, at)| {
+                p == port && from == to && now.duration_since(at) <= CONNTRACK_UNREPLIED
+            })
+        }
         /// Whether a packet from `from` to our public `to` gets in.
-        fn inbound(&self, from: SocketAddr, to: SocketAddr, now: Instant) -> bool {
+        fn inbound(&mut self, from: SocketAddr, to: SocketAddr, now: Instant) -> bool {
+            let pass = self.passes(from, to, now);
+            if !pass && self.conntrack {
+                self.rejected.push((to.port(), from, now));
+            }
+            pass
+        }
+        fn passes(&self, from: SocketAddr, to: SocketAddr, now: Instant) -> bool {
             if self.mapping == Mapping::Open {
                 return to == sa(INTERNAL);
             }
@@ -1289,16 +1353,19 @@ mod tests {
     }
 
     /// The ordering trap: a port-restricted NAT that keeps permissions for an hour lets the
-    /// "change IP and port" answer from A2:P2 in once A2:P2 has been sent to. Filtering must be
-    /// tested before the mapping tests, and not again on refresh while the mapping is unchanged.
+    /// "change IP and port" answer from A2:P2 in once this socket has sent to A2:P2 (here: the
+    /// daemon's relay traffic after the first detection; a home router without Linux's
+    /// conntrack quirk). Filtering must not be retested on refresh while the mapping is the same.
     #[test]
     fn port_restricted_stays_port_restricted_on_refresh() {
         let mut nat = Nat::new(Mapping::Independent, Behaviour::AddressAndPortDependent);
         nat.permission = Duration::from_secs(3600);
+        nat.conntrack = false;
         let mut w = World::new(nat, vec![grid()]);
         w.start();
         w.settle(Duration::from_secs(10));
         assert_eq!(w.report().nat_type, NatType::PortRestricted);
+        w.nat.outbound(sa("203.0.113.2:3479"), w.now);
         let sent_before = w.det.stats().sent;
         for _ in 0..3 {
             let took = w.refresh();
@@ -1308,8 +1375,8 @@ mod tests {
                 "kept filtering: only round trips, {took:?}"
             );
         }
-        // A refresh is three requests (primary, A2:P1, A2:P2), no filtering tests.
-        assert_eq!(w.det.stats().sent - sent_before, 9);
+        // A refresh is two requests (primary, A2:P1), no filtering tests.
+        assert_eq!(w.det.stats().sent - sent_before, 6);
         // So is a restart for a local-address change behind the same public address.
         w.det
             .restart(vec![sa(INTERNAL), sa("192.0.2.99:51820")], w.now);
@@ -1323,6 +1390,30 @@ mod tests {
         w.start();
         w.settle(Duration::from_secs(10));
         assert_eq!(w.report().nat_type, NatType::FullCone);
+    }
+
+    /// Linux conntrack: the filtering tests' rejected answers from A1:P2 and A2:P2 leave entries
+    /// that give a new flow to those addresses another public port. A mapping test to A2:P2
+    /// would then make plain `masquerade` look symmetric; the RFC 5780 order (A2:P1, and A2:P2
+    /// only if A2:P1 saw another mapping) does not ask there.
+    #[test]
+    fn conntrack_entries_of_rejected_answers_do_not_fake_symmetric() {
+        let mut w = World::new(
+            Nat::new(Mapping::Independent, Behaviour::AddressAndPortDependent),
+            vec![grid()],
+        );
+        w.start();
+        w.settle(Duration::from_secs(10));
+        assert_eq!(w.report().nat_type, NatType::PortRestricted);
+        assert_eq!(w.report().mapping_delta, Some(0));
+        assert_eq!(
+            w.nat.rejected.len(),
+            6,
+            "the model did reject the filtering answers"
+        );
+        // The quirk is real in the model: a flow to A2:P2 now gets another port.
+        let p = w.nat.outbound(sa("203.0.113.2:3479"), w.now);
+        assert_ne!(p.port(), 51820);
     }
 
     #[test]
@@ -1509,11 +1600,11 @@ mod tests {
             );
         }
         assert!(gaps.iter().any(|g| *g != gaps[0]), "jittered: {gaps:?}");
-        // An hour of refreshes: 3 requests each.
+        // An hour of refreshes.
         assert!(w.now - start <= Duration::from_secs(3900));
         assert_eq!(w.det.stats().runs, 13);
-        // The first run: primary, 3 + 3 filtering tries (both lost), two mapping requests.
-        assert_eq!(w.det.stats().sent, 9 + 12 * 3);
+        // The first run: primary, 3 + 3 filtering tries (both lost), A2:P1; then two per refresh.
+        assert_eq!(w.det.stats().sent, 8 + 12 * 2);
     }
 
     #[test]
