@@ -316,7 +316,9 @@ impl NatDetector {
     /// (each interface address with the socket's port) and starts a detection now. IPv4 servers
     /// come first, then those offering discovery first; only servers of the first one's address
     /// family are used (mappings of two families cannot be compared). With no servers the
-    /// detector stays idle, sends nothing and forgets its result.
+    /// detector stays idle, sends nothing and forgets its result. Calling it again with the same
+    /// servers and addresses changes nothing (the run in progress or the refresh schedule
+    /// stays), so the daemon may call it whenever it has fetched `GET /relays`.
     pub fn start(&mut self, servers: Vec<StunServer>, local: Vec<SocketAddr>, now: Instant) {
         let mut clean: Vec<StunServer> = Vec::new();
         for s in servers {
@@ -334,6 +336,13 @@ impl NatDetector {
             clean.retain(|s| s.addr.is_ipv4() == first.addr.is_ipv4());
         }
         clean.truncate(MAX_SERVERS);
+        let local = clean_local(local);
+        if clean == self.servers
+            && local == self.local
+            && (self.run.is_some() || self.next_run.is_some())
+        {
+            return;
+        }
         if clean.is_empty() {
             self.abandon_run();
             self.report = None;
@@ -347,13 +356,7 @@ impl NatDetector {
     /// servers. Filtering is retested only if the mapped address turns out to have changed (see
     /// the module docs).
     pub fn restart(&mut self, local: Vec<SocketAddr>, now: Instant) {
-        let mut l: Vec<SocketAddr> = Vec::new();
-        for a in local.into_iter().map(stun::canonical) {
-            if !l.contains(&a) && l.len() < MAX_LOCAL {
-                l.push(a);
-            }
-        }
-        self.local = l;
+        self.local = clean_local(local);
         self.abandon_run();
         self.failures = 0;
         if !self.servers.is_empty() {
@@ -514,17 +517,23 @@ impl NatDetector {
             logged_malformed: false,
         });
         self.send_primary(now);
+        self.advance(now);
     }
 
     /// Sends a new request as part of the current run.
     fn send(&mut self, role: Role, to: SocketAddr, change: Option<Change>, now: Instant) {
         let txid: TxId = self.rng.gen();
-        let Ok(bytes) = stun::encode_request(txid, change) else {
-            // Cannot happen (fixed-size request); the test then just times out.
-            tracing::warn!("NAT detection: could not encode a STUN request");
-            return;
+        let (bytes, outcome) = match stun::encode_request(txid, change) {
+            Ok(bytes) => {
+                Self::enqueue(&mut self.queue, &mut self.stats, to, bytes.clone());
+                (bytes, Outcome::Pending)
+            }
+            Err(e) => {
+                // Cannot happen (fixed-size request); the test counts as lost so the run goes on.
+                tracing::warn!(error = %e, "NAT detection: could not encode a STUN request");
+                (Vec::new(), Outcome::TimedOut)
+            }
         };
-        Self::enqueue(&mut self.queue, &mut self.stats, to, bytes.clone());
         if let Some(run) = self.run.as_mut() {
             run.tests.push(Test {
                 role,
@@ -533,7 +542,7 @@ impl NatDetector {
                 bytes,
                 tries: 1,
                 deadline: now + wait_after(1),
-                outcome: Outcome::Pending,
+                outcome,
             });
         }
     }
@@ -830,6 +839,17 @@ impl NatDetector {
         }
         self.report = Some(report);
     }
+}
+
+/// Local addresses in canonical form, without duplicates, at most [`MAX_LOCAL`].
+fn clean_local(local: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let mut l: Vec<SocketAddr> = Vec::new();
+    for a in local.into_iter().map(stun::canonical) {
+        if !l.contains(&a) && l.len() < MAX_LOCAL {
+            l.push(a);
+        }
+    }
+    l
 }
 
 /// Wait after try number `tries` (1-based) before the next try or giving up.
@@ -1605,6 +1625,33 @@ mod tests {
         assert_eq!(w.det.stats().runs, 13);
         // The first run: primary, 3 + 3 filtering tries (both lost), A2:P1; then two per refresh.
         assert_eq!(w.det.stats().sent, 8 + 12 * 2);
+    }
+
+    #[test]
+    fn start_with_the_same_servers_changes_nothing() {
+        let mut w = World::new(
+            Nat::new(Mapping::Independent, Behaviour::AddressAndPortDependent),
+            vec![grid()],
+        );
+        w.start();
+        w.flush();
+        let sent = w.det.stats().sent;
+        // While running, and once finished: no new run, the refresh stays where it was.
+        w.start();
+        assert_eq!((w.det.stats().sent, w.det.stats().runs), (sent, 1));
+        w.settle(Duration::from_secs(10));
+        let next = w.det.poll_timeout();
+        w.start();
+        assert_eq!(w.det.poll_timeout(), next);
+        assert_eq!(w.det.stats().runs, 1);
+        // Other servers, or other local addresses: a new run at once.
+        w.servers.push(Server::plain("203.0.113.50:3478"));
+        w.start();
+        assert_eq!(w.det.stats().runs, 2);
+        w.settle(Duration::from_secs(10));
+        let servers = w.stun_servers();
+        w.det.start(servers, vec![sa("192.0.2.11:51820")], w.now);
+        assert_eq!(w.det.stats().runs, 3);
     }
 
     #[test]
