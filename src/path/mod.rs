@@ -44,7 +44,8 @@ pub mod predict;
 pub mod probe;
 pub mod relay;
 pub mod vaddr;
-// NAT detection (another part of issue 7) adds `pub mod nat; pub mod stun;` here.
+pub mod nat;
+pub mod stun;
 
 #[cfg(test)]
 mod sim;
