@@ -98,10 +98,7 @@ impl Net {
             our_key,
             secret,
             paths: Paths::new(
-                PathConfig {
-                    our_key,
-                    ..PathConfig::default()
-                },
+                PathConfig::new(our_key),
                 now,
                 rand::random(),
             ),
@@ -410,16 +407,8 @@ impl Net {
         if !self.stun_override.is_empty() {
             return;
         }
-        let servers: Vec<StunServer> = relays
-            .iter()
-            .flat_map(|r| {
-                r.udp.iter().map(|&addr| StunServer {
-                    addr,
-                    discovery: r.nat_discovery,
-                })
-            })
-            .take(8)
-            .collect();
+        let mut servers = StunServer::from_relays(&relays);
+        servers.truncate(8);
         if !servers.is_empty() {
             self.nat.start(servers, self.local.clone(), now);
         }
