@@ -1,6 +1,7 @@
 //! Hot paths of the daemon, measured in isolation: datagram demux, control-envelope opening, and
 //! a WireGuard data packet through boringtun (encapsulate on one side, decapsulate on the other),
-//! the per-packet work of the tunnel loops. Run: `cargo bench --bench hot_paths`.
+//! the per-packet work of the tunnel loops; and a host's password check (argon2id) and rejoin
+//! token check. Run: `cargo bench --bench hot_paths` (`-- password` for the checks alone).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
@@ -134,5 +135,23 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// One password check (argon2id, m = 19 MiB, t = 2, p = 1) and one rejoin-token check, as a
+/// host runs them for a join.
+fn password(c: &mut Criterion) {
+    use lanrage::party::password;
+    let party = PartyId([1; 10]);
+    let v = password::make_verifier(party, "correct horse", [7; 16]);
+    let token = password::token(&v, party, &[2; 32]);
+    let mut g = c.benchmark_group("password");
+    g.sample_size(10);
+    g.bench_function("argon2id_check", |bench| {
+        bench.iter(|| password::check(&v, party, "correct horse"))
+    });
+    g.bench_function("token_check", |bench| {
+        bench.iter(|| password::check_token(&v, party, &[2; 32], &token))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, password);
 criterion_main!(benches);

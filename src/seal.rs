@@ -1280,7 +1280,7 @@ mod tests {
                 let mut x = node(3, now);
                 let env = x.seal(&b.public(), &leave(1), now).unwrap();
                 let _ = b.open(&env, ip(n), now);
-                let mut junk = b"LR\x02".to_vec();
+                let mut junk = vec![MAGIC[0], MAGIC[1], WIRE_VERSION];
                 junk.extend_from_slice(&rand::random::<[u8; 32]>());
                 junk.extend_from_slice(&[0u8; 8 + 8 + 12 + 40]);
                 let _ = b.open(&junk, ip(n + 100_000), now);
@@ -1352,7 +1352,7 @@ mod tests {
         fn open_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
             let now = Instant::now();
             let mut b = node(2, now);
-            let mut d = b"LR\x02".to_vec();
+            let mut d = vec![MAGIC[0], MAGIC[1], WIRE_VERSION];
             d.extend_from_slice(&bytes);
             let _ = b.open(&d, addr(1), now);
             let _ = b.open(&bytes, addr(1), now);

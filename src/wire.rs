@@ -14,7 +14,9 @@
 //! node tells a peer of another version so in plain words (see [`crate::seal`]).
 //!
 //! Version history: 1, the first release (freshness from wall-clock counters, self-reported
-//! rival claims); 2, sessions proven by round trips, verified rival merges, `password_required`.
+//! rival claims); 2, sessions proven by round trips, verified rival merges, `password_required`;
+//! 3, argon2id password verifiers with their parameters, key-bound rejoin tokens (a join
+//! request carries a [`Credential`], an accept the joiner's [`RejoinToken`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -25,7 +27,7 @@ use crate::ids::{NodeId, PartyId};
 /// First two bytes of every lanrage control datagram.
 pub const MAGIC: [u8; 2] = *b"LR";
 /// Envelope format version (third byte).
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// Largest control datagram we send or accept.
 pub const MAX_CONTROL_DATAGRAM: usize = 8192;
 /// Most members a party can have; keeps a roster inside one (possibly fragmented) datagram.
@@ -36,6 +38,14 @@ pub const MAX_ENDPOINTS: usize = 8;
 pub const MAX_NAME: usize = 32;
 /// Longest password, in bytes.
 pub const MAX_PASSWORD: usize = 128;
+/// Most memory (KiB) a verifier may ask for per check: a verifier comes from the host and
+/// every member may have to check passwords with it after a hand-over, so a hostile host must
+/// not be able to make it allocate gigabytes.
+pub const MAX_KDF_MEMORY_KIB: u32 = 64 * 1024;
+/// Most passes a verifier may ask for per check (same reason).
+pub const MAX_KDF_PASSES: u32 = 8;
+/// Most lanes a verifier may ask for (checks run on one thread anyway).
+pub const MAX_KDF_LANES: u32 = 4;
 
 /// First two bytes of a path probe.
 pub const PROBE_MAGIC: [u8; 2] = *b"LP";
@@ -95,14 +105,101 @@ pub struct Member {
     pub since: u64,
 }
 
-/// What lets a host check a party password without keeping the password: BLAKE2s over a random
-/// salt, the party id and the password. Only members ever see it (inside sealed messages).
+/// How a verifier's hash was derived from the password. Stored in every verifier, so the
+/// parameters (or the function) can change later while older verifiers keep working. Append
+/// variants only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kdf {
+    /// Argon2id (RFC 9106, version 0x13) with these costs.
+    Argon2id {
+        /// Memory per check, in KiB.
+        m_kib: u32,
+        /// Passes over the memory.
+        t: u32,
+        /// Lanes (parallelism).
+        p: u32,
+    },
+}
+
+impl Kdf {
+    /// Whether the costs are ones argon2 accepts and within the limits every node enforces
+    /// ([`MAX_KDF_MEMORY_KIB`], [`MAX_KDF_PASSES`], [`MAX_KDF_LANES`]).
+    pub fn within_limits(&self) -> bool {
+        match *self {
+            Kdf::Argon2id { m_kib, t, p } => {
+                (1..=MAX_KDF_LANES).contains(&p)
+                    && (1..=MAX_KDF_PASSES).contains(&t)
+                    && m_kib >= 8 * p
+                    && m_kib <= MAX_KDF_MEMORY_KIB
+            }
+        }
+    }
+}
+
+/// What lets a node check a party password without keeping the password: the hash of the
+/// password under `kdf` with a random salt and the party id (see [`crate::party::password`]).
+/// Only members ever see it (inside sealed messages): any of them may become host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PasswordVerifier {
+    /// The function and its parameters.
+    pub kdf: Kdf,
     /// Random per party.
     pub salt: [u8; 16],
-    /// BLAKE2s(salt, party id, password).
+    /// kdf(password, salt ‖ party id), 32 bytes.
     pub hash: [u8; 32],
+}
+
+/// A party password on its way from the user to the host's check: never printed (`Debug`
+/// shows no characters) and wiped from memory when dropped.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Password(String);
+
+impl Password {
+    /// Wraps a password.
+    pub fn new(password: impl Into<String>) -> Self {
+        Password(password.into())
+    }
+
+    /// The password's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(..)")
+    }
+}
+
+impl Drop for Password {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+/// Proof that the holder was admitted to a protected party: a MAC over the party id and the
+/// member's public key, under a key derived from the party's verifier
+/// ([`crate::party::password::token`]). Any node holding the verifier (every member) can check
+/// it, so a member rejoins a restarted or new host with it instead of the password. Bound to
+/// one key: worthless to anyone else. Not printed by `Debug`.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejoinToken(pub [u8; 32]);
+
+impl std::fmt::Debug for RejoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RejoinToken(..)")
+    }
+}
+
+/// What a join request to a protected party proves itself with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Credential {
+    /// The party password (a first join); checked with the memory-hard verifier.
+    Password(Password),
+    /// A token an earlier host gave this key (a rejoin); checked cheaply.
+    Token(RejoinToken),
 }
 
 /// The host's authoritative view of a party; every change bumps `version`.
@@ -159,8 +256,8 @@ pub enum Message {
         party: PartyId,
         /// Joiner's display name.
         name: String,
-        /// Password for protected parties (sealed, so only the host reads it).
-        password: Option<String>,
+        /// Password or rejoin token for protected parties (sealed, so only the host reads it).
+        credential: Option<Credential>,
         /// Where the joiner can be reached.
         endpoints: Vec<SocketAddr>,
         /// The virtual IP the joiner had before (after a restart), if any.
@@ -172,8 +269,10 @@ pub enum Message {
     JoinAccept {
         /// Echo of the request's nonce.
         nonce: u64,
-        /// The party as it is now.
-        roster: Roster,
+        /// The party as it is now (boxed: the largest variant by far).
+        roster: Box<Roster>,
+        /// The joiner's rejoin token, when the party is protected.
+        token: Option<RejoinToken>,
     },
     /// Host (or any node) → joiner: refused.
     JoinReject {
@@ -329,35 +428,47 @@ impl Message {
             }
             Ok(())
         }
+        fn roster_limits(roster: &Roster) -> Result<(), DecodeError> {
+            name(&roster.name)?;
+            if roster.members.len() > MAX_MEMBERS || roster.members.is_empty() {
+                return Err(DecodeError::Limit("member count"));
+            }
+            for m in &roster.members {
+                name(&m.name)?;
+                endpoints(&m.endpoints)?;
+                if m.id != NodeId::from_public_key(&m.key) {
+                    return Err(DecodeError::Limit("member id does not match key"));
+                }
+            }
+            if !roster.members.iter().any(|m| m.id == roster.host) {
+                return Err(DecodeError::Limit("host is not a member"));
+            }
+            if roster
+                .verifier
+                .as_ref()
+                .is_some_and(|v| !v.kdf.within_limits())
+            {
+                return Err(DecodeError::Limit("verifier costs"));
+            }
+            Ok(())
+        }
         match self {
             Message::JoinRequest {
                 name: n,
-                password,
+                credential,
                 endpoints: e,
                 ..
             } => {
                 name(n)?;
                 endpoints(e)?;
-                if password.as_ref().is_some_and(|p| p.len() > MAX_PASSWORD) {
-                    return Err(DecodeError::Limit("password too long"));
-                }
-            }
-            Message::JoinAccept { roster, .. } | Message::Roster(roster) => {
-                name(&roster.name)?;
-                if roster.members.len() > MAX_MEMBERS || roster.members.is_empty() {
-                    return Err(DecodeError::Limit("member count"));
-                }
-                for m in &roster.members {
-                    name(&m.name)?;
-                    endpoints(&m.endpoints)?;
-                    if m.id != NodeId::from_public_key(&m.key) {
-                        return Err(DecodeError::Limit("member id does not match key"));
+                if let Some(Credential::Password(p)) = credential {
+                    if p.as_str().len() > MAX_PASSWORD {
+                        return Err(DecodeError::Limit("password too long"));
                     }
                 }
-                if !roster.members.iter().any(|m| m.id == roster.host) {
-                    return Err(DecodeError::Limit("host is not a member"));
-                }
             }
+            Message::JoinAccept { roster, .. } => roster_limits(roster)?,
+            Message::Roster(roster) => roster_limits(roster)?,
             Message::Redirect { endpoints: e, .. } | Message::Rehost { endpoints: e, .. } => {
                 endpoints(e)?
             }
@@ -409,26 +520,49 @@ mod tests {
             })
     }
 
+    fn arb_verifier() -> impl Strategy<Value = PasswordVerifier> {
+        (
+            1..=MAX_KDF_LANES,
+            1..=MAX_KDF_PASSES,
+            0..=MAX_KDF_MEMORY_KIB,
+            any::<[u8; 16]>(),
+            any::<[u8; 32]>(),
+        )
+            .prop_map(|(p, t, m, salt, hash)| PasswordVerifier {
+                kdf: Kdf::Argon2id {
+                    m_kib: m.max(8 * p),
+                    t,
+                    p,
+                },
+                salt,
+                hash,
+            })
+    }
+
+    fn arb_credential() -> impl Strategy<Value = Credential> {
+        prop_oneof![
+            "[ -~]{0,128}".prop_map(|p| Credential::Password(Password::new(p))),
+            any::<[u8; 32]>().prop_map(|t| Credential::Token(RejoinToken(t))),
+        ]
+    }
+
     fn arb_roster() -> impl Strategy<Value = Roster> {
         (
             any::<[u8; 10]>(),
             "[a-z ]{0,32}",
             any::<u64>(),
             prop::collection::vec(arb_member(), 1..32),
-            any::<bool>(),
+            prop::option::of(arb_verifier()),
             any::<u64>(),
         )
             .prop_map(
-                |(party, name, version, members, protected, next_since)| Roster {
+                |(party, name, version, members, verifier, next_since)| Roster {
                     party: PartyId(party),
                     name,
                     version,
                     host: members[0].id,
                     next_since,
-                    verifier: protected.then_some(PasswordVerifier {
-                        salt: [7; 16],
-                        hash: [9; 32],
-                    }),
+                    verifier,
                     members,
                 },
             )
@@ -439,23 +573,31 @@ mod tests {
             (
                 any::<[u8; 10]>(),
                 "[a-z]{0,32}",
-                prop::option::of("[ -~]{0,128}"),
+                prop::option::of(arb_credential()),
                 prop::collection::vec(arb_addr(), 0..8),
                 prop::option::of(any::<[u8; 4]>()),
                 any::<u64>()
             )
-                .prop_map(|(p, name, password, endpoints, prev, nonce)| {
+                .prop_map(|(p, name, credential, endpoints, prev, nonce)| {
                     Message::JoinRequest {
                         party: PartyId(p),
                         name,
-                        password,
+                        credential,
                         endpoints,
                         previous_ip: prev.map(Ipv4Addr::from),
                         nonce,
                     }
                 }),
-            (any::<u64>(), arb_roster())
-                .prop_map(|(nonce, roster)| Message::JoinAccept { nonce, roster }),
+            (
+                any::<u64>(),
+                arb_roster(),
+                prop::option::of(any::<[u8; 32]>())
+            )
+                .prop_map(|(nonce, roster, token)| Message::JoinAccept {
+                    nonce,
+                    roster: Box::new(roster),
+                    token: token.map(RejoinToken)
+                }),
             (any::<u64>(), any::<[u8; 10]>()).prop_map(|(nonce, p)| Message::JoinReject {
                 nonce,
                 party: PartyId(p),
@@ -608,5 +750,66 @@ mod tests {
             members: vec![forged],
         };
         assert!(Message::decode(&Message::Roster(roster).encode()).is_err());
+    }
+
+    /// A verifier travels from the host to every member, who may have to check passwords with
+    /// it after a hand-over: one asking for absurd costs (gigabytes of memory per check) is
+    /// refused with its roster.
+    #[test]
+    fn verifiers_with_absurd_costs_are_refused() {
+        let key = [1u8; 32];
+        let m = Member {
+            id: NodeId::from_public_key(&key),
+            name: "a".into(),
+            key,
+            ip: Ipv4Addr::new(10, 66, 0, 1),
+            endpoints: vec![],
+            since: 0,
+        };
+        let roster = |m_kib, t, p| Roster {
+            party: PartyId([0; 10]),
+            name: "p".into(),
+            version: 1,
+            host: m.id,
+            next_since: 1,
+            verifier: Some(PasswordVerifier {
+                kdf: Kdf::Argon2id { m_kib, t, p },
+                salt: [0; 16],
+                hash: [0; 32],
+            }),
+            members: vec![m.clone()],
+        };
+        let ok = Message::Roster(roster(19 * 1024, 2, 1));
+        assert_eq!(Message::decode(&ok.encode()), Ok(ok));
+        for (m_kib, t, p) in [
+            (4 * 1024 * 1024, 2, 1),
+            (19 * 1024, 1000, 1),
+            (19 * 1024, 2, 64),
+            (19 * 1024, 0, 1),
+            (4, 2, 1),
+        ] {
+            assert_eq!(
+                Message::decode(&Message::Roster(roster(m_kib, t, p)).encode()),
+                Err(DecodeError::Limit("verifier costs")),
+                "m={m_kib} t={t} p={p}"
+            );
+        }
+    }
+
+    /// Passwords and tokens never reach a log line through `Debug` (the daemon traces
+    /// messages).
+    #[test]
+    fn secrets_are_not_printed() {
+        let msg = Message::JoinRequest {
+            party: PartyId([0; 10]),
+            name: "n".into(),
+            credential: Some(Credential::Password(Password::new("hunter2"))),
+            endpoints: vec![],
+            previous_ip: None,
+            nonce: 1,
+        };
+        assert!(!format!("{msg:?}").contains("hunter2"));
+        let token = RejoinToken([0xab; 32]);
+        assert!(!format!("{token:?}").contains("171"));
     }
 }

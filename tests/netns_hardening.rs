@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use lab::rawpeer::{messages, public_key, secret_of, RawPeer};
 use lab::*;
 use lanrage::ids::PartyId;
-use lanrage::wire::{ClaimedMember, Message};
+use lanrage::wire::{ClaimedMember, Credential, Message, Password, WIRE_VERSION};
 use serde_json::Value;
 
 /// Roster changes reach everyone within ~1 s; this is that plus polling three CLIs.
@@ -203,7 +203,7 @@ fn password_guessing_locks_nobody_out() {
                 &Message::JoinRequest {
                     party: party_id,
                     name: format!("guesser{n}"),
-                    password: Some(format!("guess {n}")),
+                    credential: Some(Credential::Password(Password::new(format!("guess {n}")))),
                     endpoints: vec![],
                     previous_ip: None,
                     nonce: u64::from(n),
@@ -303,7 +303,7 @@ fn spoofed_join_requests_are_not_amplified() {
         let request = |n: u64| Message::JoinRequest {
             party: party_id,
             name: "mallory".into(),
-            password: None,
+            credential: None,
             endpoints: vec![],
             previous_ip: None,
             nonce: n,
@@ -591,7 +591,7 @@ fn a_hung_discovery_share_does_not_block_shutdown() {
 
 /// The finding: nodes of another protocol version met silence. An envelope of version 1 gets a
 /// small notice back and a log line naming the version and who must update; a joiner whose
-/// host speaks version 3 gets a plain error saying to update this node.
+/// host speaks a newer version gets a plain error saying to update this node.
 #[test]
 fn other_protocol_versions_are_told_plainly() {
     let Some(mut lab) = Lab::new("versions", 3) else {
@@ -612,7 +612,11 @@ fn other_protocol_versions_are_told_plainly() {
         let n = sock.recv_from(&mut buf).map(|(n, _)| n).unwrap_or(0);
         buf[..n].to_vec()
     });
-    assert_eq!(&notice[..5], b"LR\x00V\x02", "a version notice came back");
+    assert_eq!(
+        &notice[..5],
+        &[b'L', b'R', 0, b'V', WIRE_VERSION],
+        "a version notice came back"
+    );
     assert_eq!(
         &notice[5..],
         &[0x77; 8],
@@ -629,8 +633,10 @@ fn other_protocol_versions_are_told_plainly() {
     );
 
     // Three "hosts", found through the discovery file: one announcing protocol 1 (no `proto`,
-    // as the first release wrote its entries), one announcing 3, and one announcing 2 that
-    // answers every lanrage datagram with a notice that it speaks 3.
+    // as the first release wrote its entries), one announcing a newer protocol, and one
+    // announcing ours that answers every lanrage datagram with a notice that it speaks a newer
+    // one.
+    let newer = WIRE_VERSION + 1;
     let entry = |n: u8, proto: Option<u8>| {
         let fake_key = [n; 32];
         let mut e = serde_json::json!({
@@ -652,7 +658,7 @@ fn other_protocol_versions_are_told_plainly() {
     };
     let file = serde_json::json!({
         "version": 1,
-        "parties": [entry(0x11, None), entry(0x12, Some(3)), entry(0x13, Some(2))],
+        "parties": [entry(0x11, None), entry(0x12, Some(newer)), entry(0x13, Some(WIRE_VERSION))],
     });
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_responder = stop.clone();
@@ -667,7 +673,7 @@ fn other_protocol_versions_are_told_plainly() {
             if let Ok((n, from)) = sock.recv_from(&mut buf) {
                 if n >= 43 && &buf[..2] == b"LR" {
                     // A newer node's notice echoes the 8 bytes after the sender key.
-                    let mut notice = b"LR\x00V\x03".to_vec();
+                    let mut notice = vec![b'L', b'R', 0, b'V', newer];
                     notice.extend_from_slice(&buf[35..43]);
                     sock.send_to(&notice, from).unwrap();
                     answered += 1;
@@ -682,15 +688,19 @@ fn other_protocol_versions_are_told_plainly() {
     for (n, want) in [
         (
             0x11,
-            "protocol 1 and this node runs 2: update lanrage on the host",
+            format!("protocol 1 and this node runs {WIRE_VERSION}: update lanrage on the host"),
         ),
         (
             0x12,
-            "protocol 3 and this node runs 2: update lanrage on this node",
+            format!(
+                "protocol {newer} and this node runs {WIRE_VERSION}: update lanrage on this node"
+            ),
         ),
         (
             0x13,
-            "protocol 3 and this node runs 2: update lanrage on this node",
+            format!(
+                "protocol {newer} and this node runs {WIRE_VERSION}: update lanrage on this node"
+            ),
         ),
     ] {
         let id = PartyId([n; 10]).to_string();
@@ -699,7 +709,7 @@ fn other_protocol_versions_are_told_plainly() {
         let out = bob.join(&id, None);
         assert!(!out.success(), "joined party {n}?");
         let err = out.stderr.trim();
-        assert!(err.contains(want), "party {n} ({listed}): {err}");
+        assert!(err.contains(&want), "party {n} ({listed}): {err}");
         assert_eq!(err.lines().count(), 1, "{err}");
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -1095,6 +1095,77 @@ fn wrong_password_is_refused() {
     assert_ping(&lab, 1, HOST_VIP);
 }
 
+/// Nobody keeps a protected party's password: no state_dir holds it (members keep a rejoin
+/// token, the host an argon2id verifier), and members get back in with their tokens: a member
+/// after a restart, and the crashed host to its successor.
+#[test]
+fn protected_party_members_rejoin_with_tokens() {
+    const PW: &str = "correct horse battery";
+    let Some(mut lab) = Lab::new("tokens", 3) else {
+        return;
+    };
+    lab.spawn_all(&[0, 1, 2], |o| o);
+    let alice = lab.node(0);
+    let party = alice.create_party("vault", Some(PW));
+    for i in [1, 2] {
+        let n = lab.node(i);
+        assert!(wait_until(DISCOVERY_WITHIN, || n
+            .listed_party(&party)
+            .is_some()));
+        n.join_ok(&party, Some(PW));
+    }
+    let ids: BTreeSet<String> = (0..3).map(|i| lab.node(i).id()).collect();
+    expect_members(&lab, &[0, 1, 2], &party, &ids, ROSTER_WITHIN, "joined");
+    thread::sleep(STATE_SETTLE);
+    for i in 0..3 {
+        assert_not_in_state_dir(lab.node(i), PW);
+    }
+
+    let carol = lab.node(2);
+    let carol_vip = carol.virtual_ip().unwrap();
+    carol.kill9();
+    carol.start();
+    expect_back_as(carol, &party, &carol_vip, "restarted with its token");
+
+    let alice_vip = alice.virtual_ip().unwrap();
+    thread::sleep(STATE_SETTLE);
+    alice.kill9();
+    let others = BTreeSet::from([lab.node(1).id(), carol.id()]);
+    let within = Duration::from_secs(PEER_TIMEOUT_SECS) + KILL_SLACK;
+    expect_members(&lab, &[1, 2], &party, &others, within, "host dropped");
+    alice.start();
+    expect_back_as(alice, &party, &alice_vip, "former host back with its token");
+    expect_members(&lab, &[0, 1, 2], &party, &ids, REJOIN_WITHIN, "all back");
+    assert_full_mesh_ping(&lab, &[0, 1, 2]);
+    thread::sleep(STATE_SETTLE);
+    for i in 0..3 {
+        assert_not_in_state_dir(lab.node(i), PW);
+    }
+}
+
+/// No file under `node`'s state_dir contains `secret`.
+fn assert_not_in_state_dir(node: &lab::Node, secret: &str) {
+    let mut dirs = vec![node.state_dir.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)
+            .expect("state_dir readable")
+            .flatten()
+        {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{}: {} holds the password",
+                    node.name,
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
 /// CLI failures: non-zero exit and exactly one line on stderr.
 #[test]
 fn cli_failures_are_reported() {

@@ -200,6 +200,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         port,
         open_errors: HashMap::new(),
         version_log: LogThrottle::new(VERSION_LOG_EVERY),
+        password_checks: mpsc::channel(4),
     };
 
     match load_saved(&persist_path) {
@@ -326,6 +327,9 @@ impl Tasks {
     }
 }
 
+/// A password check's outcome: its ticket and whether the password was right.
+type Checked = (u64, bool);
+
 struct PendingJoin {
     party: PartyId,
     reply: oneshot::Sender<Result<serde_json::Value, ApiError>>,
@@ -377,6 +381,8 @@ struct Control {
     port: u16,
     open_errors: HashMap<&'static str, u64>,
     version_log: LogThrottle,
+    /// Outcomes of password checks (ticket, right) from their blocking threads.
+    password_checks: (mpsc::Sender<Checked>, mpsc::Receiver<Checked>),
 }
 
 impl Control {
@@ -412,6 +418,9 @@ impl Control {
                     self.net_outcomes().await;
                 }
                 _ = tokio::time::sleep_until(deadline) => self.net.handle_timeout(Instant::now()),
+                Some((ticket, ok)) = self.password_checks.1.recv() => {
+                    self.engine.handle_password_checked(Instant::now(), ticket, ok);
+                }
                 _ = tick.tick() => {
                     let now = Instant::now();
                     if self.mdns.as_ref().is_some_and(|m| m.has_failed()) {
@@ -678,6 +687,21 @@ impl Control {
             Action::Announce(hosted) => self.announce(hosted),
             Action::Persist(saved) => {
                 let _ = self.persist_tx.send(Some(saved));
+            }
+            Action::CheckPassword {
+                ticket,
+                verifier,
+                party,
+                password,
+            } => {
+                // argon2id takes tens of milliseconds: never on this task. A check that never
+                // reports back (a panic) is given up by the engine after a while.
+                let tx = self.password_checks.0.clone();
+                tokio::task::spawn_blocking(move || {
+                    let ok = crate::party::password::check(&verifier, party, password.as_str());
+                    drop(password);
+                    let _ = tx.blocking_send((ticket, ok));
+                });
             }
             Action::JoinFinished {
                 party,
@@ -1401,7 +1425,8 @@ mod tests {
         let saved = |n: u8| SavedParty {
             party: PartyId([n; 10]),
             name: format!("p{n}"),
-            password: None,
+            token: None,
+            legacy_password: None,
             ip: Ipv4Addr::new(10, 66, 0, 2),
             targets: vec![],
             hosted: None,

@@ -7,16 +7,23 @@
 //!   /64) [`PER_SOURCE`]; only wrong guesses count, so after others' guessing the right
 //!   password gets in at once. Sources are counted only after they proved they receive (the
 //!   session layer delivers nothing else), so a spoofed flood cannot spend someone else's budget;
-//! - the checks themselves (cheap today, memory-hard later) come from two pools per second: one
-//!   for keys that were members of the party before (a restarted player, a returning friend) and
-//!   one for strangers, so strangers alone cannot spend the share reserved for friends. An
-//!   empty pool is not a refusal: the request is dropped and the joiner's next retry, a few
-//!   hundred milliseconds later, gets in.
+//! - the checks themselves (argon2id, tens of milliseconds each, see [`super::password`]) come
+//!   from two pools per second: one for keys that were members of the party before (a
+//!   restarted player, a returning friend) and one for strangers, so strangers alone cannot
+//!   spend the share reserved for friends. An empty pool is not a refusal: the request is
+//!   dropped and the joiner's next retry, a few hundred milliseconds later, gets in;
+//! - password checks that the budgets allow run one at a time, off the control task
+//!   ([`CheckQueue`]): one running, at most [`MAX_WAITING_CHECKS`] waiting; strangers hold at
+//!   most `MAX_WAITING_CHECKS - FRIEND_SLOTS` places (the running one included), so a
+//!   returning friend always finds one. A request that finds no room is dropped like one that
+//!   finds an empty pool (not refused: the joiner retries), and is not charged.
+//!   Rejoin tokens are cheap and are checked at once, with the same budgets.
 //!
 //! Every table is bounded. When the per-key table is full of other keys (a flood of fresh keys),
 //! a new key is limited by its source alone instead of being refused: failing closed there would
 //! lock every newcomer out.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -32,6 +39,13 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 pub const CHECKS_PER_SEC: u64 = 20;
 /// Keys and sources tracked at most (each entry is a few dozen bytes).
 const MAX_TRACKED: usize = 4096;
+/// Password checks waiting while one runs.
+pub const MAX_WAITING_CHECKS: usize = 8;
+/// Places (running or waiting) that strangers cannot take: a returning friend always finds one.
+pub const FRIEND_SLOTS: usize = 2;
+/// A check that has not reported back by then is given up (its request dropped), so a lost
+/// result can never stop admissions.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the host may do with a join request that carries a password.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,9 +122,127 @@ impl PasswordGuard {
         }
     }
 
+    /// A check allowed by [`PasswordGuard::before_check`] that never ran (the party changed, the
+    /// check was lost): it costs nothing.
+    pub fn release(&mut self, key: &[u8; 32], source: IpAddr, friend: bool) {
+        self.per_key.refund(key);
+        self.per_source.refund(&source_key(source));
+        if friend {
+            self.friends.give_back(1);
+        } else {
+            self.strangers.give_back(1);
+        }
+    }
+
     /// Keys and sources tracked (for tests and status).
     pub fn tracked(&self) -> (usize, usize) {
         (self.per_key.len(), self.per_source.len())
+    }
+}
+
+/// Password checks in order: at most one running (its ticket handed to the caller), a few
+/// waiting. Plain data; the engine stores what it needs to answer the join in `T`.
+pub struct CheckQueue<T> {
+    running: Option<Queued<T>>,
+    waiting: VecDeque<Queued<T>>,
+    next_ticket: u64,
+}
+
+struct Queued<T> {
+    key: [u8; 32],
+    friend: bool,
+    ticket: u64,
+    started: Option<Instant>,
+    item: T,
+}
+
+impl<T> Default for CheckQueue<T> {
+    fn default() -> Self {
+        CheckQueue {
+            running: None,
+            waiting: VecDeque::new(),
+            next_ticket: 1,
+        }
+    }
+}
+
+impl<T> CheckQueue<T> {
+    /// Whether a check for `key` is running or waiting (a retransmitted request waits for it).
+    pub fn has(&self, key: &[u8; 32]) -> bool {
+        self.iter().any(|q| q.key == *key)
+    }
+
+    /// Whether a check for a friend (or a stranger) would find a place.
+    pub fn room(&self, friend: bool) -> bool {
+        if self.waiting.len() >= MAX_WAITING_CHECKS {
+            return false;
+        }
+        friend || self.iter().filter(|q| !q.friend).count() < MAX_WAITING_CHECKS - FRIEND_SLOTS
+    }
+
+    /// Queues a check; callers ask [`CheckQueue::room`] first (without room it is dropped).
+    pub fn push(&mut self, key: [u8; 32], friend: bool, item: T) {
+        if self.waiting.len() < MAX_WAITING_CHECKS {
+            self.waiting.push_back(Queued {
+                key,
+                friend,
+                ticket: 0,
+                started: None,
+                item,
+            });
+        }
+    }
+
+    /// If nothing runs, starts the next waiting check: its ticket and item.
+    pub fn start_next(&mut self, now: Instant) -> Option<(u64, &T)> {
+        if self.running.is_some() {
+            return None;
+        }
+        let mut q = self.waiting.pop_front()?;
+        q.ticket = self.next_ticket;
+        q.started = Some(now);
+        self.next_ticket = self.next_ticket.wrapping_add(1).max(1);
+        let q = self.running.insert(q);
+        Some((q.ticket, &q.item))
+    }
+
+    /// The running check with this ticket, done: its key's friend flag and item. `None` for a
+    /// ticket that is not running (late, repeated or made up).
+    pub fn finish(&mut self, ticket: u64) -> Option<(bool, T)> {
+        if self.running.as_ref().is_some_and(|q| q.ticket == ticket) {
+            return self.running.take().map(|q| (q.friend, q.item));
+        }
+        None
+    }
+
+    /// The running check, given up if it has run for [`CHECK_TIMEOUT`].
+    pub fn expire(&mut self, now: Instant) -> Option<(bool, T)> {
+        let started = self.running.as_ref()?.started?;
+        if now.saturating_duration_since(started) < CHECK_TIMEOUT {
+            return None;
+        }
+        self.running.take().map(|q| (q.friend, q.item))
+    }
+
+    /// Removes the waiting checks `keep` says no to, returning them.
+    pub fn drop_waiting(&mut self, mut keep: impl FnMut(&T) -> bool) -> Vec<(bool, T)> {
+        let (kept, dropped): (Vec<_>, Vec<_>) = self.waiting.drain(..).partition(|q| keep(&q.item));
+        self.waiting = kept.into();
+        dropped.into_iter().map(|q| (q.friend, q.item)).collect()
+    }
+
+    /// Checks running or waiting.
+    pub fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    /// Whether nothing runs or waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Queued<T>> {
+        self.running.iter().chain(self.waiting.iter())
     }
 }
 
@@ -221,5 +353,52 @@ mod tests {
             g.before_check(&key(2_000_000), src(9999), false, now),
             Verdict::Check
         );
+    }
+
+    #[test]
+    fn checks_run_one_at_a_time_and_the_queue_is_bounded() {
+        let now = Instant::now();
+        let mut q = CheckQueue::default();
+        for n in 0..20u32 {
+            if q.room(false) {
+                q.push(key(n), false, n);
+            }
+        }
+        assert_eq!(
+            q.len(),
+            MAX_WAITING_CHECKS - FRIEND_SLOTS,
+            "strangers leave room"
+        );
+        assert!(q.room(true));
+        q.push(key(100), true, 100);
+        let (t1, first) = q.start_next(now).unwrap();
+        assert_eq!(*first, 0);
+        assert!(q.start_next(now).is_none(), "one at a time");
+        assert!(
+            q.finish(t1 + 1).is_none(),
+            "a wrong ticket finishes nothing"
+        );
+        assert_eq!(q.finish(t1), Some((false, 0)));
+        assert!(q.finish(t1).is_none(), "nor a repeated one");
+        let (t2, second) = q.start_next(now).unwrap();
+        assert_eq!(*second, 1);
+        assert_ne!(t1, t2);
+        assert!(q.has(&key(1)) && q.has(&key(100)) && !q.has(&key(0)));
+        // A lost result is given up after the timeout, and the next check starts.
+        assert!(q.expire(now + CHECK_TIMEOUT / 2).is_none());
+        assert_eq!(q.expire(now + CHECK_TIMEOUT), Some((false, 1)));
+        assert!(q.start_next(now).is_some());
+        let dropped = q.drop_waiting(|n| *n != 100);
+        assert_eq!(dropped, vec![(true, 100)]);
+    }
+
+    #[test]
+    fn a_released_check_costs_nothing() {
+        let now = Instant::now();
+        let mut g = PasswordGuard::new(now);
+        for _ in 0..(PER_KEY * 4) {
+            assert_eq!(g.before_check(&key(1), src(1), false, now), Verdict::Check);
+            g.release(&key(1), src(1), false);
+        }
     }
 }

@@ -22,6 +22,13 @@
 //! same party (a network split healed), they check each other's claims with the members and
 //! exactly one yields ([`super::merge`]); admission of joiners and password budgets are in
 //! [`super::admission`].
+//!
+//! Passwords: the party's one verifier (argon2id, [`super::password`]) travels in the roster, so
+//! any member can take over as host; no node keeps the password. The host checks a password
+//! off its control task: it emits [`Action::CheckPassword`] (one at a time, after the budgets)
+//! and answers the join when [`Engine::handle_password_checked`] reports the outcome. An
+//! admitted member gets a rejoin token bound to its key and rejoins with it (after a restart, a
+//! split, or to a new host); `state_dir` keeps the token, not the password.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -33,14 +40,14 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{NodeId, PartyId};
-use crate::party::admission::{PasswordGuard, Verdict};
+use crate::party::admission::{CheckQueue, PasswordGuard, Verdict};
 use crate::party::ipam::Ipam;
 use crate::party::merge::RivalCheck;
 use crate::party::password;
 use crate::throttle::LogThrottle;
 use crate::wire::{
-    Member, Message, PasswordVerifier, RejectReason, Roster, MAX_ENDPOINTS, MAX_MEMBERS, MAX_NAME,
-    MAX_PASSWORD, WIRE_VERSION,
+    Credential, Member, Message, Password, PasswordVerifier, RejectReason, RejoinToken, Roster,
+    MAX_ENDPOINTS, MAX_MEMBERS, MAX_NAME, MAX_PASSWORD, WIRE_VERSION,
 };
 
 /// How often an unanswered join request is sent again.
@@ -111,8 +118,13 @@ pub struct SavedParty {
     pub party: PartyId,
     /// Its name (for logs).
     pub name: String,
-    /// The password used to join (state_dir is private to root).
-    pub password: Option<String>,
+    /// Our rejoin token, for protected parties: rejoins prove themselves with it.
+    #[serde(default)]
+    pub token: Option<RejoinToken>,
+    /// Read, never written: files of lanrage protocol 2 kept the password itself. It serves one
+    /// rejoin (which yields a token) and is gone from the file at the next save.
+    #[serde(default, rename = "password", skip_serializing)]
+    pub legacy_password: Option<Password>,
     /// Our virtual IP, asked for again.
     pub ip: Ipv4Addr,
     /// Everyone else we knew, to ask to let us back in.
@@ -125,9 +137,14 @@ pub struct SavedParty {
 /// What a host needs to bring back a party it hosted, as it was: the facts a merge with
 /// another half of the party is decided on (join orders, who was a member) included.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "SavedHostFile")]
 pub struct SavedHost {
     /// The password verifier, if the party is protected.
     pub verifier: Option<PasswordVerifier>,
+    /// Set when the file held a verifier of protocol 2 (BLAKE2s), which this version no longer
+    /// checks: on restore it is made anew (argon2id) from the saved password.
+    #[serde(skip)]
+    pub legacy_verifier: bool,
     /// Our own join order.
     #[serde(default)]
     pub since: u64,
@@ -140,6 +157,51 @@ pub struct SavedHost {
     /// Keys that were members, with the highest join order seen for each.
     #[serde(default)]
     pub former: Vec<([u8; 32], u64)>,
+}
+
+/// [`SavedHost`] as files hold it: the verifier may be of protocol 2's format.
+#[derive(Deserialize)]
+struct SavedHostFile {
+    #[serde(default)]
+    verifier: Option<AnyVerifier>,
+    #[serde(default)]
+    since: u64,
+    #[serde(default)]
+    next_since: u64,
+    #[serde(default)]
+    version: u64,
+    #[serde(default)]
+    former: Vec<([u8; 32], u64)>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AnyVerifier {
+    Current(PasswordVerifier),
+    /// Protocol 2: BLAKE2s over salt, party id and password (no parameters).
+    #[allow(dead_code)]
+    Legacy {
+        salt: [u8; 16],
+        hash: [u8; 32],
+    },
+}
+
+impl From<SavedHostFile> for SavedHost {
+    fn from(f: SavedHostFile) -> Self {
+        let (verifier, legacy_verifier) = match f.verifier {
+            Some(AnyVerifier::Current(v)) => (Some(v), false),
+            Some(AnyVerifier::Legacy { .. }) => (None, true),
+            None => (None, false),
+        };
+        SavedHost {
+            verifier,
+            legacy_verifier,
+            since: f.since,
+            next_since: f.next_since,
+            version: f.version,
+            former: f.former,
+        }
+    }
 }
 
 /// What this node announces while it hosts a party.
@@ -175,6 +237,19 @@ pub enum Action {
     Announce(Option<Hosted>),
     /// Remember this for restarts (`None`: forget).
     Persist(Option<SavedParty>),
+    /// Check `password` against `verifier` with [`super::password::check`], on a thread of its
+    /// own (it takes tens of milliseconds and 19 MiB), and report the outcome with
+    /// [`Engine::handle_password_checked`]. At most one is outstanding.
+    CheckPassword {
+        /// Echoed in the report.
+        ticket: u64,
+        /// The party's verifier.
+        verifier: PasswordVerifier,
+        /// The party.
+        party: PartyId,
+        /// What the joiner sent.
+        password: Password,
+    },
     /// A join started by [`Engine::join`] or [`Engine::rejoin`] ended.
     JoinFinished {
         /// Which party.
@@ -344,7 +419,8 @@ pub(super) enum Fallback {
 
 pub(super) struct Joining {
     pub(super) party: PartyId,
-    pub(super) password: Option<String>,
+    /// Password (a user's join) or token (a rejoin); dropped (and wiped) with the join.
+    pub(super) credential: Option<Credential>,
     pub(super) previous_ip: Option<Ipv4Addr>,
     pub(super) nonce: u64,
     pub(super) targets: Vec<JoinTarget>,
@@ -359,7 +435,8 @@ pub(super) struct Joining {
 
 pub(super) struct InParty {
     pub(super) roster: Roster,
-    pub(super) password: Option<String>,
+    /// Our rejoin token when the party is protected (never the password).
+    pub(super) token: Option<RejoinToken>,
     pub(super) live: HashMap<[u8; 32], PeerLive>,
     pub(super) next_heartbeat: Instant,
     /// Highest roster version seen anywhere in the party (rosters, heartbeats): a new host
@@ -396,6 +473,8 @@ pub struct Engine {
     pub(super) state: State,
     pub(super) ipam: Ipam,
     pub(super) guard: PasswordGuard,
+    /// Password checks allowed by the guard, run one at a time outside the engine.
+    checks: CheckQueue<PendingCheck>,
     pub(super) actions: VecDeque<Action>,
     pub(super) epoch: Instant,
     pub(super) rng: StdRng,
@@ -417,6 +496,7 @@ impl Engine {
             state: State::Idle,
             ipam,
             guard: PasswordGuard::new(now),
+            checks: CheckQueue::default(),
             actions: VecDeque::new(),
             epoch: now,
             rng: StdRng::from_seed(seed),
@@ -511,16 +591,9 @@ impl Engine {
         })?;
         check_password(password)?;
         let party = PartyId(self.rng.gen());
-        let verifier = password.map(|p| password::make_verifier(party, p));
+        let verifier = password.map(|p| password::make_verifier(party, p, self.rng.gen()));
         tracing::info!(%party, %name, protected = password.is_some(), "party created");
-        self.host_new_party(
-            now,
-            party,
-            name,
-            verifier,
-            password.map(str::to_string),
-            self.ipam.first(),
-        );
+        self.host_new_party(now, party, name, verifier, self.ipam.first());
         Ok(party)
     }
 
@@ -562,7 +635,7 @@ impl Engine {
             now,
             party,
             targets,
-            password.map(str::to_string),
+            password.map(|p| Credential::Password(Password::new(p))),
             None,
             timeout,
             true,
@@ -573,8 +646,14 @@ impl Engine {
 
     /// After a restart: asks everyone we knew to let us back into `saved.party`. A former host
     /// brings the party back itself if nobody else has it.
-    pub fn rejoin(&mut self, now: Instant, saved: SavedParty) -> Result<(), EngineError> {
+    pub fn rejoin(&mut self, now: Instant, mut saved: SavedParty) -> Result<(), EngineError> {
         self.check_idle()?;
+        self.upgrade_saved(&mut saved);
+        let credential = match (saved.token, saved.legacy_password.take()) {
+            (Some(t), _) => Some(Credential::Token(t)),
+            (None, Some(p)) => Some(Credential::Password(p)),
+            (None, None) => None,
+        };
         let restore = saved.hosted.clone().map(|host| Restore {
             name: saved.name.clone(),
             host,
@@ -582,7 +661,7 @@ impl Engine {
         });
         if saved.targets.is_empty() {
             match restore {
-                Some(r) => self.restore_party(now, saved.party, r, saved.password, Some(saved.ip)),
+                Some(r) => self.restore_party(now, saved.party, r, Some(saved.ip)),
                 None => self.actions.push_back(Action::Persist(None)),
             }
             return Ok(());
@@ -593,13 +672,37 @@ impl Engine {
             now,
             saved.party,
             saved.targets,
-            saved.password,
+            credential,
             Some(saved.ip),
             wait,
             false,
             restore.map(Fallback::Restore),
         );
         Ok(())
+    }
+
+    /// Brings a file of protocol 2 up to date: a hosted party's BLAKE2s verifier is made anew
+    /// (argon2id, a one-off at start-up) from the password such files kept. Without the
+    /// password the party cannot be brought back protected: we rejoin it as a member instead.
+    fn upgrade_saved(&mut self, saved: &mut SavedParty) {
+        let Some(host) = saved.hosted.as_mut().filter(|h| h.legacy_verifier) else {
+            return;
+        };
+        match &saved.legacy_password {
+            Some(pw) => {
+                host.verifier = Some(password::make_verifier(
+                    saved.party,
+                    pw.as_str(),
+                    self.rng.gen(),
+                ));
+                host.legacy_verifier = false;
+                tracing::info!(party = %saved.party, "made the party's password verifier anew (argon2id)");
+            }
+            None => {
+                tracing::warn!(party = %saved.party, "the remembered party's password verifier is of an older lanrage and no password was saved with it; rejoining it as a member instead of bringing it back");
+                saved.hosted = None;
+            }
+        }
     }
 
     /// Leaves the party (or abandons a join). The others drop us at once; if we host, the
@@ -673,7 +776,7 @@ impl Engine {
             Message::JoinRequest {
                 party,
                 name,
-                password,
+                credential,
                 endpoints,
                 previous_ip,
                 nonce,
@@ -683,16 +786,18 @@ impl Engine {
                 key,
                 JoinAsk {
                     party,
-                    name: &name,
-                    password: password.as_deref(),
+                    name,
+                    credential,
                     endpoints,
                     previous_ip,
                     nonce,
                 },
             ),
-            Message::JoinAccept { nonce, roster } => {
-                self.on_join_accept(now, from, key, nonce, roster)
-            }
+            Message::JoinAccept {
+                nonce,
+                roster,
+                token,
+            } => self.on_join_accept(now, from, key, nonce, *roster, token),
             Message::JoinReject {
                 nonce,
                 party,
@@ -761,8 +866,43 @@ impl Engine {
         true
     }
 
+    /// The outcome of the [`Action::CheckPassword`] with `ticket`: the join it belongs to is
+    /// answered now (if we still host that party with that verifier) and the next check starts.
+    /// Unknown or late tickets are ignored.
+    pub fn handle_password_checked(&mut self, now: Instant, ticket: u64, ok: bool) {
+        let Some((_, c)) = self.checks.finish(ticket) else {
+            return;
+        };
+        self.guard.checked(&c.key, c.from.ip(), ok);
+        if check_wanted(&self.state, self.id, &c) {
+            if ok {
+                self.admit(now, c.from, c.key, c.ask);
+            } else {
+                if let Some(held) = self.refusals_log.allow(now) {
+                    tracing::warn!(from = %c.from, held_back = held, "join refused: wrong password");
+                }
+                self.actions.push_back(Action::Send {
+                    to: c.from,
+                    key: c.key,
+                    msg: Message::JoinReject {
+                        nonce: c.ask.nonce,
+                        party: c.ask.party,
+                        reason: RejectReason::WrongPassword,
+                    },
+                });
+            }
+        }
+        self.start_check(now);
+    }
+
+    /// Password checks running or waiting (for tests and status).
+    pub fn pending_checks(&self) -> usize {
+        self.checks.len()
+    }
+
     /// Advances timers: retransmissions, heartbeats, timeouts. Call at least every 250 ms.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.tick_checks(now);
         match &mut self.state {
             State::Idle => {}
             State::Joining(j) => {
@@ -882,15 +1022,8 @@ impl Engine {
         }
     }
 
-    fn on_join_request(&mut self, now: Instant, from: SocketAddr, key: [u8; 32], ask: JoinAsk) {
-        let JoinAsk {
-            party,
-            name,
-            password,
-            mut endpoints,
-            previous_ip,
-            nonce,
-        } = ask;
+    fn on_join_request(&mut self, now: Instant, from: SocketAddr, key: [u8; 32], mut ask: JoinAsk) {
+        let (party, nonce) = (ask.party, ask.nonce);
         let reject = |reason| Action::Send {
             to: from,
             key,
@@ -945,40 +1078,177 @@ impl Engine {
         {
             return;
         }
-        if let Some(v) = &p.roster.verifier {
-            let Some(pw) = password else {
-                self.actions
-                    .push_back(reject(RejectReason::PasswordRequired));
-                return;
-            };
+        if let Some(v) = p.roster.verifier.clone() {
             let friend = p.ever_members.contains_key(&key) || self.ipam.remembers(&key);
-            match self.guard.before_check(&key, from.ip(), friend, now) {
-                Verdict::Check => {}
-                Verdict::TooMany => {
-                    if let Some(held) = self.refusals_log.allow(now) {
-                        tracing::warn!(%from, held_back = held, "join refused: too many wrong passwords from this key or address");
-                    }
+            match ask.credential.take() {
+                None => {
                     self.actions
-                        .push_back(reject(RejectReason::TooManyAttempts));
+                        .push_back(reject(RejectReason::PasswordRequired));
                     return;
                 }
-                Verdict::Busy => return,
-            }
-            let right = password::check(v, party, pw);
-            self.guard.checked(&key, from.ip(), right);
-            if !right {
-                if let Some(held) = self.refusals_log.allow(now) {
-                    tracing::warn!(%from, held_back = held, "join refused: wrong password");
+                Some(Credential::Password(password)) => {
+                    // Expensive: checked outside the engine, one at a time, answered later.
+                    self.queue_check(
+                        now,
+                        PendingCheck {
+                            key,
+                            from,
+                            friend,
+                            verifier: v,
+                            password,
+                            ask,
+                        },
+                    );
+                    return;
                 }
-                self.actions.push_back(reject(RejectReason::WrongPassword));
-                return;
+                Some(Credential::Token(token)) => {
+                    // Cheap, but a wrong token is a wrong guess like a wrong password.
+                    if !self.allow_check(now, from, key, friend, nonce, party) {
+                        return;
+                    }
+                    let right = password::check_token(&v, party, &key, &token);
+                    self.guard.checked(&key, from.ip(), right);
+                    if !right {
+                        if let Some(held) = self.refusals_log.allow(now) {
+                            tracing::warn!(%from, held_back = held, "join refused: wrong rejoin token");
+                        }
+                        self.actions.push_back(reject(RejectReason::WrongPassword));
+                        return;
+                    }
+                }
             }
         }
+        self.admit(now, from, key, ask);
+    }
+
+    /// Asks the password budgets whether `key` at `from` may have a check now; sends the
+    /// refusal (or nothing, when the pool is dry) if not.
+    fn allow_check(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        key: [u8; 32],
+        friend: bool,
+        nonce: u64,
+        party: PartyId,
+    ) -> bool {
+        match self.guard.before_check(&key, from.ip(), friend, now) {
+            Verdict::Check => true,
+            Verdict::TooMany => {
+                if let Some(held) = self.refusals_log.allow(now) {
+                    tracing::warn!(%from, held_back = held, "join refused: too many wrong passwords from this key or address");
+                }
+                self.actions.push_back(Action::Send {
+                    to: from,
+                    key,
+                    msg: Message::JoinReject {
+                        nonce,
+                        party,
+                        reason: RejectReason::TooManyAttempts,
+                    },
+                });
+                false
+            }
+            Verdict::Busy => false,
+        }
+    }
+
+    /// Queues a password check (after the budgets) and starts it if none runs. A request for a
+    /// key whose check is already under way (a retransmission) waits for that one; one that
+    /// finds the queue full is dropped uncharged, like one that finds the pool dry: the joiner
+    /// retries a moment later.
+    fn queue_check(&mut self, now: Instant, c: PendingCheck) {
+        if self.checks.has(&c.key) {
+            return;
+        }
+        if !self.checks.room(c.friend) {
+            if let Some(held) = self.refusals_log.allow(now) {
+                tracing::warn!(from = %c.from, held_back = held, "password checks are busy; dropped a join request (the joiner retries)");
+            }
+            return;
+        }
+        if !self.allow_check(now, c.from, c.key, c.friend, c.ask.nonce, c.ask.party) {
+            return;
+        }
+        self.checks.push(c.key, c.friend, c);
+        self.start_check(now);
+    }
+
+    /// Starts the next waiting check that still matters, if none runs.
+    fn start_check(&mut self, now: Instant) {
+        loop {
+            let Some((ticket, c)) = self.checks.start_next(now) else {
+                return;
+            };
+            if check_wanted(&self.state, self.id, c) {
+                self.actions.push_back(Action::CheckPassword {
+                    ticket,
+                    verifier: c.verifier.clone(),
+                    party: c.ask.party,
+                    password: c.password.clone(),
+                });
+                return;
+            }
+            if let Some((friend, c)) = self.checks.finish(ticket) {
+                self.guard.release(&c.key, c.from.ip(), friend);
+            }
+        }
+    }
+
+    /// Gives up a check that never reported back and forgets waiting ones that no longer
+    /// matter (we left, or handed the party over): none costs the joiner a guess.
+    fn tick_checks(&mut self, now: Instant) {
+        if let Some((friend, c)) = self.checks.expire(now) {
+            tracing::warn!(from = %c.from, "a password check did not report back in time; dropped its join request");
+            self.guard.release(&c.key, c.from.ip(), friend);
+        }
+        let my_id = self.id;
+        let current = match &self.state {
+            State::InParty(p) if p.roster.host == my_id => {
+                Some((p.roster.party, p.roster.verifier.clone()))
+            }
+            _ => None,
+        };
+        let dropped = self.checks.drop_waiting(|c| {
+            current
+                .as_ref()
+                .is_some_and(|(party, v)| *party == c.ask.party && v.as_ref() == Some(&c.verifier))
+        });
+        for (friend, c) in dropped {
+            self.guard.release(&c.key, c.from.ip(), friend);
+        }
+        self.start_check(now);
+    }
+
+    /// Lets `key` in (or updates it, if a member), after its credential was checked.
+    fn admit(&mut self, now: Instant, from: SocketAddr, key: [u8; 32], ask: JoinAsk) {
+        let JoinAsk {
+            party,
+            name,
+            mut endpoints,
+            previous_ip,
+            nonce,
+            ..
+        } = ask;
+        let reject = |reason| Action::Send {
+            to: from,
+            key,
+            msg: Message::JoinReject {
+                nonce,
+                party,
+                reason,
+            },
+        };
+        let my_id = self.id;
+        let p = match &mut self.state {
+            State::InParty(p) if p.roster.party == party && p.roster.host == my_id => p,
+            _ => return,
+        };
         // The address it came from is the one that certainly works: put it first.
         endpoints.retain(|e| *e != from);
         endpoints.insert(0, from);
         endpoints.truncate(MAX_ENDPOINTS);
-        let name = clean_name(name).unwrap_or_else(|| "player".to_string());
+        let name = clean_name(&name).unwrap_or_else(|| "player".to_string());
 
         let changed = if let Some(m) = p.roster.members.iter_mut().find(|m| m.key == key) {
             // A retransmitted request, or a member that restarted quickly: keep its address.
@@ -1024,7 +1294,12 @@ impl Engine {
         }
         let accept = Message::JoinAccept {
             nonce,
-            roster: p.roster.clone(),
+            roster: Box::new(p.roster.clone()),
+            token: p
+                .roster
+                .verifier
+                .as_ref()
+                .map(|v| password::token(v, party, &key)),
         };
         self.actions.push_back(Action::Send {
             to: from,
@@ -1043,6 +1318,7 @@ impl Engine {
         key: [u8; 32],
         nonce: u64,
         mut roster: Roster,
+        token: Option<RejoinToken>,
     ) {
         let State::Joining(j) = &self.state else {
             return;
@@ -1062,7 +1338,15 @@ impl Engine {
             }
             return;
         }
-        let (party, by_user, password) = (j.party, j.by_user, j.password.clone());
+        let (party, by_user) = (j.party, j.by_user);
+        // The host's token for us; any member can make it from the verifier, so one that is
+        // missing or does not check out is made here.
+        let my_key = self.cfg.key;
+        let token = roster.verifier.as_ref().map(|v| {
+            token
+                .filter(|t| password::check_token(v, party, &my_key, t))
+                .unwrap_or_else(|| password::token(v, party, &my_key))
+        });
         let mut live = HashMap::new();
         for m in roster.members.iter().filter(|m| m.key != self.cfg.key) {
             live.insert(m.key, PeerLive::new(now, (m.key == key).then_some(from)));
@@ -1072,9 +1356,10 @@ impl Engine {
             tracing::info!(%party, name = %roster.name, ip = %me.ip, "joined the party");
         }
         let max_seen_version = roster.version;
+        // The join (and the password it carried, wiped on drop) ends here.
         self.state = State::InParty(Box::new(InParty {
             roster,
-            password,
+            token,
             live,
             next_heartbeat: now,
             max_seen_version,
@@ -1432,7 +1717,7 @@ impl Engine {
         let State::InParty(p) = &self.state else {
             return;
         };
-        let password = p.password.clone();
+        let credential = p.token.map(Credential::Token);
         let back = p
             .roster
             .members
@@ -1455,7 +1740,7 @@ impl Engine {
                 key: host_key,
                 endpoints,
             },
-            password,
+            credential,
             ip,
             back.map(Fallback::Return),
         );
@@ -1538,7 +1823,8 @@ impl Engine {
         let saved = me.map(|ip| SavedParty {
             party: p.roster.party,
             name: p.roster.name.clone(),
-            password: p.password.clone(),
+            token: p.token,
+            legacy_password: None,
             ip,
             targets: p
                 .roster
@@ -1560,6 +1846,7 @@ impl Engine {
                 .collect(),
             hosted: (p.roster.host == my_id).then(|| SavedHost {
                 verifier: p.roster.verifier.clone(),
+                legacy_verifier: false,
                 since: p
                     .roster
                     .members
@@ -1613,10 +1900,12 @@ impl Engine {
         party: PartyId,
         name: String,
         verifier: Option<PasswordVerifier>,
-        password: Option<String>,
         ip: Ipv4Addr,
     ) {
         self.ipam.remember(self.cfg.key, ip);
+        let token = verifier
+            .as_ref()
+            .map(|v| password::token(v, party, &self.cfg.key));
         let roster = Roster {
             party,
             name,
@@ -1628,7 +1917,7 @@ impl Engine {
         };
         self.state = State::InParty(Box::new(InParty {
             roster,
-            password,
+            token,
             live: HashMap::new(),
             next_heartbeat: now,
             max_seen_version: 1,
@@ -1646,21 +1935,13 @@ impl Engine {
         now: Instant,
         party: PartyId,
         restore: Restore,
-        password: Option<String>,
         ip: Option<Ipv4Addr>,
     ) {
         let ip = ip
             .filter(|ip| self.ipam.is_usable(*ip))
             .unwrap_or_else(|| self.ipam.first());
         tracing::info!(%party, name = %restore.name, %ip, "restored the party we hosted");
-        self.host_new_party(
-            now,
-            party,
-            restore.name,
-            restore.host.verifier.clone(),
-            password,
-            ip,
-        );
+        self.host_new_party(now, party, restore.name, restore.host.verifier.clone(), ip);
         let my_key = self.cfg.key;
         let saved = restore.host;
         if let State::InParty(p) = &mut self.state {
@@ -1691,7 +1972,7 @@ impl Engine {
         let State::InParty(p) = &self.state else {
             return;
         };
-        let (party, password) = (p.roster.party, p.password.clone());
+        let (party, credential) = (p.roster.party, p.token.map(Credential::Token));
         let ip = self.address();
         self.move_to(
             now,
@@ -1700,7 +1981,7 @@ impl Engine {
                 key: host_key,
                 endpoints: vec![from],
             },
-            password,
+            credential,
             ip,
             None,
         );
@@ -1713,7 +1994,7 @@ impl Engine {
         now: Instant,
         party: PartyId,
         target: JoinTarget,
-        password: Option<String>,
+        credential: Option<Credential>,
         ip: Option<Ipv4Addr>,
         fallback: Option<Fallback>,
     ) {
@@ -1725,7 +2006,7 @@ impl Engine {
             now,
             party,
             vec![target],
-            password,
+            credential,
             ip,
             wait,
             false,
@@ -1741,7 +2022,7 @@ impl Engine {
         let Joining {
             party,
             by_user,
-            password,
+            credential,
             previous_ip,
             fallback,
             ..
@@ -1749,7 +2030,7 @@ impl Engine {
         match fallback {
             Some(Fallback::Restore(restore)) => {
                 tracing::info!(%party, "nobody else has the party we hosted; bringing it back");
-                self.restore_party(now, party, restore, password, previous_ip);
+                self.restore_party(now, party, restore, previous_ip);
                 return;
             }
             Some(Fallback::Resume(mut p)) => {
@@ -1773,7 +2054,7 @@ impl Engine {
                     now,
                     party,
                     vec![target],
-                    password,
+                    credential,
                     previous_ip,
                     wait,
                     false,
@@ -1801,7 +2082,7 @@ impl Engine {
         now: Instant,
         party: PartyId,
         targets: Vec<JoinTarget>,
-        password: Option<String>,
+        credential: Option<Credential>,
         previous_ip: Option<Ipv4Addr>,
         wait: Duration,
         by_user: bool,
@@ -1817,7 +2098,7 @@ impl Engine {
         }
         self.state = State::Joining(Box::new(Joining {
             party,
-            password,
+            credential,
             previous_ip,
             nonce: self.rng.gen(),
             targets,
@@ -1839,7 +2120,7 @@ impl Engine {
         let msg = Message::JoinRequest {
             party: j.party,
             name: self.cfg.name.clone(),
-            password: j.password.clone(),
+            credential: j.credential.clone(),
             endpoints: self.endpoints.clone(),
             previous_ip: j.previous_ip,
             nonce: j.nonce,
@@ -1883,13 +2164,31 @@ impl Engine {
 }
 
 /// A join request's fields, for [`Engine::on_join_request`].
-struct JoinAsk<'a> {
+struct JoinAsk {
     party: PartyId,
-    name: &'a str,
-    password: Option<&'a str>,
+    name: String,
+    credential: Option<Credential>,
     endpoints: Vec<SocketAddr>,
     previous_ip: Option<Ipv4Addr>,
     nonce: u64,
+}
+
+/// Whether a check's answer still matters: we (`me`) host its party with its verifier.
+fn check_wanted(state: &State, me: NodeId, c: &PendingCheck) -> bool {
+    matches!(state, State::InParty(p) if p.roster.party == c.ask.party
+        && p.roster.host == me
+        && p.roster.verifier.as_ref() == Some(&c.verifier))
+}
+
+/// A join request waiting for (or in) its password check.
+struct PendingCheck {
+    key: [u8; 32],
+    from: SocketAddr,
+    friend: bool,
+    /// The verifier it is checked against (the join is answered only if it is still ours).
+    verifier: PasswordVerifier,
+    password: Password,
+    ask: JoinAsk,
 }
 
 impl Joining {
@@ -2170,8 +2469,27 @@ mod tests {
         assert_eq!(sim.join(1, 0, party, Some("s3cret")), Ok(()));
     }
 
-    /// A join request from `key` at `from`, straight into node 0's engine; returns its answer.
+    /// A join request from `key` at `from`, straight into node 0's engine; returns its answer
+    /// (running the password check it asks for at once, as an idle check thread would).
     fn guess(sim: &mut Sim, from: SocketAddr, key: [u8; 32], password: &str) -> Option<Message> {
+        ask(
+            sim,
+            from,
+            key,
+            Some(Credential::Password(Password::new(password))),
+            1,
+        )
+    }
+
+    /// A join request with `credential` from `key` at `from` into node 0's engine, nonce
+    /// `nonce`; returns its answer (if it got one), running password checks at once.
+    fn ask(
+        sim: &mut Sim,
+        from: SocketAddr,
+        key: [u8; 32],
+        credential: Option<Credential>,
+        nonce: u64,
+    ) -> Option<Message> {
         let party = sim.roster(0).party;
         let now = sim.now;
         sim.nodes[0].engine.handle_message(
@@ -2181,10 +2499,10 @@ mod tests {
             Message::JoinRequest {
                 party,
                 name: "guesser".into(),
-                password: Some(password.into()),
+                credential,
                 endpoints: vec![],
                 previous_ip: None,
-                nonce: 1,
+                nonce,
             },
         );
         let mut answer = None;
@@ -2192,6 +2510,16 @@ mod tests {
         while let Some(a) = sim.nodes[0].engine.poll_action() {
             match a {
                 Action::Send { to, msg, .. } if to == from => answer = Some(msg),
+                Action::CheckPassword {
+                    ticket,
+                    verifier,
+                    party,
+                    password,
+                } => {
+                    let ok = password::check(&verifier, party, password.as_str());
+                    sim.nodes[0].checks_run += 1;
+                    sim.nodes[0].engine.handle_password_checked(now, ticket, ok);
+                }
                 other => keep.push_back(other),
             }
         }
@@ -2508,13 +2836,14 @@ mod tests {
         sim.nodes[0].up = false; // the "host" speaks another version: nothing else comes back
         sim.settle();
         let from = sim.nodes[0].addr;
-        assert!(sim.nodes[1].engine.handle_version_notice(now, from, 3));
+        let newer = WIRE_VERSION + 1;
+        assert!(sim.nodes[1].engine.handle_version_notice(now, from, newer));
         sim.advance(Duration::from_secs(2));
         assert_eq!(
             sim.nodes[1].finished.pop(),
-            Some(Err(JoinError::ProtocolMismatch { theirs: 3 }))
+            Some(Err(JoinError::ProtocolMismatch { theirs: newer }))
         );
-        assert!(JoinError::ProtocolMismatch { theirs: 3 }
+        assert!(JoinError::ProtocolMismatch { theirs: newer }
             .to_string()
             .contains("update lanrage on this node"));
         assert!(JoinError::ProtocolMismatch { theirs: 1 }

@@ -413,8 +413,15 @@ impl Engine {
                 });
             }
         }
-        let password = p.password.clone();
-        self.move_to(now, party, target, password, ip, Some(Fallback::Resume(p)));
+        let credential = p.token.map(crate::wire::Credential::Token);
+        self.move_to(
+            now,
+            party,
+            target,
+            credential,
+            ip,
+            Some(Fallback::Resume(p)),
+        );
     }
 }
 

@@ -7,6 +7,8 @@
 //! - [`ipam`]: virtual addresses; [`password`]: verifiers.
 
 pub mod admission;
+#[cfg(test)]
+mod auth_tests;
 pub mod engine;
 pub mod ipam;
 pub mod merge;

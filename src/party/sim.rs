@@ -14,8 +14,8 @@ use crate::ids::PartyId;
 use crate::party::engine::{
     Action, Engine, EngineConfig, Hosted, JoinTarget, PeerSpec, SavedParty,
 };
-use crate::party::JoinError;
-use crate::wire::{Message, Roster};
+use crate::party::{password, JoinError};
+use crate::wire::{Message, Password, PasswordVerifier, Roster};
 
 pub(super) const HB: Duration = Duration::from_secs(1);
 pub(super) const TIMEOUT: Duration = Duration::from_secs(4);
@@ -44,6 +44,20 @@ pub(super) struct SimNode {
     pub(super) saved: Option<SavedParty>,
     /// Every message this node sent: (to, message).
     pub(super) sent: Vec<(SocketAddr, Message)>,
+    /// Password checks the engine asked for and the "daemon" has not run yet.
+    pub(super) checks: VecDeque<PasswordCheck>,
+    /// Leave checks pending (a slow check thread) instead of running them in `settle`.
+    pub(super) hold_checks: bool,
+    /// Password checks run so far.
+    pub(super) checks_run: usize,
+}
+
+/// An [`Action::CheckPassword`] waiting for the sim to run it.
+pub(super) struct PasswordCheck {
+    pub(super) ticket: u64,
+    pub(super) verifier: PasswordVerifier,
+    pub(super) party: PartyId,
+    pub(super) password: Password,
 }
 
 /// 32 bytes derived from a seed and a label.
@@ -95,6 +109,9 @@ impl Sim {
             hosted: None,
             saved: None,
             sent: vec![],
+            checks: VecDeque::new(),
+            hold_checks: false,
+            checks_run: 0,
         });
         i
     }
@@ -118,6 +135,7 @@ impl Sim {
         let (key, addr) = (self.nodes[i].key, self.nodes[i].addr);
         self.nodes[i].engine = self.engine(i, key, addr, boot);
         self.nodes[i].up = true;
+        self.nodes[i].checks.clear();
     }
 
     fn reaches(&self, from: usize, to: usize) -> bool {
@@ -142,6 +160,17 @@ impl Sim {
                 Action::Peers(p) => n.peers = p,
                 Action::Announce(h) => n.hosted = h,
                 Action::Persist(s) => n.saved = s,
+                Action::CheckPassword {
+                    ticket,
+                    verifier,
+                    party,
+                    password,
+                } => n.checks.push_back(PasswordCheck {
+                    ticket,
+                    verifier,
+                    party,
+                    password,
+                }),
             }
         }
         out
@@ -156,7 +185,8 @@ impl Sim {
                     sent.push((i, to, key, msg));
                 }
             }
-            if sent.is_empty() {
+            let checked = self.run_checks();
+            if sent.is_empty() && !checked {
                 return;
             }
             for (from, to, key, msg) in sent {
@@ -177,6 +207,22 @@ impl Sim {
             }
         }
         panic!("simulation did not settle");
+    }
+
+    /// Runs the password checks of every live node that does not hold them, as the daemon's
+    /// blocking thread would, and reports them back; whether any ran.
+    pub(super) fn run_checks(&mut self) -> bool {
+        let now = self.now;
+        let mut any = false;
+        for n in self.nodes.iter_mut().filter(|n| n.up && !n.hold_checks) {
+            while let Some(c) = n.checks.pop_front() {
+                let ok = password::check(&c.verifier, c.party, c.password.as_str());
+                n.checks_run += 1;
+                n.engine.handle_password_checked(now, c.ticket, ok);
+                any = true;
+            }
+        }
+        any
     }
 
     /// One 250 ms tick: timers of every live node, then delivery.
