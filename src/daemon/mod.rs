@@ -186,6 +186,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         sent: HashSet::new(),
         party_sync: None,
         pending_apply: None,
+        advertised: Vec::new(),
         tunnel,
         mdns,
         file,
@@ -365,6 +366,8 @@ struct Control {
     sent: HashSet<(SocketAddr, [u8; 32], Vec<u8>)>,
     party_sync: Option<PartySync>,
     pending_apply: Option<PendingApply>,
+    /// Our endpoints as last given to the engine (LAN and STUN-mapped).
+    advertised: Vec<SocketAddr>,
     tunnel: Arc<Tunnel>,
     mdns: Option<Arc<Mdns>>,
     file: Option<Arc<DiscoveryFile>>,
@@ -444,6 +447,13 @@ impl Control {
             }
             self.drain().await;
             self.net.flush(&self.tunnel, Instant::now()).await;
+            let advertised = self.net.advertised();
+            if advertised != self.advertised {
+                // NAT detection found (or lost) our public address: members and joiners learn
+                // it with our endpoints.
+                self.advertised = advertised.clone();
+                self.engine.set_endpoints(advertised);
+            }
         }
     }
 

@@ -298,10 +298,17 @@ impl Net {
             if let Some(r) = &report {
                 tracing::info!(nat = %r.nat_type, public = ?r.public, "NAT detected");
             }
+            let moved = report.as_ref().and_then(|r| r.public) != self.public_endpoint();
             self.nat_report = report;
             let adv = self.advertised();
             if let Some(r) = &mut self.rdv {
                 r.set_endpoints(adv, now);
+                if moved {
+                    // Members behind filtering NATs learn our new public address only from us.
+                    for key in self.members.iter().chain(self.applicants.keys()) {
+                        r.signal(PeerId::from_public_key(key), None);
+                    }
+                }
             }
         }
     }
@@ -468,15 +475,23 @@ impl Net {
     /// Sends what the parts want sent, applies the path layer's decisions to the tunnel, and
     /// starts due control-server calls.
     pub async fn flush(&mut self, tunnel: &Tunnel, now: Instant) {
-        while let Some(t) = self.paths.poll_transmit() {
-            tunnel.send_control(&t.bytes, t.to).await;
-        }
-        while let Some((to, bytes)) = self.nat.poll_transmit() {
-            tunnel.send_control(&bytes, to).await;
-        }
+        // Events first: a transmit to a relay session may need the route its event sets.
         while let Some(ev) = self.paths.poll_event() {
             match ev {
-                PathEvent::Endpoint { key, endpoint } => tunnel.set_endpoint(&key, endpoint),
+                PathEvent::Endpoint { key, endpoint } => {
+                    let lost_direct = endpoint.as_ref().is_some_and(vaddr::is_virtual)
+                        && tunnel
+                            .peer_status(&key)
+                            .and_then(|t| t.endpoint)
+                            .is_some_and(|e| !vaddr::is_virtual(&e));
+                    tracing::debug!(peer = %PeerId::from_public_key(&key), ?endpoint, "path changed");
+                    tunnel.set_endpoint(&key, endpoint);
+                    if lost_direct {
+                        // Our NAT may have moved us (renumbered, table flushed): measure again
+                        // and tell everyone the new address, so direct paths come back.
+                        self.nat.restart(self.local.clone(), now);
+                    }
+                }
                 PathEvent::RelayRoute { session, relay } => tunnel.set_relay_route(session, relay),
                 PathEvent::NeedRelaySession { key } => {
                     let id = PeerId::from_public_key(&key);
@@ -484,9 +499,16 @@ impl Net {
                         r.want_session(id, true, now);
                     }
                 }
-                #[allow(unreachable_patterns)]
-                _ => {}
+                PathEvent::Reflexive { key, addr } => {
+                    tracing::debug!(peer = %PeerId::from_public_key(&key), %addr, "a peer sees us at");
+                }
             }
+        }
+        while let Some(t) = self.paths.poll_transmit() {
+            tunnel.send_control(&t.bytes, t.to).await;
+        }
+        while let Some((to, bytes)) = self.nat.poll_transmit() {
+            tunnel.send_control(&bytes, to).await;
         }
         let (Some(r), Some(api)) = (&mut self.rdv, &self.api) else {
             return;
