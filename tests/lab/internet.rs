@@ -153,6 +153,38 @@ pub fn relay_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("lanrage-relay"))
 }
 
+/// Warn (once per process) when the relay binary is older than its sources: `cargo test
+/// --test netns_internet` alone does not rebuild it.
+fn warn_if_stale(relay: &Path) {
+    static WARNED: OnceLock<()> = OnceLock::new();
+    WARNED.get_or_init(|| {
+        let Ok(built) = fs::metadata(relay).and_then(|m| m.modified()) else {
+            return;
+        };
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut dirs = vec![root.join("relay/src"), root.join("proto/src")];
+        while let Some(dir) = dirs.pop() {
+            for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t > built)
+                {
+                    eprintln!(
+                        "WARNING: {} is older than {}: run `cargo build -p lanrage-relay`",
+                        relay.display(),
+                        path.display()
+                    );
+                    return;
+                }
+            }
+        }
+    });
+}
+
 /// Run `nft -f FILE` with `script` in namespace `ns`; panics with nft's message on failure.
 fn nft_script(ns: &str, dir: &Path, name: &str, script: &str) {
     let path = dir.join(format!("{name}.nft"));
@@ -208,6 +240,7 @@ impl Internet {
             eprintln!("SKIPPED internet lab test `{tag}`: {problem}");
             return None;
         }
+        warn_if_stale(&relay);
         let prefix = unique_prefix(tag);
         let shared = tempfile::Builder::new()
             .prefix(&format!("{prefix}-shared-"))
@@ -558,6 +591,21 @@ impl Internet {
             .child
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The relay's process id while it runs (the child is the relay itself: `ip netns exec`
+    /// execs it).
+    pub fn relay_pid(&mut self) -> Option<u32> {
+        if self.relay_running() {
+            self.relay.child.as_ref().map(Child::id)
+        } else {
+            None
+        }
+    }
+
+    /// Names of every namespace of the lab (internet, routers, hosts).
+    pub fn namespaces(&self) -> Vec<String> {
+        self.created.clone()
     }
 
     /// The relay's `/metrics` text.
