@@ -16,6 +16,8 @@
 //! ```
 //!
 //! Router kinds ([`NatKind`]), in nftables terms:
+//! - `Open`: no router and no NAT: the host's namespace sits on the internet bridge itself,
+//!   with its public address on `wan` (renumbering changes the host's own address).
 //! - `Cone`: `masquerade` (Linux keeps the source port where it can: endpoint-independent
 //!   mapping; conntrack lets in only replies: address-and-port-dependent filtering, so RFC 5780
 //!   tools and the daemon call it "port-restricted").
@@ -73,6 +75,8 @@ const RELAY_STARTUP: Duration = Duration::from_secs(20);
 /// How a router translates addresses; see the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NatKind {
+    /// No NAT: the host itself sits on the internet bridge (its "router" is its own namespace).
+    Open,
     Cone,
     Symmetric,
     Forwarded,
@@ -83,6 +87,7 @@ impl NatKind {
     /// The `node.nat_type` a daemon behind this router must report (issue 7).
     pub fn expected_nat_type(self) -> &'static str {
         match self {
+            NatKind::Open => "open",
             NatKind::Cone => "port-restricted",
             NatKind::Forwarded => "full-cone",
             NatKind::Symmetric | NatKind::Sequential => "symmetric",
@@ -103,7 +108,7 @@ pub struct Router {
     pub kind: NatKind,
     /// Current public address (changes with [`Internet::renumber`]).
     pub public_ip: Ipv4Addr,
-    /// The LAN's /27 and the router's address in it.
+    /// The LAN's /27 and the router's address in it (for `Open`: the public address).
     pub lan_net: Ipv4Addr,
     pub gateway: Ipv4Addr,
     /// Indices of the hosts behind it.
@@ -116,6 +121,7 @@ pub struct Host {
     pub index: usize,
     pub ns: String,
     pub router: usize,
+    /// Its address on its LAN (for an `Open` host: its public address).
     pub lan_ip: Ipv4Addr,
 }
 
@@ -320,13 +326,23 @@ impl Internet {
         let (lan_net, public_ip) = (lan_net(k), Ipv4Addr::new(203, 0, 113, 10 + k as u8));
         let o = lan_net.octets();
         let gateway = Ipv4Addr::new(o[0], o[1], o[2], o[3] + 1);
-        let ns = format!("{}-r{k}", self.prefix);
+        let open = kind == NatKind::Open;
+        assert!(!open || hosts == 1, "an Open \"router\" is its one host");
+        // An open host is its own router: its namespace is the host's, its `wan` the host's
+        // only interface.
+        let ns = if open {
+            format!("{}-{}", self.prefix, self.hosts.len())
+        } else {
+            format!("{}-r{k}", self.prefix)
+        };
         self.add_ns(&ns);
         set_sysctls(
             &ns,
             &[
-                ("net/ipv4/ip_forward", "1"),
+                ("net/ipv4/ip_forward", if open { "0" } else { "1" }),
                 ("net/ipv6/conf/all/forwarding", "0"),
+                ("net/ipv6/conf/all/accept_dad", "0"),
+                ("net/ipv6/conf/default/accept_dad", "0"),
             ],
         );
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
@@ -357,6 +373,29 @@ impl Internet {
             "wan",
         ]);
         ip(&["-n", &ns, "link", "set", "wan", "up"]);
+        if open {
+            let i = self.hosts.len();
+            self.hosts.push(Host {
+                index: i,
+                ns: ns.clone(),
+                router: k,
+                lan_ip: public_ip,
+            });
+            self.nodes.push(None);
+            let router = Router {
+                index: k,
+                ns: ns.clone(),
+                kind,
+                public_ip,
+                lan_net: public_ip,
+                gateway: public_ip,
+                hosts: vec![i],
+            };
+            let script = self.router_ruleset(&router);
+            nft_script(&ns, &self.dir(), &format!("router{k}"), &script);
+            self.routers.push(router);
+            return;
+        }
         ip(&[
             "-n",
             &ns,
@@ -445,6 +484,15 @@ impl Internet {
 
     /// The router's whole ruleset (NAT for its kind, firewall, counter).
     fn router_ruleset(&self, r: &Router) -> String {
+        if r.kind == NatKind::Open {
+            // No NAT, no firewall; the counter counts what the host sends out.
+            return "table ip lrnat {\n  chain postrouting {\n    type nat hook postrouting \
+                    priority srcnat; policy accept;\n  }\n}\n\
+                    table inet lrfw {\n  counter to_internet {\n  }\n  chain output {\n    \
+                    type filter hook output priority filter; policy accept;\n    \
+                    oifname \"wan\" counter name \"to_internet\"\n  }\n}\n"
+                .to_owned();
+        }
         let prerouting = match r.kind {
             NatKind::Forwarded => format!(
                 "    iifname \"wan\" udp dport {LISTEN_PORT} dnat to {}:{LISTEN_PORT}\n",
@@ -657,6 +705,12 @@ impl Internet {
         ip(&["-n", &ns, "addr", "del", &format!("{old}/24"), "dev", "wan"]);
         ip(&["-n", &ns, "addr", "add", &format!("{new}/24"), "dev", "wan"]);
         self.routers[k].public_ip = new;
+        if self.routers[k].kind == NatKind::Open {
+            let i = self.routers[k].hosts[0];
+            self.hosts[i].lan_ip = new;
+            self.routers[k].lan_net = new;
+            self.routers[k].gateway = new;
+        }
         let script = format!(
             "flush chain ip lrnat postrouting\ntable ip lrnat {{\n  chain postrouting {{\n{}  }}\n}}\n",
             postrouting_rules(self.routers[k].kind, new)
@@ -678,7 +732,8 @@ impl Internet {
         exec_in(&self.routers[k].ns, &["conntrack", "-L", "-p", "udp"]).stdout
     }
 
-    /// Packets router `k` has forwarded out of its WAN port so far.
+    /// Packets router `k` has forwarded out of its WAN port so far (for an `Open` host: packets
+    /// it sent out).
     pub fn forwarded_to_internet(&self, k: usize) -> u64 {
         let out = exec_in(
             &self.routers[k].ns,
@@ -815,6 +870,7 @@ fn lan_net(k: usize) -> Ipv4Addr {
 /// The `postrouting` rules of a router of `kind` with public address `public`.
 fn postrouting_rules(kind: NatKind, public: Ipv4Addr) -> String {
     match kind {
+        NatKind::Open => String::new(),
         NatKind::Cone | NatKind::Forwarded => "    oifname \"wan\" masquerade\n".to_owned(),
         NatKind::Symmetric => "    oifname \"wan\" masquerade random,fully-random\n".to_owned(),
         NatKind::Sequential => {
