@@ -332,10 +332,21 @@ fn lab_routers_are_classified_by_natdiscovery() {
         return;
     };
     let mut report = String::new();
-    for i in 0..lab.len() {
+    // All hosts at once (each filtering test waits for two timeouts); mapping before filtering
+    // on each host.
+    let outputs: Vec<(CmdOutput, CmdOutput)> = std::thread::scope(|scope| {
+        let lab = &lab;
+        let runs: Vec<_> = (0..lab.len())
+            .map(|i| {
+                scope.spawn(move || (lab.natdiscovery(i, &["-m"]), lab.natdiscovery(i, &["-f"])))
+            })
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().expect("natdiscovery thread"))
+            .collect()
+    });
+    for (i, (m, f)) in outputs.into_iter().enumerate() {
         let kind = lab.router_of(i).kind;
-        let m = lab.natdiscovery(i, &["-m"]);
-        let f = lab.natdiscovery(i, &["-f"]);
         let verdicts = |o: &CmdOutput| -> Vec<String> {
             o.stdout
                 .lines()
