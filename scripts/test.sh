@@ -37,6 +37,7 @@ trap on_exit EXIT
 declare -A want=(
   [ip]=iproute2
   [nft]=nftables
+  [conntrack]=conntrack
   [ping]=iputils-ping
   [iperf3]=iperf3
   [wireguard-go]=wireguard-go

@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod internet;
 pub mod rawpeer;
 
 /// The daemon binary built by cargo for these tests.
@@ -164,6 +165,52 @@ fn sweep_stale_namespaces() {
     }
 }
 
+/// Whether the netns tests can run here: root, `ip`, `ping`, `/dev/net/tun`, working
+/// `ip netns`, plus `extra` (tool, Debian package) pairs. When not, prints why and returns false
+/// (the test then passes vacuously), unless `CI` or `LANRAGE_REQUIRE_NETNS` is set: then it
+/// panics. Also sweeps namespaces left by killed test runs, once per process.
+pub fn environment_ok(tag: &str, extra: &[(&str, &str)]) -> bool {
+    let problem = ENV_PROBLEM
+        .get_or_init(environment_problem)
+        .clone()
+        .or_else(|| {
+            extra
+                .iter()
+                .find(|(tool, _)| !on_path(tool))
+                .map(|(tool, package)| {
+                    format!("`{tool}` not found on PATH (apt-get install {package})")
+                })
+        });
+    if let Some(problem) = problem {
+        if netns_required() {
+            panic!(
+                "network-namespace test `{tag}` cannot run: {problem}. CI (or \
+                 LANRAGE_REQUIRE_NETNS) is set, so this is a failure, not a skip."
+            );
+        }
+        eprintln!(
+            "SKIPPED netns test `{tag}`: {problem}. Run as root on Linux with iproute2 and \
+             iputils-ping (scripts/test.sh installs them); set CI=1 to make this an error."
+        );
+        return false;
+    }
+    STALE_SWEEP.get_or_init(sweep_stale_namespaces);
+    true
+}
+
+/// A namespace-name prefix unique to this process and call: `lr<pid>-<tag><n>` (the stale
+/// sweep recognises the `lr<pid>-` part). `tag` is cut to 10 lower-case alphanumerics.
+pub fn unique_prefix(tag: &str) -> String {
+    let tag: String = tag
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(10)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let seq = SEQ.fetch_add(1, Ordering::SeqCst);
+    format!("lr{}-{tag}{seq}", std::process::id())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Small generic helpers
 // ---------------------------------------------------------------------------------------------
@@ -244,7 +291,7 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> CmdOutput {
 }
 
 /// Run `ip` with `args`; panic with its stderr on failure (used to build the lab).
-fn ip(args: &[&str]) {
+pub fn ip(args: &[&str]) {
     let out = run(Command::new("ip").args(args), Duration::from_secs(20));
     assert!(
         out.success(),
@@ -462,6 +509,8 @@ pub struct NodeOpts {
     pub operator_group: Option<String>,
     /// Extra environment variables for the daemon (e.g. a fake clock).
     pub env: Vec<(String, String)>,
+    /// `control.server` (the control server's URL); unset = no `[control]` section at all.
+    pub control_server: Option<String>,
 }
 
 impl NodeOpts {
@@ -479,7 +528,14 @@ impl NodeOpts {
             api: API.to_owned(),
             operator_group: None,
             env: Vec::new(),
+            control_server: None,
         }
+    }
+
+    /// Sets `[control] server = url`.
+    pub fn control_server(mut self, url: &str) -> Self {
+        self.control_server = Some(url.to_owned());
+        self
     }
 
     /// Sets an environment variable for the daemon.
@@ -526,6 +582,10 @@ impl NodeOpts {
         let _ = writeln!(s, "\n[timers]");
         let _ = writeln!(s, "heartbeat_secs = {}", self.heartbeat_secs);
         let _ = writeln!(s, "peer_timeout_secs = {}", self.peer_timeout_secs);
+        if let Some(url) = &self.control_server {
+            let _ = writeln!(s, "\n[control]");
+            let _ = writeln!(s, "server = {url:?}");
+        }
         s
     }
 }
@@ -549,6 +609,44 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node for host `index` in namespace `ns`, not started yet: writes its config into a new
+    /// temp dir named after `prefix` (the lab's namespace prefix). `discovery_file` is used
+    /// when `opts.discovery_file` is set.
+    pub fn prepare(
+        prefix: &str,
+        index: usize,
+        ns: &str,
+        underlay_ip: String,
+        opts: NodeOpts,
+        discovery_file: &Path,
+    ) -> Node {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-{index}-{}-", opts.name))
+            .tempdir()
+            .expect("node temp dir");
+        let dir = tmp.path().to_path_buf();
+        let state_dir = dir.join("state");
+        fs::create_dir_all(&state_dir).expect("state dir");
+        let config_path = dir.join("lanrage.toml");
+        fs::write(&config_path, opts.to_toml(&state_dir, discovery_file)).expect("write config");
+        let opts_env = opts.env.clone();
+        Node {
+            index,
+            ns: ns.to_owned(),
+            name: opts.name.clone(),
+            underlay_ip,
+            opts,
+            log_path: dir.join("daemon.log"),
+            config_path,
+            state_dir,
+            dir,
+            tmp: Some(tmp),
+            child: Mutex::new(None),
+            starts: AtomicUsize::new(0),
+            env: Mutex::new(opts_env),
+        }
+    }
+
     /// Start the daemon (`ip netns exec NS lanrage up --config FILE`) and wait until its API
     /// answers `status`. Panics (with the log tail) if it exits or does not come up in time.
     ///
@@ -947,29 +1045,10 @@ impl Lab {
             (1..=200).contains(&hosts),
             "a lab has 1..=200 hosts, not {hosts}"
         );
-        if let Some(problem) = ENV_PROBLEM.get_or_init(environment_problem) {
-            if netns_required() {
-                panic!(
-                    "network-namespace test `{tag}` cannot run: {problem}. CI (or \
-                     LANRAGE_REQUIRE_NETNS) is set, so this is a failure, not a skip."
-                );
-            }
-            eprintln!(
-                "SKIPPED netns test `{tag}`: {problem}. Run as root on Linux with iproute2 and \
-                 iputils-ping (scripts/test.sh installs them); set CI=1 to make this an error."
-            );
+        if !environment_ok(tag, &[]) {
             return None;
         }
-        STALE_SWEEP.get_or_init(sweep_stale_namespaces);
-
-        let tag: String = tag
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .take(10)
-            .collect::<String>()
-            .to_ascii_lowercase();
-        let seq = SEQ.fetch_add(1, Ordering::SeqCst);
-        let prefix = format!("lr{}-{tag}{seq}", std::process::id());
+        let prefix = unique_prefix(tag);
         let shared = tempfile::Builder::new()
             .prefix(&format!("{prefix}-shared-"))
             .tempdir()
@@ -1126,35 +1205,14 @@ impl Lab {
     /// Write host `i`'s config and start its daemon (see [`Node::start`]).
     pub fn spawn(&mut self, i: usize, opts: NodeOpts) -> &Node {
         assert!(self.nodes[i].is_none(), "host {i} already has a node");
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("{}-{i}-{}-", self.prefix, opts.name))
-            .tempdir()
-            .expect("node temp dir");
-        let dir = tmp.path().to_path_buf();
-        let state_dir = dir.join("state");
-        fs::create_dir_all(&state_dir).expect("state dir");
-        let config_path = dir.join("lanrage.toml");
-        fs::write(
-            &config_path,
-            opts.to_toml(&state_dir, &self.discovery_file()),
-        )
-        .expect("write config");
-        let opts_env = opts.env.clone();
-        let node = Node {
-            index: i,
-            ns: self.hosts[i].clone(),
-            name: opts.name.clone(),
-            underlay_ip: underlay_ip(i),
+        let node = Node::prepare(
+            &self.prefix,
+            i,
+            &self.hosts[i],
+            underlay_ip(i),
             opts,
-            log_path: dir.join("daemon.log"),
-            config_path,
-            state_dir,
-            dir,
-            tmp: Some(tmp),
-            child: Mutex::new(None),
-            starts: AtomicUsize::new(0),
-            env: Mutex::new(opts_env),
-        };
+            &self.discovery_file(),
+        );
         self.nodes[i] = Some(node);
         let node = self.nodes[i].as_ref().expect("just set");
         node.start();
@@ -1222,36 +1280,9 @@ impl Lab {
     {
         spawn_in_netns(&self.hosts[i], f)
     }
-
-    fn dump_logs(&self) {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "\n######## lab {}: test failed; node logs ########",
-            self.prefix
-        );
-        for node in self.nodes.iter().flatten() {
-            let _ = writeln!(
-                out,
-                "-------- {} (host {}, ns {}, {}), last {LOG_TAIL_LINES} lines of {} --------",
-                node.name,
-                node.index,
-                node.ns,
-                match node.exit_status() {
-                    Some(s) => format!("exited: {s}"),
-                    None if node.is_running() => "running".to_string(),
-                    None => "not running".to_string(),
-                },
-                node.log_path.display()
-            );
-            let _ = writeln!(out, "{}", node.log_tail(LOG_TAIL_LINES));
-        }
-        let _ = writeln!(out, "######## end of lab {} logs ########", self.prefix);
-        eprintln!("{out}");
-    }
 }
 
-fn set_sysctls(ns: &str, settings: &[(&str, &str)]) {
+pub fn set_sysctls(ns: &str, settings: &[(&str, &str)]) {
     let settings: Vec<(String, String)> = settings
         .iter()
         .map(|(k, v)| (format!("/proc/sys/{k}"), v.to_string()))
@@ -1268,47 +1299,103 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let failed = thread::panicking();
         if failed {
-            self.dump_logs();
+            dump_logs(&self.prefix, self.nodes.iter().flatten(), &[]);
         }
-        for node in self.nodes.iter().flatten() {
-            node.kill_quietly();
-            // A killed daemon cannot remove its API token file; the namespace (and so the
-            // name's inode) is still there, so this is that daemon's file.
-            let port = node.opts.api.parse::<SocketAddr>().map(|a| a.port());
-            if let Some(path) = port.ok().and_then(|p| token_file_path(&node.ns, p)) {
-                let _ = fs::remove_file(path);
-            }
+        teardown(self.nodes.iter().flatten(), &self.created);
+        keep_or_remove_dirs(failed, self.nodes.iter_mut().flatten(), self.shared.take());
+    }
+}
+
+/// Print the tail of every node's log, and of each `(title, path)` in `extra`, to stderr
+/// (called by a lab's `Drop` when the test failed).
+pub fn dump_logs<'a>(
+    prefix: &str,
+    nodes: impl Iterator<Item = &'a Node>,
+    extra: &[(String, PathBuf)],
+) {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n######## lab {prefix}: test failed; node logs ########"
+    );
+    for node in nodes {
+        let _ = writeln!(
+            out,
+            "-------- {} (host {}, ns {}, {}), last {LOG_TAIL_LINES} lines of {} --------",
+            node.name,
+            node.index,
+            node.ns,
+            match node.exit_status() {
+                Some(s) => format!("exited: {s}"),
+                None if node.is_running() => "running".to_string(),
+                None => "not running".to_string(),
+            },
+            node.log_path.display()
+        );
+        let _ = writeln!(out, "{}", node.log_tail(LOG_TAIL_LINES));
+    }
+    for (title, path) in extra {
+        let _ = writeln!(
+            out,
+            "-------- {title}, last {LOG_TAIL_LINES} lines of {} --------",
+            path.display()
+        );
+        let _ = writeln!(out, "{}", tail(path, LOG_TAIL_LINES));
+    }
+    let _ = writeln!(out, "######## end of lab {prefix} logs ########");
+    eprintln!("{out}");
+}
+
+/// Tear a lab down: kill `nodes` (removing the API token files killed daemons leave), kill any
+/// other process in `namespaces` by pid, delete the namespaces (in reverse order of creation).
+pub fn teardown<'a>(nodes: impl Iterator<Item = &'a Node>, namespaces: &[String]) {
+    for node in nodes {
+        node.kill_quietly();
+        // A killed daemon cannot remove its API token file; the namespace (and so the
+        // name's inode) is still there, so this is that daemon's file.
+        let port = node.opts.api.parse::<SocketAddr>().map(|a| a.port());
+        if let Some(path) = port.ok().and_then(|p| token_file_path(&node.ns, p)) {
+            let _ = fs::remove_file(path);
         }
-        for ns in self.created.iter().rev() {
-            // Anything else still running in our namespaces was started by this test
-            // (ping, CLI, helpers): kill it by pid so the namespace can really go away.
-            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    if let Ok(pid) = pid.parse::<libc::pid_t>() {
-                        // SAFETY: sending a signal has no memory-safety preconditions.
-                        unsafe {
-                            libc::kill(pid, libc::SIGKILL);
-                        }
+    }
+    for ns in namespaces.iter().rev() {
+        // Anything else still running in our namespaces was started by this test
+        // (ping, CLI, helpers): kill it by pid so the namespace can really go away.
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<libc::pid_t>() {
+                    // SAFETY: sending a signal has no memory-safety preconditions.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
                     }
                 }
             }
-            let out = Command::new("ip").args(["netns", "del", ns]).output();
-            if !out.as_ref().is_ok_and(|o| o.status.success()) {
-                eprintln!("lab: could not delete namespace {ns}: {out:?}");
-            }
         }
-        let keep = failed && std::env::var_os("LANRAGE_LAB_KEEP").is_some();
-        for node in self.nodes.iter_mut().flatten() {
-            if let Some(tmp) = node.tmp.take() {
-                if keep {
-                    eprintln!("lab: kept {} ({})", tmp.keep().display(), node.name);
-                }
-            }
+        let out = Command::new("ip").args(["netns", "del", ns]).output();
+        if !out.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("lab: could not delete namespace {ns}: {out:?}");
         }
-        if let Some(shared) = self.shared.take() {
+    }
+}
+
+/// After [`teardown`]: keep the temp dirs of `nodes` and `shared` when the test `failed` and
+/// `LANRAGE_LAB_KEEP` is set (printing where), else let them be deleted.
+pub fn keep_or_remove_dirs<'a>(
+    failed: bool,
+    nodes: impl Iterator<Item = &'a mut Node>,
+    shared: Option<tempfile::TempDir>,
+) {
+    let keep = failed && std::env::var_os("LANRAGE_LAB_KEEP").is_some();
+    for node in nodes {
+        if let Some(tmp) = node.tmp.take() {
             if keep {
-                eprintln!("lab: kept {}", shared.keep().display());
+                eprintln!("lab: kept {} ({})", tmp.keep().display(), node.name);
             }
+        }
+    }
+    if let Some(shared) = shared {
+        if keep {
+            eprintln!("lab: kept {}", shared.keep().display());
         }
     }
 }
