@@ -26,11 +26,13 @@ const RELAYS_EVERY: Duration = Duration::from_secs(600);
 /// Heartbeat period (the relay's default member timeout is 60 s: a third of it, with margin).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
 /// First retry after a failed call; doubles up to [`MAX_BACKOFF`].
-const MIN_BACKOFF: Duration = Duration::from_millis(500);
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest wait between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Long-poll length of the signal inbox.
 pub const SIGNAL_WAIT: Duration = Duration::from_secs(20);
+/// Longest wait between two requests for a relay session that was refused.
+const MAX_SESSION_BACKOFF: Duration = Duration::from_secs(2);
 /// Most relay sessions wanted at once (members plus applicants).
 const MAX_SESSIONS: usize = 64;
 /// Most signals queued for sending.
@@ -409,6 +411,14 @@ impl Rendezvous {
         );
     }
 
+    /// The membership changed (someone may just have been admitted): refused session requests
+    /// are tried again soon instead of after their backoff.
+    pub fn nudge_sessions(&mut self, now: Instant) {
+        for w in self.sessions.values_mut().filter(|w| !w.have) {
+            w.next_try = w.next_try.min(now + MIN_BACKOFF);
+        }
+    }
+
     /// `peer` is gone: stop asking for a session with it.
     pub fn forget_session(&mut self, peer: &PeerId) {
         self.sessions.remove(peer);
@@ -739,9 +749,10 @@ impl Rendezvous {
             }
             (Call::Session { peer, .. }, res) => {
                 let hint = res.err().and_then(|e| e.retry_after);
+                // Usually a 403 while the host's new membership is on its way: retry soon.
                 if let Some(w) = self.sessions.get_mut(&peer) {
                     w.next_try = now + hint.unwrap_or(w.backoff);
-                    w.backoff = (w.backoff * 2).min(Duration::from_secs(8));
+                    w.backoff = (w.backoff * 2).min(MAX_SESSION_BACKOFF);
                 }
             }
             (Call::Leave { .. }, _) => {}

@@ -97,11 +97,7 @@ impl Net {
         Net {
             our_key,
             secret,
-            paths: Paths::new(
-                PathConfig::new(our_key),
-                now,
-                rand::random(),
-            ),
+            paths: Paths::new(PathConfig::new(our_key), now, rand::random()),
             nat,
             nat_report: None,
             stun_override,
@@ -216,6 +212,9 @@ impl Net {
             self.add_path_peer(*key, endpoints, now);
         }
         self.members = wanted;
+        if let Some(r) = &mut self.rdv {
+            r.nudge_sessions(now);
+        }
     }
 
     fn drop_peer(&mut self, key: &[u8; 32]) {
@@ -380,7 +379,11 @@ impl Net {
                         now,
                     );
                 }
-                Event::RosterChanged => {}
+                Event::RosterChanged => {
+                    if let Some(r) = &mut self.rdv {
+                        r.nudge_sessions(now);
+                    }
+                }
             }
         }
     }

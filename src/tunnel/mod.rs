@@ -281,17 +281,18 @@ impl Tunnel {
     }
 
     /// The path layer's decision: send `key`'s packets to `endpoint` (direct or virtual). A peer
-    /// that gets its first endpoint starts its handshake at once.
+    /// without a WireGuard session starts (or repeats) its handshake at once down the new path,
+    /// instead of waiting out WireGuard's 5 s retry of one sent where nothing answers.
     pub fn set_endpoint(&self, key: &[u8; 32], endpoint: Option<SocketAddr>) {
         let peer = self.peers.read().by_key(key).cloned();
         let Some(peer) = peer else { return };
         let was = std::mem::replace(&mut *peer.endpoint.lock(), endpoint);
         *peer.reported.lock() = None;
-        if was.is_none()
+        if was != endpoint
             && endpoint.is_some()
             && peer.tunn.lock().time_since_last_handshake().is_none()
         {
-            self.start_handshake(&peer);
+            self.send_handshake(&peer, true);
         }
     }
 
@@ -364,11 +365,16 @@ impl Tunnel {
     }
 
     fn start_handshake(&self, peer: &Peer) {
+        self.send_handshake(peer, false);
+    }
+
+    /// Sends a handshake initiation (`force`: even if one is already under way).
+    fn send_handshake(&self, peer: &Peer, force: bool) {
         let mut buf = [0u8; HEADROOM + 256];
         let len = match peer
             .tunn
             .lock()
-            .format_handshake_initiation(&mut buf[HEADROOM..], false)
+            .format_handshake_initiation(&mut buf[HEADROOM..], force)
         {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return,
