@@ -292,6 +292,21 @@ pub struct SignalRequest {
     /// Sender's choice, echoed to the recipient (to pair offers and answers).
     #[serde(default)]
     pub nonce: u64,
+    /// The sender's NAT as it measured it (lets the other side predict ports of a sequential
+    /// symmetric NAT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatInfo>,
+}
+
+/// A NAT as its peer measured it with STUN, passed along in signals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatInfo {
+    /// The mapping depends on the destination (a new public port per peer).
+    pub symmetric: bool,
+    /// Port difference between successive mappings, when they agreed (1: sequential).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<i32>,
 }
 
 /// A signal as delivered.
@@ -303,6 +318,9 @@ pub struct Signal {
     pub endpoints: Vec<SocketAddr>,
     /// The sender's nonce.
     pub nonce: u64,
+    /// The sender's NAT, if it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatInfo>,
     /// How long it waited in the inbox, in milliseconds.
     pub age_ms: u64,
 }

@@ -291,7 +291,7 @@ async fn signal(
         let c = auth(&r, &headers)?;
         let (id, peer) = (party_id(&id)?, peer_id(&peer)?);
         let req: SignalRequest = json(&body)?;
-        r.signal(&c, id, peer, req.endpoints, req.nonce)
+        r.signal_with_nat(&c, id, peer, req.endpoints, req.nonce, req.nat)
     })();
     empty(StatusCode::ACCEPTED, res)
 }

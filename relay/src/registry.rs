@@ -36,8 +36,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use lanrage_proto::api::{
-    HeartbeatResponse, MemberView, PartyInfo, PartyView, PeersResponse, Signal, MAX_ENDPOINTS,
-    MAX_NAME, MAX_ROSTER,
+    HeartbeatResponse, MemberView, NatInfo, PartyInfo, PartyView, PeersResponse, Signal,
+    MAX_ENDPOINTS, MAX_NAME, MAX_ROSTER,
 };
 use lanrage_proto::ids::{PartyId, PeerId, PublicKey, SessionId};
 
@@ -112,7 +112,7 @@ struct Member {
     last_seen: Instant,
     /// `Some(order)` when admitted (smaller: earlier), `None` for an applicant.
     admitted: Option<u64>,
-    inbox: VecDeque<(PeerId, Vec<SocketAddr>, u64, Instant)>,
+    inbox: VecDeque<(PeerId, Vec<SocketAddr>, u64, Option<NatInfo>, Instant)>,
 }
 
 #[derive(Debug)]
@@ -783,10 +783,11 @@ impl Registry {
         m.inbox
             .drain(..)
             .filter(|(.., at)| now.saturating_duration_since(*at) < ttl)
-            .map(|(from, endpoints, nonce, at)| Signal {
+            .map(|(from, endpoints, nonce, nat, at)| Signal {
                 from,
                 endpoints,
                 nonce,
+                nat,
                 age_ms: now.saturating_duration_since(at).as_millis() as u64,
             })
             .collect()
@@ -875,6 +876,21 @@ impl Registry {
         nonce: u64,
         now: Instant,
     ) -> Result<(), RegistryError> {
+        self.signal_with_nat(actor, party, to, endpoints, nonce, None, now)
+    }
+
+    /// [`Registry::signal`] carrying the sender's NAT.
+    #[allow(clippy::too_many_arguments)]
+    pub fn signal_with_nat(
+        &mut self,
+        actor: &PeerId,
+        party: &PartyId,
+        to: &PeerId,
+        endpoints: Vec<SocketAddr>,
+        nonce: u64,
+        nat: Option<NatInfo>,
+        now: Instant,
+    ) -> Result<(), RegistryError> {
         check_endpoints(&endpoints)?;
         self.party(party)?.check_reach(actor, to)?;
         let max = self.limits.max_signals;
@@ -885,7 +901,7 @@ impl Registry {
         if m.inbox.len() >= max {
             m.inbox.pop_front();
         }
-        m.inbox.push_back((*actor, endpoints, nonce, now));
+        m.inbox.push_back((*actor, endpoints, nonce, nat, now));
         Ok(())
     }
 

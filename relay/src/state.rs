@@ -745,12 +745,26 @@ impl Relay {
         endpoints: Vec<std::net::SocketAddr>,
         nonce: u64,
     ) -> Result<(), ApiError> {
-        self.core.lock().registry.signal(
+        self.signal_with_nat(caller, party, to, endpoints, nonce, None)
+    }
+
+    /// [`Relay::signal`] carrying the sender's NAT.
+    pub fn signal_with_nat(
+        &self,
+        caller: &Caller,
+        party: PartyId,
+        to: PeerId,
+        endpoints: Vec<std::net::SocketAddr>,
+        nonce: u64,
+        nat: Option<lanrage_proto::api::NatInfo>,
+    ) -> Result<(), ApiError> {
+        self.core.lock().registry.signal_with_nat(
             &caller.peer,
             &party,
             &to,
             endpoints,
             nonce,
+            nat,
             Instant::now(),
         )?;
         // Wake the recipient's long poll only: one shared wake-up for every poll would make each

@@ -11,8 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use lanrage_proto::api::{
-    ChallengeResponse, CreatePartyRequest, ErrorBody, JoinRequest, PartyView, PeersResponse,
-    RelaysResponse, RosterRequest, SessionResponse, SignalsResponse, TokenResponse,
+    ChallengeResponse, CreatePartyRequest, ErrorBody, JoinRequest, NatInfo, PartyView,
+    PeersResponse, RelaysResponse, RosterRequest, SessionResponse, SignalRequest, SignalsResponse,
+    TokenResponse,
 };
 use lanrage_proto::auth::{SharedKey, CHALLENGE_LEN};
 use lanrage_proto::ids::{PartyId, PeerId, PublicKey};
@@ -442,11 +443,17 @@ impl ControlApi {
         to: PeerId,
         endpoints: &[std::net::SocketAddr],
         nonce: u64,
+        nat: Option<NatInfo>,
     ) -> Result<(), CallError> {
+        let req = SignalRequest {
+            endpoints: endpoints.to_vec(),
+            nonce,
+            nat,
+        };
         self.call::<serde_json::Value>(
             "POST",
             &format!("/parties/{id}/peers/{to}/signal"),
-            Some(json!({ "endpoints": endpoints, "nonce": nonce })),
+            serde_json::to_value(req).ok(),
             true,
             REQUEST_TIMEOUT,
         )

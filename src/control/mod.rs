@@ -50,8 +50,9 @@ pub fn exec(api: &ControlApi, call: &Call) -> Result<Reply, CallError> {
             to,
             endpoints,
             nonce,
+            nat,
         } => api
-            .signal(*party, *to, endpoints, *nonce)
+            .signal(*party, *to, endpoints, *nonce, *nat)
             .map(|_| Reply::Done),
         Call::Peers { party } => api.peers(*party).map(Reply::Peers),
         Call::Session { party, peer } => api.session(*party, *peer).map(Reply::Session),

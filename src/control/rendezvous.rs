@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use lanrage_proto::api::{
-    HeartbeatResponse, MemberView, PartyView, PeersResponse, RelayInfo, RelaysResponse,
+    HeartbeatResponse, MemberView, NatInfo, PartyView, PeersResponse, RelayInfo, RelaysResponse,
     SessionResponse, Signal, SignalsResponse, MAX_ENDPOINTS,
 };
 use lanrage_proto::ids::{PartyId, PeerId};
@@ -80,6 +80,7 @@ pub enum Call {
         to: PeerId,
         endpoints: Vec<SocketAddr>,
         nonce: u64,
+        nat: Option<NatInfo>,
     },
     /// Read the members (and applicants, as host).
     Peers { party: PartyId },
@@ -228,6 +229,8 @@ pub struct Rendezvous {
     peers_retry: Retry,
     peers_wanted: bool,
     endpoints: Vec<SocketAddr>,
+    /// Our NAT, sent with signals.
+    nat: Option<NatInfo>,
     peer_name: String,
     sessions: HashMap<PeerId, Want>,
     outbox: VecDeque<(PeerId, u64)>,
@@ -253,6 +256,7 @@ impl Rendezvous {
             peers_retry: Retry::new(now),
             peers_wanted: false,
             endpoints: Vec::new(),
+            nat: None,
             peer_name,
             sessions: HashMap::new(),
             outbox: VecDeque::new(),
@@ -283,6 +287,11 @@ impl Rendezvous {
                 p.next_heartbeat = now; // tell the server soon
             }
         }
+    }
+
+    /// Our NAT as measured, passed along with signals.
+    pub fn set_nat(&mut self, nat: Option<NatInfo>) {
+        self.nat = nat;
     }
 
     /// We host `party` now: register it.
@@ -525,6 +534,7 @@ impl Rendezvous {
                     to,
                     endpoints,
                     nonce,
+                    nat: self.nat,
                 });
             }
         }

@@ -209,7 +209,14 @@ impl Net {
         }
         for (key, endpoints) in members {
             self.applicants.remove(key);
+            let new = !self.members.contains(key);
             self.add_path_peer(*key, endpoints, now);
+            if new {
+                // Introduce ourselves: fresh endpoints and our NAT (port prediction needs it).
+                if let Some(r) = &mut self.rdv {
+                    r.signal(PeerId::from_public_key(key), None);
+                }
+            }
         }
         self.members = wanted;
         if let Some(r) = &mut self.rdv {
@@ -298,9 +305,14 @@ impl Net {
                 tracing::info!(nat = %r.nat_type, public = ?r.public, "NAT detected");
             }
             let moved = report.as_ref().and_then(|r| r.public) != self.public_endpoint();
+            let info = report.as_ref().map(|r| lanrage_proto::api::NatInfo {
+                symmetric: r.nat_type == NatType::Symmetric,
+                delta: r.mapping_delta,
+            });
             self.nat_report = report;
             let adv = self.advertised();
             if let Some(r) = &mut self.rdv {
+                r.set_nat(info);
                 r.set_endpoints(adv, now);
                 if moved {
                     // Members behind filtering NATs learn our new public address only from us.
@@ -467,6 +479,16 @@ impl Net {
         }
         let endpoints: Vec<SocketAddr> = s.endpoints.iter().copied().take(8).collect();
         self.add_path_peer(key, &endpoints, now);
+        if let Some(nat) = s.nat {
+            self.paths.set_peer_nat(
+                &key,
+                crate::path::NatHint {
+                    symmetric: nat.symmetric,
+                    delta: nat.delta,
+                },
+                now,
+            );
+        }
         if s.nonce != 0 {
             // Answer (nonce 0 marks an answer, so two sides never ping-pong signals).
             if let Some(r) = &mut self.rdv {
