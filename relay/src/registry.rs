@@ -45,6 +45,9 @@ use crate::config::PartiesConfig;
 use crate::store::Record;
 
 /// Why a registry operation was refused; each maps to one HTTP status.
+/// A signal in a member's inbox: sender, endpoints, nonce, the sender's NAT, when it came.
+type Waiting = (PeerId, Vec<SocketAddr>, u64, Option<NatInfo>, Instant);
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
     /// 400: a field breaks a rule.
@@ -112,7 +115,7 @@ struct Member {
     last_seen: Instant,
     /// `Some(order)` when admitted (smaller: earlier), `None` for an applicant.
     admitted: Option<u64>,
-    inbox: VecDeque<(PeerId, Vec<SocketAddr>, u64, Option<NatInfo>, Instant)>,
+    inbox: VecDeque<Waiting>,
 }
 
 #[derive(Debug)]
