@@ -44,10 +44,10 @@ use lanrage_proto::ids::{PartyId, PeerId, PublicKey, SessionId};
 use crate::config::PartiesConfig;
 use crate::store::Record;
 
-/// Why a registry operation was refused; each maps to one HTTP status.
 /// A signal in a member's inbox: sender, endpoints, nonce, the sender's NAT, when it came.
 type Waiting = (PeerId, Vec<SocketAddr>, u64, Option<NatInfo>, Instant);
 
+/// Why a registry operation was refused; each maps to one HTTP status.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
     /// 400: a field breaks a rule.
