@@ -97,11 +97,7 @@ impl Net {
         Net {
             our_key,
             secret,
-            paths: Paths::new(
-                PathConfig::new(our_key),
-                now,
-                rand::random(),
-            ),
+            paths: Paths::new(PathConfig::new(our_key), now, rand::random()),
             nat,
             nat_report: None,
             stun_override,

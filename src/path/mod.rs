@@ -39,13 +39,13 @@
 //! [`peer::REPLAY_WINDOW`] remembered ping ids, [`peer::ANSWER_RATE`] answers/s; [`MAX_QUEUED`]
 //! transmits and events waiting. Everything beyond is dropped and counted ([`PathCounters`]).
 
+pub mod nat;
 pub mod peer;
 pub mod predict;
 pub mod probe;
 pub mod relay;
-pub mod vaddr;
-pub mod nat;
 pub mod stun;
+pub mod vaddr;
 
 #[cfg(test)]
 mod sim;
