@@ -798,6 +798,12 @@ fn five_hosts_behind_nats_play_together() {
             "{a}-{b} without relay"
         );
     }
+    // ... while the relayed pair has no path at all (so "comes back" below means something).
+    assert!(
+        first_ping(&lab, 2, &vips[&3], Duration::from_secs(2)).is_none(),
+        "symmetric pair 2-3 still pings with the relay dead: {:?}",
+        peer_entry(&lab, 2, &ids[&3])
+    );
 
     // --- the relay comes back: the relayed pair recovers by itself
     lab.start_relay();
