@@ -798,6 +798,12 @@ fn five_hosts_behind_nats_play_together() {
             "{a}-{b} without relay"
         );
     }
+    // ... while the relayed pair has no path at all (so "comes back" below means something).
+    assert!(
+        first_ping(&lab, 2, &vips[&3], Duration::from_secs(2)).is_none(),
+        "symmetric pair 2-3 still pings with the relay dead: {:?}",
+        peer_entry(&lab, 2, &ids[&3])
+    );
 
     // --- the relay comes back: the relayed pair recovers by itself
     lab.start_relay();
@@ -914,7 +920,24 @@ fn sequential_symmetric_nat_is_punched_by_port_prediction() {
     let start = Instant::now();
     lab.node(2).join_ok(&party, None);
     assert!(first_ping(&lab, 2, HOST_VIP, FIRST_PING_WITHIN).is_some());
-    expect_conn(&lab, &ids, 0, 2, "direct", UPGRADE_WITHIN);
+    let direct = wait_until(UPGRADE_WITHIN, || {
+        conn(&lab, &ids, 0, 2).as_deref() == Some("direct")
+            && conn(&lab, &ids, 2, 0).as_deref() == Some("direct")
+    });
+    // On failure, what was tried: the sequential router's mappings (the ports it handed out,
+    // to whom) and the cone router's (which of those ports the cone host probed).
+    assert!(
+        direct,
+        "cone host 0 and sequential host 2 not direct within {UPGRADE_WITHIN:?} of the join \
+         ({:?} / {:?})\nsequential router's UDP mappings before the join:\n{seq_before}\nnow:\n{}\n\
+         cone router 0's UDP mappings now:\n{}\nstatuses:\n0: {:#}\n2: {:#}",
+        conn(&lab, &ids, 0, 2),
+        conn(&lab, &ids, 2, 0),
+        lab.conntrack(2),
+        lab.conntrack(0),
+        lab.node(0).status()["party"],
+        lab.node(2).status()["party"]
+    );
     measure(
         "cone-sequential join-to-direct (port prediction)",
         start.elapsed(),

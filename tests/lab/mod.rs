@@ -80,8 +80,9 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 const LOG_TAIL_LINES: usize = 200;
-/// Daemon log filter unless `LANRAGE_LOG` is set.
-const DEFAULT_LOG_FILTER: &str = "debug";
+/// Daemon log filter unless `LANRAGE_LOG` is set (the HTTP client's debug lines about every
+/// control-server call would fill the log tails printed on failure).
+const DEFAULT_LOG_FILTER: &str = "debug,ureq=info,ureq_proto=info";
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 static ENV_PROBLEM: OnceLock<Option<String>> = OnceLock::new();
