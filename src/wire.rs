@@ -23,6 +23,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{NodeId, PartyId};
+use crate::path::PROBE_MAGIC;
 
 /// First two bytes of every lanrage control datagram.
 pub const MAGIC: [u8; 2] = *b"LR";
@@ -46,9 +47,6 @@ pub const MAX_KDF_MEMORY_KIB: u32 = 64 * 1024;
 pub const MAX_KDF_PASSES: u32 = 8;
 /// Most lanes a verifier may ask for (checks run on one thread anyway).
 pub const MAX_KDF_LANES: u32 = 4;
-
-/// First two bytes of a path probe.
-pub const PROBE_MAGIC: [u8; 2] = *b"LP";
 
 const STUN_MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
 

@@ -375,7 +375,7 @@ mod tests {
         assert_ne!(&ping[..2], &crate::wire::MAGIC);
         assert_eq!(
             crate::wire::classify(&ping),
-            crate::wire::DatagramKind::Garbage
+            crate::wire::DatagramKind::Probe
         );
         assert!(!is_probe(b"LR\x02\x00"));
     }
