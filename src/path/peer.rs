@@ -478,11 +478,14 @@ impl Peer {
     /// Pings candidate `i` now if it is not working and was not pinged within `gap` (and the
     /// answer budget allows).
     fn trigger(&mut self, i: usize, gap: Duration, now: Instant, ctx: &mut Ctx) {
-        let c = &self.cands[i];
-        if c.alive(now, ctx.cfg)
-            || c.last_ping
-                .is_some_and(|t| now.saturating_duration_since(t) < gap)
-        {
+        let c = &mut self.cands[i];
+        if c.alive(now, ctx.cfg) {
+            return;
+        }
+        if let Some(t) = c.last_ping.filter(|t| now.saturating_duration_since(*t) < gap) {
+            // Pinged just now (its ping and ours crossed, or ours was dropped by a peer that
+            // did not know us yet): ping again as soon as the gap allows, not at the next retry.
+            c.next_ping = c.next_ping.min(t + gap);
             return;
         }
         if !self.answer_budget.try_take(1, now) {
