@@ -2,7 +2,7 @@
 //!
 //! ureq with rustls: the daemon already uses ureq for its CLI, it needs no async runtime of its
 //! own, and rustls (ring) needs no system OpenSSL. The daemon runs each call on a blocking thread
-//! ([`super::link`]). Answers are size-limited and parsed into proto types; nothing from the
+//! ([`super::exec`]). Answers are size-limited and parsed into proto types; nothing from the
 //! server is trusted beyond its shape (the relay's key is checked against the pin, if any).
 
 use std::sync::Arc;
@@ -275,7 +275,7 @@ impl ControlApi {
     }
 
     fn store_token(&self, t: TokenResponse) {
-        let renew_at = unix_now() + (t.expires_in_secs * 2 / 3).max(10);
+        let renew_at = unix_now().saturating_add((t.expires_in_secs / 3).saturating_mul(2).max(10));
         *self.token.lock() = Some(Token {
             token: t.token,
             renew_at,

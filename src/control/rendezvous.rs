@@ -35,6 +35,8 @@ pub const SIGNAL_WAIT: Duration = Duration::from_secs(20);
 const MAX_SESSION_BACKOFF: Duration = Duration::from_secs(2);
 /// Most relay sessions wanted at once (members plus applicants).
 const MAX_SESSIONS: usize = 64;
+/// How often one signal is tried.
+const MAX_SIGNAL_TRIES: u8 = 4;
 /// Most signals queued for sending.
 const MAX_OUTBOX: usize = 64;
 /// Calls in flight at once (each holds a blocking thread).
@@ -233,9 +235,12 @@ pub struct Rendezvous {
     nat: Option<NatInfo>,
     peer_name: String,
     sessions: HashMap<PeerId, Want>,
-    outbox: VecDeque<(PeerId, u64)>,
+    outbox: VecDeque<(PeerId, u64, u8)>,
+    outbox_retry: Retry,
     nonce: u64,
     in_flight: HashMap<Slot, Call>,
+    /// How often the signal in flight was tried before.
+    outbox_tries: u8,
     leaving: VecDeque<PartyId>,
     events: VecDeque<Event>,
     /// Last error, for status.
@@ -260,8 +265,10 @@ impl Rendezvous {
             peer_name,
             sessions: HashMap::new(),
             outbox: VecDeque::new(),
+            outbox_retry: Retry::new(now),
             nonce: nonce_seed,
             in_flight: HashMap::new(),
+            outbox_tries: 0,
             leaving: VecDeque::new(),
             events: VecDeque::new(),
             last_error: None,
@@ -328,6 +335,9 @@ impl Rendezvous {
             Some(p) if p.id == party => {
                 if matches!(p.role, Role::Host { .. }) {
                     p.role = Role::Member { applied: true };
+                    // Our successor publishes now; an old membership of ours would undo that.
+                    p.to_publish = None;
+                    p.published = None;
                 }
             }
             _ => self.set_party(party, Role::Member { applied: true }, now),
@@ -435,7 +445,7 @@ impl Rendezvous {
 
     /// Tell `to` where we can be reached (answering a signal echoes its nonce).
     pub fn signal(&mut self, to: PeerId, nonce: Option<u64>) {
-        if self.party.is_none() || self.outbox.iter().any(|(p, _)| *p == to) {
+        if self.party.is_none() || self.outbox.iter().any(|(p, ..)| *p == to) {
             return;
         }
         if self.outbox.len() >= MAX_OUTBOX {
@@ -445,7 +455,7 @@ impl Rendezvous {
             self.nonce = self.nonce.wrapping_add(1);
             self.nonce
         });
-        self.outbox.push_back((to, nonce));
+        self.outbox.push_back((to, nonce, 0));
     }
 
     /// Re-read the member list soon.
@@ -527,8 +537,9 @@ impl Rendezvous {
             self.peers_wanted = false;
             return Some(Call::Peers { party });
         }
-        if free_outbox {
-            if let Some((to, nonce)) = self.outbox.pop_front() {
+        if free_outbox && self.outbox_retry.due(now) {
+            if let Some((to, nonce, tries)) = self.outbox.pop_front() {
+                self.outbox_tries = tries;
                 return Some(Call::Signal {
                     party,
                     to,
@@ -556,28 +567,43 @@ impl Rendezvous {
 
     /// When [`Rendezvous::poll_call`] may have something new (without any answer arriving).
     pub fn poll_timeout(&self) -> Option<Instant> {
+        // A timer whose call is in flight waits for the answer, not for the clock.
+        let idle = |slot: Slot| !self.in_flight.contains_key(&slot);
         let mut t: Vec<Instant> = Vec::new();
         if !self.registered {
-            t.push(self.register.next_try);
+            if idle(Slot::Register) {
+                t.push(self.register.next_try);
+            }
         } else {
-            t.push(self.relays.next_try);
+            if idle(Slot::Relays) {
+                t.push(self.relays.next_try);
+            }
             if let Some(p) = &self.party {
                 if !p.registered {
-                    t.push(self.party_retry.next_try);
+                    if idle(Slot::Party) {
+                        t.push(self.party_retry.next_try);
+                    }
                 } else {
-                    t.push(p.next_heartbeat);
-                    t.push(self.inbox_retry.next_try);
-                    if p.to_publish.is_some() {
+                    if idle(Slot::Heartbeat) {
+                        t.push(p.next_heartbeat);
+                    }
+                    if idle(Slot::Inbox) {
+                        t.push(self.inbox_retry.next_try);
+                    }
+                    if p.to_publish.is_some() && idle(Slot::Publish) {
                         t.push(self.publish_retry.next_try);
                     }
-                    if self.peers_wanted {
+                    if self.peers_wanted && idle(Slot::Peers) {
                         t.push(self.peers_retry.next_try);
+                    }
+                    if !self.outbox.is_empty() && idle(Slot::Outbox) {
+                        t.push(self.outbox_retry.next_try);
                     }
                     t.extend(
                         self.sessions
-                            .values()
-                            .filter(|w| !w.have)
-                            .map(|w| w.next_try),
+                            .iter()
+                            .filter(|(peer, w)| !w.have && idle(Slot::Session(**peer)))
+                            .map(|(_, w)| w.next_try),
                     );
                 }
             }
@@ -678,9 +704,19 @@ impl Rendezvous {
                     }
                 }
             }
-            (Call::Publish { .. }, Err(e)) => {
-                if e.status == Some(404) {
-                    self.unregistered(now);
+            (Call::Publish { party, version, .. }, Err(e)) => {
+                if let Some(p) = self.party.as_mut().filter(|p| p.id == party) {
+                    match e.status {
+                        Some(404) => self.unregistered(now),
+                        // Refused for good (a newer membership, or we are not the host there):
+                        // the next change of ours publishes again.
+                        Some(400 | 403 | 409) => {
+                            if p.to_publish.as_ref().is_some_and(|x| x.0 == version) {
+                                p.to_publish = None;
+                            }
+                        }
+                        _ => {}
+                    }
                 }
                 self.publish_retry.failed(now, e.retry_after);
             }
@@ -707,7 +743,7 @@ impl Rendezvous {
                         p.next_heartbeat = now + e.retry_after.unwrap_or(Duration::from_secs(2));
                     }
                 }
-                if matches!(e.status, Some(403 | 404)) {
+                if matches!(e.status, Some(403 | 404)) && same_party(&self.party, &party) {
                     // The server forgot us (timed out while we were away): register again.
                     self.unregistered(now);
                 }
@@ -721,19 +757,23 @@ impl Rendezvous {
                 }
             }
             (Call::Signals { .. }, Ok(_)) => self.inbox_retry = Retry::new(now),
-            (Call::Signals { .. }, Err(e)) => {
-                if matches!(e.status, Some(403 | 404)) {
+            (Call::Signals { party }, Err(e)) => {
+                if matches!(e.status, Some(403 | 404)) && same_party(&self.party, &party) {
                     self.unregistered(now);
                 }
                 self.inbox_retry.failed(now, e.retry_after);
             }
             (Call::Signal { to, nonce, .. }, Err(e)) => {
-                // A peer that is not (yet) admitted: try again a little later, a few times.
-                if (e.status.is_none() || e.status == Some(429)) && self.outbox.len() < MAX_OUTBOX {
-                    self.outbox.push_back((to, nonce));
+                // Not reachable (yet): the server is away or busy, or the recipient is not
+                // admitted yet (403 while the host's membership is on its way). A few tries,
+                // with backoff.
+                self.outbox_retry.failed(now, e.retry_after);
+                let again = e.status.is_none() || matches!(e.status, Some(403 | 429 | 503));
+                if again && self.outbox_tries < MAX_SIGNAL_TRIES && self.outbox.len() < MAX_OUTBOX {
+                    self.outbox.push_back((to, nonce, self.outbox_tries + 1));
                 }
             }
-            (Call::Signal { .. }, Ok(_)) => {}
+            (Call::Signal { .. }, Ok(_)) => self.outbox_retry = Retry::new(now),
             (Call::Peers { party }, Ok(Reply::Peers(p))) => {
                 self.peers_retry.succeeded(now, Duration::from_secs(1));
                 if same_party(&self.party, &party) {
@@ -866,6 +906,8 @@ mod tests {
             "{calls:?}"
         );
         assert!(calls.contains(&Call::Signals { party }));
+        // The long poll is in flight: nothing is due until an answer or the heartbeat.
+        assert!(r.poll_timeout().is_some_and(|t| t > now), "would spin");
         r.handle_answer(calls[0].clone(), Ok(Reply::Done), now);
         // Same membership again: nothing to publish.
         r.publish(3, vec![pid(1), pid(2)], now);

@@ -49,6 +49,8 @@ const UNPROVEN_MAX: usize = 128;
 const VERSION_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Bound of each shutdown step (goodbyes, mDNS goodbyes, discovery file, state writer).
 const SHUTDOWN_STEP: Duration = Duration::from_secs(2);
+/// Shortest sleep of the control task between two rounds of timers.
+const MIN_WAIT: Duration = Duration::from_millis(2);
 /// How long a join through the control server waits for the host's answer: finding a path
 /// (hole punching, else the relay) comes first.
 const INTERNET_JOIN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -407,11 +409,14 @@ impl Control {
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot install the SIGTERM handler")?;
         loop {
+            // Never a deadline in the past: a timer that stays due must not spin the task.
+            let soonest = tokio::time::Instant::now() + MIN_WAIT;
             let deadline = self
                 .net
                 .poll_timeout()
                 .map(tokio::time::Instant::from_std)
-                .unwrap_or_else(|| tokio::time::Instant::now() + TICK);
+                .unwrap_or(soonest + TICK)
+                .max(soonest);
             tokio::select! {
                 Some((from, bytes)) = control_rx.recv() => self.on_datagram(from, &bytes).await,
                 Some(req) = api_rx.recv() => self.handle_api(req).await,

@@ -542,7 +542,17 @@ impl Net {
             let api = api.clone();
             let tx = self.answers.clone();
             tokio::task::spawn_blocking(move || {
-                let result = crate::control::exec(&api, &call);
+                // A call that panicked must still be answered, or its slot stays busy for good.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    crate::control::exec(&api, &call)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(CallError {
+                        status: None,
+                        message: "internal error talking to the control server".into(),
+                        retry_after: None,
+                    })
+                });
                 let _ = tx.blocking_send((call, result));
             });
         }

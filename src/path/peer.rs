@@ -482,7 +482,10 @@ impl Peer {
         if c.alive(now, ctx.cfg) {
             return;
         }
-        if let Some(t) = c.last_ping.filter(|t| now.saturating_duration_since(*t) < gap) {
+        if let Some(t) = c
+            .last_ping
+            .filter(|t| now.saturating_duration_since(*t) < gap)
+        {
             // Pinged just now (its ping and ours crossed, or ours was dropped by a peer that
             // did not know us yet): ping again as soon as the gap allows, not at the next retry.
             c.next_ping = c.next_ping.min(t + gap);
