@@ -23,7 +23,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{NodeId, PartyId};
-use crate::path::PROBE_MAGIC;
 
 /// First two bytes of every lanrage control datagram.
 pub const MAGIC: [u8; 2] = *b"LR";
@@ -79,7 +78,7 @@ pub fn classify(datagram: &[u8]) -> DatagramKind {
         DatagramKind::Control
     } else if lanrage_proto::frame::is_relay_frame(datagram) {
         DatagramKind::Relay
-    } else if datagram.len() >= 3 && datagram[..2] == PROBE_MAGIC {
+    } else if crate::path::probe::is_probe(datagram) {
         DatagramKind::Probe
     } else {
         DatagramKind::Garbage

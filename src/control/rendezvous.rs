@@ -710,10 +710,10 @@ impl Rendezvous {
                         Some(404) => self.unregistered(now),
                         // Refused for good (a newer membership, or we are not the host there):
                         // the next change of ours publishes again.
-                        Some(400 | 403 | 409) => {
-                            if p.to_publish.as_ref().is_some_and(|x| x.0 == version) {
-                                p.to_publish = None;
-                            }
+                        Some(400 | 403 | 409)
+                            if p.to_publish.as_ref().is_some_and(|x| x.0 == version) =>
+                        {
+                            p.to_publish = None;
                         }
                         _ => {}
                     }

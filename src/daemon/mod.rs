@@ -49,6 +49,8 @@ const UNPROVEN_MAX: usize = 128;
 const VERSION_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Bound of each shutdown step (goodbyes, mDNS goodbyes, discovery file, state writer).
 const SHUTDOWN_STEP: Duration = Duration::from_secs(2);
+/// How long a join waits for the control server to name the party's host.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Shortest sleep of the control task between two rounds of timers.
 const MIN_WAIT: Duration = Duration::from_millis(2);
 /// How long a join through the control server waits for the host's answer: finding a path
@@ -207,7 +209,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
 
     match load_saved(&persist_path) {
-        Ok(Some(saved)) => {
+        Ok(Some(mut saved)) => {
+            if control.net.has_control() {
+                // The others may be reachable only through the control server and the relay:
+                // paths to them, and a stand-in endpoint so the engine addresses them at all.
+                for t in &mut saved.targets {
+                    control.net.introduce(t.key, &t.endpoints, now);
+                    if t.endpoints.is_empty() {
+                        t.endpoints.push(SocketAddr::from(([0, 0, 0, 0], 0)));
+                    }
+                }
+            }
             let _ = control.engine.rejoin(now, saved);
             control.drain().await;
         }
@@ -341,6 +353,7 @@ struct PendingJoin {
 /// A join waiting for the control server to name the party's host.
 struct PendingApply {
     party: PartyId,
+    started: Instant,
     password: Option<String>,
     reply: oneshot::Sender<Result<serde_json::Value, ApiError>>,
 }
@@ -436,6 +449,7 @@ impl Control {
                     }
                     self.engine.handle_timeout(now);
                     self.net.handle_timeout(now);
+                    self.expire_apply(now);
                     self.refresh_file(now);
                     self.refresh_endpoints(now);
                     self.probe_rivals(now);
@@ -512,7 +526,9 @@ impl Control {
                             let targets = vec![JoinTarget {
                                 key: key.0,
                                 endpoints: if endpoints.is_empty() {
-                                    vec![SocketAddr::from(([0, 0, 0, 0], 9))]
+                                    // The engine sends to endpoints; this one stands for "the
+                                    // path layer's path, once there is one" (never sent to).
+                                    vec![SocketAddr::from(([0, 0, 0, 0], 0))]
                                 } else {
                                     endpoints
                                 },
@@ -546,6 +562,31 @@ impl Control {
         }
     }
 
+    /// A join through the control server that got no answer in time (the server is down or
+    /// slow): say so instead of joining much later.
+    fn expire_apply(&mut self, now: Instant) {
+        if self
+            .pending_apply
+            .as_ref()
+            .is_some_and(|p| now.saturating_duration_since(p.started) > APPLY_TIMEOUT)
+        {
+            if let Some(p) = self.pending_apply.take() {
+                let message = match self.net.control_error() {
+                    Some(e) => format!("the control server did not answer in time: {e}"),
+                    None => "the control server did not answer in time".to_string(),
+                };
+                let _ = p.reply.send(Err(ApiError {
+                    status: 504,
+                    message,
+                    code: Some("control_server"),
+                }));
+                if self.engine.roster().is_none() && self.engine.joining().is_none() {
+                    self.net.set_party(None, now);
+                }
+            }
+        }
+    }
+
     /// Tells the control server about our party when it changes (host: name and membership).
     /// While a join is under way nothing is withdrawn.
     fn sync_party(&mut self) {
@@ -566,6 +607,14 @@ impl Control {
         match &want.0 {
             Some((party, hosted, _)) => self.net.set_party(Some((*party, hosted.clone())), now),
             None if !busy => self.net.set_party(None, now),
+            // Rejoining (after a restart, or a LAN join): be on the control server meanwhile,
+            // so the others' signals and relay sessions reach us. A join through the control
+            // server is already there.
+            None if self.pending_apply.is_none() => {
+                if let Some(party) = self.engine.joining() {
+                    self.net.set_party(Some((party, None)), now);
+                }
+            }
             None => {}
         }
         if let (Some((_, Some(_), version)), Some(r)) = (&want.0, self.engine.roster()) {
@@ -632,7 +681,18 @@ impl Control {
     /// Seals and sends one engine message, unless it is an answer or a push too large for an
     /// address that has not proven it receives (a spoofed or stale address).
     async fn send_message(&mut self, to: SocketAddr, key: [u8; 32], msg: &Message) {
-        let to = self.net.route(&key, to);
+        // Requests and pushes take the path layer's path; an answer goes back where the
+        // request came from if that address proved itself, else down the path layer's path.
+        // The path layer's path proved itself too (a probe round trip, or the relay's binding).
+        let best = self.net.paths.best(&key);
+        let to = match best {
+            Some(b) if msg.is_request() || !self.sealer.is_proven(&key, &to) => b,
+            _ => to,
+        };
+        if to.ip().is_unspecified() {
+            return; // a host known only by key (through the control server): no path yet
+        }
+        let proven = best == Some(to) || self.sealer.is_proven(&key, &to);
         if let Ok(plain) = postcard::to_stdvec(msg) {
             if !self.sent.insert((to, key, plain)) {
                 return; // the same message to the same place in this round
@@ -641,7 +701,7 @@ impl Control {
         let Some(bytes) = self.sealer.seal(&key, msg, Instant::now()) else {
             return;
         };
-        if !msg.is_request() && bytes.len() > UNPROVEN_MAX && !self.sealer.is_proven(&key, &to) {
+        if !msg.is_request() && bytes.len() > UNPROVEN_MAX && !proven {
             *self.open_errors.entry("unproven_send_skipped").or_default() += 1;
             tracing::debug!(%to, len = bytes.len(), "not sending a large message to an unproven address");
             return;
@@ -902,6 +962,10 @@ impl Control {
                 password,
                 reply,
             } => {
+                if let Some(p) = self.pending_apply.take() {
+                    // Creating a party abandons the join through the control server.
+                    let _ = p.reply.send(Err(join_error(JoinError::Cancelled)));
+                }
                 let answer = match self.engine.create(now, &name, password.as_deref()) {
                     Ok(_) => {
                         self.drain().await;
@@ -934,13 +998,21 @@ impl Control {
                     }
                 };
                 if targets.is_empty() {
-                    if self.engine.roster().is_none()
-                        && self.engine.joining().is_none()
-                        && self.net.apply(party, now)
+                    if let Some(current) = self
+                        .engine
+                        .roster()
+                        .map(|r| r.party)
+                        .or_else(|| self.engine.joining())
                     {
+                        let e = crate::party::EngineError::AlreadyInParty(current);
+                        let _ = reply.send(Err(ApiError::conflict_or_bad(&e)));
+                        return;
+                    }
+                    if self.net.apply(party, now) {
                         // Not on the LAN: ask the control server who hosts it.
                         if let Some(old) = self.pending_apply.replace(PendingApply {
                             party,
+                            started: now,
                             password,
                             reply,
                         }) {
@@ -969,9 +1041,11 @@ impl Control {
             ApiRequest::Leave { reply } => {
                 if let Some(p) = self.pending_apply.take() {
                     let _ = p.reply.send(Err(join_error(JoinError::Cancelled)));
-                    self.net.set_party(None, now);
-                    let _ = reply.send(Ok(serde_json::json!({"left": true})));
-                    return;
+                    if self.engine.roster().is_none() && self.engine.joining().is_none() {
+                        self.net.set_party(None, now);
+                        let _ = reply.send(Ok(serde_json::json!({"left": true})));
+                        return;
+                    }
                 }
                 let answer = match self.engine.leave(now) {
                     Ok(()) => {
@@ -1127,16 +1201,16 @@ impl Control {
                     virtual_ip: m.ip.to_string(),
                     connection: connection.into(),
                     relay: path.as_ref().and_then(|p| p.relay).map(|r| r.to_string()),
-                    endpoint: path
-                        .as_ref()
-                        .and_then(|p| p.endpoint)
-                        .or_else(|| live.and_then(|l| l.observed))
-                        .filter(|e| !crate::path::vaddr::is_virtual(e))
-                        .map(|e| e.to_string()),
+                    endpoint: match &path {
+                        Some(p) => p.endpoint,
+                        None => live.and_then(|l| l.observed),
+                    }
+                    .filter(|e| !crate::path::vaddr::is_virtual(e))
+                    .map(|e| e.to_string()),
+                    // The path layer's probe RTT (microseconds); nothing rather than a guess.
                     latency_ms: path
                         .as_ref()
                         .and_then(|p| p.rtt)
-                        .or_else(|| live.and_then(|l| l.rtt))
                         .map(|d| (d.as_secs_f64() * 1_000_000.0).round() / 1000.0),
                     last_handshake_secs: handshake.map(|d| d.as_secs()),
                     rx_bytes: tun.as_ref().map_or(0, |t| t.rx_bytes),
@@ -1165,7 +1239,7 @@ impl Control {
             ("bad_source".to_string(), load(&s.bad_source)),
             ("bad_destination".to_string(), load(&s.bad_destination)),
             ("control_dropped".to_string(), load(&s.control_dropped)),
-            ("stun_dropped".to_string(), load(&s.stun)),
+            ("stun_ignored".to_string(), load(&s.stun)),
             ("relay_no_route".to_string(), load(&s.relay_no_route)),
             ("relay_unexpected".to_string(), load(&s.relay_unexpected)),
             ("relay_rx".to_string(), load(&s.relay_rx)),
@@ -1176,6 +1250,9 @@ impl Control {
             ("tx_packets".to_string(), load(&s.tx_packets)),
             ("rx_packets".to_string(), load(&s.rx_packets)),
         ]);
+        for (name, n) in self.net.counters() {
+            counters.insert(name.to_string(), n);
+        }
         for (reason, n) in &self.open_errors {
             counters.insert(format!("control_{reason}"), *n);
         }

@@ -61,8 +61,6 @@ pub struct Net {
     unplaced: Vec<lanrage_proto::api::Signal>,
     local: Vec<SocketAddr>,
     outcomes: Vec<NetOutcome>,
-    /// Relay sessions in use, by peer (to drop their routes when the peer goes).
-    sessions: HashMap<[u8; 32], lanrage_proto::ids::SessionId>,
 }
 
 impl Net {
@@ -110,7 +108,6 @@ impl Net {
             unplaced: Vec::new(),
             local: Vec::new(),
             outcomes: Vec::new(),
-            sessions: HashMap::new(),
         }
     }
 
@@ -230,12 +227,44 @@ impl Net {
         if let Some(r) = &mut self.rdv {
             r.forget_session(&id);
         }
-        self.sessions.remove(key);
+        self.keys.remove(&id);
     }
 
-    /// Where to send a control message for `key` that the engine addressed to `to`.
-    pub fn route(&self, key: &[u8; 32], to: SocketAddr) -> SocketAddr {
-        self.paths.best(key).unwrap_or(to)
+    /// Someone we will talk to before it is a member (a host we rejoin after a restart): a
+    /// path (and, with a control server, a relay session) to it.
+    pub fn introduce(&mut self, key: [u8; 32], endpoints: &[SocketAddr], now: Instant) {
+        self.add_path_peer(key, endpoints, now);
+    }
+
+    /// Counters of the path layer and NAT detection, for status (hostile probes and STUN
+    /// answers show up here).
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.paths.counters();
+        let n = self.nat.stats();
+        vec![
+            ("path_pings_sent", c.pings_sent),
+            ("path_predicted_pings", c.predicted_pings),
+            ("path_pongs_sent", c.pongs_sent),
+            ("path_pings_received", c.pings_received),
+            ("path_pongs_received", c.pongs_received),
+            ("path_binds_sent", c.binds_sent),
+            ("path_need_session", c.need_session),
+            ("path_probe_malformed", c.probe_malformed),
+            ("path_probe_unknown_key", c.probe_unknown_key),
+            ("path_probe_bad_mac", c.probe_bad_mac),
+            ("path_probe_unexpected", c.probe_unexpected),
+            ("path_pongs_limited", c.pongs_limited),
+            ("path_relay_ignored", c.relay_ignored),
+            ("path_candidates_refused", c.candidates_refused),
+            ("path_peers_refused", c.peers_refused),
+            ("path_queue_dropped", c.queue_dropped),
+            ("nat_runs", n.runs),
+            ("nat_sent", n.sent),
+            ("nat_answers", n.answers),
+            ("nat_malformed", n.malformed),
+            ("nat_late", n.late),
+            ("nat_dropped", n.dropped),
+        ]
     }
 
     /// Path state of a peer, for status.
@@ -251,7 +280,14 @@ impl Net {
                 if r.party().is_some() {
                     r.leave();
                 }
+                let applicants: Vec<[u8; 32]> = self.applicants.keys().copied().collect();
+                for key in applicants {
+                    if !self.members.contains(&key) {
+                        self.drop_peer(&key);
+                    }
+                }
                 self.applicants.clear();
+                self.unplaced.clear();
             }
             Some((id, Some((name, protected)))) => r.host(id, name, protected, now),
             Some((id, None)) => r.member(id, now),
@@ -337,8 +373,19 @@ impl Net {
         if self.nat.result() != before {
             self.nat_changed(now);
         }
-        self.applicants
-            .retain(|_, since| now.saturating_duration_since(*since) < APPLICANT_TTL);
+        let expired: Vec<[u8; 32]> = self
+            .applicants
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= APPLICANT_TTL)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            // Never admitted: stop probing what it claimed and stop asking for its session.
+            self.applicants.remove(&key);
+            if !self.members.contains(&key) {
+                self.drop_peer(&key);
+            }
+        }
     }
 
     /// The earliest time [`Net::handle_timeout`] has work.
@@ -378,11 +425,6 @@ impl Net {
                     let Some(shared) = self.api.as_ref().and_then(|a| a.shared_key()) else {
                         continue;
                     };
-                    if let Some(old) = self.sessions.insert(key, s.session) {
-                        if old != s.session {
-                            tracing::debug!(peer = %s.peer, "relay session replaced");
-                        }
-                    }
                     self.paths.set_relay(
                         &key,
                         s.session,
@@ -479,7 +521,8 @@ impl Net {
         }
         let endpoints: Vec<SocketAddr> = s.endpoints.iter().copied().take(8).collect();
         self.add_path_peer(key, &endpoints, now);
-        if let Some(nat) = s.nat {
+        if let Some(nat) = s.nat.filter(|_| self.members.contains(&key)) {
+            // Port prediction (bursts of probes) only for members, never for applicants.
             self.paths.set_peer_nat(
                 &key,
                 crate::path::NatHint {

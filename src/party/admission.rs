@@ -87,7 +87,7 @@ impl PasswordGuard {
         friend: bool,
         now: Instant,
     ) -> Verdict {
-        let source = source_key(source);
+        let source = budget_source(source);
         let key_charge = self.per_key.try_charge(key, now);
         if key_charge == Charge::Exhausted {
             return Verdict::TooMany;
@@ -118,7 +118,7 @@ impl PasswordGuard {
     pub fn checked(&mut self, key: &[u8; 32], source: IpAddr, right: bool) {
         if right {
             self.per_key.refund(key);
-            self.per_source.refund(&source_key(source));
+            self.per_source.refund(&budget_source(source));
         }
     }
 
@@ -126,7 +126,7 @@ impl PasswordGuard {
     /// check was lost): it costs nothing.
     pub fn release(&mut self, key: &[u8; 32], source: IpAddr, friend: bool) {
         self.per_key.refund(key);
-        self.per_source.refund(&source_key(source));
+        self.per_source.refund(&budget_source(source));
         if friend {
             self.friends.give_back(1);
         } else {
@@ -246,9 +246,30 @@ impl<T> CheckQueue<T> {
     }
 }
 
+/// The per-source budget's key: an IPv4 address or IPv6 /64, except a relayed joiner's relay
+/// session with us (all of them share one /64, `crate::path::vaddr`), counted on its own.
+fn budget_source(source: IpAddr) -> IpAddr {
+    if crate::path::vaddr::is_virtual(&std::net::SocketAddr::new(source, 0)) {
+        source
+    } else {
+        source_key(source)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relayed_joiners_do_not_share_one_source_budget() {
+        use lanrage_proto::ids::SessionId;
+        let a = crate::path::vaddr::vaddr(SessionId(1)).ip();
+        let b = crate::path::vaddr::vaddr(SessionId(2)).ip();
+        assert_ne!(budget_source(a), budget_source(b));
+        let x: IpAddr = "2001:db8::1".parse().unwrap();
+        let y: IpAddr = "2001:db8::2".parse().unwrap();
+        assert_eq!(budget_source(x), budget_source(y));
+    }
     use std::net::Ipv4Addr;
 
     fn src(n: u32) -> IpAddr {

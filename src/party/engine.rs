@@ -44,6 +44,7 @@ use crate::party::admission::{CheckQueue, PasswordGuard, Verdict};
 use crate::party::ipam::Ipam;
 use crate::party::merge::RivalCheck;
 use crate::party::password;
+use crate::path::vaddr::is_virtual;
 use crate::throttle::LogThrottle;
 use crate::wire::{
     Credential, Member, Message, Password, PasswordVerifier, RejectReason, RejoinToken, Roster,
@@ -1244,9 +1245,12 @@ impl Engine {
             State::InParty(p) if p.roster.party == party && p.roster.host == my_id => p,
             _ => return,
         };
-        // The address it came from is the one that certainly works: put it first.
-        endpoints.retain(|e| *e != from);
-        endpoints.insert(0, from);
+        // The address it came from is the one that certainly works: put it first (unless it is
+        // our relay session with it, which means nothing to anyone else).
+        endpoints.retain(|e| *e != from && !is_virtual(e));
+        if !is_virtual(&from) {
+            endpoints.insert(0, from);
+        }
         endpoints.truncate(MAX_ENDPOINTS);
         let name = clean_name(&name).unwrap_or_else(|| "player".to_string());
 
@@ -1837,6 +1841,8 @@ impl Engine {
                         endpoints.retain(|e| *e != o);
                         endpoints.insert(0, o);
                     }
+                    // Relay sessions do not outlive this run.
+                    endpoints.retain(|e| !is_virtual(e));
                     endpoints.truncate(MAX_ENDPOINTS);
                     JoinTarget {
                         key: m.key,
@@ -2094,6 +2100,7 @@ impl Engine {
             .collect();
         targets.truncate(MAX_JOIN_TARGETS);
         for t in &mut targets {
+            t.endpoints.retain(|e| !is_virtual(e));
             t.endpoints.truncate(MAX_ENDPOINTS);
         }
         self.state = State::Joining(Box::new(Joining {
@@ -2254,6 +2261,8 @@ fn sanitize_roster(roster: &mut Roster) {
     roster.name = clean_name(&roster.name).unwrap_or_else(|| "party".to_string());
     for m in &mut roster.members {
         m.name = clean_name(&m.name).unwrap_or_else(|| "player".to_string());
+        // Another node's relay sessions mean nothing here.
+        m.endpoints.retain(|e| !is_virtual(e));
     }
 }
 

@@ -73,7 +73,7 @@ pub struct Stats {
     pub bad_destination: AtomicU64,
     /// Control datagrams dropped because the control task was behind.
     pub control_dropped: AtomicU64,
-    /// STUN datagrams dropped because the control task was behind.
+    /// STUN datagrams dropped because the control task was behind (`stun_ignored`).
     pub stun: AtomicU64,
     /// Datagrams for a relayed peer whose relay session is not known (yet).
     pub relay_no_route: AtomicU64,
