@@ -26,12 +26,13 @@
 //! - symmetric NATs with sequential ports get bounded port prediction ([`predict`]).
 //!
 //! # Several relays
-//! A pair uses one relay session at a time ([`Paths::set_relay`] replaces it). If several relays
-//! are available, the pair agrees on one this way: the *initiator* (the peer with the lower
-//! public key) measures its RTT to each relay (STUN), receives the other's measurements in its
-//! signal, and requests the session on the relay with the lowest sum; the other peer binds
-//! whatever session it is given. Of one relay's several UDP addresses, the first that answers a
-//! bind is used (each side picks on its own; the relay forwards between its own sockets).
+//! A pair uses one relay session at a time ([`Paths::set_relay`] replaces it). Today a control
+//! server hands out sessions on itself only, so there is one relay per party. The rule for when
+//! it can name several (not built yet): the *initiator* (the peer with the lower public key)
+//! measures its RTT to each relay (STUN), receives the other's measurements in its signal, and
+//! requests the session on the relay with the lowest sum; the other peer binds whatever session
+//! it is given. Of one relay's several UDP addresses, the first that answers a bind is used
+//! (each side picks on its own; the relay forwards between its own sockets).
 //!
 //! # Bounds
 //! [`MAX_PEERS`] peers; per peer [`peer::MAX_CANDIDATES`] candidates (of them at most
