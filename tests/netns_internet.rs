@@ -998,3 +998,41 @@ fn members_behind_one_router_talk_over_the_lan() {
         );
     }
 }
+
+/// A member that is reachable only through the relay (both NATs symmetric) restarts its daemon:
+/// it rejoins by itself through the control server, with its rejoin token (the password is not
+/// on its disk), keeps its address, and traffic flows again through the relay.
+#[test]
+fn relayed_member_restarts_and_rejoins_through_the_control_server() {
+    use NatKind::*;
+    let Some(mut lab) = Internet::new("rejoin", &[Symmetric, Symmetric]) else {
+        return;
+    };
+    lab.spawn_all(&[0, 1], opts);
+    let party = lab.node(0).create_party("restart", Some("hunter2"));
+    lab.node(1).join_ok(&party, Some("hunter2"));
+    assert!(
+        first_ping(&lab, 1, HOST_VIP, FIRST_PING_WITHIN).is_some(),
+        "relayed member cannot ping the host"
+    );
+    let ids = ids(&lab, &[0, 1]);
+    expect_conn(&lab, &ids, 1, 0, "relayed", SETTLE_WITHIN);
+    let before = vip(&lab, 1);
+    let saved = std::fs::read_to_string(lab.node(1).state_dir.join("party.json"))
+        .expect("the member remembers its party");
+    assert!(
+        !saved.contains("hunter2"),
+        "the password must not be on the member's disk: {saved}"
+    );
+
+    let start = Instant::now();
+    lab.node(1).restart();
+    assert!(
+        first_ping(&lab, 1, HOST_VIP, RECOVER_WITHIN).is_some(),
+        "the restarted member did not get back into the party through the relay"
+    );
+    measure("relayed member restart to first ping", start.elapsed());
+    assert_eq!(vip(&lab, 1), before, "the member's address changed");
+    expect_conn(&lab, &ids, 1, 0, "relayed", SETTLE_WITHIN);
+    expect_conn(&lab, &ids, 0, 1, "relayed", SETTLE_WITHIN);
+}

@@ -289,8 +289,21 @@ impl Net {
                 self.applicants.clear();
                 self.unplaced.clear();
             }
-            Some((id, Some((name, protected)))) => r.host(id, name, protected, now),
-            Some((id, None)) => r.member(id, now),
+            Some((id, hosted)) => {
+                let fresh = r.party() != Some(id);
+                match hosted {
+                    Some((name, protected)) => r.host(id, name, protected, now),
+                    None => r.member(id, now),
+                }
+                if fresh {
+                    // Peers we already have paths to (members, a host we rejoin): relay
+                    // sessions with them, and our endpoints and NAT.
+                    for &peer in self.keys.keys() {
+                        r.want_session(peer, false, now);
+                        r.signal(peer, None);
+                    }
+                }
+            }
         }
     }
 
