@@ -677,10 +677,18 @@ impl Rendezvous {
                     Some(Role::Member { applied: false })
                 );
                 let final_error = matches!(e.status, Some(400 | 403 | 404 | 409));
+                let member = matches!(
+                    self.party.as_ref().map(|p| &p.role),
+                    Some(Role::Member { .. })
+                );
                 if waiting && (final_error || e.status.is_none()) {
                     // Someone waits for the join: tell them now rather than retry silently.
                     self.party = None;
                     self.events.push_back(Event::Applied(party, Err(e)));
+                } else if member && e.status == Some(404) {
+                    // A party its host never registered here (a LAN party): nothing to do here.
+                    self.party = None;
+                    self.last_error = None;
                 } else {
                     self.party_retry.failed(now, e.retry_after);
                 }
