@@ -686,9 +686,10 @@ impl Rendezvous {
                     self.party = None;
                     self.events.push_back(Event::Applied(party, Err(e)));
                 } else if member && e.status == Some(404) {
-                    // A party its host never registered here (a LAN party): nothing to do here.
-                    self.party = None;
+                    // A party its host has not registered here (yet, or at all: a LAN party).
+                    // Not an error worth showing; ask again now and then.
                     self.last_error = None;
+                    self.party_retry.failed(now, None);
                 } else {
                     self.party_retry.failed(now, e.retry_after);
                 }
