@@ -43,9 +43,11 @@ async function checkSession() {
 async function refresh() {
   try {
     const s = await call("GET", "/status");
-    $("#node").textContent = `${s.node.name} · ${s.node.id} · ${s.node.virtual_ip ?? "no virtual IP"}`;
+    $("#node").textContent = `${s.node.name} · ${s.node.id} · ${s.node.virtual_ip ?? "no virtual IP"} · NAT ${s.node.nat_type}`;
     if (s.party) {
-      const rows = s.party.peers.map((p) => `<tr><td>${esc(p.name)}</td><td>${esc(p.virtual_ip)}</td><td>${esc(p.connection)}</td><td>${p.latency_ms == null ? "" : esc(p.latency_ms.toFixed(1)) + " ms"}</td><td>${p.id === s.party.host_id ? "host" : ""}</td></tr>`).join("");
+      const ms = (l) => l == null ? "" : esc(l.toFixed(l < 10 ? 2 : 1)) + " ms";
+      const via = (p) => p.connection === "relayed" && p.relay ? ` via ${esc(p.relay)}` : "";
+      const rows = s.party.peers.map((p) => `<tr><td>${esc(p.name)}</td><td>${esc(p.virtual_ip)}</td><td>${esc(p.connection)}${via(p)}</td><td>${ms(p.latency_ms)}</td><td>${p.id === s.party.host_id ? "host" : ""}</td></tr>`).join("");
       $("#party").innerHTML = `<b>${esc(s.party.name)}</b> <code>${esc(s.party.id)}</code><table>${rows}</table>`;
     } else {
       $("#party").textContent = s.joining ? `joining ${s.joining}…` : "not in a party";
