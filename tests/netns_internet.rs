@@ -1036,3 +1036,41 @@ fn relayed_member_restarts_and_rejoins_through_the_control_server() {
     expect_conn(&lab, &ids, 1, 0, "relayed", SETTLE_WITHIN);
     expect_conn(&lab, &ids, 0, 1, "relayed", SETTLE_WITHIN);
 }
+
+/// The host of an internet party dies: the longest-present member takes over, tells the control
+/// server (it publishes the membership with a newer version), and a friend who joins by id
+/// afterwards is sent to the new host and gets in.
+#[test]
+fn a_new_host_takes_over_the_party_on_the_control_server() {
+    use NatKind::*;
+    let Some(mut lab) = Internet::new("takeover", &[Cone, Symmetric, Cone]) else {
+        return;
+    };
+    lab.spawn_all(&[0, 1, 2], |o| NodeOpts {
+        peer_timeout_secs: 6,
+        heartbeat_secs: 1,
+        ..o
+    });
+    let party = lab.node(0).create_party("takeover", None);
+    lab.node(1).join_ok(&party, None);
+    assert!(first_ping(&lab, 1, HOST_VIP, FIRST_PING_WITHIN).is_some());
+    let new_host = lab.node(1).id();
+    lab.node(0).kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = lab.node(1).status();
+        if st["party"]["host_id"].as_str() == Some(new_host.as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "host 1 never took over: {st:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let start = Instant::now();
+    lab.node(2).join_ok(&party, None);
+    let vip1 = vip(&lab, 1);
+    assert!(
+        first_ping(&lab, 2, &vip1, FIRST_PING_WITHIN).is_some(),
+        "the friend who joined after the hand-over cannot reach the new host"
+    );
+    measure("join to first ping with the new host", start.elapsed());
+}
