@@ -48,6 +48,8 @@ pub struct Net {
     pub paths: Paths,
     nat: NatDetector,
     nat_report: Option<NatReport>,
+    /// The NAT type as peers' views of us tell it (when STUN alone cannot).
+    reflexive_type: Option<NatType>,
     stun_override: Vec<SocketAddr>,
     api: Option<Arc<ControlApi>>,
     rdv: Option<Rendezvous>,
@@ -98,6 +100,7 @@ impl Net {
             paths: Paths::new(PathConfig::new(our_key), now, rand::random()),
             nat,
             nat_report: None,
+            reflexive_type: None,
             stun_override,
             api,
             rdv,
@@ -118,10 +121,32 @@ impl Net {
 
     /// The NAT type, for status.
     pub fn nat_type(&self) -> NatType {
-        self.nat_report
-            .as_ref()
-            .map(|r| r.nat_type)
-            .unwrap_or(NatType::Unknown)
+        match self.nat_report.as_ref().map(|r| r.nat_type) {
+            // One STUN address cannot compare mappings; a peer on the internet can: the address
+            // it sees us at is a second mapping.
+            Some(NatType::Unknown) | None => self.reflexive_type.unwrap_or(NatType::Unknown),
+            Some(t) => t,
+        }
+    }
+
+    /// A peer saw us at `addr` (a pong's echo): with only one STUN address this is what tells a
+    /// cone NAT (the same public port for every destination) from a symmetric one.
+    fn note_reflexive(&mut self, addr: SocketAddr) {
+        let Some(public) = self.public_endpoint() else {
+            return;
+        };
+        if addr.ip() != public.ip() || self.local.contains(&public) {
+            return; // a LAN peer sees our LAN address; no NAT to learn about
+        }
+        let t = if addr.port() == public.port() {
+            NatType::Cone
+        } else {
+            NatType::Symmetric
+        };
+        if self.reflexive_type != Some(t) {
+            tracing::debug!(nat = %t, %addr, %public, "NAT type from a peer's view of us");
+            self.reflexive_type = Some(t);
+        }
     }
 
     /// Our public (STUN-mapped) endpoint, for status.
@@ -354,6 +379,9 @@ impl Net {
                 tracing::info!(nat = %r.nat_type, public = ?r.public, "NAT detected");
             }
             let moved = report.as_ref().and_then(|r| r.public) != self.public_endpoint();
+            if moved {
+                self.reflexive_type = None;
+            }
             let info = report.as_ref().map(|r| lanrage_proto::api::NatInfo {
                 symmetric: r.nat_type == NatType::Symmetric,
                 delta: r.mapping_delta,
@@ -582,6 +610,7 @@ impl Net {
                 }
                 PathEvent::Reflexive { key, addr } => {
                     tracing::debug!(peer = %PeerId::from_public_key(&key), %addr, "a peer sees us at");
+                    self.note_reflexive(addr);
                 }
             }
         }
@@ -617,5 +646,51 @@ impl Net {
     /// What the control task must act on.
     pub fn poll_outcome(&mut self) -> Option<NetOutcome> {
         self.outcomes.pop()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net() -> Net {
+        let (tx, _rx) = mpsc::channel(1);
+        Net::new(
+            StaticSecret::from([7u8; 32]),
+            None,
+            Vec::new(),
+            "me".into(),
+            tx,
+            Instant::now(),
+        )
+    }
+
+    fn report(nat_type: NatType, public: &str) -> NatReport {
+        NatReport {
+            nat_type,
+            public: Some(public.parse().unwrap()),
+            mapping_delta: None,
+            mapping: None,
+            filtering: None,
+            server: None,
+        }
+    }
+
+    #[test]
+    fn one_stun_address_plus_a_peers_view_tells_cone_from_symmetric() {
+        let mut n = net();
+        n.local = vec!["192.0.2.2:51820".parse().unwrap()];
+        n.nat_report = Some(report(NatType::Unknown, "203.0.113.10:51820"));
+        assert_eq!(n.nat_type(), NatType::Unknown);
+        // A LAN peer's view says nothing about the NAT.
+        n.note_reflexive("192.0.2.2:51820".parse().unwrap());
+        assert_eq!(n.nat_type(), NatType::Unknown);
+        n.note_reflexive("203.0.113.10:51820".parse().unwrap());
+        assert_eq!(n.nat_type(), NatType::Cone);
+        n.note_reflexive("203.0.113.10:40001".parse().unwrap());
+        assert_eq!(n.nat_type(), NatType::Symmetric);
+        // What STUN measured wins when it could measure.
+        n.nat_report = Some(report(NatType::PortRestricted, "203.0.113.10:51820"));
+        assert_eq!(n.nat_type(), NatType::PortRestricted);
     }
 }
