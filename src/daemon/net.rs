@@ -60,6 +60,8 @@ pub struct Net {
     members: HashSet<[u8; 32]>,
     /// Joiners of the party we host, not admitted yet: path peers only.
     applicants: HashMap<[u8; 32], Instant>,
+    /// Path peers that are not members yet: the host we join or rejoin.
+    guests: HashSet<[u8; 32]>,
     unplaced: Vec<lanrage_proto::api::Signal>,
     local: Vec<SocketAddr>,
     outcomes: Vec<NetOutcome>,
@@ -108,6 +110,7 @@ impl Net {
             keys: HashMap::new(),
             members: HashSet::new(),
             applicants: HashMap::new(),
+            guests: HashSet::new(),
             unplaced: Vec::new(),
             local: Vec::new(),
             outcomes: Vec::new(),
@@ -208,12 +211,32 @@ impl Net {
             self.paths.add_candidates(&key, &real, now);
         }
         let id = PeerId::from_public_key(&key);
-        if self.keys.len() < MAX_KEYS || self.keys.contains_key(&id) {
-            self.keys.insert(id, key);
-        }
+        self.remember_key(id, key);
         if let Some(r) = &mut self.rdv {
             r.want_session(id, false, now);
         }
+    }
+
+    /// Keeps `id → key` (bounded): a full table forgets someone we have no path to.
+    fn remember_key(&mut self, id: PeerId, key: [u8; 32]) {
+        if self.keys.len() >= MAX_KEYS && !self.keys.contains_key(&id) {
+            let spare = self
+                .keys
+                .iter()
+                .find(|(_, k)| !self.is_path_peer(k))
+                .map(|(id, _)| *id);
+            match spare {
+                Some(old) => {
+                    self.keys.remove(&old);
+                }
+                None => return,
+            }
+        }
+        self.keys.insert(id, key);
+    }
+
+    fn is_path_peer(&self, key: &[u8; 32]) -> bool {
+        self.members.contains(key) || self.applicants.contains_key(key) || self.guests.contains(key)
     }
 
     /// The party's members (other than us) with their advertised endpoints: they get paths
@@ -231,6 +254,7 @@ impl Net {
         }
         for (key, endpoints) in members {
             self.applicants.remove(key);
+            self.guests.remove(key);
             let new = !self.members.contains(key);
             self.add_path_peer(*key, endpoints, now);
             if new {
@@ -258,6 +282,7 @@ impl Net {
     /// Someone we will talk to before it is a member (a host we rejoin after a restart): a
     /// path (and, with a control server, a relay session) to it.
     pub fn introduce(&mut self, key: [u8; 32], endpoints: &[SocketAddr], now: Instant) {
+        self.guests.insert(key);
         self.add_path_peer(key, endpoints, now);
     }
 
@@ -305,13 +330,19 @@ impl Net {
                 if r.party().is_some() {
                     r.leave();
                 }
-                let applicants: Vec<[u8; 32]> = self.applicants.keys().copied().collect();
-                for key in applicants {
-                    if !self.members.contains(&key) {
-                        self.drop_peer(&key);
-                    }
+                // Applicants and a host we never got in with: no more paths to them.
+                let strangers: Vec<[u8; 32]> = self
+                    .applicants
+                    .keys()
+                    .chain(self.guests.iter())
+                    .filter(|k| !self.members.contains(*k))
+                    .copied()
+                    .collect();
+                for key in strangers {
+                    self.drop_peer(&key);
                 }
                 self.applicants.clear();
+                self.guests.clear();
                 self.unplaced.clear();
             }
             Some((id, hosted)) => {
@@ -323,7 +354,8 @@ impl Net {
                 if fresh {
                     // Peers we already have paths to (members, a host we rejoin): relay
                     // sessions with them, and our endpoints and NAT.
-                    for &peer in self.keys.keys() {
+                    let peers = self.members.iter().chain(self.guests.iter());
+                    for peer in peers.map(PeerId::from_public_key) {
                         r.want_session(peer, false, now);
                         r.signal(peer, None);
                     }
@@ -501,6 +533,7 @@ impl Net {
             })?;
         let key = host.key;
         let endpoints: Vec<SocketAddr> = host.endpoints.iter().copied().take(8).collect();
+        self.guests.insert(key.0);
         self.add_path_peer(key.0, &endpoints, now);
         if let Some(r) = &mut self.rdv {
             r.signal(host.peer, None);
@@ -526,9 +559,7 @@ impl Net {
             if m.key.0 == self.our_key {
                 continue;
             }
-            if self.keys.len() < MAX_KEYS || self.keys.contains_key(&m.peer) {
-                self.keys.insert(m.peer, m.key.0);
-            }
+            self.remember_key(m.peer, m.key.0);
             // A member the server timed out (it was away) comes back as an applicant.
             stale |= !m.admitted && self.members.contains(&m.key.0);
         }
