@@ -1,0 +1,3 @@
+//! Making the party look like one LAN to games: broadcast and multicast across the party.
+
+pub mod steer;
