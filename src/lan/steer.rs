@@ -239,6 +239,9 @@ pub struct Steering {
     rules: BTreeSet<SteerRule>,
     /// Routes we installed, by destination: the interface index.
     routes: BTreeMap<Ipv4Net, u32>,
+    /// The spec the kernel holds exactly (`Some(None)`: nothing), if the last change succeeded:
+    /// applying it again costs nothing.
+    applied: Option<Option<SteerSpec>>,
 }
 
 impl fmt::Debug for Steering {
@@ -274,6 +277,7 @@ impl Steering {
             pref,
             rules: BTreeSet::new(),
             routes: BTreeMap::new(),
+            applied: None,
         };
         let (rules, routes) = steering.sweep()?;
         if rules + routes > 0 {
@@ -293,6 +297,10 @@ impl Steering {
     /// never leaves a gap. On error what succeeded stays installed and is remembered: the next
     /// call (or the drop) picks up from there.
     pub fn apply(&mut self, spec: Option<&SteerSpec>) -> io::Result<()> {
+        if matches!(&self.applied, Some(applied) if applied.as_ref() == spec) {
+            return Ok(());
+        }
+        self.applied = None;
         let want = match spec {
             Some(spec) => plan(spec)?,
             None => SteerPlan::default(),
@@ -369,12 +377,14 @@ impl Steering {
                 "steering: rules and routes updated"
             );
         }
+        self.applied = Some(spec.cloned());
         Ok(())
     }
 
     /// Removes every IPv4 rule that looks up our table and every route in it. Returns how many
     /// rules and routes it removed.
     fn sweep(&mut self) -> io::Result<(usize, usize)> {
+        self.applied = None;
         let table = self.table;
         let mut rules = Vec::new();
         let mut get = RuleMessage::default();
@@ -422,6 +432,7 @@ impl Steering {
         }
         self.rules.clear();
         self.routes.clear();
+        self.applied = Some(None);
         Ok((n_rules, n_routes))
     }
 }
@@ -891,6 +902,12 @@ mod tests {
         let route = route_message(&plan(&spec()).expect("valid").routes[0], DEFAULT_TABLE);
         assert_eq!(route_table(&route), DEFAULT_TABLE);
         assert_eq!(route.header.scope, RouteScope::Link);
+    }
+
+    #[test]
+    fn steering_can_live_in_a_tokio_task() {
+        fn send<T: Send>() {}
+        send::<Steering>();
     }
 
     #[test]
