@@ -45,7 +45,14 @@ declare -A want=(
   [python3]=python3
   [turnutils_stunclient]=coturn
   [faketime]=faketime
+  # Real programs across the party (tests/netns_lan_programs.rs): a game's LAN server and mDNS.
+  [chocolate-server]=chocolate-doom
+  [avahi-daemon]=avahi-daemon
+  [avahi-browse]=avahi-utils
+  [dbus-daemon]=dbus-daemon
 )
+# Debian installs games in /usr/games, which is not on root's PATH.
+case ":$PATH:" in *:/usr/games:*) ;; *) export PATH="$PATH:/usr/games" ;; esac
 missing=()
 for cmd in "${!want[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${want[$cmd]}")
@@ -57,7 +64,18 @@ if ((${#missing[@]})); then
   command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # Installed packages must not start their services here (avahi-daemon would announce this
+  # machine on its real network): a policy-rc.d that exits 101 tells invoke-rc.d and
+  # deb-systemd-invoke not to. The tests start their own instances inside namespaces.
+  policy=/usr/sbin/policy-rc.d
+  made_policy=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made_policy=1
+  fi
+  install_rc=0
+  apt-get install -y -q --no-install-recommends "${missing[@]}" || install_rc=$?
+  [[ $made_policy == 1 ]] && rm -f "$policy"
+  [[ $install_rc == 0 ]] || die "apt-get install ${missing[*]} failed ($install_rc)"
 fi
 # coturn's package may start a TURN server on 3478; the relay tests use their own ports, but a
 # stray server is noise nobody asked for.

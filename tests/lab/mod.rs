@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod internet;
+pub mod programs;
 pub mod rawpeer;
 
 /// The daemon binary built by cargo for these tests.
