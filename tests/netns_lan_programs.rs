@@ -75,14 +75,16 @@ fn forwarded(node: &Node, kind: &str) -> u64 {
 }
 
 /// What to show when a program did not find its peer: both daemons' broadcast counters, their
-/// party interfaces and policy rules, and their log tails.
+/// party interfaces, policy rules and routes, the interface's multicast groups, the UDP sockets
+/// (which program holds which port), the kernel's IP/UDP counters (`nstat -as`: absolute, no
+/// history file written) and the daemons' log tails.
 fn diagnostics(nodes: &[&Node]) -> String {
     let mut s = String::new();
     for n in nodes {
         let status = n.status();
         let iface = &n.opts.interface;
         s += &format!(
-            "---- {} ({}): broadcast {:#}\ncounters {:#}\n{}\n{}\n{}\nlog tail:\n{}\n",
+            "---- {} ({}): broadcast {:#}\ncounters {:#}\n{}\n{}\n{}\n{}\n{}\n{}\nlog tail:\n{}\n",
             n.name,
             n.ns,
             status["broadcast"],
@@ -91,6 +93,9 @@ fn diagnostics(nodes: &[&Node]) -> String {
             n.exec(&["ip", "rule", "show"]).stdout,
             n.exec(&["ip", "route", "show", "table", "all", "dev", iface])
                 .stdout,
+            n.exec(&["ip", "maddr", "show", "dev", iface]).stdout,
+            n.exec(&["ss", "-uanpe"]).stdout,
+            n.exec(&["nstat", "-as", "Udp*", "Ip*"]).stdout,
             n.log_tail(40)
         );
     }
@@ -296,10 +301,30 @@ fn browse_until_found(
     found
 }
 
+/// Starts avahi on members `a` and `b` (on the party interface only), each publishing a
+/// service, and checks that each one's avahi-browse resolves the other's service with the
+/// publisher's virtual IP, and that mDNS counted as forwarded multicast on both daemons.
+fn avahi_pair(a: &Node, b: &Node, vip_a: &str, vip_b: &str) {
+    let (svc_a, svc_b) = (service_of("alice", 4242), service_of("bob", 4243));
+    let iface = &a.opts.interface;
+    let alice = Avahi::start(&a.ns, "lanrage-alice", iface, std::slice::from_ref(&svc_a));
+    let bob = Avahi::start(&b.ns, "lanrage-bob", iface, std::slice::from_ref(&svc_b));
+    browse_until_found(&bob, b, &alice, a, &svc_a, vip_a);
+    browse_until_found(&alice, a, &bob, b, &svc_b, vip_b);
+    for node in [a, b] {
+        assert!(
+            forwarded(node, "multicast") >= 1,
+            "{}: mDNS should count as forwarded multicast: {:#}",
+            node.name,
+            node.status()["broadcast"]
+        );
+    }
+}
+
 /// avahi-daemon on two members behind their own NAT routers, each in its own mount namespace
 /// with a private /run and D-Bus, on the party interface only: each publishes a service, and
 /// each one's avahi-browse resolves the other's, with the publisher's virtual IP. mDNS goes to
-/// 224.0.0.251:5353 from port 5353, sent by avahi on the party interface.
+/// 224.0.0.251:5353 from port 5353, sent by avahi on the party interface (IP_MULTICAST_IF).
 #[test]
 fn avahi_finds_a_service_behind_another_nat() {
     use NatKind::*;
@@ -311,18 +336,20 @@ fn avahi_finds_a_service_behind_another_nat() {
     };
     lab.spawn_all(&[0, 1], opts);
     let (vip_a, vip_b) = form_party(lab.node(0), lab.node(1), false);
-    let (svc_a, svc_b) = (service_of("alice", 4242), service_of("bob", 4243));
-    let iface = lab.node(0).opts.interface.clone();
-    let alice = Avahi::start(lab.ns(0), "lanrage-alice", &iface, &[svc_a.clone()]);
-    let bob = Avahi::start(lab.ns(1), "lanrage-bob", &iface, &[svc_b.clone()]);
-    browse_until_found(&bob, lab.node(1), &alice, lab.node(0), &svc_a, &vip_a);
-    browse_until_found(&alice, lab.node(0), &bob, lab.node(1), &svc_b, &vip_b);
-    for node in [lab.node(0), lab.node(1)] {
-        assert!(
-            forwarded(node, "multicast") >= 1,
-            "{}: mDNS should count as forwarded multicast: {:#}",
-            node.name,
-            node.status()["broadcast"]
-        );
+    avahi_pair(lab.node(0), lab.node(1), &vip_a, &vip_b);
+}
+
+/// The same on one physical LAN (where the daemons' own mDNS runs on the LAN interface next to
+/// avahi on the party interface): each finds the other's service on the party interface.
+#[test]
+fn avahi_finds_a_service_on_a_shared_lan() {
+    if !programs_ok("avahilan", &AVAHI_PROGRAMS) {
+        return;
     }
+    let Some(mut lab) = Lab::new("avahilan", 2) else {
+        return;
+    };
+    lab.spawn_all(&[0, 1], |o| opts(o).mdns(true));
+    let (vip_a, vip_b) = form_party(lab.node(0), lab.node(1), true);
+    avahi_pair(lab.node(0), lab.node(1), &vip_a, &vip_b);
 }

@@ -10,7 +10,8 @@
 //! - [`Avahi`]: `avahi-daemon` with a private `dbus-daemon` in a mount namespace of their own
 //!   (`unshare -m` inside `ip netns exec`) with a private tmpfs on /run and a private services
 //!   directory bind-mounted on /etc/avahi/services, its own host name and config (IPv4 only, one
-//!   interface, no wide-area DNS). [`Avahi::browse`] runs `avahi-browse -rpt` in that namespace.
+//!   interface, no wide-area DNS); avahi-daemon drops root to the `avahi` user as installed.
+//!   [`Avahi::browse`] runs `avahi-browse -rpt` in that namespace.
 //!   Nothing touches the host's /run, /etc or D-Bus; when the processes are gone, so is the mount
 //!   namespace and its mounts.
 //!
@@ -417,12 +418,15 @@ impl Avahi {
             socket.display(),
             dbus.log_tail(40)
         );
+        // avahi-daemon drops root to its own user, as installed: as root, its SO_REUSEPORT
+        // socket on port 5353 would share a reuseport group with the lanrage daemon's mDNS
+        // socket (also root, also SO_REUSEPORT), and the kernel (6.x: early demux, then
+        // reuseport reselection) then hands part of the mDNS multicast to the daemon's socket
+        // instead of avahi's.
         let mut cmd = nsenter(dbus.pid(), d, &program_path("avahi-daemon"));
-        cmd.arg("-f").arg(d.join("avahi-daemon.conf")).args([
-            "--no-drop-root",
-            "--no-chroot",
-            "--no-rlimits",
-        ]);
+        cmd.arg("-f")
+            .arg(d.join("avahi-daemon.conf"))
+            .args(["--no-chroot", "--no-rlimits"]);
         let avahi = Program::spawn(&format!("avahi-daemon in {ns}"), cmd, &d.join("avahi.log"));
         let mut me = Avahi {
             ns: ns.to_owned(),
