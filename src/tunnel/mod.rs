@@ -14,6 +14,13 @@
 //! [`HEADROOM`] bytes left free before every outgoing datagram, and `Data` frames from a relay
 //! are handed up as datagrams from the virtual address.
 //!
+//! The device is a TAP device by default (`[network] device`), because games that enumerate
+//! interfaces want the BROADCAST flag and a broadcast address, which a Linux TUN device cannot
+//! have. For the performance work: tun-rs's offload path (`offload(true)`, its GRO table and
+//! TSO/USO splitting) expects an IP header at byte 0 after the virtio-net header, so batching
+//! and offloads on the TAP device need their own virtio-net-header path that skips the 14-byte
+//! Ethernet header (IFF_VNET_HDR works on TAP too). What TAP costs today is in BENCHMARKS.md.
+//!
 //! Packets for everyone (broadcast, multicast: how LAN games find each other) pass a
 //! [`Gate`] each way and go to every member once; what arrives from the tunnel is only ever
 //! written to the device, never sent back into the tunnel, so nothing loops.
