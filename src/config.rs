@@ -32,6 +32,145 @@ pub struct Config {
     pub control: ControlConfig,
     /// STUN servers for NAT detection (default: those the control server names).
     pub stun: StunConfig,
+    /// Broadcast and multicast between members (how LAN games find each other).
+    pub broadcast: BroadcastConfig,
+}
+
+/// `[broadcast]`: which broadcasts and multicasts cross the party, and how many.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BroadcastConfig {
+    /// Forward broadcast and multicast between members at all.
+    pub enabled: bool,
+    /// UDP ports whose limited broadcasts (255.255.255.255) and multicasts, sent by a program
+    /// that did not pick an interface, go into the party while we are in one.
+    pub capture_ports: Vec<PortRange>,
+    /// Multicast groups that programs which did not pick an interface join and send to on the
+    /// party interface while we are in one.
+    pub capture_groups: Vec<Ipv4Addr>,
+    /// UDP ports never forwarded, whichever way they reach the party interface.
+    pub deny_ports: Vec<PortRange>,
+    /// Broadcast/multicast packets per second one program (source port) may send into the
+    /// party; each member may send us four times as many.
+    pub rate: u32,
+    /// Packets at once above `rate`.
+    pub burst: u32,
+}
+
+impl Default for BroadcastConfig {
+    fn default() -> Self {
+        let ports = |list: &[(u16, u16)]| list.iter().map(|&(a, b)| PortRange(a, b)).collect();
+        BroadcastConfig {
+            enabled: true,
+            capture_ports: ports(DEFAULT_CAPTURE_PORTS),
+            capture_groups: vec![Ipv4Addr::new(224, 0, 2, 60)],
+            deny_ports: ports(&[(67, 68), (137, 138)]),
+            rate: 100,
+            burst: 200,
+        }
+    }
+}
+
+/// Game LAN-discovery ports captured by default (see config/lanrage.toml for who uses which).
+pub const DEFAULT_CAPTURE_PORTS: &[(u16, u16)] = &[
+    (2302, 2470),
+    (3979, 3979),
+    (4445, 4445),
+    (4549, 4549),
+    (6112, 6112),
+    (7551, 7551),
+    (8086, 8086),
+    (8303, 8310),
+    (8777, 8786),
+    (10777, 10777),
+    (14001, 14001),
+    (19132, 19132),
+    (23757, 23757),
+    (26000, 26000),
+    (27015, 27020),
+    (27036, 27036),
+    (27666, 27669),
+    (27910, 27910),
+    (27960, 27963),
+    (28070, 28073),
+    (28784, 28784),
+    (29070, 29073),
+    (42801, 42801),
+    (44400, 44400),
+    (47624, 47624),
+    (47777, 47777),
+    (50001, 50001),
+];
+
+/// An inclusive UDP port range, written `27015` or `"27015-27020"` in the config file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange(pub u16, pub u16);
+
+impl PortRange {
+    /// Whether `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.0..=self.1).contains(&port)
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 == self.1 {
+            write!(f, "{}", self.0)
+        } else {
+            write!(f, "{}-{}", self.0, self.1)
+        }
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+        };
+        let (a, b) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(s)?, port(s)?),
+        };
+        if a > b {
+            return Err(format!("{s:?}: the range is backwards"));
+        }
+        Ok(PortRange(a, b))
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 == self.1 {
+            s.serialize_u16(self.0)
+        } else {
+            s.serialize_str(&self.to_string())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Port(i64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Port(p) => u16::try_from(p)
+                .ok()
+                .filter(|&p| p != 0)
+                .map(|p| PortRange(p, p))
+                .ok_or_else(|| serde::de::Error::custom(format!("{p} is not a port (1-65535)"))),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// `[control]`: where internet parties are registered and found, and who relays.
@@ -91,8 +230,12 @@ pub struct NetworkConfig {
     pub interface: String,
     /// The party subnet; the host takes its first address.
     pub subnet: Ipv4Net,
-    /// MTU of the TUN interface (underlay MTU minus 80 bytes of WireGuard/UDP/IPv6 overhead).
+    /// MTU of the party interface: 1500 minus IPv6 (40), UDP (8), WireGuard (32) and the relay
+    /// header (12) is 1408; 1400 also leaves room for PPPoE's 8.
     pub mtu: u16,
+    /// `tap` (an Ethernet-like device with a broadcast address, as games expect) or `tun` (a
+    /// point-to-point device without Ethernet headers).
+    pub device: DeviceKind,
     /// The one UDP port for WireGuard, STUN and lanrage's own messages.
     pub listen_port: u16,
 }
@@ -102,10 +245,21 @@ impl Default for NetworkConfig {
         NetworkConfig {
             interface: "lanrage0".into(),
             subnet: Ipv4Net::new(Ipv4Addr::new(10, 66, 0, 0), 16).expect("valid default subnet"),
-            mtu: 1420,
+            mtu: 1400,
+            device: DeviceKind::Tap,
             listen_port: 51820,
         }
     }
+}
+
+/// The kind of party interface.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// Layer 2: BROADCAST flag and address; the daemon answers ARP.
+    Tap,
+    /// Layer 3: point-to-point, no broadcast address.
+    Tun,
 }
 
 /// `[api]`
@@ -286,6 +440,31 @@ impl Config {
             if k.is_empty() || k.len() > 256 {
                 return Err(bad("control.access_key", "must be 1 to 256 bytes".into()));
             }
+        }
+        let b = &self.broadcast;
+        if b.capture_ports.len() + b.capture_groups.len() > 64 {
+            return Err(bad(
+                "broadcast.capture_ports",
+                "at most 64 port ranges and groups together".into(),
+            ));
+        }
+        if b.deny_ports.len() > 64 {
+            return Err(bad("broadcast.deny_ports", "at most 64 port ranges".into()));
+        }
+        if let Some(g) = b.capture_groups.iter().find(|g| !g.is_multicast()) {
+            return Err(bad(
+                "broadcast.capture_groups",
+                format!("{g} is not an IPv4 multicast group (224.0.0.0/4)"),
+            ));
+        }
+        if b.rate == 0 || b.rate > 100_000 || b.burst < b.rate.min(1) || b.burst > 1_000_000 {
+            return Err(bad(
+                "broadcast.rate",
+                format!(
+                    "rate {} and burst {} must be 1..=100000 and 1..=1000000",
+                    b.rate, b.burst
+                ),
+            ));
         }
         if self.stun.servers.len() > 8 {
             return Err(bad("stun.servers", "at most 8 servers".into()));

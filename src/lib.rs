@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod identity;
 pub mod ids;
+pub mod lan;
 pub mod names;
 pub mod party;
 pub mod path;

@@ -131,7 +131,7 @@ pub enum ApiRequest {
     },
 }
 
-pub use lanrage_proto::api::status::{NodeView, PartyView, PeerView, StatusView};
+pub use lanrage_proto::api::status::{BroadcastView, NodeView, PartyView, PeerView, StatusView};
 
 /// A visible party, in `/parties`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -517,6 +517,7 @@ mod tests {
                             party: None,
                             joining: None,
                             counters: std::collections::HashMap::new(),
+                            broadcast: Default::default(),
                         });
                     }
                 }

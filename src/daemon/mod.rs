@@ -19,7 +19,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::api::{
-    self, ApiError, ApiRequest, NodeView, PartyListing, PartyView, PeerView, StatusView,
+    self, ApiError, ApiRequest, BroadcastView, NodeView, PartyListing, PartyView, PeerView,
+    StatusView,
 };
 use crate::config::Config;
 use crate::discovery::file::DiscoveryFile;
@@ -27,6 +28,7 @@ use crate::discovery::mdns::Mdns;
 use crate::discovery::{PartyAd, Source, AD_VERSION};
 use crate::identity::Identity;
 use crate::ids::PartyId;
+use crate::lan::steer::{self, SteerSpec, Steering};
 use crate::party::engine::Hosted;
 use crate::party::{Action, Engine, EngineConfig, JoinError, JoinTarget, SavedParty};
 use crate::seal::{Delivered, OpenError, Sealer};
@@ -65,10 +67,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let socket = tunnel::open_udp(cfg.network.listen_port).with_context(|| {
         format!("cannot use UDP port {} (network.listen_port): is another lanrage or WireGuard running?", cfg.network.listen_port)
     })?;
-    let tun = tunnel::open_tun(&cfg.network).with_context(|| {
-        format!("cannot create the TUN interface {:?}: lanrage needs root (or CAP_NET_ADMIN) and /dev/net/tun", cfg.network.interface)
+    let tun = tunnel::open_device(&cfg.network).with_context(|| {
+        format!("cannot create the party interface {:?}: lanrage needs root (or CAP_NET_ADMIN) and /dev/net/tun", cfg.network.interface)
     })?;
-    let tunnel = Tunnel::new(socket, tun, &identity, cfg.network.subnet)?;
+    let tunnel = Tunnel::new(socket, tun, &identity, &cfg.network, &cfg.broadcast)?;
+    let steering = open_steering(&cfg);
     let port = tunnel.local_port();
 
     let (control_tx, control_rx) = mpsc::channel(tunnel::CONTROL_QUEUE);
@@ -206,6 +209,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         open_errors: HashMap::new(),
         version_log: LogThrottle::new(VERSION_LOG_EVERY),
         password_checks: mpsc::channel(4),
+        steering,
     };
 
     match load_saved(&persist_path) {
@@ -277,6 +281,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     let _ = control.tunnel.set_address(None);
+    control.steer(None);
     tasks.abort_all();
     drop(token_file); // removes the token file
     drop(control);
@@ -401,9 +406,51 @@ struct Control {
     version_log: LogThrottle,
     /// Outcomes of password checks (ticket, right) from their blocking threads.
     password_checks: (mpsc::Sender<Checked>, mpsc::Receiver<Checked>),
+    /// Routing rules that send broadcasts of programs that chose no interface into the party,
+    /// with the party interface's index (`None`: off, or the kernel refused).
+    steering: Option<(Steering, u32)>,
+}
+
+/// The steering of unbound broadcasts into the party, if enabled and the kernel lets us.
+fn open_steering(cfg: &Config) -> Option<(Steering, u32)> {
+    if !cfg.broadcast.enabled {
+        return None;
+    }
+    let opened = tunnel::interface_index(&cfg.network.interface).and_then(|index| {
+        Steering::new(steer::DEFAULT_TABLE, steer::DEFAULT_PREF).map(|s| (s, index))
+    });
+    match opened {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "broadcasts of programs that choose no interface stay on the LAN: cannot install routing rules");
+            None
+        }
+    }
 }
 
 impl Control {
+    /// Steers unbound broadcasts and multicasts for the configured ports and groups into the
+    /// party while we have a virtual IP there (`None`: back to the LAN).
+    fn steer(&mut self, vip: Option<Ipv4Addr>) {
+        let Some((steering, ifindex)) = &mut self.steering else {
+            return;
+        };
+        let b = &self.cfg.broadcast;
+        let spec = vip.map(|vip| SteerSpec {
+            ifindex: *ifindex,
+            vip,
+            ports: b.capture_ports.iter().map(|r| r.0..=r.1).collect(),
+            groups: b.capture_groups.clone(),
+        });
+        match steering.apply(spec.as_ref()) {
+            Ok(()) if vip.is_some() => {
+                tracing::debug!("broadcasts of programs that choose no interface go to the party")
+            }
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "could not update the broadcast routing rules"),
+        }
+    }
+
     /// Runs until SIGINT/SIGTERM (`Ok`) or until a supervised task fails (`Err`).
     async fn run(
         &mut self,
@@ -756,8 +803,9 @@ impl Control {
             }
             Action::Address(ip) => {
                 if let Err(e) = self.tunnel.set_address(ip) {
-                    tracing::error!(error = %e, ?ip, "could not set the virtual IP on the TUN interface");
+                    tracing::error!(error = %e, ?ip, "could not set the virtual IP on the party interface");
                 }
+                self.steer(ip);
             }
             Action::Announce(hosted) => self.announce(hosted),
             Action::Persist(saved) => {
@@ -1273,7 +1321,37 @@ impl Control {
         if let Some(f) = &self.file {
             counters.insert("discovery_file_dropped".to_string(), f.dropped_entries());
         }
+        let mut broadcast = BroadcastView::default();
+        for (kind, n) in s.broadcast.forwarded_totals() {
+            broadcast
+                .forwarded_total
+                .insert(kind.label().to_string(), n);
+            counters.insert(
+                format!(
+                    "lanrage_broadcast_forwarded_total{{kind=\"{}\"}}",
+                    kind.label()
+                ),
+                n,
+            );
+        }
+        for (kind, reason, n) in s.broadcast.dropped_totals() {
+            broadcast
+                .dropped_total
+                .entry(kind.label().to_string())
+                .or_default()
+                .insert(reason.label().to_string(), n);
+            counters.insert(
+                format!(
+                    "lanrage_broadcast_dropped_total{{kind=\"{}\",reason=\"{}\"}}",
+                    kind.label(),
+                    reason.label()
+                ),
+                n,
+            );
+        }
+        counters.insert("arp_answered".to_string(), load(&s.arp_answered));
         StatusView {
+            broadcast,
             node: NodeView {
                 id: self.identity.id.to_string(),
                 name: self.cfg.node.name.clone(),

@@ -1,5 +1,6 @@
-//! The datapath: a TUN device with this node's virtual IP, one UDP socket shared by all peers
-//! (and by STUN and lanrage control messages), and one boringtun `Tunn` per peer.
+//! The datapath: the party device with this node's virtual IP (a TAP device by default, see
+//! [`ether`]; or a TUN device), one UDP socket shared by all peers (and by STUN and lanrage
+//! control messages), and one boringtun `Tunn` per peer.
 //!
 //! Three tasks move bytes: TUN → encrypt → UDP, UDP → demux → decrypt → TUN (control, STUN,
 //! probe and relay-control datagrams go to the control task through a bounded channel), and a
@@ -12,7 +13,12 @@
 //! sent to the session's relay in a `Data` frame whose header is written into
 //! [`HEADROOM`] bytes left free before every outgoing datagram, and `Data` frames from a relay
 //! are handed up as datagrams from the virtual address.
+//!
+//! Packets for everyone (broadcast, multicast: how LAN games find each other) pass a
+//! [`Gate`] each way and go to every member once; what arrives from the tunnel is only ever
+//! written to the device, never sent back into the tunnel, so nothing loops.
 
+pub mod ether;
 pub mod packet;
 pub mod peers;
 
@@ -32,8 +38,9 @@ use tokio::sync::mpsc;
 use tun_rs::AsyncDevice;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::config::NetworkConfig;
+use crate::config::{BroadcastConfig, DeviceKind, NetworkConfig};
 use crate::identity::Identity;
+use crate::lan::gate::{self, Gate, GateStats};
 use crate::party::PeerSpec;
 use crate::path::vaddr;
 use crate::tunnel::peers::{Peer, PeerTable};
@@ -49,6 +56,13 @@ pub const CONTROL_QUEUE: usize = 1024;
 pub const ROAM_QUEUE: usize = 256;
 /// Bytes kept free before each outgoing datagram for a relay `Data` header.
 pub const HEADROOM: usize = lanrage_proto::frame::DATA_HEADER_LEN;
+/// Where decrypted packets start in the receive buffer: room for an Ethernet header in front
+/// (TAP) or, for handshake answers, a relay header.
+const RX_OFFSET: usize = if ether::ETH_HLEN > HEADROOM {
+    ether::ETH_HLEN
+} else {
+    HEADROOM
+};
 
 /// "Peer `key` sent an authenticated packet from this address": input for the path layer.
 pub type RoamReport = ([u8; 32], SocketAddr);
@@ -93,6 +107,10 @@ pub struct Stats {
     pub tx_packets: AtomicU64,
     /// Data packets received through the tunnel.
     pub rx_packets: AtomicU64,
+    /// ARP requests for members answered on the TAP device.
+    pub arp_answered: AtomicU64,
+    /// Broadcast and multicast forwarded and dropped, by kind and reason.
+    pub broadcast: GateStats,
 }
 
 fn bump(c: &AtomicU64) {
@@ -118,6 +136,10 @@ pub struct PeerStatus {
 pub struct Tunnel {
     socket: Arc<UdpSocket>,
     tun: Arc<AsyncDevice>,
+    /// Whether the device speaks Ethernet (TAP) or bare IP (TUN).
+    device: DeviceKind,
+    /// What crosses the party for everyone.
+    broadcast: BroadcastConfig,
     peers: RwLock<PeerTable>,
     secret: StaticSecret,
     public: PublicKey,
@@ -143,15 +165,36 @@ pub fn open_udp(port: u16) -> io::Result<std::net::UdpSocket> {
     Ok(sock.into())
 }
 
-/// Creates the TUN device (no address until we are in a party), up, with the MTU and the
-/// multicast flag (LAN games discover each other by multicast).
-pub fn open_tun(cfg: &NetworkConfig) -> io::Result<AsyncDevice> {
-    let dev = tun_rs::DeviceBuilder::new()
+/// Creates the party device (no address until we are in a party), up, with the MTU and the
+/// multicast flag (LAN games discover each other by multicast). A TAP device also gets the
+/// BROADCAST flag from the kernel and [`ether::OWN_MAC`]; IPv6 is switched off on it (the party
+/// is IPv4; link-local chatter would only be dropped).
+pub fn open_device(cfg: &NetworkConfig) -> io::Result<AsyncDevice> {
+    let mut builder = tun_rs::DeviceBuilder::new()
         .name(&cfg.interface)
-        .mtu(cfg.mtu)
-        .build_async()?;
+        .mtu(cfg.mtu);
+    if cfg.device == DeviceKind::Tap {
+        builder = builder.layer(tun_rs::Layer::L2).mac_addr(ether::OWN_MAC);
+    }
+    let dev = builder.build_async()?;
     ensure_multicast(&cfg.interface)?;
+    let sysctl = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", cfg.interface);
+    if let Err(e) = std::fs::write(&sysctl, "1") {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::debug!(error = %e, "could not switch IPv6 off on the party interface");
+        }
+    }
     Ok(dev)
+}
+
+/// The kernel's index of the party interface (for routing rules).
+pub fn interface_index(name: &str) -> io::Result<u32> {
+    let c = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(io::Error::last_os_error()),
+        i => Ok(i),
+    }
 }
 
 /// Sets IFF_MULTICAST on an interface if it is not set (Linux TUN devices usually have it).
@@ -190,12 +233,16 @@ impl Tunnel {
         socket: std::net::UdpSocket,
         tun: AsyncDevice,
         identity: &Identity,
-        subnet: Ipv4Net,
+        network: &NetworkConfig,
+        broadcast: &BroadcastConfig,
     ) -> io::Result<Arc<Self>> {
         let public = PublicKey::from(identity.public);
+        let subnet = network.subnet;
         Ok(Arc::new(Tunnel {
             socket: Arc::new(UdpSocket::from_std(socket)?),
             tun: Arc::new(tun),
+            device: network.device,
+            broadcast: broadcast.clone(),
             peers: RwLock::new(PeerTable::default()),
             secret: identity.secret.clone(),
             public,
@@ -304,22 +351,39 @@ impl Tunnel {
         len: usize,
         to: SocketAddr,
     ) -> Option<(&'a [u8], SocketAddr)> {
+        self.framed_at(buf, HEADROOM, len, to)
+    }
+
+    /// [`Tunnel::framed`] for bytes at `buf[off..off + len]` (`off >= HEADROOM`).
+    fn framed_at<'a>(
+        &self,
+        buf: &'a mut [u8],
+        off: usize,
+        len: usize,
+        to: SocketAddr,
+    ) -> Option<(&'a [u8], SocketAddr)> {
         match vaddr::session_of(&to) {
-            None => Some((&buf[HEADROOM..HEADROOM + len], to)),
+            None => Some((&buf[off..off + len], to)),
             Some(session) => {
                 let Some(relay) = self.relay_of(session.0) else {
                     bump(&self.stats.relay_no_route);
                     return None;
                 };
-                lanrage_proto::frame::encode_data_header(session, &mut buf[..HEADROOM]).ok()?;
-                Some((&buf[..HEADROOM + len], relay))
+                let start = off.checked_sub(HEADROOM)?;
+                lanrage_proto::frame::encode_data_header(session, &mut buf[start..off]).ok()?;
+                Some((&buf[start..off + len], relay))
             }
         }
     }
 
     /// Sends `buf[HEADROOM..HEADROOM + len]` to `to` (through its relay if `to` is virtual).
     async fn send_framed(&self, buf: &mut [u8], len: usize, to: SocketAddr) {
-        if let Some((bytes, dst)) = self.framed(buf, len, to) {
+        self.send_framed_at(buf, HEADROOM, len, to).await
+    }
+
+    /// Sends `buf[off..off + len]` to `to` (through its relay if `to` is virtual).
+    async fn send_framed_at(&self, buf: &mut [u8], off: usize, len: usize, to: SocketAddr) {
+        if let Some((bytes, dst)) = self.framed_at(buf, off, len, to) {
             self.send(bytes, dst).await;
         }
     }
@@ -443,7 +507,8 @@ impl Tunnel {
         roam: mpsc::Sender<RoamReport>,
     ) {
         let mut buf = vec![0u8; BUF];
-        let mut out = vec![0u8; HEADROOM + BUF];
+        let mut out = vec![0u8; RX_OFFSET + BUF];
+        let mut inbound = Gate::inbound(&self.broadcast);
         loop {
             let (n, src) = match self.socket.recv_from(&mut buf).await {
                 Ok(r) => r,
@@ -489,7 +554,8 @@ impl Tunnel {
             }
             match kind {
                 DatagramKind::WireGuard => {
-                    self.handle_wireguard(src, datagram, &mut out, &roam).await
+                    self.handle_wireguard(src, datagram, &mut out, &roam, &mut inbound)
+                        .await
                 }
                 DatagramKind::Control
                 | DatagramKind::Probe
@@ -529,6 +595,7 @@ impl Tunnel {
         datagram: &[u8],
         out: &mut [u8],
         roam: &mpsc::Sender<RoamReport>,
+        inbound: &mut Gate,
     ) {
         // MACs and the handshake rate limit first, before any Diffie-Hellman on our side.
         let packet =
@@ -564,7 +631,7 @@ impl Tunnel {
                 match peer
                     .tunn
                     .lock()
-                    .decapsulate(Some(src.ip()), input, &mut out[HEADROOM..])
+                    .decapsulate(Some(src.ip()), input, &mut out[RX_OFFSET..])
                 {
                     TunnResult::WriteToNetwork(p) => Next::Network(p.len()),
                     TunnResult::WriteToTunnelV4(p, addr) => Next::Tunnel(p.len(), addr),
@@ -585,7 +652,7 @@ impl Tunnel {
                     } else {
                         src
                     };
-                    self.send_framed(out, len, to).await;
+                    self.send_framed_at(out, RX_OFFSET, len, to).await;
                     input = &[];
                 }
                 Next::Tunnel(len, addr) => {
@@ -593,27 +660,31 @@ impl Tunnel {
                     if len == 0 {
                         break; // keepalive
                     }
-                    let out = &out[HEADROOM..];
-                    if addr != peer.ip || packet::ipv4_src(&out[..len]) != Some(peer.ip) {
+                    let pkt = &out[RX_OFFSET..RX_OFFSET + len];
+                    if addr != peer.ip || packet::ipv4_src(pkt) != Some(peer.ip) {
                         bump(&self.stats.bad_source);
                         break;
                     }
-                    let for_us = packet::ipv4_dst(&out[..len]).is_some_and(|dst| {
-                        let ours = match self.address_bits.load(Ordering::Relaxed) {
-                            0 => None,
-                            bits => Some(Ipv4Addr::from(bits)),
-                        };
-                        packet::accepted_destination(dst, ours, &self.subnet)
-                    });
-                    if !for_us {
+                    let ours = match self.address_bits.load(Ordering::Relaxed) {
+                        0 => None,
+                        bits => Some(Ipv4Addr::from(bits)),
+                    };
+                    let Some(dst) = packet::ipv4_dst(pkt)
+                        .filter(|&dst| packet::accepted_destination(dst, ours, &self.subnet))
+                    else {
                         bump(&self.stats.bad_destination);
                         break;
-                    }
+                    };
                     peer.count_rx(len);
-                    bump(&self.stats.rx_packets);
-                    if let Err(e) = self.tun.send(&out[..len]).await {
-                        tracing::trace!(error = %e, "tun write failed");
+                    if let Some(kind) = gate::kind_of(dst, &self.subnet) {
+                        if let Err(reason) = inbound.check(pkt, peer.ip, Instant::now()) {
+                            self.stats.broadcast.dropped(kind, reason);
+                            break;
+                        }
+                        self.stats.broadcast.forwarded(kind);
                     }
+                    bump(&self.stats.rx_packets);
+                    self.write_device(out, RX_OFFSET, len, peer.ip, dst).await;
                     break;
                 }
                 Next::Done => break,
@@ -625,10 +696,50 @@ impl Tunnel {
         }
     }
 
+    /// Writes the decrypted IPv4 packet at `buf[off..off + len]` from member `src_ip` to the
+    /// device, behind an Ethernet header built in front of it on a TAP device.
+    async fn write_device(
+        &self,
+        buf: &mut [u8],
+        off: usize,
+        len: usize,
+        src_ip: Ipv4Addr,
+        dst: Ipv4Addr,
+    ) {
+        let frame = match self.device {
+            DeviceKind::Tun => &buf[off..off + len],
+            DeviceKind::Tap => {
+                let start = off - ether::ETH_HLEN;
+                let Ok(header) = <&mut [u8; ether::ETH_HLEN]>::try_from(&mut buf[start..off])
+                else {
+                    return;
+                };
+                let mac = ether::destination_mac(dst, self.subnet.broadcast());
+                ether::write_ipv4_header(header, src_ip, mac);
+                &buf[start..off + len]
+            }
+        };
+        if let Err(e) = self.tun.send(frame).await {
+            tracing::trace!(error = %e, "device write failed");
+        }
+    }
+
+    /// Answers the kernel's ARP request on the TAP device when it asks for a member.
+    async fn answer_arp(&self, request: &etherparse::ArpEthIpv4Packet) {
+        let reply = ether::arp_reply(request, |ip| self.peers.read().by_ip(&ip).is_some());
+        if let Some(frame) = reply {
+            bump(&self.stats.arp_answered);
+            if let Err(e) = self.tun.send(&frame).await {
+                tracing::trace!(error = %e, "ARP reply write failed");
+            }
+        }
+    }
+
     async fn tun_loop(self: Arc<Self>) {
         let mut buf = vec![0u8; BUF];
         let mut out = vec![0u8; HEADROOM + BUF + 148];
         let mut everyone: Vec<Arc<Peer>> = Vec::new();
+        let mut outbound = Gate::outbound(&self.broadcast);
         loop {
             let n = match self.tun.recv(&mut buf).await {
                 Ok(n) => n,
@@ -638,7 +749,20 @@ impl Tunnel {
                     continue;
                 }
             };
-            let pkt = &buf[..n];
+            let pkt = match self.device {
+                DeviceKind::Tun => &buf[..n],
+                DeviceKind::Tap => match ether::parse(&buf[..n]) {
+                    ether::Frame::Ipv4(p) => p,
+                    ether::Frame::ArpRequest(request) => {
+                        self.answer_arp(&request).await;
+                        continue;
+                    }
+                    ether::Frame::Other => {
+                        bump(&self.stats.not_ipv4);
+                        continue;
+                    }
+                },
+            };
             let Some(dst) = packet::ipv4_dst(pkt) else {
                 bump(&self.stats.not_ipv4);
                 continue;
@@ -646,9 +770,16 @@ impl Tunnel {
             let target = self.peers.read().by_ip(&dst).cloned();
             if let Some(peer) = target {
                 self.encrypt_and_send(&peer, pkt, &mut out).await;
-            } else if packet::is_for_everyone(dst, &self.subnet) {
+            } else if let Some(kind) = gate::kind_of(dst, &self.subnet) {
+                if let Err(reason) = outbound.check(pkt, Ipv4Addr::UNSPECIFIED, Instant::now()) {
+                    self.stats.broadcast.dropped(kind, reason);
+                    continue;
+                }
                 everyone.clear();
                 everyone.extend(self.peers.read().iter().cloned());
+                if !everyone.is_empty() {
+                    self.stats.broadcast.forwarded(kind);
+                }
                 for peer in &everyone {
                     self.encrypt_and_send(peer, pkt, &mut out).await;
                 }

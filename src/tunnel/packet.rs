@@ -27,13 +27,6 @@ pub fn ipv4_src(packet: &[u8]) -> Option<Ipv4Addr> {
     ))
 }
 
-/// Whether a packet to `dst` goes to every member: limited broadcast, the subnet's broadcast,
-/// or IPv4 multicast.
-#[inline]
-pub fn is_for_everyone(dst: Ipv4Addr, subnet: &Ipv4Net) -> bool {
-    dst.is_broadcast() || dst == subnet.broadcast() || dst.is_multicast()
-}
-
 /// Whether a packet that arrived through the tunnel may be written to the TUN device: only what
 /// is addressed to this member (its virtual IP), to everyone on the party subnet (its
 /// broadcast, limited broadcast) or to a multicast group. Anything else would be a member using
@@ -87,14 +80,5 @@ mod tests {
             None,
             &net
         ));
-    }
-
-    #[test]
-    fn everyone_addresses() {
-        let net: Ipv4Net = "10.66.0.0/16".parse().unwrap();
-        assert!(is_for_everyone(Ipv4Addr::BROADCAST, &net));
-        assert!(is_for_everyone(Ipv4Addr::new(10, 66, 255, 255), &net));
-        assert!(is_for_everyone(Ipv4Addr::new(224, 0, 0, 251), &net));
-        assert!(!is_for_everyone(Ipv4Addr::new(10, 66, 0, 7), &net));
     }
 }

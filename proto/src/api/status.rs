@@ -1,7 +1,7 @@
 //! The daemon's local API: `GET /status` (and the party in create/join answers), as the CLI,
 //! the web UI and scripts read it (`lanrage status --json`). Fields are only ever added.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +16,22 @@ pub struct StatusView {
     pub joining: Option<String>,
     /// Drop and traffic counters (for troubleshooting).
     pub counters: HashMap<String, u64>,
+    /// Broadcast and multicast across the party (how LAN games find each other).
+    #[serde(default)]
+    pub broadcast: BroadcastView,
+}
+
+/// Broadcast and multicast packets forwarded and dropped, as the metrics
+/// `lanrage_broadcast_forwarded_total{kind}` and `lanrage_broadcast_dropped_total{kind,reason}`
+/// (also flattened under those names in `counters`). A packet counts once when sent into the
+/// party (however many members get it) and once when delivered from it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BroadcastView {
+    /// Kind (`broadcast`, `multicast`) → packets forwarded.
+    pub forwarded_total: BTreeMap<String, u64>,
+    /// Kind → reason (`port_denied`, `rate_limited`, `peer_rate_limited`, `not_udp`,
+    /// `disabled`) → packets dropped.
+    pub dropped_total: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// This node, in `/status`.
