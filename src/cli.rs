@@ -503,6 +503,9 @@ fn print_status(out: &mut impl Write, v: &Value) -> io::Result<()> {
             None => writeln!(out, "Control   {}", sanitize(server))?,
         }
     }
+    if let Some(line) = broadcast_line(&v["broadcast"]) {
+        writeln!(out, "LAN games {line}")?;
+    }
     if v["party"].is_null() {
         match v["joining"].as_str() {
             Some(p) => writeln!(out, "Party     joining {}...", sanitize(p)),
@@ -514,6 +517,34 @@ fn print_status(out: &mut impl Write, v: &Value) -> io::Result<()> {
     } else {
         print_party(out, &v["party"])
     }
+}
+
+/// "12 broadcasts, 3 multicasts forwarded; 5 dropped (rate_limited 5)", or nothing before any.
+fn broadcast_line(b: &Value) -> Option<String> {
+    let count = |v: &Value| v.as_u64().unwrap_or(0);
+    let fwd = &b["forwarded_total"];
+    let (bc, mc) = (count(&fwd["broadcast"]), count(&fwd["multicast"]));
+    let mut reasons: std::collections::BTreeMap<String, u64> = Default::default();
+    for kind in b["dropped_total"]
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values())
+    {
+        for (reason, n) in kind.as_object().into_iter().flatten() {
+            *reasons.entry(sanitize(reason).into_owned()).or_default() += count(n);
+        }
+    }
+    reasons.retain(|_, n| *n > 0);
+    let dropped: u64 = reasons.values().sum();
+    if bc + mc + dropped == 0 {
+        return None;
+    }
+    let mut line = format!("{bc} broadcasts, {mc} multicasts forwarded");
+    if dropped > 0 {
+        let why: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        line.push_str(&format!("; {dropped} dropped ({})", why.join(", ")));
+    }
+    Some(line)
 }
 
 fn print_party(out: &mut impl Write, p: &Value) -> io::Result<()> {
@@ -662,6 +693,27 @@ mod tests {
         let mut buf = Vec::new();
         f(&mut buf).unwrap();
         String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn status_sums_up_broadcasts_and_sanitizes_reasons() {
+        let mut v = hostile_status();
+        assert!(!render(|o| print_status(o, &v)).contains("LAN games"));
+        v["broadcast"] = serde_json::json!({
+            "forwarded_total": {"broadcast": 12, "multicast": 3},
+            "dropped_total": {
+                "broadcast": {"rate_limited": 4, "port_denied": 0},
+                "multicast": {"rate_limited": 1, HOSTILE: 2}
+            }
+        });
+        let text = render(|o| print_status(o, &v));
+        assert_clean(&text);
+        assert!(
+            text.contains("LAN games 12 broadcasts, 3 multicasts forwarded; 7 dropped ("),
+            "{text}"
+        );
+        assert!(text.contains("rate_limited 5"), "{text}");
+        assert!(!text.contains("port_denied"), "{text}");
     }
 
     #[test]

@@ -451,6 +451,20 @@ impl Config {
         if b.deny_ports.len() > 64 {
             return Err(bad("broadcast.deny_ports", "at most 64 port ranges".into()));
         }
+        let overlap = b.capture_ports.iter().find_map(|c| {
+            b.deny_ports
+                .iter()
+                .find(|d| c.0 <= d.1 && d.0 <= c.1)
+                .map(|d| (c, d))
+        });
+        if let Some((c, d)) = overlap {
+            return Err(bad(
+                "broadcast.capture_ports",
+                format!(
+                    "{c} overlaps deny_ports {d}: those broadcasts would reach neither the party nor your LAN"
+                ),
+            ));
+        }
         if let Some(g) = b.capture_groups.iter().find(|g| !g.is_multicast()) {
             return Err(bad(
                 "broadcast.capture_groups",
@@ -498,6 +512,29 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text.as_bytes()).unwrap();
         f
+    }
+
+    #[test]
+    fn broadcast_ports_parse_and_are_checked() {
+        let f = write("[broadcast]\ncapture_ports = [2342, \"27015-27020\"]\n");
+        let cfg = Config::load(Some(f.path()), &[]).unwrap();
+        assert_eq!(
+            cfg.broadcast.capture_ports,
+            [PortRange(2342, 2342), PortRange(27015, 27020)]
+        );
+        for (text, needle) in [
+            ("capture_ports = [\"20-10\"]", "backwards"),
+            ("capture_ports = [0]", "not a port"),
+            ("capture_ports = [70000]", "not a port"),
+            ("capture_ports = [\"x\"]", "not a port"),
+            ("capture_ports = [67]", "overlaps deny_ports"),
+            ("capture_groups = [\"10.0.0.1\"]", "not an IPv4 multicast"),
+            ("rate = 0", "broadcast.rate"),
+        ] {
+            let f = write(&format!("[broadcast]\n{text}\n"));
+            let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 
     #[test]

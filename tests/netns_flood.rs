@@ -7,6 +7,8 @@
 //! Figures are printed on stderr (`-- --nocapture` shows them).
 
 mod lab;
+#[path = "lab/udp.rs"]
+mod udp;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -498,4 +500,167 @@ fn junk_discovery_file_does_not_flood_the_log() {
     );
     // The API still answers, and lists nothing from the junk.
     assert!(node.parties().is_empty(), "{:#?}", node.parties());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broadcast rate limit (issue 8)
+// ---------------------------------------------------------------------------------------------
+
+/// The default `[broadcast] rate` (packets/s per sending program) and `burst`.
+const BCAST_RATE: f64 = 100.0;
+const BCAST_BURST: f64 = 200.0;
+/// How many broadcasts the flooding program sends, and how fast (faster would only overflow the
+/// kernel's queue in front of the daemon, which proves nothing about the limiter).
+const BLAST: u64 = 2000;
+const BLAST_PER_10MS: u64 = 20;
+/// Arrivals are counted until this long after the blast.
+const BLAST_DRAIN: Duration = Duration::from_secs(2);
+/// While one program keeps flooding, a second one on the same member sends this many, 10/s...
+const POLITE: u64 = 30;
+/// ... and at least this many must arrive (all do with a per-program limit; a shared limit
+/// would let through about 10/(10 + 2000) of the rate, i.e. about one).
+const POLITE_MIN: usize = 15;
+
+/// One program on a member blasts 2000 broadcasts to a captured port: the other member receives
+/// at most burst + rate x elapsed (+25 %), at least half the burst, and the sender's status counts
+/// `rate_limited`. While it keeps flooding, a second program (another source port) on the same
+/// member still gets its broadcasts through: the limit is per sending program.
+#[test]
+fn broadcast_flood_is_rate_limited_per_program() {
+    use udp::*;
+    let _alone = alone();
+    let Some(mut lab) = Lab::new("bcastflood", 2) else {
+        return;
+    };
+    lab.spawn_all(&[0, 1], |o| NodeOpts {
+        mtu: 0,
+        interface: String::new(),
+        ..o
+    });
+    let vips = lan_party(&lab, &[0, 1], "flood");
+    let diag = || diagnose_all([lab.node(0), lab.node(1)]);
+    // The directed broadcast: on the party interface whatever steering does.
+    let dst = SocketAddrV4::new(DIRECTED, GAME_PORT);
+    let mut inbox = listener(lab.ns(1), GAME_PORT);
+    let warm = plain_sender(lab.ns(0));
+    assert!(
+        send_until_all_receive(
+            &warm,
+            dst,
+            "warm",
+            64,
+            &mut [&mut inbox],
+            Duration::from_secs(10)
+        )
+        .is_some(),
+        "no broadcast reached host 1: {}\n{}",
+        inbox.summary(),
+        diag()
+    );
+    let warm_from: BTreeSet<SocketAddr> = inbox.tagged("warm").iter().map(|d| d.from).collect();
+    assert_eq!(
+        warm_from,
+        BTreeSet::from([SocketAddr::from((vips[0], port_of(&warm)))]),
+        "broadcasts must come through the party, from the sender's virtual address\n{}",
+        diag()
+    );
+    let limited_before = bcast_count(
+        &lab.node(0).status(),
+        &["dropped_total", "broadcast", "rate_limited"],
+    );
+
+    // The blast.
+    let flooder = plain_sender(lab.ns(0));
+    let start = Instant::now();
+    let mut send_errors = 0u64;
+    for seq in 0..BLAST {
+        if flooder.send_to(&payload("blast", seq, 64), dst).is_err() {
+            send_errors += 1;
+        }
+        if seq % BLAST_PER_10MS == BLAST_PER_10MS - 1 {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let blast_took = start.elapsed();
+    drain(&mut [&mut inbox], BLAST_DRAIN);
+    let window = start.elapsed().as_secs_f64();
+    let got = inbox.tagged("blast").len();
+    let max = ((BCAST_BURST + BCAST_RATE * window) * 1.25) as usize;
+    eprintln!(
+        "MEASURE broadcast blast: {BLAST} sent in {blast_took:?} ({send_errors} send errors), \
+         {got} arrived within {window:.2} s (bound {max})"
+    );
+    let st = lab.node(0).status();
+    assert!(
+        got <= max && got >= (BCAST_BURST / 2.0) as usize,
+        "{BLAST} broadcasts from one program in {blast_took:?}: {got} arrived, expected between \
+         {} and {max} (burst {BCAST_BURST} + rate {BCAST_RATE}/s over {window:.2} s, +25 %)\n{}",
+        BCAST_BURST / 2.0,
+        diag()
+    );
+    let limited = bcast_count(&st, &["dropped_total", "broadcast", "rate_limited"]);
+    assert!(
+        limited > limited_before,
+        "the sender's broadcast.dropped_total.broadcast.rate_limited stayed at {limited}\n{}",
+        broadcast_view(&st)
+    );
+    let blast_from: BTreeSet<SocketAddr> = inbox.tagged("blast").iter().map(|d| d.from).collect();
+    assert_eq!(
+        blast_from,
+        BTreeSet::from([SocketAddr::from((vips[0], port_of(&flooder)))]),
+        "the blast must come through the party"
+    );
+    let dups: Vec<(u64, usize)> = inbox
+        .by_seq("blast")
+        .into_iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(k, v)| (k, v.len()))
+        .collect();
+    assert!(dups.is_empty(), "duplicated blast datagrams: {dups:?}");
+
+    // Per program: the flooder keeps going while a second program sends 10/s.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooding = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut seq = BLAST;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..BLAST_PER_10MS {
+                    let _ = flooder.send_to(&payload("blast", seq, 64), dst);
+                    seq += 1;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            seq - BLAST
+        })
+    };
+    let polite = plain_sender(lab.ns(0));
+    for seq in 0..POLITE {
+        polite
+            .send_to(&payload("polite", seq, 64), dst)
+            .unwrap_or_else(|e| panic!("polite send: {e}"));
+        drain(&mut [&mut inbox], Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let flooded = flooding.join().expect("flooder");
+    drain(&mut [&mut inbox], Duration::from_secs(1));
+    let polite_got = inbox.by_seq("polite");
+    eprintln!(
+        "MEASURE while another program flooded {flooded} more: {} of {POLITE} polite broadcasts \
+         arrived",
+        polite_got.len()
+    );
+    assert!(
+        polite_got.len() >= POLITE_MIN && polite_got.values().all(|v| v.len() == 1),
+        "a second program sending 10/s while the first floods: {} of {POLITE} arrived (want >= \
+         {POLITE_MIN}, each once): {polite_got:?}\n{}",
+        polite_got.len(),
+        diag()
+    );
+    let from: BTreeSet<SocketAddr> = inbox.tagged("polite").iter().map(|d| d.from).collect();
+    assert_eq!(
+        from,
+        BTreeSet::from([SocketAddr::from((vips[0], port_of(&polite)))]),
+        "polite broadcasts come from the second program's virtual address"
+    );
 }

@@ -310,7 +310,47 @@ fn steering_sends_unbound_broadcasts_into_the_party_and_nothing_else() {
     steering.apply(Some(&spec)).expect("apply again");
     assert_eq!(ns.our_rules(), rules);
 
-    // A different port list: 5353 in, 2342 out; the VIP and group rules stay.
+    // Someone else (systemd-networkd reconfiguring a link, `ip rule del`) removes a rule and
+    // our route: repair notices and puts them back; with nothing missing it does nothing.
+    assert!(!steering.repair().expect("repair, nothing missing"));
+    ip(&[
+        "-n",
+        &ns.name,
+        "rule",
+        "del",
+        "pref",
+        "6600",
+        "from",
+        "0.0.0.0/32",
+        "to",
+        "255.255.255.255",
+        "ipproto",
+        "udp",
+        "dport",
+        "2342",
+        "lookup",
+        "6666",
+    ]);
+    ip(&[
+        "-n",
+        &ns.name,
+        "route",
+        "del",
+        "255.255.255.255/32",
+        "table",
+        "6666",
+    ]);
+    ns.assert_via("255.255.255.255 ipproto udp dport 2342", "eth0");
+    assert!(steering.repair().expect("repair"));
+    ns.assert_via("255.255.255.255 ipproto udp dport 2342", "party");
+    let sorted = |mut v: Vec<String>| {
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(sorted(ns.our_rules()), sorted(rules.clone()));
+    assert_eq!(ns.our_routes().len(), 2);
+
+    // A different port list: 5353 in, 2342 out; the group rule stays.
     let other = ns.spec(&[5353..=5353]);
     steering.apply(Some(&other)).expect("apply other ports");
     ns.assert_via("224.0.0.251 ipproto udp dport 5353", "party");

@@ -414,6 +414,8 @@ struct Control {
 /// The steering of unbound broadcasts into the party, if enabled and the kernel lets us.
 fn open_steering(cfg: &Config) -> Option<(Steering, u32)> {
     if !cfg.broadcast.enabled {
+        // Still sweep what a crashed run with steering on may have left behind.
+        drop(Steering::new(steer::DEFAULT_TABLE, steer::DEFAULT_PREF));
         return None;
     }
     let opened = tunnel::interface_index(&cfg.network.interface).and_then(|index| {
@@ -922,6 +924,17 @@ impl Control {
             return;
         }
         self.last_endpoint_check = Some(now);
+        if let Some((steering, _)) = &mut self.steering {
+            // Network managers remove routing rules they did not create when they reconfigure
+            // a link (systemd-networkd does by default): put ours back.
+            match steering.repair() {
+                Ok(true) => tracing::info!(
+                    "broadcast routing rules were removed by someone else: reinstalled"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "could not check the broadcast routing rules"),
+            }
+        }
         let endpoints = local_endpoints(self.port, &self.cfg.network.interface);
         if endpoints == self.endpoints {
             return;

@@ -9,7 +9,9 @@
 //! - `from 0.0.0.0/32 to 255.255.255.255/32 ipproto udp dport A-B` per capture port range,
 //! - `from 0.0.0.0/32 to 224.0.0.0/4 ipproto udp dport A-B` per capture port range,
 //! - `from 0.0.0.0/32 to G/32` per capture multicast group (joins without an interface too),
-//! - `from VIP/32 to 255.255.255.255/32` and `from VIP/32 to 224.0.0.0/4`,
+//!
+//! (A socket bound to the VIP needs no rule: the kernel sends a broadcast or multicast from a
+//! bound local address out of that address's interface without consulting the rules.)
 //!
 //! with `255.255.255.255/32 dev IF scope link` and `224.0.0.0/4 dev IF scope link` in the table.
 //! A rule's source `0.0.0.0/32` matches only sockets that bound no address, so a program bound to
@@ -76,7 +78,7 @@ const DUMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Receive buffer: the kernel's dump datagrams are at most 32 KiB.
 const RECV_BUF: usize = 64 * 1024;
 /// Leftover rules or routes removed by one sweep, at most (a crashed run leaves at most
-/// 2 + 2 * [`MAX_PORT_RANGES`] + [`MAX_GROUPS`] rules; the rest would be someone else's mess).
+/// 2 * [`MAX_PORT_RANGES`] + [`MAX_GROUPS`] rules; the rest would be someone else's mess).
 const MAX_SWEEP: usize = 1024;
 
 /// Tables the kernel or every system uses; sweeping one of them would cut the host off.
@@ -106,7 +108,7 @@ pub struct SteerSpec {
 /// <table>`), as data so it can be tested and logged without a kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SteerRule {
-    /// Source selector: `0.0.0.0/32` (a socket that bound no address) or `<vip>/32`.
+    /// Source selector: `0.0.0.0/32` (a socket that bound no address).
     pub from: Ipv4Net,
     /// Destination selector.
     pub to: Ipv4Net,
@@ -205,13 +207,6 @@ pub fn plan(spec: &SteerSpec) -> io::Result<SteerPlan> {
         rules.insert(SteerRule {
             from: UNBOUND,
             to: Ipv4Net::from(group),
-            udp_dports: None,
-        });
-    }
-    for to in [LIMITED_BROADCAST, MULTICAST] {
-        rules.insert(SteerRule {
-            from: Ipv4Net::from(vip),
-            to,
             udp_dports: None,
         });
     }
@@ -379,6 +374,53 @@ impl Steering {
         }
         self.applied = Some(spec.cloned());
         Ok(())
+    }
+
+    /// Puts back rules and routes someone else removed (systemd-networkd deletes rules it did
+    /// not create when it reconfigures a link; `ip rule flush` does too). Call it now and then:
+    /// it costs two netlink dumps. `Ok(true)`: something was missing and has been reinstalled.
+    pub fn repair(&mut self) -> io::Result<bool> {
+        let Some(Some(spec)) = self.applied.clone() else {
+            return Ok(false);
+        };
+        let (table, pref) = (self.table, self.pref);
+        let mut rules = 0usize;
+        let mut get = RuleMessage::default();
+        get.header.family = AddressFamily::Inet;
+        self.nl
+            .dump(RouteNetlinkMessage::GetRule(get), |msg| {
+                if let RouteNetlinkMessage::NewRule(rule) = msg {
+                    let ours = rule_table(&rule) == table
+                        && rule
+                            .attributes
+                            .iter()
+                            .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == pref));
+                    rules += usize::from(ours);
+                }
+            })
+            .map_err(|e| context(e, "listing routing rules"))?;
+        let mut routes = 0usize;
+        let mut get = RouteMessage::default();
+        get.header.address_family = AddressFamily::Inet;
+        get.attributes.push(RouteAttribute::Table(table));
+        match self.nl.dump(RouteNetlinkMessage::GetRoute(get), |msg| {
+            if let RouteNetlinkMessage::NewRoute(route) = msg {
+                routes += usize::from(route_table(&route) == table);
+            }
+        }) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(context(e, "listing routes")),
+        }
+        if rules >= self.rules.len() && routes >= self.routes.len() {
+            return Ok(false);
+        }
+        // Forget what we believe is installed and add it all again (existing ones are kept).
+        self.rules.clear();
+        self.routes.clear();
+        self.applied = None;
+        self.apply(Some(&spec))?;
+        Ok(true)
     }
 
     /// Removes every IPv4 rule that looks up our table and every route in it. Returns how many
@@ -780,8 +822,6 @@ mod tests {
             "from 0.0.0.0/32 to 224.0.0.0/4 ipproto udp dport 2342-2342",
             "from 0.0.0.0/32 to 224.0.0.0/4 ipproto udp dport 27015-27020",
             "from 0.0.0.0/32 to 224.0.2.60/32",
-            "from 10.66.0.5/32 to 255.255.255.255/32",
-            "from 10.66.0.5/32 to 224.0.0.0/4",
         ];
         let mut got = shown(&plan);
         want.sort_unstable();
@@ -798,20 +838,14 @@ mod tests {
     }
 
     #[test]
-    fn plan_without_ports_or_groups_still_steers_the_vip() {
+    fn plan_without_ports_or_groups_has_only_the_routes() {
         let plan = plan(&SteerSpec {
             ports: vec![],
             groups: vec![],
             ..spec()
         })
         .expect("valid spec");
-        assert_eq!(
-            shown(&plan),
-            [
-                "from 10.66.0.5/32 to 224.0.0.0/4",
-                "from 10.66.0.5/32 to 255.255.255.255/32"
-            ]
-        );
+        assert!(shown(&plan).is_empty());
         assert_eq!(plan.routes.len(), 2);
     }
 
@@ -844,7 +878,7 @@ mod tests {
         };
         assert_eq!(
             plan(&at_limit).expect("at the limit").rules.len(),
-            2 * MAX_PORT_RANGES + MAX_GROUPS + 2
+            2 * MAX_PORT_RANGES + MAX_GROUPS
         );
         let too_many_groups = SteerSpec {
             groups: vec![Ipv4Addr::new(239, 1, 1, 1); MAX_GROUPS + 1],

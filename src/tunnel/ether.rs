@@ -104,17 +104,38 @@ pub fn arp_reply(
 }
 
 /// The destination MAC for an IPv4 packet delivered to the TAP device: broadcast for
-/// broadcasts, the RFC 1112 group address for multicast, the device's own otherwise.
+/// broadcasts, the RFC 1112 group address for multicast, the device's own (`own`) otherwise.
 #[inline]
-pub fn destination_mac(dst: Ipv4Addr, subnet_broadcast: Ipv4Addr) -> [u8; 6] {
+pub fn destination_mac(dst: Ipv4Addr, subnet_broadcast: Ipv4Addr, own: [u8; 6]) -> [u8; 6] {
     if dst.is_broadcast() || dst == subnet_broadcast {
         [0xff; 6]
     } else if dst.is_multicast() {
         let o = dst.octets();
         [0x01, 0x00, 0x5e, o[1] & 0x7f, o[2], o[3]]
     } else {
-        OWN_MAC
+        own
     }
+}
+
+/// The source MAC of a frame the kernel wrote (the device's own address).
+#[inline]
+pub fn source_mac(frame: &[u8]) -> Option<[u8; 6]> {
+    frame.get(6..12)?.try_into().ok()
+}
+
+/// A MAC packed into a `u64` (for an atomic).
+#[inline]
+pub fn mac_bits(mac: [u8; 6]) -> u64 {
+    let mut b = [0u8; 8];
+    b[2..].copy_from_slice(&mac);
+    u64::from_be_bytes(b)
+}
+
+/// The MAC [`mac_bits`] packed.
+#[inline]
+pub fn mac_from_bits(bits: u64) -> [u8; 6] {
+    let b = bits.to_be_bytes();
+    [b[2], b[3], b[4], b[5], b[6], b[7]]
 }
 
 /// Writes the Ethernet header of an IPv4 frame from member `src_ip` to `dst` into `header`.
@@ -217,12 +238,19 @@ mod tests {
     #[test]
     fn destination_macs() {
         let bcast = Ipv4Addr::new(10, 66, 255, 255);
-        assert_eq!(destination_mac(Ipv4Addr::BROADCAST, bcast), [0xff; 6]);
-        assert_eq!(destination_mac(bcast, bcast), [0xff; 6]);
+        let own = [2, 0, 0, 0, 0, 9];
+        assert_eq!(destination_mac(Ipv4Addr::BROADCAST, bcast, own), [0xff; 6]);
+        assert_eq!(destination_mac(bcast, bcast, own), [0xff; 6]);
         assert_eq!(
-            destination_mac(Ipv4Addr::new(239, 255, 255, 250), bcast),
+            destination_mac(Ipv4Addr::new(239, 255, 255, 250), bcast, own),
             [0x01, 0x00, 0x5e, 0x7f, 0xff, 0xfa]
         );
-        assert_eq!(destination_mac(Ipv4Addr::new(10, 66, 0, 3), bcast), OWN_MAC);
+        assert_eq!(
+            destination_mac(Ipv4Addr::new(10, 66, 0, 3), bcast, own),
+            own
+        );
+        assert_eq!(mac_from_bits(mac_bits(OWN_MAC)), OWN_MAC);
+        assert_eq!(source_mac(&[1u8; 14]), Some([1; 6]));
+        assert_eq!(source_mac(&[1u8; 11]), None);
     }
 }

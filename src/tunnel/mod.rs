@@ -14,6 +14,13 @@
 //! [`HEADROOM`] bytes left free before every outgoing datagram, and `Data` frames from a relay
 //! are handed up as datagrams from the virtual address.
 //!
+//! The device is a TAP device by default (`[network] device`), because games that enumerate
+//! interfaces want the BROADCAST flag and a broadcast address, which a Linux TUN device cannot
+//! have. For the performance work: tun-rs's offload path (`offload(true)`, its GRO table and
+//! TSO/USO splitting) expects an IP header at byte 0 after the virtio-net header, so batching
+//! and offloads on the TAP device need their own virtio-net-header path that skips the 14-byte
+//! Ethernet header (IFF_VNET_HDR works on TAP too). What TAP costs today is in BENCHMARKS.md.
+//!
 //! Packets for everyone (broadcast, multicast: how LAN games find each other) pass a
 //! [`Gate`] each way and go to every member once; what arrives from the tunnel is only ever
 //! written to the device, never sent back into the tunnel, so nothing loops.
@@ -40,7 +47,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::config::{BroadcastConfig, DeviceKind, NetworkConfig};
 use crate::identity::Identity;
-use crate::lan::gate::{self, Gate, GateStats};
+use crate::lan::gate::{self, Gate, GateStats, Verdict};
 use crate::party::PeerSpec;
 use crate::path::vaddr;
 use crate::tunnel::peers::{Peer, PeerTable};
@@ -138,6 +145,9 @@ pub struct Tunnel {
     tun: Arc<AsyncDevice>,
     /// Whether the device speaks Ethernet (TAP) or bare IP (TUN).
     device: DeviceKind,
+    /// The TAP device's MAC as the kernel uses it (learnt from its frames, in case someone
+    /// changed it): unicast frames we deliver must be addressed to it.
+    device_mac: std::sync::atomic::AtomicU64,
     /// What crosses the party for everyone.
     broadcast: BroadcastConfig,
     peers: RwLock<PeerTable>,
@@ -242,6 +252,7 @@ impl Tunnel {
             socket: Arc::new(UdpSocket::from_std(socket)?),
             tun: Arc::new(tun),
             device: network.device,
+            device_mac: std::sync::atomic::AtomicU64::new(ether::mac_bits(ether::OWN_MAC)),
             broadcast: broadcast.clone(),
             peers: RwLock::new(PeerTable::default()),
             secret: identity.secret.clone(),
@@ -677,11 +688,15 @@ impl Tunnel {
                     };
                     peer.count_rx(len);
                     if let Some(kind) = gate::kind_of(dst, &self.subnet) {
-                        if let Err(reason) = inbound.check(pkt, peer.ip, Instant::now()) {
-                            self.stats.broadcast.dropped(kind, reason);
-                            break;
+                        match inbound.check(pkt, peer.ip, Instant::now()) {
+                            Verdict::Forward => self.stats.broadcast.forwarded(kind),
+                            Verdict::ForwardFragment => {}
+                            Verdict::Drop(reason) => {
+                                self.stats.broadcast.dropped(kind, reason);
+                                break;
+                            }
+                            Verdict::DropSilently => break,
                         }
-                        self.stats.broadcast.forwarded(kind);
                     }
                     bump(&self.stats.rx_packets);
                     self.write_device(out, RX_OFFSET, len, peer.ip, dst).await;
@@ -714,7 +729,8 @@ impl Tunnel {
                 else {
                     return;
                 };
-                let mac = ether::destination_mac(dst, self.subnet.broadcast());
+                let own = ether::mac_from_bits(self.device_mac.load(Ordering::Relaxed));
+                let mac = ether::destination_mac(dst, self.subnet.broadcast(), own);
                 ether::write_ipv4_header(header, src_ip, mac);
                 &buf[start..off + len]
             }
@@ -740,6 +756,7 @@ impl Tunnel {
         let mut out = vec![0u8; HEADROOM + BUF + 148];
         let mut everyone: Vec<Arc<Peer>> = Vec::new();
         let mut outbound = Gate::outbound(&self.broadcast);
+        let mut device_mac = ether::OWN_MAC;
         loop {
             let n = match self.tun.recv(&mut buf).await {
                 Ok(n) => n,
@@ -749,6 +766,14 @@ impl Tunnel {
                     continue;
                 }
             };
+            if self.device == DeviceKind::Tap {
+                if let Some(m) = ether::source_mac(&buf[..n]).filter(|m| *m != device_mac) {
+                    // Someone changed the device's MAC: deliver to the new one from now on.
+                    device_mac = m;
+                    self.device_mac.store(ether::mac_bits(m), Ordering::Relaxed);
+                    tracing::info!(mac = ?m, "the party interface has a new MAC");
+                }
+            }
             let pkt = match self.device {
                 DeviceKind::Tun => &buf[..n],
                 DeviceKind::Tap => match ether::parse(&buf[..n]) {
@@ -771,13 +796,19 @@ impl Tunnel {
             if let Some(peer) = target {
                 self.encrypt_and_send(&peer, pkt, &mut out).await;
             } else if let Some(kind) = gate::kind_of(dst, &self.subnet) {
-                if let Err(reason) = outbound.check(pkt, Ipv4Addr::UNSPECIFIED, Instant::now()) {
-                    self.stats.broadcast.dropped(kind, reason);
-                    continue;
-                }
+                let ours = Ipv4Addr::from(self.address_bits.load(Ordering::Relaxed));
+                let count = match outbound.check(pkt, ours, Instant::now()) {
+                    Verdict::Forward => true,
+                    Verdict::ForwardFragment => false,
+                    Verdict::Drop(reason) => {
+                        self.stats.broadcast.dropped(kind, reason);
+                        continue;
+                    }
+                    Verdict::DropSilently => continue,
+                };
                 everyone.clear();
                 everyone.extend(self.peers.read().iter().cloned());
-                if !everyone.is_empty() {
+                if count && !everyone.is_empty() {
                     self.stats.broadcast.forwarded(kind);
                 }
                 for peer in &everyone {

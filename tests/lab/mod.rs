@@ -503,7 +503,9 @@ pub struct NodeOpts {
     pub discovery_file: bool,
     pub heartbeat_secs: u64,
     pub peer_timeout_secs: u64,
+    /// `network.mtu`; 0 leaves the key out (the daemon's default).
     pub mtu: u32,
+    /// `network.interface`; empty leaves the key out (the daemon's default, `lanrage0`).
     pub interface: String,
     pub listen_port: u16,
     pub api: String,
@@ -567,9 +569,13 @@ impl NodeOpts {
         let _ = writeln!(s, "name = {:?}", self.name);
         let _ = writeln!(s, "state_dir = {:?}", state_dir.display().to_string());
         let _ = writeln!(s, "\n[network]");
-        let _ = writeln!(s, "interface = {:?}", self.interface);
+        if !self.interface.is_empty() {
+            let _ = writeln!(s, "interface = {:?}", self.interface);
+        }
         let _ = writeln!(s, "subnet = \"10.66.0.0/16\"");
-        let _ = writeln!(s, "mtu = {}", self.mtu);
+        if self.mtu != 0 {
+            let _ = writeln!(s, "mtu = {}", self.mtu);
+        }
         let _ = writeln!(s, "listen_port = {}", self.listen_port);
         let _ = writeln!(s, "\n[api]");
         let _ = writeln!(s, "listen = {:?}", self.api);
