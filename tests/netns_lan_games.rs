@@ -689,6 +689,47 @@ fn denied_ports_are_not_forwarded() {
     );
 }
 
+/// A root mDNS stack (avahi with --no-drop-root, mDNSResponder) listening on the party interface
+/// gets every mDNS datagram members send there, although the daemon's own mDNS socket (for LAN
+/// discovery, never on the party interface) is bound to the same port: the daemon's socket must
+/// not join a SO_REUSEPORT group with it, or the kernel hands it part of the traffic, which it
+/// then drops.
+#[test]
+fn an_mdns_stack_of_the_same_user_gets_every_mdns_datagram_on_the_party() {
+    let Some(mut lab) = Lab::new("gamemdns", 2) else {
+        return;
+    };
+    lab.spawn_all(&[0, 1], |o| defaults(o).mdns(true));
+    let vips = lan_party(&lab, &[0, 1], "mdns");
+    let diag = || lan_diag(&lab, &[0, 1]);
+    let mdns_group = Ipv4Addr::new(224, 0, 0, 251);
+    let mut stack = Inbox::new(udp_in(
+        lab.ns(1),
+        any(5353),
+        SockOpts {
+            reuse_port: true,
+            ..SockOpts::join(mdns_group, vips[1])
+        },
+    ));
+    let sender = Inbox::new(udp_in(
+        lab.ns(0),
+        any(0),
+        SockOpts {
+            multicast_if: Some(vips[0]),
+            ..Default::default()
+        },
+    ));
+    broadcast_exactly_once(
+        &sender,
+        vips[0],
+        v4(mdns_group, 5353),
+        "mdns",
+        &mut [&mut stack],
+        &["host 1's mDNS stack on the party interface"],
+        &diag,
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. MTU
 // ---------------------------------------------------------------------------------------------

@@ -251,8 +251,11 @@ impl Drop for Mdns {
 fn open_socket(port: u16) -> Result<UdpSocket, MdnsError> {
     let io = |op: &'static str| move |source| MdnsError::Io { op, source };
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io("socket"))?;
+    // SO_REUSEADDR alone lets every mDNS stack bind 5353 and get every multicast datagram. Not
+    // SO_REUSEPORT: sockets of one user with it form a load-balancing group, and the kernel
+    // then hands a datagram meant for another stack (a root avahi listening on the party
+    // interface) to this socket instead, which drops it.
     s.set_reuse_address(true).map_err(io("SO_REUSEADDR"))?;
-    s.set_reuse_port(true).map_err(io("SO_REUSEPORT"))?;
     s.set_multicast_all_v4(false)
         .map_err(io("IP_MULTICAST_ALL"))?;
     s.set_multicast_loop_v4(true)

@@ -46,6 +46,8 @@ pub struct SockOpts {
     pub multicast_if: Option<Ipv4Addr>,
     /// IP_MTU_DISCOVER = IP_PMTUDISC_DO (DF on every datagram; too big is EMSGSIZE).
     pub pmtudisc_do: bool,
+    /// SO_REUSEADDR and SO_REUSEPORT (as mDNS stacks such as avahi set them).
+    pub reuse_port: bool,
 }
 
 impl SockOpts {
@@ -122,6 +124,10 @@ pub fn udp_in(ns: &str, bind: SocketAddrV4, opts: SockOpts) -> UdpSocket {
                 libc::IP_MTU_DISCOVER,
                 libc::IP_PMTUDISC_DO,
             );
+        }
+        if opts.reuse_port {
+            sock.set_reuse_address(true).expect("SO_REUSEADDR");
+            sock.set_reuse_port(true).expect("SO_REUSEPORT");
         }
         sock.bind(&SocketAddr::V4(bind).into())
             .unwrap_or_else(|e| panic!("bind {bind}: {e}"));
