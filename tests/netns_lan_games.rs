@@ -433,14 +433,7 @@ fn multicast_reaches_members_that_joined() {
         SockOpts::join(TEST_GROUP, vips[1]),
     ));
     let mut not_joined = listener(lab.ns(2), TEST_GROUP_PORT);
-    let sender = Inbox::new(udp_in(
-        lab.ns(0),
-        any(0),
-        SockOpts {
-            multicast_if: Some(vips[0]),
-            ..Default::default()
-        },
-    ));
+    let sender = multicast_sender(lab.ns(0), vips[0]);
     broadcast_exactly_once(
         &sender,
         vips[0],
@@ -711,14 +704,7 @@ fn an_mdns_stack_of_the_same_user_gets_every_mdns_datagram_on_the_party() {
             ..SockOpts::join(mdns_group, vips[1])
         },
     ));
-    let sender = Inbox::new(udp_in(
-        lab.ns(0),
-        any(0),
-        SockOpts {
-            multicast_if: Some(vips[0]),
-            ..Default::default()
-        },
-    ));
+    let sender = multicast_sender(lab.ns(0), vips[0]);
     broadcast_exactly_once(
         &sender,
         vips[0],
@@ -890,14 +876,7 @@ fn status_counts_forwarded_broadcast_and_multicast() {
         any(TEST_GROUP_PORT),
         SockOpts::join(TEST_GROUP, vips[1]),
     ));
-    let msender = Inbox::new(udp_in(
-        lab.ns(0),
-        any(0),
-        SockOpts {
-            multicast_if: Some(vips[0]),
-            ..Default::default()
-        },
-    ));
+    let msender = multicast_sender(lab.ns(0), vips[0]);
     broadcast_exactly_once(
         &msender,
         vips[0],

@@ -54,6 +54,19 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_lanrage");
 
 /// The binary the lab runs: [`BIN`], unless `LANRAGE_TEST_BIN` names another one (for example a
 /// release build, or a stand-in while debugging the lab itself).
+/// Makes the child started by `cmd` get SIGKILL when the test process dies (a test that panics
+/// or is killed never leaves a daemon or program running).
+pub fn die_with_test(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            Ok(())
+        });
+    }
+}
+
 pub fn bin() -> String {
     std::env::var("LANRAGE_TEST_BIN").unwrap_or_else(|_| BIN.to_owned())
 }
@@ -698,13 +711,7 @@ impl Node {
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("clone log fd"))
         .stderr(log);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-                Ok(())
-            });
-        }
+        die_with_test(&mut cmd);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("{}: cannot spawn daemon: {e}", self.name));

@@ -86,13 +86,7 @@ impl Program {
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone().expect("clone log fd"))
             .stderr(out);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-                Ok(())
-            });
-        }
+        super::die_with_test(&mut cmd);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("{what}: cannot start {cmd:?}: {e}"));

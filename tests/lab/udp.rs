@@ -146,6 +146,19 @@ pub fn udp_in(ns: &str, bind: SocketAddrV4, opts: SockOpts) -> UdpSocket {
     })
 }
 
+/// A socket in `ns` that sends multicast out of the interface with address `iface`
+/// (IP_MULTICAST_IF), as mDNS stacks and games that pick an interface do.
+pub fn multicast_sender(ns: &str, iface: Ipv4Addr) -> Inbox {
+    Inbox::new(udp_in(
+        ns,
+        any(0),
+        SockOpts {
+            multicast_if: Some(iface),
+            ..Default::default()
+        },
+    ))
+}
+
 /// A plain program's socket: bound to 0.0.0.0:0, no device (what most games do), SO_BROADCAST.
 pub fn plain_sender(ns: &str) -> UdpSocket {
     udp_in(ns, any(0), SockOpts::broadcast())
