@@ -133,6 +133,23 @@ pub enum ApiRequest {
 
 pub use lanrage_proto::api::status::{BroadcastView, NodeView, PartyView, PeerView, StatusView};
 
+/// What readers that follow the daemon live (the web UI's event stream, `/metrics`) get: one
+/// snapshot published by the control task (at most every [`SNAPSHOT_EVERY`]), so they never
+/// queue requests on it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// As `GET /status`.
+    pub status: StatusView,
+    /// As `GET /parties`.
+    pub parties: Vec<PartyListing>,
+}
+
+/// How often the control task publishes a new [`Snapshot`] at most.
+pub const SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The receiving end of the published snapshots (`None` before the first).
+pub type Snapshots = tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>;
+
 /// A visible party, in `/parties`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartyListing {
@@ -186,19 +203,28 @@ struct OriginGuard {
     refused: AtomicU64,
 }
 
-/// What the handlers share: the way to the control task and the credentials.
+/// What the handlers share: the way to the control task, the published snapshots and the
+/// credentials.
 #[derive(Clone)]
 struct AppState {
     tx: Tx,
+    #[allow(dead_code)] // read by the live view and /metrics
+    snapshots: Snapshots,
     auth: Arc<Auth>,
     listen: SocketAddr,
 }
 
 /// Serves the API on `listener` until the task is aborted; state-changing requests need `token`
 /// (or a browser session made from it).
-pub async fn serve(listener: TcpListener, listen: SocketAddr, tx: Tx, token: ApiToken) {
+pub async fn serve(
+    listener: TcpListener,
+    listen: SocketAddr,
+    tx: Tx,
+    snapshots: Snapshots,
+    token: ApiToken,
+) {
     let auth = Arc::new(Auth::new(token, listen.port()));
-    let app = router(listen, tx, auth);
+    let app = router(listen, tx, snapshots, auth);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "API server stopped");
     }
@@ -206,9 +232,10 @@ pub async fn serve(listener: TcpListener, listen: SocketAddr, tx: Tx, token: Api
 
 /// The API's routes behind the security headers, the origin guard, the credential check and the
 /// body limit.
-pub fn router(listen: SocketAddr, tx: Tx, auth: Arc<Auth>) -> Router {
+pub fn router(listen: SocketAddr, tx: Tx, snapshots: Snapshots, auth: Arc<Auth>) -> Router {
     let state = AppState {
         tx,
+        snapshots,
         auth: auth.clone(),
         listen,
     };
@@ -526,7 +553,12 @@ mod tests {
         let token = ApiToken::generate();
         let auth = Arc::new(Auth::new(token.clone(), 8666));
         (
-            router(LISTEN.parse().unwrap(), tx, auth.clone()),
+            router(
+                LISTEN.parse().unwrap(),
+                tx,
+                tokio::sync::watch::channel(None).1,
+                auth.clone(),
+            ),
             token,
             auth,
         )

@@ -112,6 +112,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
 
     let (api_tx, api_rx) = mpsc::channel(64);
+    let (snapshot_tx, snapshot_rx) = watch::channel(None);
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
         .with_context(|| {
@@ -124,7 +125,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         api::token_file::publish_for(&cfg.api).context("cannot write the API token for the CLI")?;
     tasks.spawn(
         "api",
-        api::serve(listener, cfg.api.listen, api_tx, token_file.token().clone()),
+        api::serve(
+            listener,
+            cfg.api.listen,
+            api_tx,
+            snapshot_rx,
+            token_file.token().clone(),
+        ),
     );
     tracing::info!(api = %cfg.api.listen, udp_port = port, interface = %cfg.network.interface, "ready");
 
@@ -210,6 +217,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         version_log: LogThrottle::new(VERSION_LOG_EVERY),
         password_checks: mpsc::channel(4),
         steering,
+        snapshot_tx,
+        last_snapshot: None,
     };
 
     match load_saved(&persist_path) {
@@ -409,6 +418,10 @@ struct Control {
     /// Routing rules that send broadcasts of programs that chose no interface into the party,
     /// with the party interface's index (`None`: off, or the kernel refused).
     steering: Option<(Steering, u32)>,
+    /// The published snapshot readers follow (the web UI's live view, `/metrics`).
+    snapshot_tx: watch::Sender<Option<Arc<api::Snapshot>>>,
+    /// When it was last published.
+    last_snapshot: Option<Instant>,
 }
 
 /// The steering of unbound broadcasts into the party, if enabled and the kernel lets us.
@@ -431,6 +444,22 @@ fn open_steering(cfg: &Config) -> Option<(Steering, u32)> {
 }
 
 impl Control {
+    /// Publishes a new snapshot for live readers, at most every [`api::SNAPSHOT_EVERY`].
+    fn publish_snapshot(&mut self, now: Instant) {
+        if self
+            .last_snapshot
+            .is_some_and(|t| now.saturating_duration_since(t) < api::SNAPSHOT_EVERY)
+        {
+            return;
+        }
+        self.last_snapshot = Some(now);
+        let snapshot = api::Snapshot {
+            status: self.status(),
+            parties: self.listings(),
+        };
+        self.snapshot_tx.send_replace(Some(Arc::new(snapshot)));
+    }
+
     /// Steers unbound broadcasts and multicasts for the configured ports and groups into the
     /// party while we have a virtual IP there (`None`: back to the LAN).
     fn steer(&mut self, vip: Option<Ipv4Addr>) {
@@ -515,6 +544,7 @@ impl Control {
             }
             self.drain().await;
             self.net.flush(&self.tunnel, Instant::now()).await;
+            self.publish_snapshot(Instant::now());
             let advertised = self.net.advertised();
             if advertised != self.advertised {
                 // NAT detection found (or lost) our public address: members and joiners learn
@@ -1239,6 +1269,8 @@ impl Control {
                         last_handshake_secs: None,
                         rx_bytes: 0,
                         tx_bytes: 0,
+                        rx_packets: 0,
+                        tx_packets: 0,
                     };
                 }
                 let live = self.engine.live(&m.key);
@@ -1276,6 +1308,8 @@ impl Control {
                     last_handshake_secs: handshake.map(|d| d.as_secs()),
                     rx_bytes: tun.as_ref().map_or(0, |t| t.rx_bytes),
                     tx_bytes: tun.as_ref().map_or(0, |t| t.tx_bytes),
+                    rx_packets: tun.as_ref().map_or(0, |t| t.rx_packets),
+                    tx_packets: tun.as_ref().map_or(0, |t| t.tx_packets),
                 }
             })
             .collect();
@@ -1363,6 +1397,7 @@ impl Control {
             );
         }
         counters.insert("arp_answered".to_string(), load(&s.arp_answered));
+        counters.insert("wg_handshakes".to_string(), load(&s.handshakes));
         StatusView {
             broadcast,
             node: NodeView {

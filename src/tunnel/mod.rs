@@ -116,6 +116,8 @@ pub struct Stats {
     pub rx_packets: AtomicU64,
     /// ARP requests for members answered on the TAP device.
     pub arp_answered: AtomicU64,
+    /// WireGuard handshakes completed (as initiator or responder).
+    pub handshakes: AtomicU64,
     /// Broadcast and multicast forwarded and dropped, by kind and reason.
     pub broadcast: GateStats,
 }
@@ -137,6 +139,10 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Payload bytes received.
     pub rx_bytes: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Packets received.
+    pub rx_packets: u64,
 }
 
 /// The running datapath. Shared by the tasks and the control task.
@@ -499,6 +505,8 @@ impl Tunnel {
             added: p.added,
             tx_bytes: p.tx_bytes.load(Ordering::Relaxed),
             rx_bytes: p.rx_bytes.load(Ordering::Relaxed),
+            tx_packets: p.tx_packets.load(Ordering::Relaxed),
+            rx_packets: p.rx_packets.load(Ordering::Relaxed),
         })
     }
 
@@ -653,6 +661,17 @@ impl Tunnel {
                         Next::Error
                     }
                 };
+            // A handshake message that was accepted completes a handshake on our side (an
+            // initiation we answer, or the answer to ours); counted once per message.
+            if input.len() == datagram.len()
+                && !matches!(next, Next::Error)
+                && matches!(
+                    packet,
+                    Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+                )
+            {
+                bump(&self.stats.handshakes);
+            }
             match next {
                 Next::Network(len) => {
                     // A handshake answer or queued packets: send, then ask for more. Answers

@@ -39,6 +39,10 @@ pub struct Peer {
     pub tx_bytes: AtomicU64,
     /// Payload bytes received from it.
     pub rx_bytes: AtomicU64,
+    /// Packets sent to it.
+    pub tx_packets: AtomicU64,
+    /// Packets received from it.
+    pub rx_packets: AtomicU64,
 }
 
 impl Peer {
@@ -135,6 +139,8 @@ impl PeerTable {
                         added: now,
                         tx_bytes: AtomicU64::new(0),
                         rx_bytes: AtomicU64::new(0),
+                        tx_packets: AtomicU64::new(0),
+                        rx_packets: AtomicU64::new(0),
                     });
                     self.by_key.insert(spec.key, peer.clone());
                     added.push(peer);
@@ -176,6 +182,8 @@ impl PeerTable {
             added: now,
             tx_bytes: AtomicU64::new(old.tx_bytes.load(Ordering::Relaxed)),
             rx_bytes: AtomicU64::new(old.rx_bytes.load(Ordering::Relaxed)),
+            tx_packets: AtomicU64::new(old.tx_packets.load(Ordering::Relaxed)),
+            rx_packets: AtomicU64::new(old.rx_packets.load(Ordering::Relaxed)),
         });
         self.by_key.insert(*key, peer.clone());
         self.by_index = self.by_key.values().map(|p| (p.index, p.clone())).collect();
@@ -198,12 +206,14 @@ impl Peer {
     #[inline]
     pub fn count_tx(&self, n: usize) {
         self.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        self.tx_packets.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts payload bytes received.
     #[inline]
     pub fn count_rx(&self, n: usize) {
         self.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
     }
 }
 

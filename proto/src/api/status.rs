@@ -98,4 +98,10 @@ pub struct PeerView {
     /// Payload bytes sent to the peer through the tunnel.
     #[serde(default)]
     pub tx_bytes: u64,
+    /// Packets received through the tunnel from this member.
+    #[serde(default)]
+    pub rx_packets: u64,
+    /// Packets sent through the tunnel to this member.
+    #[serde(default)]
+    pub tx_packets: u64,
 }
