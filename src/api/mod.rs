@@ -742,6 +742,59 @@ mod tests {
         assert_no_inline_code(&ui::LOGIN_FAILED_HTML.to_ascii_lowercase());
     }
 
+    /// The page's script never parses strings as HTML (names come from the network) and sets no
+    /// style attribute (the CSP forbids inline style; CSSOM and classes are fine).
+    #[test]
+    fn page_script_never_parses_html_and_page_keeps_its_names() {
+        for banned in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "setAttribute(\"style\"",
+            "eval(",
+            "new Function",
+        ] {
+            assert!(!ui::UI_JS.contains(banned), "ui.js uses {banned}");
+        }
+        // The accessible names the browser tests rely on (the page contract).
+        for name in [
+            ">This node</h2>",
+            ">Party</h2>",
+            ">Parties nearby</h2>",
+            ">Join by id</h2>",
+            ">Create a party</h2>",
+            "<caption>Members</caption>",
+            ">Copy party id</button>",
+            ">Leave party</button>",
+            ">Party id</label>",
+            ">Password</label>",
+            ">Join</button>",
+            ">Party name</label>",
+            ">Password (optional)</label>",
+            ">Create</button>",
+            "role=\"alert\"",
+            "role=\"status\"",
+        ] {
+            assert!(ui::INDEX_HTML.contains(name), "index.html lacks {name}");
+        }
+        for column in [
+            "Name",
+            "Virtual IP",
+            "Path",
+            "Latency",
+            "Last handshake",
+            "In",
+            "Out",
+        ] {
+            assert!(
+                ui::INDEX_HTML.contains(&format!("<th scope=\"col\">{column}</th>")),
+                "no column {column}"
+            );
+        }
+        assert!(ui::UI_JS.contains("new EventSource(\"/events\")"));
+    }
+
     /// No `<style>`, no `style=`, no event handler attribute, and every `<script>` has a `src`.
     fn assert_no_inline_code(html: &str) {
         assert!(!html.contains("<style"), "inline <style>");
