@@ -34,6 +34,17 @@ pub struct Config {
     pub stun: StunConfig,
     /// Broadcast and multicast between members (how LAN games find each other).
     pub broadcast: BroadcastConfig,
+    /// An extra listener for Prometheus scrapes from other hosts.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: `GET /metrics` is always served on `api.listen`; this adds a listener that
+/// serves only it, for a Prometheus on another host (the API itself stays on loopback).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the metrics-only listener; unset = off.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[broadcast]`: which broadcasts and multicasts cross the party, and how many.
@@ -334,6 +345,7 @@ impl Settings for Config {
         cfg.control.access_key = Some(String::new());
         cfg.control.relay_key = Some(String::new());
         cfg.control.ca_file = Some(PathBuf::new());
+        cfg.metrics.listen = Some(SocketAddr::from(([0, 0, 0, 0], 0)));
         cfg
     }
 
@@ -408,6 +420,15 @@ impl Config {
         }
         if self.node.state_dir.as_os_str().is_empty() {
             return Err(bad("node.state_dir", "must not be empty".into()));
+        }
+        if self.metrics.listen == Some(self.api.listen) {
+            return Err(bad(
+                "metrics.listen",
+                format!(
+                    "{} is api.listen too; give metrics an address of their own",
+                    self.api.listen
+                ),
+            ));
         }
         if let Some(g) = &self.api.operator_group {
             // What groupadd accepts (NAME_REGEX), so a typo is caught before the lookup.
@@ -596,6 +617,27 @@ mod tests {
         let f = write("[network\n");
         let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
         assert!(err.contains(&f.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn metrics_listen_is_optional_and_not_the_api_address() {
+        assert_eq!(Config::default().metrics.listen, None);
+        let f = write("[metrics]\nlisten = \"192.0.2.1:9666\"\n");
+        let cfg = Config::load(Some(f.path()), &[]).unwrap();
+        assert_eq!(cfg.metrics.listen, Some("192.0.2.1:9666".parse().unwrap()));
+        let f = write("[metrics]\nlisten = \"127.0.0.1:8666\"\n");
+        let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("metrics.listen"), "{err}");
+        // Documented in its own section (the key name alone is also api.listen's).
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/lanrage.toml"),
+        )
+        .unwrap();
+        let section = doc
+            .split("\n[metrics]\n")
+            .nth(1)
+            .expect("a [metrics] section");
+        assert!(section.contains("# listen = "), "{section}");
     }
 
     #[test]

@@ -13,9 +13,12 @@
 //! 3. credential: every request that is not a GET or HEAD needs the API token or a browser
 //!    session (see [`auth`]), else 401. GETs never change state here, so reads stay open to
 //!    local users.
+//!
+//! `GET /metrics` (Prometheus text, see [`metrics`]) is such a read, open like `/status`.
 
 pub mod auth;
 pub mod events;
+pub mod metrics;
 pub mod token_file;
 pub mod ui;
 
@@ -251,6 +254,7 @@ pub fn router(listen: SocketAddr, tx: Tx, snapshots: Snapshots, auth: Arc<Auth>)
         .route("/status", get(status))
         .route("/events", get(live_events))
         .route("/parties", get(parties))
+        .route("/metrics", get(metrics_text))
         .route("/session", get(session))
         .route("/login", get(login))
         .route("/login/code", post(login_code))
@@ -391,6 +395,11 @@ async fn parties(State(st): State<AppState>) -> Result<Json<Vec<PartyListing>>, 
     Ok(Json(
         ask(&st.tx, |reply| ApiRequest::Parties { reply }).await?,
     ))
+}
+
+/// `GET /metrics`: Prometheus text from the latest snapshot; open like `/status`.
+async fn metrics_text(State(st): State<AppState>) -> Response {
+    metrics::respond(&st.snapshots)
 }
 
 async fn create(

@@ -129,10 +129,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             listener,
             cfg.api.listen,
             api_tx,
-            snapshot_rx,
+            snapshot_rx.clone(),
             token_file.token().clone(),
         ),
     );
+    if let Some(addr) = cfg.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
+        tasks.spawn("metrics", api::metrics::serve(listener, snapshot_rx));
+        tracing::info!(metrics = %addr, "serving GET /metrics for other hosts");
+    }
     tracing::info!(api = %cfg.api.listen, udp_port = port, interface = %cfg.network.interface, "ready");
 
     let (persist_tx, persist_rx) = watch::channel::<Option<Option<SavedParty>>>(None);
