@@ -384,7 +384,7 @@ async fn metrics(State(r): Shared, ConnectInfo(peer): Peer) -> Response {
     let mut resp = r.metrics_text().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
     );
     resp
 }

@@ -1,5 +1,9 @@
 //! Counters and the Prometheus text for `GET /metrics`.
 //!
+//! The text is OpenMetrics 1.0 written by `prometheus-client` (the Prometheus project's Rust
+//! client; Prometheus asks for OpenMetrics first by default) from a fresh registry per scrape,
+//! served as [`CONTENT_TYPE`].
+//!
 //! Counters touched outside the locks (STUN, datagrams of unknown protocols, HTTP answers, store
 //! commits) are relaxed atomics here; the session table counts its own forwards and drops under
 //! its lock ([`crate::sessions::TableStats`]); gauges (sessions, peers, parties) are read from the
@@ -23,10 +27,18 @@
 //!   `lanrage_relay_store_unsaved_records` (changes in memory not yet durable),
 //!   `lanrage_relay_writes_refused_total` (requests answered 503 because state cannot be saved)
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
 use crate::sessions::{DropReason, TableStats};
+
+/// The content type of `GET /metrics`.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// HTTP status codes counted individually (others go to "other").
 const CODES: [u16; 11] = [200, 201, 202, 204, 400, 401, 403, 404, 409, 429, 503];
@@ -98,200 +110,187 @@ impl Metrics {
         self.http[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition (ends with `# EOF`), from a fresh registry: values are
+    /// read from the atomics, `table` and `g` at this moment.
     pub fn render(&self, table: &TableStats, g: &Gauges) -> String {
-        let mut s = String::with_capacity(4096);
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
-            let _ = writeln!(s, "# HELP {name} {help}");
-            let _ = writeln!(s, "# TYPE {name} {kind}");
-            for (labels, v) in rows {
-                let _ = writeln!(s, "{name}{labels} {v}");
-            }
+        let mut r = Registry::with_prefix("lanrage_relay");
+        let gauge = |r: &mut Registry, name: &str, help: &str, v: usize| {
+            r.register(name, help, ConstGauge::new(v as u64));
         };
-        let one = |v: u64| vec![(String::new(), v)];
-        metric(
-            "lanrage_relay_sessions",
-            "gauge",
-            "Relay sessions.",
-            &one(g.sessions as u64),
+        let counter = |r: &mut Registry, name: &str, help: &str, v: u64| {
+            r.register(name, help, ConstCounter::new(v));
+        };
+        let family = |r: &mut Registry, name: &str, help: &str, label: &'static str, rows| {
+            let f = Family::<[(&'static str, String); 1], Counter>::default();
+            for (value, n) in rows {
+                f.get_or_create(&[(label, value)]).inc_by(n);
+            }
+            r.register(name, help, f);
+        };
+        gauge(&mut r, "sessions", "Relay sessions", g.sessions);
+        gauge(
+            &mut r,
+            "sessions_active",
+            "Relay sessions with both members bound",
+            g.sessions_active,
         );
-        metric(
-            "lanrage_relay_sessions_active",
-            "gauge",
-            "Relay sessions with both members bound.",
-            &one(g.sessions_active as u64),
+        counter(
+            &mut r,
+            "forwarded_packets",
+            "Data frames forwarded",
+            table.forwarded_packets,
         );
-        metric(
-            "lanrage_relay_forwarded_packets_total",
-            "counter",
-            "Data frames forwarded.",
-            &one(table.forwarded_packets),
-        );
-        metric(
-            "lanrage_relay_forwarded_bytes_total",
-            "counter",
-            "Bytes of data frames forwarded.",
-            &one(table.forwarded_bytes),
+        counter(
+            &mut r,
+            "forwarded_bytes",
+            "Bytes of data frames forwarded",
+            table.forwarded_bytes,
         );
         let mut drops: Vec<(String, u64)> = DropReason::ALL
             .iter()
             .enumerate()
-            .map(|(i, r)| (format!("{{reason=\"{}\"}}", r.label()), table.drops[i]))
+            .map(|(i, r)| (r.label().to_string(), table.drops[i]))
             .collect();
-        drops.push((
-            "{reason=\"unknown_protocol\"}".into(),
-            get(&self.unknown_protocol),
-        ));
-        drops.push(("{reason=\"send_error\"}".into(), get(&self.send_errors)));
-        metric(
-            "lanrage_relay_drops_total",
-            "counter",
-            "Datagrams not forwarded, by reason.",
-            &drops,
+        drops.push(("unknown_protocol".into(), get(&self.unknown_protocol)));
+        drops.push(("send_error".into(), get(&self.send_errors)));
+        family(
+            &mut r,
+            "drops",
+            "Datagrams not forwarded, by reason",
+            "reason",
+            drops,
         );
-        metric(
-            "lanrage_relay_binds_total",
-            "counter",
-            "Accepted bind frames.",
-            &one(table.binds),
+        counter(&mut r, "binds", "Accepted bind frames", table.binds);
+        counter(
+            &mut r,
+            "rebinds",
+            "Binds that moved a member to a new address (NAT rebinding)",
+            table.rebinds,
         );
-        metric(
-            "lanrage_relay_rebinds_total",
-            "counter",
-            "Binds that moved a member to a new address (NAT rebinding).",
-            &one(table.rebinds),
+        counter(&mut r, "rebind_hints", "Rebind hints sent", table.hints);
+        counter(
+            &mut r,
+            "bind_challenges",
+            "Bind challenges sent (address proofs asked for)",
+            table.challenges,
         );
-        metric(
-            "lanrage_relay_rebind_hints_total",
-            "counter",
-            "Rebind hints sent.",
-            &one(table.hints),
+        counter(
+            &mut r,
+            "hints_limited",
+            "Rebind hints and bind challenges not sent because of the per-source or global budget",
+            table.answers_limited,
         );
-        metric(
-            "lanrage_relay_bind_challenges_total",
-            "counter",
-            "Bind challenges sent (address proofs asked for).",
-            &one(table.challenges),
-        );
-        metric(
-            "lanrage_relay_hints_limited_total",
-            "counter",
-            "Rebind hints and bind challenges not sent because of the per-source or global budget.",
-            &one(table.answers_limited),
-        );
-        metric(
-            "lanrage_relay_stun_requests_total",
-            "counter",
-            "STUN datagrams by outcome.",
-            &[
-                ("{result=\"success\"}".into(), get(&self.stun_success)),
-                ("{result=\"error\"}".into(), get(&self.stun_error)),
-                ("{result=\"ignored\"}".into(), get(&self.stun_ignored)),
-                ("{result=\"oversized\"}".into(), get(&self.stun_oversized)),
-                ("{result=\"rate_limited\"}".into(), get(&self.stun_limited)),
+        family(
+            &mut r,
+            "stun_requests",
+            "STUN datagrams by outcome",
+            "result",
+            vec![
+                ("success".into(), get(&self.stun_success)),
+                ("error".into(), get(&self.stun_error)),
+                ("ignored".into(), get(&self.stun_ignored)),
+                ("oversized".into(), get(&self.stun_oversized)),
+                ("rate_limited".into(), get(&self.stun_limited)),
             ],
         );
-        metric(
-            "lanrage_relay_registered_peers",
-            "gauge",
-            "Distinct peer keys holding a valid token.",
-            &one(g.registered_peers as u64),
+        gauge(
+            &mut r,
+            "registered_peers",
+            "Distinct peer keys holding a valid token",
+            g.registered_peers,
         );
-        metric(
-            "lanrage_relay_tokens",
-            "gauge",
-            "Live bearer tokens.",
-            &one(g.tokens as u64),
+        gauge(&mut r, "tokens", "Live bearer tokens", g.tokens);
+        gauge(&mut r, "parties", "Parties", g.parties);
+        gauge(
+            &mut r,
+            "party_members",
+            "Admitted party memberships",
+            g.members,
         );
-        metric(
-            "lanrage_relay_parties",
-            "gauge",
-            "Parties.",
-            &one(g.parties as u64),
-        );
-        metric(
-            "lanrage_relay_party_members",
-            "gauge",
-            "Admitted party memberships.",
-            &one(g.members as u64),
-        );
-        metric(
-            "lanrage_relay_party_applicants",
-            "gauge",
-            "Peers that joined a party and are not admitted by its host (yet).",
-            &one(g.applicants as u64),
+        gauge(
+            &mut r,
+            "party_applicants",
+            "Peers that joined a party and are not admitted by its host (yet)",
+            g.applicants,
         );
         let mut http: Vec<(String, u64)> = CODES
             .iter()
             .enumerate()
-            .map(|(i, c)| (format!("{{code=\"{c}\"}}"), get(&self.http[i])))
+            .map(|(i, c)| (c.to_string(), get(&self.http[i])))
             .collect();
-        http.push(("{code=\"other\"}".into(), get(&self.http[CODES.len()])));
-        metric(
-            "lanrage_relay_http_responses_total",
-            "counter",
-            "Control-plane answers by status code.",
-            &http,
+        http.push(("other".into(), get(&self.http[CODES.len()])));
+        family(
+            &mut r,
+            "http_responses",
+            "Control-plane answers by status code",
+            "code",
+            http,
         );
-        metric(
-            "lanrage_relay_rate_limited_total",
-            "counter",
-            "Control-plane requests refused by rate limits.",
-            &[
-                ("{scope=\"ip\"}".into(), get(&self.limited_ip)),
-                ("{scope=\"token\"}".into(), get(&self.limited_token)),
+        family(
+            &mut r,
+            "rate_limited",
+            "Control-plane requests refused by rate limits",
+            "scope",
+            vec![
+                ("ip".into(), get(&self.limited_ip)),
+                ("token".into(), get(&self.limited_token)),
             ],
         );
-        metric(
-            "lanrage_relay_http_connections_refused_total",
-            "counter",
-            "Control-plane connections closed at once by the connection caps.",
-            &one(get(&self.connections_refused)),
+        counter(
+            &mut r,
+            "http_connections_refused",
+            "Control-plane connections closed at once by the connection caps",
+            get(&self.connections_refused),
         );
-        metric(
-            "lanrage_relay_store_commits_total",
-            "counter",
-            "Store batches made durable.",
-            &one(get(&self.store_commits)),
+        counter(
+            &mut r,
+            "store_commits",
+            "Store batches made durable",
+            get(&self.store_commits),
         );
-        metric(
-            "lanrage_relay_store_records_total",
-            "counter",
-            "Store records made durable.",
-            &one(get(&self.store_records)),
+        counter(
+            &mut r,
+            "store_records",
+            "Store records made durable",
+            get(&self.store_records),
         );
-        metric(
-            "lanrage_relay_store_compactions_total",
-            "counter",
-            "Snapshots written.",
-            &one(get(&self.store_compactions)),
+        counter(
+            &mut r,
+            "store_compactions",
+            "Snapshots written",
+            get(&self.store_compactions),
         );
-        metric(
-            "lanrage_relay_store_errors_total",
-            "counter",
-            "Store failures.",
-            &one(get(&self.store_errors)),
+        counter(
+            &mut r,
+            "store_errors",
+            "Store failures",
+            get(&self.store_errors),
         );
-        metric(
-            "lanrage_relay_store_blocked",
-            "gauge",
-            "1 while state changes cannot be saved (a failed write waits to be retried; changes are refused).",
-            &one(get(&self.store_blocked)),
+        r.register(
+            "store_blocked",
+            "1 while state changes cannot be saved (a failed write waits to be retried; changes are refused)",
+            ConstGauge::new(get(&self.store_blocked)),
         );
-        metric(
-            "lanrage_relay_store_unsaved_records",
-            "gauge",
-            "Changes in memory not yet durable.",
-            &one(g.unsaved as u64),
+        gauge(
+            &mut r,
+            "store_unsaved_records",
+            "Changes in memory not yet durable",
+            g.unsaved,
         );
-        metric(
-            "lanrage_relay_writes_refused_total",
-            "counter",
-            "Control-plane requests refused (503) because state cannot be saved.",
-            &one(get(&self.writes_refused)),
+        counter(
+            &mut r,
+            "writes_refused",
+            "Control-plane requests refused (503) because state cannot be saved",
+            get(&self.writes_refused),
         );
-        s
+        let mut text = String::with_capacity(8192);
+        if let Err(e) = encode(&mut text, &r) {
+            // Only a value's formatting can fail; the answer then lacks `# EOF`, so a scraper
+            // sees it is incomplete.
+            tracing::error!(error = %e, "could not encode metrics");
+        }
+        text
     }
 }
 
@@ -325,6 +324,8 @@ mod tests {
         assert!(text.contains("lanrage_relay_http_responses_total{code=\"other\"} 1\n"));
         assert!(text.contains("lanrage_relay_sessions 4\n"));
         assert!(text.contains("# TYPE lanrage_relay_parties gauge\n"));
+        assert!(text.contains("# TYPE lanrage_relay_forwarded_packets counter\n"));
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
         // Every sample line is "name{labels} value".
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = line.rsplit_once(' ').unwrap();
