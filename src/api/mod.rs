@@ -2,7 +2,8 @@
 //!
 //! Routes: `POST /party/create {name, password?}`, `POST /party/join {party_id, password?}`,
 //! `POST /party/leave`, `POST /login/code` (for `lanrage ui`), `GET /status`, `GET /parties`,
-//! `GET /session`, `GET /login?code=…`, and `GET /`, `/ui.js`, `/ui.css` for the web UI. Errors
+//! `GET /session`, `GET /login?code=…`, `GET /events` (live snapshots, see [`events`]), and `GET /`,
+//! `/ui.js`, `/ui.css` for the web UI. Errors
 //! are `{"error": "..."}` with a fitting status code. Bodies are capped at 16 KiB.
 //!
 //! Three guards, outermost first:
@@ -14,6 +15,7 @@
 //!    local users.
 
 pub mod auth;
+pub mod events;
 pub mod token_file;
 pub mod ui;
 
@@ -208,10 +210,11 @@ struct OriginGuard {
 #[derive(Clone)]
 struct AppState {
     tx: Tx,
-    #[allow(dead_code)] // read by the live view and /metrics
     snapshots: Snapshots,
     auth: Arc<Auth>,
     listen: SocketAddr,
+    /// The open `/events` streams (bounded).
+    event_streams: Arc<events::EventStreams>,
 }
 
 /// Serves the API on `listener` until the task is aborted; state-changing requests need `token`
@@ -238,6 +241,7 @@ pub fn router(listen: SocketAddr, tx: Tx, snapshots: Snapshots, auth: Arc<Auth>)
         snapshots,
         auth: auth.clone(),
         listen,
+        event_streams: Arc::default(),
     };
     let [csp, frames, sniff, referrer] = ui::security_header_layers();
     Router::new()
@@ -245,6 +249,7 @@ pub fn router(listen: SocketAddr, tx: Tx, snapshots: Snapshots, auth: Arc<Auth>)
         .route("/ui.js", get(ui::script))
         .route("/ui.css", get(ui::style))
         .route("/status", get(status))
+        .route("/events", get(live_events))
         .route("/parties", get(parties))
         .route("/session", get(session))
         .route("/login", get(login))
@@ -424,6 +429,11 @@ async fn leave(State(st): State<AppState>) -> Result<Json<serde_json::Value>, Ap
     ))
 }
 
+/// `GET /events`: the published snapshots as server-sent events (see [`events`]).
+async fn live_events(State(st): State<AppState>) -> Response {
+    events::events(st.event_streams, st.snapshots).await
+}
+
 /// `GET /session`: whether this browser is logged in (the page shows how to log in if not).
 async fn session(State(st): State<AppState>, headers: HeaderMap) -> Json<serde_json::Value> {
     let authenticated = st.auth.has_session(&headers, Instant::now());
@@ -516,6 +526,31 @@ mod tests {
 
     /// A router whose control task answers every request (creates succeed), and its token.
     fn app() -> (Router, ApiToken, Arc<Auth>) {
+        app_with(tokio::sync::watch::channel(None).1)
+    }
+
+    /// This node's status as the fake control task reports it.
+    fn status_view(name: &str) -> StatusView {
+        StatusView {
+            node: NodeView {
+                id: "n".into(),
+                name: name.into(),
+                public_key: "k".into(),
+                virtual_ip: None,
+                nat_type: "unknown".into(),
+                public_endpoint: None,
+                control_server: None,
+                control_error: None,
+            },
+            party: None,
+            joining: None,
+            counters: std::collections::HashMap::new(),
+            broadcast: Default::default(),
+        }
+    }
+
+    /// As [`app`], reading published snapshots from `snapshots`.
+    fn app_with(snapshots: Snapshots) -> (Router, ApiToken, Arc<Auth>) {
         let (tx, mut rx) = mpsc::channel(8);
         tokio::spawn(async move {
             while let Some(req) = rx.recv().await {
@@ -530,22 +565,7 @@ mod tests {
                         let _ = reply.send(Vec::new());
                     }
                     ApiRequest::Status { reply } => {
-                        let _ = reply.send(StatusView {
-                            node: NodeView {
-                                id: "n".into(),
-                                name: "alice".into(),
-                                public_key: "k".into(),
-                                virtual_ip: None,
-                                nat_type: "unknown".into(),
-                                public_endpoint: None,
-                                control_server: None,
-                                control_error: None,
-                            },
-                            party: None,
-                            joining: None,
-                            counters: std::collections::HashMap::new(),
-                            broadcast: Default::default(),
-                        });
+                        let _ = reply.send(status_view("alice"));
                     }
                 }
             }
@@ -553,12 +573,7 @@ mod tests {
         let token = ApiToken::generate();
         let auth = Arc::new(Auth::new(token.clone(), 8666));
         (
-            router(
-                LISTEN.parse().unwrap(),
-                tx,
-                tokio::sync::watch::channel(None).1,
-                auth.clone(),
-            ),
+            router(LISTEN.parse().unwrap(), tx, snapshots, auth.clone()),
             token,
             auth,
         )
@@ -727,6 +742,59 @@ mod tests {
         assert_no_inline_code(&ui::LOGIN_FAILED_HTML.to_ascii_lowercase());
     }
 
+    /// The page's script never parses strings as HTML (names come from the network) and sets no
+    /// style attribute (the CSP forbids inline style; CSSOM and classes are fine).
+    #[test]
+    fn page_script_never_parses_html_and_page_keeps_its_names() {
+        for banned in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "setAttribute(\"style\"",
+            "eval(",
+            "new Function",
+        ] {
+            assert!(!ui::UI_JS.contains(banned), "ui.js uses {banned}");
+        }
+        // The accessible names the browser tests rely on (the page contract).
+        for name in [
+            ">This node</h2>",
+            ">Party</h2>",
+            ">Parties nearby</h2>",
+            ">Join by id</h2>",
+            ">Create a party</h2>",
+            "<caption>Members</caption>",
+            ">Copy party id</button>",
+            ">Leave party</button>",
+            ">Party id</label>",
+            ">Password</label>",
+            ">Join</button>",
+            ">Party name</label>",
+            ">Password (optional)</label>",
+            ">Create</button>",
+            "role=\"alert\"",
+            "role=\"status\"",
+        ] {
+            assert!(ui::INDEX_HTML.contains(name), "index.html lacks {name}");
+        }
+        for column in [
+            "Name",
+            "Virtual IP",
+            "Path",
+            "Latency",
+            "Last handshake",
+            "In",
+            "Out",
+        ] {
+            assert!(
+                ui::INDEX_HTML.contains(&format!("<th scope=\"col\">{column}</th>")),
+                "no column {column}"
+            );
+        }
+        assert!(ui::UI_JS.contains("new EventSource(\"/events\")"));
+    }
+
     /// No `<style>`, no `style=`, no event handler attribute, and every `<script>` has a `src`.
     fn assert_no_inline_code(html: &str) {
         assert!(!html.contains("<style"), "inline <style>");
@@ -746,5 +814,109 @@ mod tests {
         for attr in attrs {
             assert!(!attr.starts_with("on"), "event handler attribute {attr}");
         }
+    }
+
+    fn snapshot(name: &str) -> Option<Arc<Snapshot>> {
+        Some(Arc::new(Snapshot {
+            status: status_view(name),
+            parties: Vec::new(),
+        }))
+    }
+
+    /// The next SSE message (up to the blank line), skipping keep-alive comments; panics after
+    /// 5 s (the snapshot is due at once).
+    async fn next_event(body: &mut axum::body::BodyDataStream, buf: &mut String) -> String {
+        use futures_util::StreamExt as _;
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                if let Some(end) = buf.find("\n\n") {
+                    let msg: String = buf.drain(..end + 2).collect();
+                    if msg.lines().all(|l| l.starts_with(':')) {
+                        continue;
+                    }
+                    return msg;
+                }
+                let chunk = body.next().await.expect("stream ended").unwrap();
+                buf.push_str(std::str::from_utf8(&chunk).unwrap());
+            }
+        })
+        .await
+        .expect("no event within 5 s")
+    }
+
+    #[tokio::test]
+    async fn events_stream_the_snapshot_at_once_and_on_change_without_login() {
+        let (publish, snapshots) = tokio::sync::watch::channel(None);
+        let (app, _, _) = app_with(snapshots);
+        // Nothing published yet: the stream opens and waits.
+        let resp = send(&app, "GET", "/events", &[("Origin", ORIGIN)]).await;
+        assert_eq!(resp.status(), 200);
+        assert_security_headers(&resp, "/events");
+        assert!(resp.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        let mut body = resp.into_body().into_data_stream();
+        let mut buf = String::new();
+        publish.send_replace(snapshot("first"));
+        let msg = next_event(&mut body, &mut buf).await;
+        assert!(msg.starts_with("event: snapshot\ndata: {"), "{msg}");
+        let data = msg
+            .trim_end()
+            .strip_prefix("event: snapshot\ndata: ")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(v["status"]["node"]["name"], "first");
+        assert!(v["parties"].is_array());
+
+        // A second client gets the current one at once; both get the next.
+        let resp = send(&app, "GET", "/events", &[]).await;
+        let mut body2 = resp.into_body().into_data_stream();
+        let mut buf2 = String::new();
+        assert!(next_event(&mut body2, &mut buf2)
+            .await
+            .contains(r#""name":"first""#));
+        publish.send_replace(snapshot("<img src=x onerror=alert(1)>"));
+        for (body, buf) in [(&mut body, &mut buf), (&mut body2, &mut buf2)] {
+            let msg = next_event(body, buf).await;
+            assert!(
+                msg.contains(r#""name":"<img src=x onerror=alert(1)>""#),
+                "{msg}"
+            );
+        }
+
+        // The publisher gone (daemon stopping): the streams end.
+        drop(publish);
+        use futures_util::StreamExt as _;
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while body.next().await.is_some() {}
+        });
+        end.await.expect("stream did not end");
+    }
+
+    #[tokio::test]
+    async fn events_streams_are_bounded_and_freed_on_disconnect() {
+        let (_publish, snapshots) = tokio::sync::watch::channel(snapshot("a"));
+        let (app, _, _) = app_with(snapshots);
+        let mut open = Vec::new();
+        for i in 0..events::MAX_STREAMS {
+            let resp = send(&app, "GET", "/events", &[]).await;
+            assert_eq!(resp.status(), 200, "stream {i}");
+            open.push(resp);
+        }
+        let resp = send(&app, "GET", "/events", &[]).await;
+        assert_eq!(resp.status(), 503);
+        assert_security_headers(&resp, "/events refused");
+        assert!(text(resp).await.contains("too many"));
+        // A client going away (its response body dropped) frees its place.
+        open.pop();
+        let resp = send(&app, "GET", "/events", &[]).await;
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body().into_data_stream();
+        assert!(next_event(&mut body, &mut String::new())
+            .await
+            .contains(r#""name":"a""#));
+        // Other routes are not affected by the open streams.
+        assert_eq!(send(&app, "GET", "/status", &[]).await.status(), 200);
     }
 }
