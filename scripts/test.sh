@@ -8,6 +8,7 @@
 #   TEST_THREADS   parallel tests per test binary (default 2; netns tests start several daemons)
 #   LANRAGE_LOG    log filter of the daemons started by the tests (default debug)
 #   TEST_TIMEOUT   bound of the whole cargo test run (default 70m; timeout(1) syntax)
+#   LANRAGE_CI_CACHE  where the browser tests' Python venv is kept (default /var/cache/lanrage-ci)
 set -Eeuo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -50,6 +51,9 @@ declare -A want=(
   [avahi-daemon]=avahi-daemon
   [avahi-browse]=avahi-utils
   [dbus-daemon]=dbus-daemon
+  # The web UI in a real browser (tests/netns_webui.rs): Debian's Chromium, driven by Playwright
+  # for Python from a venv (below); Playwright never downloads a browser here.
+  [chromium]=chromium
 )
 # Debian installs games in /usr/games, which is not on root's PATH.
 case ":$PATH:" in *:/usr/games:*) ;; *) export PATH="$PATH:/usr/games" ;; esac
@@ -59,6 +63,10 @@ for cmd in "${!want[@]}"; do
 done
 # rustc links through `cc`.
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+# Debian's python3 needs python3-venv for `python3 -m venv` (ensurepip comes with it).
+if ! /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  missing+=(python3-venv)
+fi
 if ((${#missing[@]})); then
   step "apt-get install ${missing[*]}"
   command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
@@ -85,6 +93,22 @@ fi
 [[ -c /dev/net/tun ]] || die "/dev/net/tun is missing (load the tun module / give the container the device)"
 ip netns add "lrci-probe-$$" || die "'ip netns add' does not work here (needs CAP_SYS_ADMIN)"
 ip netns del "lrci-probe-$$"
+
+# --- Python venv for the browser tests ---------------------------------------------------------
+# Playwright for Python, pinned, in a venv outside the repository (kept between runs; made again
+# only when the pinned version changes). The package ships its own driver; browsers are never
+# downloaded (the tests launch /usr/bin/chromium).
+PLAYWRIGHT_VERSION=1.65.2
+venv="${LANRAGE_CI_CACHE:-/var/cache/lanrage-ci}/venv"
+if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('playwright') != '$PLAYWRIGHT_VERSION')" >/dev/null 2>&1; then
+  step "python venv with playwright==$PLAYWRIGHT_VERSION in $venv"
+  rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
+  /usr/bin/python3 -m venv "$venv" || die "python3 -m venv $venv failed"
+  PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/pip" install -q \
+    "playwright==$PLAYWRIGHT_VERSION" || die "pip install playwright==$PLAYWRIGHT_VERSION failed"
+fi
+export LANRAGE_WEBUI_PYTHON="$venv/bin/python"
 
 # --- Rust toolchain --------------------------------------------------------------------------
 if ! command -v cargo >/dev/null 2>&1 && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
