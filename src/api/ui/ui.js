@@ -250,11 +250,20 @@ function sparkPoints(samples, now) {
   return pts.join(" ");
 }
 
+// Column key and header text (the header text labels each cell in the phone layout).
+const COLUMNS = [
+  ["name", "Name"], ["vip", "Virtual IP"], ["path", "Path"], ["latency", "Latency"],
+  ["handshake", "Last handshake"], ["rx", "In"], ["tx", "Out"],
+];
+
 function makeRow() {
   const tr = el("tr");
+  tr.setAttribute("role", "row");
   const cells = {};
-  for (const k of ["name", "vip", "path", "latency", "handshake", "rx", "tx"]) {
+  for (const [k, label] of COLUMNS) {
     cells[k] = el("td", `c-${k}`);
+    cells[k].setAttribute("role", "cell");
+    cells[k].dataset.label = label;
     tr.append(cells[k]);
   }
   const svg = document.createElementNS(SVG, "svg");
