@@ -221,25 +221,72 @@ pub fn respond(snapshots: &Snapshots) -> Response {
         .into_response()
 }
 
-/// Serves [`only_metrics`] on `listener` (`[metrics] listen`) until the task is aborted.
+/// Connections the metrics port serves at once; more are closed at once (a scraper needs one).
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long one connection may take, from accept to the end of the answer (one request each).
+pub const CONNECTION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves [`only_metrics`] on `listener` (`[metrics] listen`) until the task is aborted. The
+/// port faces the LAN: at most [`MAX_CONNECTIONS`] connections, one request each, each done
+/// within [`CONNECTION_DEADLINE`], so idle connections cannot eat the daemon's file descriptors.
 pub async fn serve(listener: tokio::net::TcpListener, snapshots: Snapshots) {
-    if let Err(e) = axum::serve(listener, only_metrics(snapshots)).await {
-        tracing::error!(error = %e, "metrics server stopped");
+    let app = only_metrics(snapshots);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: do not spin.
+                tracing::debug!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // dropped: closed at once
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, connection).await;
+            drop(slot);
+        });
     }
 }
 
-/// `GET /metrics` and nothing else. No Host/Origin guard: remote scrapers name this host as they
-/// know it, and the answer is the same read-only text for everyone who can reach the address.
+/// `GET /metrics` and nothing else. Any Host (remote scrapers name this host as they know it),
+/// but never a browser: a request with an `Origin` or any `Sec-Fetch-*` header (which browsers
+/// add to every request, also after DNS rebinding makes a page "same-origin" with this port) is
+/// refused, so a web page a browser on the LAN visits cannot read member ids and traffic.
 pub fn only_metrics(snapshots: Snapshots) -> axum::Router {
     axum::Router::new()
         .route(
             "/metrics",
-            axum::routing::get(move || {
+            axum::routing::get(move |headers: axum::http::HeaderMap| {
                 let snapshots = snapshots.clone();
-                async move { respond(&snapshots) }
+                async move {
+                    if from_a_browser(&headers) {
+                        return ApiError {
+                            status: 403,
+                            message: "browsers may not read this port; scrape it with Prometheus"
+                                .into(),
+                            code: None,
+                        }
+                        .into_response();
+                    }
+                    respond(&snapshots)
+                }
             }),
         )
         .fallback(|| async { ApiError::not_found("only /metrics is served here") })
+}
+
+/// Whether a request carries what browsers add and scrapers do not.
+fn from_a_browser(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(header::ORIGIN)
+        || headers.keys().any(|k| k.as_str().starts_with("sec-fetch-"))
 }
 
 #[cfg(test)]
@@ -469,6 +516,21 @@ mod tests {
         assert_eq!(code, 200);
         assert!(text.ends_with("# EOF\n"), "{text}");
         assert_eq!(get(&only, "/status", "192.0.2.10:9666").await.0, 404);
+        // A browser (DNS rebinding, or any page) is refused; a scraper by name is not.
+        for (name, value) in [
+            ("origin", "http://evil.example"),
+            ("sec-fetch-site", "same-origin"),
+            ("sec-fetch-mode", "cors"),
+        ] {
+            let req = axum::http::Request::builder()
+                .uri("/metrics")
+                .header("host", "192.0.2.10:9666")
+                .header(name, value)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let resp = tower::ServiceExt::oneshot(only.clone(), req).await.unwrap();
+            assert_eq!(resp.status(), 403, "{name}");
+        }
         assert_eq!(get(&only, "/", "192.0.2.10:9666").await.0, 404);
     }
 

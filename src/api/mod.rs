@@ -301,6 +301,13 @@ async fn guard(State(g): State<Arc<OriginGuard>>, req: Request, next: Next) -> R
             .and_then(|o| o.strip_prefix("http://"))
             .is_some_and(|o| hosts.iter().any(|h| h == o))
     });
+    // Browsers say where a request comes from even when they send no Origin (an `<img>` or a
+    // no-cors GET from another site, which could otherwise fill the live view's slots).
+    let site_ok = req
+        .headers()
+        .get("sec-fetch-site")
+        .is_none_or(|site| matches!(site.as_bytes(), b"same-origin" | b"none"));
+    let origin_ok = origin_ok && site_ok;
     let host_ok = req
         .headers()
         .get(header::HOST)
@@ -707,6 +714,17 @@ mod tests {
         .await;
         assert_eq!(resp.status(), 403);
         assert_security_headers(&resp, "foreign origin");
+        // Nor a cross-site GET without Origin (an <img>, a no-cors fetch): it says where it
+        // comes from in Sec-Fetch-Site. The page itself and typed addresses pass.
+        for (site, want) in [
+            ("cross-site", 403),
+            ("same-site", 403),
+            ("same-origin", 200),
+            ("none", 200),
+        ] {
+            let resp = send(&app, "GET", "/status", &[("Sec-Fetch-Site", site)]).await;
+            assert_eq!(resp.status(), want, "Sec-Fetch-Site: {site}");
+        }
         let resp = send(
             &app,
             "POST",
@@ -797,7 +815,9 @@ mod tests {
             "Out",
         ] {
             assert!(
-                ui::INDEX_HTML.contains(&format!("<th scope=\"col\">{column}</th>")),
+                ui::INDEX_HTML.contains(&format!(
+                    "<th scope=\"col\" role=\"columnheader\">{column}</th>"
+                )),
                 "no column {column}"
             );
         }

@@ -1047,6 +1047,11 @@ impl Control {
 
     async fn handle_api(&mut self, req: ApiRequest) {
         let now = Instant::now();
+        if !matches!(req, ApiRequest::Status { .. } | ApiRequest::Parties { .. }) {
+            // Create, join, leave: the live view shows the outcome at once, not up to
+            // SNAPSHOT_EVERY later.
+            self.last_snapshot = None;
+        }
         match req {
             ApiRequest::Status { reply } => {
                 let _ = reply.send(self.status());

@@ -663,14 +663,20 @@ impl Tunnel {
                 };
             // A handshake message that was accepted completes a handshake on our side (an
             // initiation we answer, or the answer to ours); counted once per message.
+            // boringtun's own rate limiter may answer with a cookie reply (message type 3)
+            // instead: that is no handshake.
+            let cookie = matches!(next, Next::Network(_)) && out.get(RX_OFFSET) == Some(&3);
             if input.len() == datagram.len()
-                && !matches!(next, Next::Error)
                 && matches!(
                     packet,
                     Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
                 )
             {
-                bump(&self.stats.handshakes);
+                if cookie {
+                    bump(&self.stats.wg_cookies_sent);
+                } else if !matches!(next, Next::Error) {
+                    bump(&self.stats.handshakes);
+                }
             }
             match next {
                 Next::Network(len) => {

@@ -431,8 +431,24 @@ function setConnection(state, text) {
   $("main").classList.toggle("stale", state === "down");
 }
 
+// The daemon publishes about twice a second: this long without a snapshot means the stream is
+// stuck (a laptop that slept, a half-open connection), although the browser reports no error.
+const STALL_MS = 5000;
+let lastSnapshotAt = 0;
+
+// Our own backoff rather than the browser's fixed retry: close, wait, open again.
+function reconnect() {
+  if (source) source.close();
+  source = null;
+  setConnection("down", "Disconnected, retrying…");
+  const delay = retryMs * (0.8 + Math.random() * 0.4);
+  retryMs = Math.min(retryMs * 2, RETRY_MAX_MS);
+  setTimeout(connect, delay);
+}
+
 function connect() {
   source = new EventSource("/events");
+  lastSnapshotAt = Date.now();
   source.addEventListener("snapshot", (ev) => {
     let snapshot;
     try {
@@ -440,20 +456,17 @@ function connect() {
     } catch (_) {
       return;
     }
+    lastSnapshotAt = Date.now();
     retryMs = RETRY_FIRST_MS;
     setConnection("live", "Live");
     render(snapshot);
   });
-  source.addEventListener("error", () => {
-    // Our own backoff rather than the browser's fixed retry: close, wait, open again.
-    if (source) source.close();
-    source = null;
-    setConnection("down", "Disconnected, retrying…");
-    const delay = retryMs * (0.8 + Math.random() * 0.4);
-    retryMs = Math.min(retryMs * 2, RETRY_MAX_MS);
-    setTimeout(connect, delay);
-  });
+  source.addEventListener("error", reconnect);
 }
+
+setInterval(() => {
+  if (source && Date.now() - lastSnapshotAt > STALL_MS) reconnect();
+}, 1000);
 
 document.addEventListener("DOMContentLoaded", () => {
   $("copy").addEventListener("click", copyPartyId);
