@@ -305,7 +305,7 @@ fn a_joining_member_appears_live_with_path_and_latency() {
         json!({"login": url, "host": "alice", "joiner": "bob"}),
     );
     b.expect_need("join");
-    lab.node(1).join_ok(&party, None);
+    join_when_seen(&lab, 1, &party, None);
     b.reply(json!({}));
     let r = b.finish();
     eprintln!(
@@ -418,7 +418,7 @@ fn hostile_names_show_as_text_and_run_nothing() {
     );
     b.expect_need("join");
     lab.node(1).leave();
-    lab.node(1).join_ok(&party, None);
+    join_when_seen(&lab, 1, &party, None);
     b.reply(json!({}));
     let r = b.finish();
     assert_eq!(r["dialogs"], json!([]), "no dialog may fire: {r}");
@@ -471,6 +471,21 @@ fn a_foreign_origin_is_refused() {
     );
 }
 
+/// Node `i` joins `party` once its discovery has seen it (a join right after the create can
+/// come before the first mDNS announcement arrives).
+fn join_when_seen(lab: &Lab, i: usize, party: &str, password: Option<&str>) {
+    let node = lab.node(i);
+    assert!(
+        lab::wait_until(Duration::from_secs(10), || node
+            .listed_party(party)
+            .is_some()),
+        "{} never saw party {party}: {:#?}",
+        node.name,
+        node.parties()
+    );
+    node.join_ok(party, password);
+}
+
 /// PNG width and height from its IHDR chunk.
 fn png_size(path: &Path) -> (u32, u32) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -493,7 +508,7 @@ fn screenshots_at_desktop_and_phone_width() {
     };
     lab.spawn_all(&[0, 1, 2], |o| o);
     let party = lab.node(0).create_party("Lan Night", Some("frag"));
-    lab.node(1).join_ok(&party, Some("frag"));
+    join_when_seen(&lab, 1, &party, Some("frag"));
     lab.node(2).create_party("Quake Night", Some("pw"));
     // Some traffic, so that In and Out show more than handshakes.
     let bob_ip = lab.node(1).virtual_ip().expect("bob has a virtual IP");
