@@ -36,9 +36,9 @@ pub struct Cli {
     /// Config file (for `up`; other commands read api.listen from it).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address of the daemon's local API (overrides the config file).
-    #[arg(long, global = true, value_name = "ADDR")]
-    pub api: Option<SocketAddr>,
+    /// Address of the daemon's local API, HOST:PORT (overrides the config file).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub api: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -136,12 +136,32 @@ pub fn sanitize(text: &str) -> Cow<'_, str> {
 }
 
 fn api_addr(cli: &Cli) -> Result<SocketAddr, String> {
-    if let Some(a) = cli.api {
-        return Ok(a);
+    if let Some(a) = &cli.api {
+        return resolve_api(a);
     }
     let env: Vec<(String, String)> = std::env::vars().collect();
     let cfg = Config::load(cli.config.as_deref(), &env).map_err(|e| e.to_string())?;
     Ok(cfg.api.listen)
+}
+
+/// `--api`: an address (`127.0.0.1:8666`) or a host name with a port (`localhost:8666`); of a
+/// name's addresses a loopback one is preferred (the API listens on loopback).
+fn resolve_api(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("--api {text:?}: expected HOST:PORT such as 127.0.0.1:8666 ({e})"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.ip().is_loopback() && a.is_ipv4())
+        .or_else(|| addrs.iter().find(|a| a.ip().is_loopback()))
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| format!("--api {text:?}: the name has no address"))
 }
 
 /// Where the token of the daemon at `addr` is: `LANRAGE_API_TOKEN_FILE`, else the runtime file
@@ -469,7 +489,14 @@ fn s(v: &Value) -> String {
 fn print_created(out: &mut impl Write, v: &Value) -> io::Result<()> {
     let id = s(&v["party_id"]);
     writeln!(out, "Party created: {id}")?;
-    writeln!(out, "Friends join with: lanrage party join {id}")?;
+    if v["party"]["protected"].as_bool() == Some(true) {
+        writeln!(
+            out,
+            "Friends join with: lanrage party join {id} --password <the password>"
+        )?;
+    } else {
+        writeln!(out, "Friends join with: lanrage party join {id}")?;
+    }
     print_party(out, &v["party"])
 }
 
@@ -616,7 +643,7 @@ fn print_parties(out: &mut impl Write, v: &Value) -> io::Result<()> {
     writeln!(
         out,
         "{:<20} {:<20} {:<16} {:>7} {:<9} {:<6}",
-        "ID", "NAME", "HOST", "MEMBERS", "PASSWORD", "SEEN"
+        "ID", "NAME", "HOST", "MEMBERS", "PASSWORD", "SOURCE"
     )?;
     for p in list {
         writeln!(
@@ -693,6 +720,30 @@ mod tests {
         let mut buf = Vec::new();
         f(&mut buf).unwrap();
         String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn api_accepts_addresses_and_host_names() {
+        assert_eq!(
+            resolve_api("127.0.0.1:8666").unwrap(),
+            "127.0.0.1:8666".parse::<SocketAddr>().unwrap()
+        );
+        let local = resolve_api("localhost:8666").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 8666, "{local}");
+        let e = resolve_api("localhost").unwrap_err();
+        assert!(e.contains("HOST:PORT"), "{e}");
+    }
+
+    #[test]
+    fn a_protected_party_is_joined_with_its_password() {
+        let open = serde_json::json!({"party_id": "p1", "party": null});
+        assert!(render(|o| print_created(o, &open)).contains("lanrage party join p1\n"));
+        let protected = serde_json::json!({"party_id": "p1", "party": {"protected": true}});
+        let text = render(|o| print_created(o, &protected));
+        assert!(
+            text.contains("lanrage party join p1 --password <the password>"),
+            "{text}"
+        );
     }
 
     #[test]

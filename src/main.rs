@@ -7,6 +7,13 @@ use lanrage::config::Config;
 fn main() {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Up) {
+        // `lanrage status | head -1`: a reader that went away ends the CLI quietly, like any
+        // Unix tool, instead of a "failed printing to stdout" panic. (The daemon keeps Rust's
+        // default: a closed socket must be an error, never a signal.)
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
         std::process::exit(run_client(&cli));
     }
     let env: Vec<(String, String)> = std::env::vars().collect();
@@ -22,6 +29,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: a log file or the journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -360,3 +360,59 @@ fn http_needs_a_credential_and_the_login_link_gives_a_session_once() {
     let s = lab.node(0).status();
     assert_eq!(party_of(&s).and_then(|p| p["name"].as_str()), Some("web"));
 }
+
+/// `lanrage status | head -1`: when the reader is gone the CLI ends quietly (SIGPIPE, as Unix
+/// tools do) instead of panicking; `--api` takes a host name; and the daemon's log, written to a
+/// file, carries no terminal colour codes.
+#[test]
+fn cli_is_quiet_on_a_closed_pipe_takes_host_names_and_logs_plain_text() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let Some(mut lab) = Lab::new("apipipe", 1) else {
+        return;
+    };
+    let alice = lab.spawn(0, NodeOpts::new("alice"));
+    alice.create_party("pipes", None);
+
+    // A pipe whose read end is already closed: every write fails with EPIPE at once.
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe() writes.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both descriptors were just created and are owned here only.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &alice.ns])
+        .args([bin().as_str(), "--api", &alice.opts.api, "status"])
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run lanrage status");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+
+    let port = alice.opts.api.rsplit(':').next().expect("api port");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &alice.ns])
+        .args([bin().as_str(), "--api", &format!("localhost:{port}")])
+        .args(["status", "--json"])
+        .output()
+        .expect("run lanrage status");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "--api localhost:{port}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&stdout).expect("status JSON");
+    assert_eq!(v["node"]["name"], "alice");
+
+    let log = std::fs::read_to_string(&alice.log_path).expect("daemon log");
+    assert!(log.contains("ready"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log}");
+}
