@@ -144,6 +144,13 @@ fn api_addr(cli: &Cli) -> Result<SocketAddr, String> {
     Ok(cfg.api.listen)
 }
 
+/// Whether `password` came from `LANRAGE_PARTY_PASSWORD` rather than `--password` (a leftover
+/// variable must not silently protect a new party).
+fn password_from_env(password: Option<&str>) -> bool {
+    password.is_some()
+        && !std::env::args().any(|a| a == "--password" || a.starts_with("--password="))
+}
+
 /// `--api`: an address (`127.0.0.1:8666`) or a host name with a port (`localhost:8666`); of a
 /// name's addresses a loopback one is preferred (the API listens on loopback).
 fn resolve_api(text: &str) -> Result<SocketAddr, String> {
@@ -368,6 +375,12 @@ fn client(cli: &Cli) -> Result<(), String> {
                 password,
                 json,
             } => {
+                if password_from_env(password.as_deref()) {
+                    eprintln!(
+                        "lanrage: the party gets the password from LANRAGE_PARTY_PASSWORD \
+                         (unset it for an open party)"
+                    );
+                }
                 let v = api.post(
                     "/party/create",
                     Some(serde_json::json!({"name": name, "password": password})),
@@ -383,6 +396,9 @@ fn client(cli: &Cli) -> Result<(), String> {
                 password,
                 json,
             } => {
+                if password_from_env(password.as_deref()) {
+                    eprintln!("lanrage: using the password from LANRAGE_PARTY_PASSWORD");
+                }
                 let v = api.post(
                     "/party/join",
                     Some(serde_json::json!({"party_id": party_id, "password": password})),

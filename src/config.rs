@@ -240,6 +240,7 @@ pub struct NetworkConfig {
     /// Name of the TUN interface.
     pub interface: String,
     /// The party subnet; the host takes its first address.
+    #[serde(deserialize_with = "subnet_from_text")]
     pub subnet: Ipv4Net,
     /// MTU of the party interface: 1500 minus IPv6 (40), UDP (8), WireGuard (32) and the relay
     /// header (12) is 1408; 1400 also leaves room for PPPoE's 8.
@@ -261,6 +262,33 @@ impl Default for NetworkConfig {
             listen_port: 51820,
         }
     }
+}
+
+/// `"10.66.0.0/16"`, with errors that say which half is wrong (ipnet's own error is only
+/// "invalid IP address syntax", also for a prefix length of 33).
+fn subnet_from_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Ipv4Net, D::Error> {
+    use serde::de::Error;
+    let text = String::deserialize(d)?;
+    let Some((addr, prefix)) = text.split_once('/') else {
+        return Err(D::Error::custom(format!(
+            "{text:?} needs a prefix length, e.g. \"10.66.0.0/16\""
+        )));
+    };
+    let addr: Ipv4Addr = addr
+        .trim()
+        .parse()
+        .map_err(|_| D::Error::custom(format!("{addr:?} is not an IPv4 address")))?;
+    let prefix: u8 = prefix
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| {
+            D::Error::custom(format!(
+                "the prefix length {prefix:?} is out of range (0 to 32; lanrage needs 8 to 30)"
+            ))
+        })?;
+    Ipv4Net::new(addr, prefix).map_err(D::Error::custom)
 }
 
 /// The kind of party interface.
@@ -533,6 +561,24 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text.as_bytes()).unwrap();
         f
+    }
+
+    #[test]
+    fn subnet_errors_say_what_is_wrong() {
+        for (text, needle) in [
+            ("10.66.0.0/33", "prefix length \"33\" is out of range"),
+            ("10.66.0.0/x", "out of range"),
+            ("10.666.0.0/16", "not an IPv4 address"),
+            ("10.66.0.0", "needs a prefix length"),
+        ] {
+            let f = write(&format!("[network]\nsubnet = \"{text}\"\n"));
+            let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+            assert!(err.contains("network.subnet"), "{text}: {err}");
+        }
+        let f = write("[network]\nsubnet = \"10.77.0.0/24\"\n");
+        let cfg = Config::load(Some(f.path()), &[]).unwrap();
+        assert_eq!(cfg.network.subnet.to_string(), "10.77.0.0/24");
     }
 
     #[test]

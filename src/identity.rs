@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use anyhow::Context;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -48,7 +49,13 @@ impl Identity {
     /// Loads `state_dir/private.key`, or makes and stores a new key if there is none. A bad or
     /// exposed key file is an error, not replaced: a new key would change the node's id and IP.
     pub fn load_or_create(state_dir: &Path) -> anyhow::Result<Self> {
-        let (secret, created) = lanrage_proto::keyfile::load_or_create(state_dir, KEY_FILE)?;
+        let (secret, created) = lanrage_proto::keyfile::load_or_create(state_dir, KEY_FILE)
+            .with_context(|| {
+                format!(
+                    "node.state_dir = {:?}: the node key ({KEY_FILE}) cannot be kept there",
+                    state_dir.display().to_string()
+                )
+            })?;
         let id = Self::from_secret(secret);
         if created {
             tracing::info!(path = %state_dir.join(KEY_FILE).display(), node_id = %id.id, "created a new node key");

@@ -372,7 +372,29 @@ fn cli_is_quiet_on_a_closed_pipe_takes_host_names_and_logs_plain_text() {
         return;
     };
     let alice = lab.spawn(0, NodeOpts::new("alice"));
-    alice.create_party("pipes", None);
+    // A leftover LANRAGE_PARTY_PASSWORD protects the party, and the CLI says so.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &alice.ns])
+        .args([
+            bin().as_str(),
+            "--api",
+            &alice.opts.api,
+            "party",
+            "create",
+            "pipes",
+        ])
+        .env("LANRAGE_PARTY_PASSWORD", "leftover")
+        .output()
+        .expect("run lanrage party create");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("from LANRAGE_PARTY_PASSWORD"), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("--password <the password>"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(party_of(&alice.status()).expect("party")["protected"], true);
 
     // A pipe whose read end is already closed: every write fails with EPIPE at once.
     let mut fds = [0; 2];

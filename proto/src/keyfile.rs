@@ -15,8 +15,9 @@ use x25519_dalek::StaticSecret;
 /// Why the key could not be loaded or made.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
-    /// The directory could not be made or the file read or written.
-    #[error("{path}: {source}")]
+    /// The directory could not be made or the file read or written (the cause follows in the
+    /// error chain, so it is printed once).
+    #[error("cannot create, read or write {path}")]
     Io {
         /// The file or directory.
         path: PathBuf,
