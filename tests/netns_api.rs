@@ -434,7 +434,14 @@ fn cli_is_quiet_on_a_closed_pipe_takes_host_names_and_logs_plain_text() {
     let v: Value = serde_json::from_str(&stdout).expect("status JSON");
     assert_eq!(v["node"]["name"], "alice");
 
+    // Stopping says what happens: the party is told, and a restart rejoins it (not "left").
+    assert!(
+        alice.terminate(Duration::from_secs(10)).is_some(),
+        "alice did not stop"
+    );
     let log = std::fs::read_to_string(&alice.log_path).expect("daemon log");
     assert!(log.contains("ready"), "{log}");
     assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log}");
+    assert!(log.contains("rejoins it"), "{log}");
+    assert!(!log.contains("left the party"), "{log}");
 }

@@ -266,7 +266,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // process alive). Tell the others we are going (they drop us at once; a host hands over),
     // but keep the remembered party so a restart rejoins it.
     let goodbyes = async {
+        let party = control.engine.roster().map(|r| r.party);
         if control.engine.leave(Instant::now()).is_ok() {
+            if let Some(party) = party {
+                tracing::info!(%party, "stopping: told the party; `lanrage up` rejoins it");
+            }
             control.shutting_down_drain().await;
         }
     };
@@ -1150,8 +1154,12 @@ impl Control {
                         return;
                     }
                 }
+                let party = self.engine.roster().map(|r| r.party);
                 let answer = match self.engine.leave(now) {
                     Ok(()) => {
+                        if let Some(party) = party {
+                            tracing::info!(%party, "left the party");
+                        }
                         self.drain().await;
                         Ok(serde_json::json!({"left": true}))
                     }

@@ -760,7 +760,9 @@ impl Engine {
                         }
                     }
                 }
-                tracing::info!(%party, "left the party");
+                // The daemon says what this means (a user's leave, or a stop that a restart
+                // undoes by rejoining).
+                tracing::debug!(%party, "told the party we are going");
                 self.actions.push_back(Action::Announce(None));
                 self.actions.push_back(Action::Peers(Vec::new()));
                 self.actions.push_back(Action::Address(None));
