@@ -606,10 +606,35 @@ fn print_party(out: &mut impl Write, p: &Value) -> io::Result<()> {
         }
     )?;
     writeln!(out)?;
+    let row = |cols: [&str; 9]| {
+        format!(
+            "{} {} {} {} {} {:>9} {:>9} {:>9} {:>9}",
+            pad(cols[0], 18),
+            pad(cols[1], 16),
+            pad(cols[2], 15),
+            pad(cols[3], 11),
+            pad(cols[4], 22),
+            cols[5],
+            cols[6],
+            cols[7],
+            cols[8]
+        )
+    };
     writeln!(
         out,
-        "{:<18} {:<16} {:<15} {:<11} {:<22} {:>9}",
-        "NAME", "ID", "VIRTUAL IP", "CONNECTION", "ENDPOINT", "LATENCY"
+        "{}",
+        row([
+            "NAME",
+            "ID",
+            "VIRTUAL IP",
+            "CONNECTION",
+            "ENDPOINT",
+            "LATENCY",
+            "HANDSHAKE",
+            "IN",
+            "OUT"
+        ])
+        .trim_end()
     )?;
     let host = p["host_id"].as_str().unwrap_or("");
     for peer in p["peers"].as_array().into_iter().flatten() {
@@ -634,18 +659,72 @@ fn print_party(out: &mut impl Write, p: &Value) -> io::Result<()> {
             }
             _ => s(&peer["endpoint"]),
         };
+        let handshake = peer["last_handshake_secs"]
+            .as_u64()
+            .map(|t| format!("{t} s ago"))
+            .unwrap_or_else(|| "-".into());
+        let self_row = peer["connection"].as_str() == Some("self");
+        let traffic = |v: &Value| match v.as_u64() {
+            Some(n) if !self_row => bytes(n),
+            _ => "-".into(),
+        };
         writeln!(
             out,
-            "{:<18} {:<16} {:<15} {:<11} {:<22} {:>9}",
-            name,
-            s(&peer["id"]),
-            s(&peer["virtual_ip"]),
-            s(&peer["connection"]),
-            endpoint,
-            latency
+            "{}",
+            row([
+                &name,
+                &s(&peer["id"]),
+                &s(&peer["virtual_ip"]),
+                &s(&peer["connection"]),
+                &endpoint,
+                &latency,
+                &handshake,
+                &traffic(&peer["rx_bytes"]),
+                &traffic(&peer["tx_bytes"]),
+            ])
+            .trim_end()
         )?;
     }
     writeln!(out, "(* = host)")
+}
+
+/// `text` left-aligned in `width` terminal columns (by display width, so names in other
+/// scripts or with emoji line up), cut with "…" when longer.
+fn pad(text: &str, width: usize) -> String {
+    use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
+    let w = text.width();
+    if w <= width {
+        return format!("{text}{}", " ".repeat(width - w));
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for c in text.chars() {
+        let cw = c.width().unwrap_or(0);
+        if used + cw + 1 > width {
+            break;
+        }
+        out.push(c);
+        used += cw;
+    }
+    out.push('…');
+    used += 1;
+    out.push_str(&" ".repeat(width.saturating_sub(used)));
+    out
+}
+
+/// A byte count as people read it: 512 B, 1.5 KiB, 12.3 MiB.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 fn print_parties(out: &mut impl Write, v: &Value) -> io::Result<()> {
@@ -736,6 +815,36 @@ mod tests {
         let mut buf = Vec::new();
         f(&mut buf).unwrap();
         String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn tables_align_by_display_width_and_show_traffic() {
+        assert_eq!(pad("ab", 4), "ab  ");
+        assert_eq!(pad("日本", 6), "日本  ");
+        assert_eq!(pad("abcdef", 4), "abc…");
+        assert_eq!(pad("日本語の名前", 7), "日本語…");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(5 * 1024 * 1024), "5.0 MiB");
+        let v = serde_json::json!({
+            "id": "p1", "name": "x", "host_id": "h", "protected": false,
+            "peers": [
+                {"id": "h", "name": "日本", "virtual_ip": "10.66.0.1", "connection": "direct",
+                 "latency_ms": 0.512, "last_handshake_secs": 12, "rx_bytes": 2048, "tx_bytes": 10},
+                {"id": "n1", "name": "me", "virtual_ip": "10.66.0.2", "connection": "self"}
+            ]
+        });
+        let text = render(|o| print_party(o, &v));
+        let lines: Vec<&str> = text.lines().collect();
+        let header = lines.iter().find(|l| l.starts_with("NAME")).unwrap();
+        assert!(header.contains("HANDSHAKE") && header.contains(" IN") && header.contains("OUT"));
+        let row = lines.iter().find(|l| l.starts_with("日本")).unwrap();
+        assert!(row.contains("0.51 ms") && row.contains("12 s ago"), "{row}");
+        assert!(row.contains("2.0 KiB") && row.contains("10 B"), "{row}");
+        // The ID column starts at the same terminal column in the header and the row.
+        use unicode_width::UnicodeWidthStr;
+        let col = |l: &str, needle: &str| l[..l.find(needle).unwrap()].width();
+        assert_eq!(col(header, "ID"), col(row, "h "));
     }
 
     #[test]
