@@ -743,10 +743,10 @@ fn print_parties(out: &mut impl Write, v: &Value) -> io::Result<()> {
     for p in list {
         writeln!(
             out,
-            "{:<20} {:<20} {:<16} {:>7} {:<9} {:<6}",
+            "{:<20} {} {} {:>7} {:<9} {:<6}",
             s(&p["id"]),
-            s(&p["name"]),
-            s(&p["host"]),
+            pad(&s(&p["name"]), 20),
+            pad(&s(&p["host"]), 16),
             s(&p["members"]),
             if p["protected"].as_bool() == Some(true) {
                 "yes"
