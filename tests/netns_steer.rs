@@ -7,8 +7,9 @@
 //! ```
 //!
 //! `ip route get` must pick the party for what the architecture steers (unbound sockets sending
-//! to 255.255.255.255 or 224.0.0.0/4 on a capture port, capture groups, anything from the VIP)
-//! and eth0 for the rest; a real unbound `UdpSocket` broadcasting to a capture port must leave
+//! to 255.255.255.255 or 224.0.0.0/4 on a capture port, capture groups; anything from the VIP
+//! goes there by the kernel's own rule for bound sources, which the test also pins down) and
+//! eth0 for the rest; a real unbound `UdpSocket` broadcasting to a capture port must leave
 //! through the TAP (read back from its fd) with the VIP as source. Also: changing the spec,
 //! `apply(None)`, a second `Steering::new` sweeping a "crashed" one's leftovers, and `Drop`.
 //!
@@ -284,6 +285,7 @@ fn steering_sends_unbound_broadcasts_into_the_party_and_nothing_else() {
     ns.assert_via("224.0.2.60", "party");
     ns.assert_via("224.0.2.61 ipproto udp dport 4445", "party");
     ns.assert_via("224.0.0.251 ipproto udp dport 5353", "eth0");
+    // No rule of ours: the kernel sends a bound source's broadcast out of its own interface.
     ns.assert_via(
         "255.255.255.255 from 10.66.0.5 ipproto udp dport 9",
         "party",
