@@ -248,6 +248,9 @@ pub struct NetworkConfig {
     /// `tap` (an Ethernet-like device with a broadcast address, as games expect) or `tun` (a
     /// point-to-point device without Ethernet headers).
     pub device: DeviceKind,
+    /// Offloads on the party device (TSO/GRO through a virtio-net header) and batched UDP
+    /// (GSO/GRO): off only for comparisons and troubleshooting.
+    pub offload: bool,
     /// The one UDP port for WireGuard, STUN and lanrage's own messages.
     pub listen_port: u16,
 }
@@ -259,6 +262,7 @@ impl Default for NetworkConfig {
             subnet: Ipv4Net::new(Ipv4Addr::new(10, 66, 0, 0), 16).expect("valid default subnet"),
             mtu: 1400,
             device: DeviceKind::Tap,
+            offload: true,
             listen_port: 51820,
         }
     }

@@ -1418,6 +1418,16 @@ impl Control {
         }
         counters.insert("arp_answered".to_string(), load(&s.arp_answered));
         counters.insert("wg_handshakes".to_string(), load(&s.handshakes));
+        counters.insert("offload_split".to_string(), load(&s.offload_split));
+        counters.insert("offload_coalesced".to_string(), load(&s.offload_coalesced));
+        counters.insert(
+            "udp_segmented_sends".to_string(),
+            load(&s.udp_segmented_sends),
+        );
+        counters.insert(
+            "udp_gso_fallbacks".to_string(),
+            self.tunnel.udp_gso_fallbacks(),
+        );
         StatusView {
             broadcast,
             node: NodeView {

@@ -2,10 +2,22 @@
 //! [`ether`]; or a TUN device), one UDP socket shared by all peers (and by STUN and lanrage
 //! control messages), and one boringtun `Tunn` per peer.
 //!
-//! Three tasks move bytes: TUN → encrypt → UDP, UDP → demux → decrypt → TUN (control, STUN,
-//! probe and relay-control datagrams go to the control task through a bounded channel), and a
-//! 250 ms timer tick for WireGuard's timers. Buffers are allocated once per task; nothing is
-//! allocated per data packet.
+//! Three tasks move bytes: device → encrypt → UDP, UDP → demux → decrypt → device (control,
+//! STUN, probe and relay-control datagrams go to the control task through a bounded channel),
+//! and a 250 ms timer tick for WireGuard's timers. The send and receive paths run on their own
+//! tasks, so a transfer each way uses both cores. Buffers are allocated once per task; nothing
+//! is allocated per data packet.
+//!
+//! Batching, so that a download costs a few system calls per 64 KiB instead of four per packet:
+//! - the device is opened with offloads ([`offload`]): the kernel hands over TCP bursts of up
+//!   to 64 KiB, split here, and takes back each flow's decrypted segments coalesced;
+//! - the UDP socket ([`udp`]) sends one peer's datagrams in one segmented call ([`batch`], UDP
+//!   GSO) and receives up to [`udp::RECV_BATCH`] trains of datagrams per call (`recvmmsg`, GRO).
+//!
+//! Nothing waits to fill a batch: each task handles what the kernel already holds and sends it
+//! at once, so a lone game packet leaves as soon as it is encrypted. Each offload is probed at
+//! start, and a kernel that refuses one keeps the one-packet path (`[network] offload = false`
+//! forces it, for comparisons).
 //!
 //! Where a peer's packets go is the path layer's decision ([`Tunnel::set_endpoint`]); the
 //! datapath only reports a peer heard from a new address (roaming) to the control task. A
@@ -16,18 +28,19 @@
 //!
 //! The device is a TAP device by default (`[network] device`), because games that enumerate
 //! interfaces want the BROADCAST flag and a broadcast address, which a Linux TUN device cannot
-//! have. For the performance work: tun-rs's offload path (`offload(true)`, its GRO table and
-//! TSO/USO splitting) expects an IP header at byte 0 after the virtio-net header, so batching
-//! and offloads on the TAP device need their own virtio-net-header path that skips the 14-byte
-//! Ethernet header (IFF_VNET_HDR works on TAP too). What TAP costs today is in BENCHMARKS.md.
+//! have; [`offload`] is what makes tun-rs's segmentation and coalescing work behind its Ethernet
+//! header.
 //!
 //! Packets for everyone (broadcast, multicast: how LAN games find each other) pass a
 //! [`Gate`] each way and go to every member once; what arrives from the tunnel is only ever
 //! written to the device, never sent back into the tunnel, so nothing loops.
 
+pub mod batch;
 pub mod ether;
+pub mod offload;
 pub mod packet;
 pub mod peers;
+pub mod udp;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -40,7 +53,6 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use ipnet::Ipv4Net;
 use parking_lot::RwLock;
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tun_rs::AsyncDevice;
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -50,7 +62,10 @@ use crate::identity::Identity;
 use crate::lan::gate::{self, Gate, GateStats, Verdict};
 use crate::party::PeerSpec;
 use crate::path::vaddr;
+use crate::tunnel::batch::{Commit, SendBatch};
+use crate::tunnel::offload::{DeviceBatch, DeviceRead, Segments, VNET_HLEN};
 use crate::tunnel::peers::{Peer, PeerTable};
+use crate::tunnel::udp::UdpEdge;
 use crate::wire::{classify, DatagramKind, MAX_CONTROL_DATAGRAM};
 
 /// Handshakes per second before WireGuard's cookie mechanism kicks in (as in boringtun's device).
@@ -61,15 +76,11 @@ const BUF: usize = 65536;
 pub const CONTROL_QUEUE: usize = 1024;
 /// Roaming reports queued for the control task before new ones are dropped.
 pub const ROAM_QUEUE: usize = 256;
+/// Device reads handled per wake-up before the send batch goes out (what is already queued,
+/// never waited for).
+const DEVICE_DRAIN: usize = 64;
 /// Bytes kept free before each outgoing datagram for a relay `Data` header.
 pub const HEADROOM: usize = lanrage_proto::frame::DATA_HEADER_LEN;
-/// Where decrypted packets start in the receive buffer: room for an Ethernet header in front
-/// (TAP) or, for handshake answers, a relay header.
-const RX_OFFSET: usize = if ether::ETH_HLEN > HEADROOM {
-    ether::ETH_HLEN
-} else {
-    HEADROOM
-};
 
 /// "Peer `key` sent an authenticated packet from this address": input for the path layer.
 pub type RoamReport = ([u8; 32], SocketAddr);
@@ -118,6 +129,12 @@ pub struct Stats {
     pub arp_answered: AtomicU64,
     /// WireGuard handshakes completed (as initiator or responder).
     pub handshakes: AtomicU64,
+    /// Super-packets (TSO/USO) read from the device and split here.
+    pub offload_split: AtomicU64,
+    /// Super-packets coalesced from decrypted segments and written to the device (GRO).
+    pub offload_coalesced: AtomicU64,
+    /// Segmented UDP sends (several datagrams in one call, GSO).
+    pub udp_segmented_sends: AtomicU64,
     /// Broadcast and multicast forwarded and dropped, by kind and reason.
     pub broadcast: GateStats,
 }
@@ -147,10 +164,18 @@ pub struct PeerStatus {
 
 /// The running datapath. Shared by the tasks and the control task.
 pub struct Tunnel {
-    socket: Arc<UdpSocket>,
+    udp: UdpEdge,
     tun: Arc<AsyncDevice>,
     /// Whether the device speaks Ethernet (TAP) or bare IP (TUN).
     device: DeviceKind,
+    /// Bytes of link header before the IP header in a device frame (Ethernet on TAP).
+    link: usize,
+    /// Every device frame has a virtio-net header in front (offloads on, see [`offload`]).
+    vnet: bool,
+    /// The device takes coalesced UDP too (Linux 6.2+).
+    udp_gro: bool,
+    /// The party interface's MTU.
+    mtu: usize,
     /// The TAP device's MAC as the kernel uses it (learnt from its frames, in case someone
     /// changed it): unicast frames we deliver must be addressed to it.
     device_mac: std::sync::atomic::AtomicU64,
@@ -186,13 +211,23 @@ pub fn open_udp(port: u16) -> io::Result<std::net::UdpSocket> {
 /// BROADCAST flag from the kernel and [`ether::OWN_MAC`]; IPv6 is switched off on it (the party
 /// is IPv4; link-local chatter would only be dropped).
 pub fn open_device(cfg: &NetworkConfig) -> io::Result<AsyncDevice> {
-    let mut builder = tun_rs::DeviceBuilder::new()
-        .name(&cfg.interface)
-        .mtu(cfg.mtu);
-    if cfg.device == DeviceKind::Tap {
-        builder = builder.layer(tun_rs::Layer::L2).mac_addr(ether::OWN_MAC);
-    }
-    let dev = builder.build_async()?;
+    let build = |offload: bool| {
+        let mut builder = tun_rs::DeviceBuilder::new()
+            .name(&cfg.interface)
+            .mtu(cfg.mtu)
+            .offload(offload);
+        if cfg.device == DeviceKind::Tap {
+            builder = builder.layer(tun_rs::Layer::L2).mac_addr(ether::OWN_MAC);
+        }
+        builder.build_async()
+    };
+    let dev = match build(cfg.offload) {
+        Err(e) if cfg.offload && offload::unsupported(&e) => {
+            tracing::info!(error = %e, "no offloads on the party device; one packet per read");
+            build(false)?
+        }
+        r => r?,
+    };
     ensure_multicast(&cfg.interface)?;
     let sysctl = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", cfg.interface);
     if let Err(e) = std::fs::write(&sysctl, "1") {
@@ -254,10 +289,27 @@ impl Tunnel {
     ) -> io::Result<Arc<Self>> {
         let public = PublicKey::from(identity.public);
         let subnet = network.subnet;
+        let vnet = tun.tcp_gso();
+        let udp_gro = vnet && tun.udp_gso();
+        let udp = UdpEdge::new(socket, network.offload)?;
+        tracing::info!(
+            device_offload = vnet,
+            device_udp_offload = udp_gro,
+            udp_segments = udp.max_segments(),
+            udp_gro_segments = udp.gro_segments(),
+            "datapath"
+        );
         Ok(Arc::new(Tunnel {
-            socket: Arc::new(UdpSocket::from_std(socket)?),
+            udp,
             tun: Arc::new(tun),
             device: network.device,
+            link: match network.device {
+                DeviceKind::Tap => ether::ETH_HLEN,
+                DeviceKind::Tun => 0,
+            },
+            vnet,
+            udp_gro,
+            mtu: usize::from(network.mtu),
             device_mac: std::sync::atomic::AtomicU64::new(ether::mac_bits(ether::OWN_MAC)),
             broadcast: broadcast.clone(),
             peers: RwLock::new(PeerTable::default()),
@@ -272,9 +324,18 @@ impl Tunnel {
         }))
     }
 
+    /// Segmented UDP sends the kernel refused and that went out one datagram at a time.
+    pub fn udp_gso_fallbacks(&self) -> u64 {
+        self.udp.gso_fallbacks.load(Ordering::Relaxed)
+    }
+
     /// The UDP port actually bound.
     pub fn local_port(&self) -> u16 {
-        self.socket.local_addr().map(|a| a.port()).unwrap_or(0)
+        self.udp
+            .socket()
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or(0)
     }
 
     /// The datapath tasks, by name, for the caller to spawn and supervise; control datagrams go
@@ -318,7 +379,7 @@ impl Tunnel {
             }
             None => (bytes, to),
         };
-        if let Err(e) = self.socket.send_to(bytes, to).await {
+        if let Err(e) = self.udp.socket().send_to(bytes, to).await {
             tracing::debug!(%to, error = %e, "control send failed");
         }
     }
@@ -462,7 +523,7 @@ impl Tunnel {
         };
         if let Some(ep) = peer.endpoint() {
             if let Some((bytes, dst)) = self.framed(&mut buf, len, ep) {
-                let _ = self.socket.try_send_to(bytes, dst);
+                let _ = self.udp.socket().try_send_to(bytes, dst);
             }
         }
     }
@@ -511,26 +572,37 @@ impl Tunnel {
     }
 
     async fn send(&self, bytes: &[u8], to: SocketAddr) {
-        match self.socket.try_send_to(bytes, to) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let _ = self.socket.send_to(bytes, to).await;
-            }
-            Err(e) => tracing::trace!(%to, error = %e, "udp send failed"),
-        }
+        self.udp.send_one(bytes, to).await
     }
 
+    /// UDP → demultiplex → decrypt → device. Each wake-up takes up to [`udp::RECV_BATCH`]
+    /// buffers of datagrams in one call; the packets they decrypt to are written to the device
+    /// once the batch is handled (coalesced by flow where the device takes it), never held for
+    /// more: a lone game packet is written as soon as it is decrypted.
     async fn udp_loop(
         self: Arc<Self>,
         control: mpsc::Sender<(SocketAddr, Vec<u8>)>,
         roam: mpsc::Sender<RoamReport>,
     ) {
-        let mut buf = vec![0u8; BUF];
-        let mut out = vec![0u8; RX_OFFSET + BUF];
+        let size = (self.udp.gro_segments() * (self.mtu + 128)).max(BUF);
+        let mut storage: Vec<Vec<u8>> = (0..udp::RECV_BATCH).map(|_| vec![0u8; size]).collect();
+        let mut bufs: Vec<std::io::IoSliceMut<'_>> = storage
+            .iter_mut()
+            .map(|b| std::io::IoSliceMut::new(b))
+            .collect();
+        let mut meta = vec![quinn_udp::RecvMeta::default(); udp::RECV_BATCH];
+        let mut out = vec![0u8; HEADROOM + BUF];
+        let mut device = DeviceBatch::new(
+            offload::MAX_SEGMENTS,
+            BUF,
+            self.link,
+            self.vnet,
+            self.udp_gro,
+        );
         let mut inbound = Gate::inbound(&self.broadcast);
         loop {
-            let (n, src) = match self.socket.recv_from(&mut buf).await {
-                Ok(r) => r,
+            let filled = match self.udp.recv(&mut bufs, &mut meta).await {
+                Ok(n) => n,
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -546,52 +618,87 @@ impl Tunnel {
                     continue;
                 }
             };
-            let mut datagram = &buf[..n];
-            let mut src = src;
-            let mut kind = classify(datagram);
-            if kind == DatagramKind::Relay {
-                match lanrage_proto::frame::decode(datagram) {
-                    Ok(lanrage_proto::frame::Frame::Data { session, payload }) => {
-                        if self.relay_of(session.0) != Some(src) {
-                            bump(&self.stats.relay_unexpected);
-                            continue;
-                        }
-                        bump(&self.stats.relay_rx);
-                        src = vaddr::vaddr(session);
-                        datagram = payload;
-                        kind = match classify(datagram) {
-                            DatagramKind::Relay => DatagramKind::Garbage,
-                            k => k,
-                        };
+            for (buf, m) in bufs.iter().zip(&meta).take(filled) {
+                let stride = if m.stride == 0 { m.len } else { m.stride };
+                let len = m.len.min(buf.len());
+                for datagram in buf[..len].chunks(stride.max(1)) {
+                    if !device.has_room() {
+                        self.write_device_batch(&mut device).await;
                     }
-                    Ok(_) => {} // relay control (challenge, bound, rebind): the path layer's
-                    Err(_) => {
+                    self.handle_datagram(
+                        m.addr,
+                        datagram,
+                        &mut out,
+                        &mut device,
+                        &control,
+                        &roam,
+                        &mut inbound,
+                    )
+                    .await;
+                }
+            }
+            self.write_device_batch(&mut device).await;
+        }
+    }
+
+    /// One received datagram: relay frames unwrapped, WireGuard decrypted (into `device`),
+    /// lanrage's own messages and STUN to the control task.
+    #[allow(clippy::too_many_arguments)]
+    async fn handle_datagram(
+        &self,
+        src: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+        device: &mut DeviceBatch,
+        control: &mpsc::Sender<(SocketAddr, Vec<u8>)>,
+        roam: &mpsc::Sender<RoamReport>,
+        inbound: &mut Gate,
+    ) {
+        let mut datagram = datagram;
+        let mut src = src;
+        let mut kind = classify(datagram);
+        if kind == DatagramKind::Relay {
+            match lanrage_proto::frame::decode(datagram) {
+                Ok(lanrage_proto::frame::Frame::Data { session, payload }) => {
+                    if self.relay_of(session.0) != Some(src) {
                         bump(&self.stats.relay_unexpected);
-                        continue;
+                        return;
                     }
+                    bump(&self.stats.relay_rx);
+                    src = vaddr::vaddr(session);
+                    datagram = payload;
+                    kind = match classify(datagram) {
+                        DatagramKind::Relay => DatagramKind::Garbage,
+                        k => k,
+                    };
+                }
+                Ok(_) => {} // relay control (challenge, bound, rebind): the path layer's
+                Err(_) => {
+                    bump(&self.stats.relay_unexpected);
+                    return;
                 }
             }
-            match kind {
-                DatagramKind::WireGuard => {
-                    self.handle_wireguard(src, datagram, &mut out, &roam, &mut inbound)
-                        .await
-                }
-                DatagramKind::Control
-                | DatagramKind::Probe
-                | DatagramKind::Relay
-                | DatagramKind::Stun => {
-                    if datagram.len() > MAX_CONTROL_DATAGRAM
-                        || control.try_send((src, datagram.to_vec())).is_err()
-                    {
-                        bump(if kind == DatagramKind::Stun {
-                            &self.stats.stun
-                        } else {
-                            &self.stats.control_dropped
-                        });
-                    }
-                }
-                DatagramKind::Garbage => bump(&self.stats.garbage),
+        }
+        match kind {
+            DatagramKind::WireGuard => {
+                self.handle_wireguard(src, datagram, out, device, roam, inbound)
+                    .await
             }
+            DatagramKind::Control
+            | DatagramKind::Probe
+            | DatagramKind::Relay
+            | DatagramKind::Stun => {
+                if datagram.len() > MAX_CONTROL_DATAGRAM
+                    || control.try_send((src, datagram.to_vec())).is_err()
+                {
+                    bump(if kind == DatagramKind::Stun {
+                        &self.stats.stun
+                    } else {
+                        &self.stats.control_dropped
+                    });
+                }
+            }
+            DatagramKind::Garbage => bump(&self.stats.garbage),
         }
     }
 
@@ -613,6 +720,7 @@ impl Tunnel {
         src: SocketAddr,
         datagram: &[u8],
         out: &mut [u8],
+        device: &mut DeviceBatch,
         roam: &mpsc::Sender<RoamReport>,
         inbound: &mut Gate,
     ) {
@@ -638,6 +746,9 @@ impl Tunnel {
             bump(&self.stats.wg_unknown_peer);
             return;
         };
+        // Decrypted packets land in the device batch's next buffer; answers for the network
+        // (handshake responses, packets queued during a handshake) are copied out of it.
+        let room = datagram.len().max(self.mtu + 256);
         let mut input = datagram;
         loop {
             enum Next {
@@ -646,26 +757,24 @@ impl Tunnel {
                 Done,
                 Error,
             }
-            let next =
-                match peer
-                    .tunn
-                    .lock()
-                    .decapsulate(Some(src.ip()), input, &mut out[RX_OFFSET..])
-                {
-                    TunnResult::WriteToNetwork(p) => Next::Network(p.len()),
-                    TunnResult::WriteToTunnelV4(p, addr) => Next::Tunnel(p.len(), addr),
-                    TunnResult::WriteToTunnelV6(..) => Next::Done,
-                    TunnResult::Done => Next::Done,
-                    TunnResult::Err(e) => {
-                        tracing::trace!(%src, error = ?e, "wireguard decapsulate");
-                        Next::Error
-                    }
-                };
+            let Some(slot) = device.slot(room) else {
+                return; // the caller empties the batch before each datagram
+            };
+            let next = match peer.tunn.lock().decapsulate(Some(src.ip()), input, slot) {
+                TunnResult::WriteToNetwork(p) => Next::Network(p.len()),
+                TunnResult::WriteToTunnelV4(p, addr) => Next::Tunnel(p.len(), addr),
+                TunnResult::WriteToTunnelV6(..) => Next::Done,
+                TunnResult::Done => Next::Done,
+                TunnResult::Err(e) => {
+                    tracing::trace!(%src, error = ?e, "wireguard decapsulate");
+                    Next::Error
+                }
+            };
             // A handshake message that was accepted completes a handshake on our side (an
             // initiation we answer, or the answer to ours); counted once per message.
             // boringtun's own rate limiter may answer with a cookie reply (message type 3)
             // instead: that is no handshake.
-            let cookie = matches!(next, Next::Network(_)) && out.get(RX_OFFSET) == Some(&3);
+            let cookie = matches!(next, Next::Network(_)) && slot.first() == Some(&3);
             if input.len() == datagram.len()
                 && matches!(
                     packet,
@@ -688,7 +797,11 @@ impl Tunnel {
                     } else {
                         src
                     };
-                    self.send_framed_at(out, RX_OFFSET, len, to).await;
+                    let Some(dst) = out.get_mut(HEADROOM..HEADROOM + len) else {
+                        return;
+                    };
+                    dst.copy_from_slice(&slot[..len]);
+                    self.send_framed(out, len, to).await;
                     input = &[];
                 }
                 Next::Tunnel(len, addr) => {
@@ -696,7 +809,7 @@ impl Tunnel {
                     if len == 0 {
                         break; // keepalive
                     }
-                    let pkt = &out[RX_OFFSET..RX_OFFSET + len];
+                    let pkt = &slot[..len];
                     if addr != peer.ip || packet::ipv4_src(pkt) != Some(peer.ip) {
                         bump(&self.stats.bad_source);
                         break;
@@ -724,7 +837,7 @@ impl Tunnel {
                         }
                     }
                     bump(&self.stats.rx_packets);
-                    self.write_device(out, RX_OFFSET, len, peer.ip, dst).await;
+                    device.commit(len);
                     break;
                 }
                 Next::Done => break,
@@ -736,31 +849,50 @@ impl Tunnel {
         }
     }
 
-    /// Writes the decrypted IPv4 packet at `buf[off..off + len]` from member `src_ip` to the
-    /// device, behind an Ethernet header built in front of it on a TAP device.
-    async fn write_device(
-        &self,
-        buf: &mut [u8],
-        off: usize,
-        len: usize,
-        src_ip: Ipv4Addr,
-        dst: Ipv4Addr,
-    ) {
-        let frame = match self.device {
-            DeviceKind::Tun => &buf[off..off + len],
-            DeviceKind::Tap => {
-                let start = off - ether::ETH_HLEN;
-                let Ok(header) = <&mut [u8; ether::ETH_HLEN]>::try_from(&mut buf[start..off])
-                else {
-                    return;
-                };
-                let own = ether::mac_from_bits(self.device_mac.load(Ordering::Relaxed));
-                let mac = ether::destination_mac(dst, self.subnet.broadcast(), own);
-                ether::write_ipv4_header(header, src_ip, mac);
-                &buf[start..off + len]
+    /// Writes the decrypted packets waiting in `device` to the party device (coalesced by flow
+    /// where the device takes it), each behind an Ethernet header on a TAP device.
+    async fn write_device_batch(&self, device: &mut DeviceBatch) {
+        if device.is_empty() {
+            return;
+        }
+        let own = ether::mac_from_bits(self.device_mac.load(Ordering::Relaxed));
+        let broadcast = self.subnet.broadcast();
+        let supers = device.prepare(|pkt, head| {
+            let (Some(src), Some(dst)) = (packet::ipv4_src(pkt), packet::ipv4_dst(pkt)) else {
+                return;
+            };
+            if let Ok(header) = <&mut [u8; ether::ETH_HLEN]>::try_from(head) {
+                let mac = ether::destination_mac(dst, broadcast, own);
+                ether::write_ipv4_header(header, src, mac);
             }
+        });
+        if supers > 0 {
+            self.stats
+                .offload_coalesced
+                .fetch_add(supers as u64, Ordering::Relaxed);
+        }
+        for frame in device.frames() {
+            if let Err(e) = self.tun.send(frame).await {
+                tracing::trace!(error = %e, "device write failed");
+            }
+        }
+        device.clear();
+    }
+
+    /// Writes one frame we made (an ARP answer) to the device, behind an empty virtio-net header
+    /// when the device expects one.
+    async fn write_frame(&self, frame: &[u8]) {
+        let result = if self.vnet {
+            let mut buf = [0u8; VNET_HLEN + 64];
+            let Some(dst) = buf.get_mut(VNET_HLEN..VNET_HLEN + frame.len()) else {
+                return;
+            };
+            dst.copy_from_slice(frame);
+            self.tun.send(&buf[..VNET_HLEN + frame.len()]).await
+        } else {
+            self.tun.send(frame).await
         };
-        if let Err(e) = self.tun.send(frame).await {
+        if let Err(e) = result {
             tracing::trace!(error = %e, "device write failed");
         }
     }
@@ -770,18 +902,22 @@ impl Tunnel {
         let reply = ether::arp_reply(request, |ip| self.peers.read().by_ip(&ip).is_some());
         if let Some(frame) = reply {
             bump(&self.stats.arp_answered);
-            if let Err(e) = self.tun.send(&frame).await {
-                tracing::trace!(error = %e, "ARP reply write failed");
-            }
+            self.write_frame(&frame).await;
         }
     }
 
+    /// Device → encrypt → UDP. A read is one frame, or (offloads on) a TCP/UDP super-packet of
+    /// up to 64 KiB split here into MTU-sized packets. Whatever else the device already holds is
+    /// read at once too (never waited for), and the datagrams for one peer leave in one
+    /// segmented send.
     async fn tun_loop(self: Arc<Self>) {
-        let mut buf = vec![0u8; BUF];
-        let mut out = vec![0u8; HEADROOM + BUF + 148];
+        let head = if self.vnet { VNET_HLEN } else { 0 };
+        let mut buf = vec![0u8; head + BUF];
+        let mut segs = Segments::new(self.mtu + 128);
+        let mut tx = SendBatch::new(self.udp.max_segments(), HEADROOM + BUF + 64);
+        let mut device_mac = ether::OWN_MAC;
         let mut everyone: Vec<Arc<Peer>> = Vec::new();
         let mut outbound = Gate::outbound(&self.broadcast);
-        let mut device_mac = ether::OWN_MAC;
         loop {
             let n = match self.tun.recv(&mut buf).await {
                 Ok(n) => n,
@@ -791,72 +927,193 @@ impl Tunnel {
                     continue;
                 }
             };
-            if self.device == DeviceKind::Tap {
-                if let Some(m) = ether::source_mac(&buf[..n]).filter(|m| *m != device_mac) {
-                    // Someone changed the device's MAC: deliver to the new one from now on.
-                    device_mac = m;
-                    self.device_mac.store(ether::mac_bits(m), Ordering::Relaxed);
-                    tracing::info!(mac = ?m, "the party interface has a new MAC");
-                }
-            }
-            let pkt = match self.device {
-                DeviceKind::Tun => &buf[..n],
-                DeviceKind::Tap => match ether::parse(&buf[..n]) {
-                    ether::Frame::Ipv4(p) => p,
-                    ether::Frame::ArpRequest(request) => {
-                        self.answer_arp(&request).await;
-                        continue;
+            let mut n = n;
+            for _ in 0..DEVICE_DRAIN {
+                self.handle_device_read(
+                    &mut buf,
+                    n,
+                    &mut segs,
+                    &mut tx,
+                    &mut device_mac,
+                    &mut everyone,
+                    &mut outbound,
+                )
+                .await;
+                n = match self.tun.try_recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            tracing::debug!(error = %e, "tun read failed");
+                        }
+                        break;
                     }
-                    ether::Frame::Other => {
-                        bump(&self.stats.not_ipv4);
-                        continue;
-                    }
-                },
-            };
-            let Some(dst) = packet::ipv4_dst(pkt) else {
-                bump(&self.stats.not_ipv4);
-                continue;
-            };
-            let target = self.peers.read().by_ip(&dst).cloned();
-            if let Some(peer) = target {
-                self.encrypt_and_send(&peer, pkt, &mut out).await;
-            } else if let Some(kind) = gate::kind_of(dst, &self.subnet) {
-                let ours = Ipv4Addr::from(self.address_bits.load(Ordering::Relaxed));
-                let count = match outbound.check(pkt, ours, Instant::now()) {
-                    Verdict::Forward => true,
-                    Verdict::ForwardFragment => false,
-                    Verdict::Drop(reason) => {
-                        self.stats.broadcast.dropped(kind, reason);
-                        continue;
-                    }
-                    Verdict::DropSilently => continue,
                 };
-                everyone.clear();
-                everyone.extend(self.peers.read().iter().cloned());
-                if count && !everyone.is_empty() {
-                    self.stats.broadcast.forwarded(kind);
-                }
-                for peer in &everyone {
-                    self.encrypt_and_send(peer, pkt, &mut out).await;
-                }
-            } else {
-                bump(&self.stats.no_route);
             }
+            self.flush(&mut tx).await;
         }
     }
 
-    async fn encrypt_and_send(&self, peer: &Peer, pkt: &[u8], out: &mut [u8]) {
+    /// One read from the device: ARP answered, IPv4 packets (split first if a super-packet)
+    /// encrypted into `tx`.
+    #[allow(clippy::too_many_arguments)]
+    async fn handle_device_read(
+        &self,
+        buf: &mut [u8],
+        n: usize,
+        segs: &mut Segments,
+        tx: &mut SendBatch,
+        device_mac: &mut [u8; 6],
+        everyone: &mut Vec<Arc<Peer>>,
+        outbound: &mut Gate,
+    ) {
+        let (frame, split) = if self.vnet {
+            match offload::device_read(buf, n, self.link, segs) {
+                Ok(DeviceRead::One) => (&buf[VNET_HLEN..n], 0),
+                Ok(DeviceRead::Split(k)) => {
+                    bump(&self.stats.offload_split);
+                    (&buf[VNET_HLEN..n], k)
+                }
+                Err(e) => {
+                    tracing::trace!(error = ?e, "device read dropped");
+                    bump(&self.stats.not_ipv4);
+                    return;
+                }
+            }
+        } else {
+            (&buf[..n], 0)
+        };
+        if self.device == DeviceKind::Tap {
+            if let Some(m) = ether::source_mac(frame).filter(|m| m != device_mac) {
+                // Someone changed the device's MAC: deliver to the new one from now on.
+                *device_mac = m;
+                self.device_mac.store(ether::mac_bits(m), Ordering::Relaxed);
+                tracing::info!(mac = ?m, "the party interface has a new MAC");
+            }
+        }
+        if split > 0 {
+            for i in 0..split {
+                self.route(segs.get(i), tx, everyone, outbound).await;
+            }
+            return;
+        }
+        let pkt = match self.device {
+            DeviceKind::Tun => frame,
+            DeviceKind::Tap => match ether::parse(frame) {
+                ether::Frame::Ipv4(p) => p,
+                ether::Frame::ArpRequest(request) => {
+                    self.answer_arp(&request).await;
+                    return;
+                }
+                ether::Frame::Other => {
+                    bump(&self.stats.not_ipv4);
+                    return;
+                }
+            },
+        };
+        self.route(pkt, tx, everyone, outbound).await;
+    }
+
+    /// One IPv4 packet from the device: to its member, or (broadcast, multicast) through the
+    /// gate to every member.
+    async fn route(
+        &self,
+        pkt: &[u8],
+        tx: &mut SendBatch,
+        everyone: &mut Vec<Arc<Peer>>,
+        outbound: &mut Gate,
+    ) {
+        let Some(dst) = packet::ipv4_dst(pkt) else {
+            bump(&self.stats.not_ipv4);
+            return;
+        };
+        let target = self.peers.read().by_ip(&dst).cloned();
+        if let Some(peer) = target {
+            self.encrypt_into(&peer, pkt, tx).await;
+        } else if let Some(kind) = gate::kind_of(dst, &self.subnet) {
+            let ours = Ipv4Addr::from(self.address_bits.load(Ordering::Relaxed));
+            let count = match outbound.check(pkt, ours, Instant::now()) {
+                Verdict::Forward => true,
+                Verdict::ForwardFragment => false,
+                Verdict::Drop(reason) => {
+                    self.stats.broadcast.dropped(kind, reason);
+                    return;
+                }
+                Verdict::DropSilently => return,
+            };
+            everyone.clear();
+            everyone.extend(self.peers.read().iter().cloned());
+            if count && !everyone.is_empty() {
+                self.stats.broadcast.forwarded(kind);
+            }
+            for peer in everyone.iter() {
+                self.encrypt_into(peer, pkt, tx).await;
+            }
+        } else {
+            bump(&self.stats.no_route);
+        }
+    }
+
+    /// Encrypts `pkt` for `peer` into the send batch (sending the batch first when this datagram
+    /// cannot join it).
+    async fn encrypt_into(&self, peer: &Peer, pkt: &[u8], tx: &mut SendBatch) {
         let Some(ep) = peer.endpoint() else {
             bump(&self.stats.no_endpoint);
             return;
         };
-        let len = match peer.tunn.lock().encapsulate(pkt, &mut out[HEADROOM..]) {
+        let (to, session) = match vaddr::session_of(&ep) {
+            None => (ep, None),
+            Some(session) => match self.relay_of(session.0) {
+                Some(relay) => (relay, Some(session)),
+                None => {
+                    bump(&self.stats.relay_no_route);
+                    return;
+                }
+            },
+        };
+        let head = if session.is_some() { HEADROOM } else { 0 };
+        let max = head + pkt.len() + 32 + 16;
+        if !tx.fits(to, max) {
+            self.flush(tx).await;
+        }
+        let slot = tx.slot(to);
+        let len = match peer.tunn.lock().encapsulate(pkt, &mut slot[head..]) {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return,
         };
+        if let Some(session) = session {
+            if lanrage_proto::frame::encode_data_header(session, &mut slot[..HEADROOM]).is_err() {
+                return;
+            }
+        }
         peer.count_tx(pkt.len());
         bump(&self.stats.tx_packets);
-        self.send_framed(out, len, ep).await;
+        if slot.get(head) != Some(&4) {
+            // No session yet: boringtun queued the packet and gave us a handshake initiation.
+            self.send(&slot[..head + len], to).await;
+            return;
+        }
+        if tx.commit(head + len) == Commit::Alone {
+            self.flush(tx).await;
+            tx.restart();
+        }
+        if tx.is_full() {
+            self.flush(tx).await;
+        }
+    }
+
+    /// Sends what the batch holds.
+    async fn flush(&self, tx: &mut SendBatch) {
+        if let Some((bytes, to, segment)) = tx.contents() {
+            if segment.is_some() {
+                bump(&self.stats.udp_segmented_sends);
+            }
+            self.udp.send(bytes, to, segment).await;
+        }
+        tx.clear();
+        let max = self.udp.max_segments();
+        if max == 1 {
+            tx.set_max_segments(1);
+        }
     }
 
     async fn timer_loop(self: Arc<Self>) {
