@@ -445,3 +445,89 @@ fn cli_is_quiet_on_a_closed_pipe_takes_host_names_and_logs_plain_text() {
     assert!(log.contains("rejoins it"), "{log}");
     assert!(!log.contains("left the party"), "{log}");
 }
+
+/// SIGTERM → exit is prompt, and nothing happens after "stopped": even with a blocking
+/// control-server long poll outstanding (the signals poll lasts up to 20 s), the process ends
+/// right after it logs "stopped" (the runtime used to wait up to 0.5 s for that thread first).
+/// Targets: stopped → exit 0.1 s, SIGTERM → exit 0.75 s (goodbyes to the party and mDNS, the
+/// steering rules removed); bounds 2x and more.
+#[test]
+fn the_daemon_exits_promptly_after_stopped() {
+    use lab::internet::{Internet, NatKind};
+    use std::io::{Read, Seek, SeekFrom};
+    use std::time::Instant;
+    const STOPPED_TO_EXIT: Duration = Duration::from_millis(250);
+    const SIGTERM_TO_EXIT: Duration = Duration::from_millis(1500);
+
+    let Some(mut lab) = Internet::new("apiexit", &[NatKind::Open]) else {
+        return;
+    };
+    let opts = lab.node_opts(0);
+    lab.spawn(0, opts);
+    let alice = lab.node(0);
+    alice.create_party("exit", None);
+    // Registered on the control server, so the signals long poll is out (give it a moment).
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            let s = alice.status();
+            party_of(&s).is_some()
+                && s["node"]["control_server"].is_string()
+                && s["node"]["control_error"].is_null()
+        }),
+        "no party on the control server: {}",
+        alice.log_tail(40)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    let mut log = std::fs::File::open(&alice.log_path).expect("daemon log");
+    log.seek(SeekFrom::End(0)).expect("seek log");
+    let mut seen = String::new();
+    let pid = alice.pid().expect("alice runs");
+    let sent = Instant::now();
+    // SAFETY: sending a signal has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+    let mut stopped_at = None;
+    let exited_at = loop {
+        let mut chunk = String::new();
+        let _ = log.read_to_string(&mut chunk);
+        seen.push_str(&chunk);
+        if stopped_at.is_none()
+            && seen
+                .lines()
+                .any(|l| l.ends_with("lanrage::daemon: stopped"))
+        {
+            stopped_at = Some(Instant::now());
+        }
+        if alice.exit_status().is_some() {
+            break Instant::now();
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "alice did not exit within 10 s of SIGTERM: {seen}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut chunk = String::new();
+    let _ = log.read_to_string(&mut chunk);
+    seen.push_str(&chunk);
+    assert!(
+        seen.lines()
+            .any(|l| l.ends_with("lanrage::daemon: stopped")),
+        "{seen}"
+    );
+    let stopped_at = stopped_at.unwrap_or(exited_at);
+    let total = exited_at - sent;
+    let after_stopped = exited_at - stopped_at;
+    println!("MEASURE SIGTERM->exit {total:?}, stopped->exit {after_stopped:?}");
+    assert!(
+        after_stopped < STOPPED_TO_EXIT,
+        "the process ran {after_stopped:?} after logging \"stopped\" (bound {STOPPED_TO_EXIT:?})"
+    );
+    assert!(
+        total < SIGTERM_TO_EXIT,
+        "SIGTERM to exit took {total:?} (bound {SIGTERM_TO_EXIT:?}): {seen}"
+    );
+    assert_eq!(alice.exit_status().and_then(|s| s.code()), Some(0));
+}
