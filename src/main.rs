@@ -6,6 +6,10 @@ use lanrage::config::Config;
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(problem) = lanrage::cli::up_arguments_problem(&cli) {
+        eprintln!("lanrage: {problem}");
+        std::process::exit(2);
+    }
     if !matches!(cli.command, Command::Up) {
         // `lanrage status | head -1`: a reader that went away ends the CLI quietly, like any
         // Unix tool, instead of a "failed printing to stdout" panic. (The daemon keeps Rust's
