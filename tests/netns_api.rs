@@ -531,3 +531,119 @@ fn the_daemon_exits_promptly_after_stopped() {
     );
     assert_eq!(alice.exit_status().and_then(|s| s.code()), Some(0));
 }
+
+/// `lanrage doctor` where the host firewall (an nftables input chain with policy drop that lets
+/// in only loopback and replies) blocks the daemon's UDP port and the party interface: it
+/// exits non-zero, names the port and gives the exact `nft` rule for each; once those rules are
+/// added (run exactly as printed), both checks pass and it exits 0.
+#[test]
+fn doctor_names_the_nftables_rule_that_lets_friends_in() {
+    if !environment_ok("apidoctor", &[("nft", "nftables")]) {
+        return;
+    }
+    let Some(mut lab) = Lab::new("apidoctor", 1) else {
+        return;
+    };
+    lab.spawn(0, NodeOpts::new("alice"));
+    let alice = lab.node(0);
+    let rules = alice.dir.join("input-drop.nft");
+    std::fs::write(
+        &rules,
+        "table inet lrhost {\n  chain input {\n    type filter hook input priority 0; policy drop;\n    \
+         iifname \"lo\" accept\n    ct state established,related accept\n  }\n}\n",
+    )
+    .unwrap();
+    let out = alice.exec(&["nft", "-f", rules.to_str().unwrap()]);
+    assert!(out.success(), "nft -f: {}", out.stderr);
+    assert!(
+        !datagram_reaches_the_daemon(&lab),
+        "the firewall lets a datagram to the port in"
+    );
+
+    let config = alice.config_path.to_str().unwrap().to_owned();
+    let doctor = || {
+        let out = alice.cli(&["doctor", "--config", &config, "--json"]);
+        let v: Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("doctor --json ({e}): {out:?}"));
+        (out, v)
+    };
+    let check = |v: &Value, name: &str| -> Value {
+        v["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["check"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} check: {v}"))
+    };
+
+    let (out, v) = doctor();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(v["ok"], false);
+    let port = check(&v, "nftables_port");
+    assert_eq!(port["level"], "fail", "{port}");
+    assert!(
+        port["message"].as_str().unwrap().contains("UDP port 51820"),
+        "{port}"
+    );
+    let iface = check(&v, "nftables_iface");
+    assert_eq!(iface["level"], "fail", "{iface}");
+    assert!(
+        iface["message"].as_str().unwrap().contains(LAB_IFACE),
+        "{iface}"
+    );
+    assert_eq!(check(&v, "daemon")["level"], "ok");
+    assert_eq!(check(&v, "udp_port")["level"], "ok");
+    // The text form: one line per check, the fix on the same line.
+    let text = alice.cli(&["doctor", "--config", &config]);
+    assert_eq!(text.status.code(), Some(1));
+    let line = text
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("FAIL  nftables_port"))
+        .unwrap_or_else(|| panic!("{}", text.stdout));
+    assert!(
+        line.contains("51820")
+            && line.contains("nft add rule inet lrhost input udp dport 51820 accept"),
+        "{line}"
+    );
+
+    // Apply the fixes exactly as printed (without the sudo: this is root already).
+    for c in [&port, &iface] {
+        let fix = c["fix"].as_str().unwrap();
+        let cmd = fix
+            .split('`')
+            .nth(1)
+            .and_then(|c| c.strip_prefix("sudo "))
+            .unwrap_or_else(|| panic!("no command in {fix}"));
+        let out = alice.exec(&["sh", "-c", cmd]);
+        assert!(out.success(), "{cmd}: {}", out.stderr);
+    }
+    let (out, v) = doctor();
+    assert_eq!(check(&v, "nftables_port")["level"], "ok", "{v}");
+    assert_eq!(check(&v, "nftables_iface")["level"], "ok", "{v}");
+    assert_eq!(out.status.code(), Some(0), "{}", out.stdout);
+    // The rule really lets a friend's packet in: a stray datagram from the LAN now reaches the
+    // daemon (it counts it as garbage), where before the firewall dropped it.
+    assert!(
+        datagram_reaches_the_daemon(&lab),
+        "a datagram to the port after the fix"
+    );
+}
+
+/// Sends one non-lanrage datagram from the LAN (the switch namespace) to host 0's UDP port and
+/// says whether the daemon counted it (`udp_garbage`) within 3 s.
+fn datagram_reaches_the_daemon(lab: &Lab) -> bool {
+    let garbage = || {
+        lab.node(0).status()["counters"]["udp_garbage"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = garbage();
+    let to = format!("{}:{LISTEN_PORT}", underlay_ip(0));
+    in_netns(&lab.switch_ns, move || {
+        let s = std::net::UdpSocket::bind("192.0.2.1:0").expect("bind in the switch namespace");
+        s.send_to(b"not lanrage", &to).expect("send");
+    });
+    wait_until(Duration::from_secs(3), || garbage() > before)
+}
