@@ -647,3 +647,82 @@ fn datagram_reaches_the_daemon(lab: &Lab) -> bool {
     });
     wait_until(Duration::from_secs(3), || garbage() > before)
 }
+
+/// The systemd unit (config/lanrage.service) runs the daemon as root with only the capabilities
+/// in its `CapabilityBoundingSet` and `NoNewPrivileges`: with exactly those (setpriv), the
+/// daemon creates its TAP interface, hosts a party a member joins and pings, steers broadcasts
+/// (policy rules), switches IPv6 off on its interface and hands the API token to the operator
+/// group.
+#[test]
+fn the_services_capabilities_are_enough_to_host_a_party() {
+    if !has_tools() {
+        eprintln!("SKIPPED: setpriv/useradd/groupadd missing (apt-get install util-linux passwd)");
+        return;
+    }
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/lanrage.service"),
+    )
+    .expect("config/lanrage.service");
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet in the unit")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase()))
+        .collect();
+    assert!(!caps.is_empty());
+    assert!(unit.lines().any(|l| l == "NoNewPrivileges=yes"));
+    let bounding = format!("--bounding-set=-all,{}", caps.join(","));
+    let Some(mut lab) = Lab::new("apicaps", 2) else {
+        return;
+    };
+    let account = OperatorAccount::create();
+    let opts = NodeOpts::new("alice")
+        .operator_group(&account.group)
+        .wrapper(&["setpriv", &bounding, "--no-new-privs"]);
+    lab.spawn(0, opts);
+    lab.spawn(1, NodeOpts::new("bob"));
+    let alice = lab.node(0);
+    let pid = alice.pid().expect("alice runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let bnd = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(bnd.count_ones() as usize, caps.len(), "{status}");
+
+    let party = alice.create_party("caps", None);
+    let bob = lab.node(1);
+    assert!(
+        wait_until(Duration::from_secs(10), || bob.listed_party(&party).is_some()),
+        "bob does not see the party"
+    );
+    bob.join_ok(&party, None);
+    assert!(
+        bob.ping_within(HOST_VIP, Duration::from_secs(10)),
+        "bob cannot ping the host; alice's log:\n{}",
+        alice.log_tail(40)
+    );
+    let bob_vip = bob.virtual_ip().expect("bob's virtual IP");
+    assert!(alice.ping(&bob_vip), "alice cannot ping bob");
+    let rules = alice.exec(&["ip", "rule", "show"]);
+    assert!(rules.stdout.contains("lookup 6666"), "{}", rules.stdout);
+    let sysctl = alice.exec(&[
+        "cat",
+        &format!("/proc/sys/net/ipv6/conf/{LAB_IFACE}/disable_ipv6"),
+    ]);
+    assert_eq!(sysctl.stdout.trim(), "1", "{sysctl:?}");
+    let gid = nix::unistd::Group::from_name(&account.group)
+        .unwrap()
+        .unwrap()
+        .gid
+        .as_raw();
+    let meta = std::fs::metadata(alice.token_file()).expect("token file");
+    assert_eq!(meta.gid(), gid);
+    assert!(
+        !alice.log_tail(200).contains(" WARN "),
+        "{}",
+        alice.log_tail(200)
+    );
+}
