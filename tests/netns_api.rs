@@ -695,7 +695,9 @@ fn the_services_capabilities_are_enough_to_host_a_party() {
     let party = alice.create_party("caps", None);
     let bob = lab.node(1);
     assert!(
-        wait_until(Duration::from_secs(10), || bob.listed_party(&party).is_some()),
+        wait_until(Duration::from_secs(10), || bob
+            .listed_party(&party)
+            .is_some()),
         "bob does not see the party"
     );
     bob.join_ok(&party, None);
