@@ -234,6 +234,15 @@ pub fn diagnose(f: &Facts) -> Vec<Finding> {
     let running = f.status.is_ok();
     out.extend(check_daemon(&f.status, f.api, f.config.listen_port));
     out.push(check_udp_port(f.udp_bound, running, f.config.listen_port));
+    if [&f.nft, &f.ufw, &f.firewalld]
+        .iter()
+        .all(|t| **t == Tool::Missing)
+    {
+        out.push(Finding::ok(
+            "firewall",
+            "no nft, ufw or firewall-cmd here (an iptables-only firewall is not checked)",
+        ));
+    }
     out.extend(check_nftables(f));
     out.extend(check_ufw(&f.ufw, f.config.listen_port, &f.config.interface));
     out.extend(check_firewalld(f));
@@ -872,8 +881,36 @@ fn clock_synced() -> Option<bool> {
     Some(state != libc::TIME_ERROR && tx.status & libc::STA_UNSYNC == 0)
 }
 
+/// Where `program` is: on PATH or in the sbin directories a user's PATH often lacks (`nft` and
+/// `ufw` live in /usr/sbin). Searched here rather than by `exec`, which reports a directory on
+/// PATH this user may not enter as "permission denied" instead of "not found".
+fn find_tool(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(
+            [
+                "/usr/local/sbin",
+                "/usr/local/bin",
+                "/usr/sbin",
+                "/usr/bin",
+                "/sbin",
+                "/bin",
+            ]
+            .iter()
+            .map(std::path::PathBuf::from),
+        )
+        .map(|d| d.join(program))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// Runs `program args` with a deadline; `Missing` when it is not installed.
 fn run_tool(program: &str, args: &[&str]) -> Tool {
+    let Some(program) = find_tool(program) else {
+        return Tool::Missing;
+    };
     let mut child = match Command::new(program)
         .args(args)
         .env("LC_ALL", "C")
