@@ -1002,6 +1002,21 @@ mod tests {
     }
 
     #[test]
+    fn a_stopped_daemon_is_answered_with_how_the_readme_starts_it() {
+        // Nothing listens on loopback port 1.
+        let e = Api::new("127.0.0.1:1".parse().unwrap())
+            .get("/status")
+            .unwrap_err();
+        assert!(
+            e.ends_with(
+                "not running (nothing answers on 127.0.0.1:1); start it: `sudo systemctl start \
+                 lanrage` (or `sudo lanrage up` in a terminal)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn api_accepts_addresses_and_host_names() {
         assert_eq!(
             resolve_api("127.0.0.1:8666").unwrap(),
