@@ -30,42 +30,94 @@ use crate::config::Config;
     after_help = "Reading status works for every user. Creating, joining and leaving a party (and \
 `lanrage ui`) need the daemon's API token, which it writes at each start to /run/lanrage/: run \
 them as root, or as a member of the group set as api.operator_group in the daemon's config. \
-LANRAGE_API_TOKEN_FILE names another token file."
+LANRAGE_API_TOKEN_FILE names another token file. Something not working? `lanrage doctor` checks \
+this machine (add sudo to read the firewall)."
 )]
 pub struct Cli {
-    /// Config file (for `up`; other commands read api.listen from it).
+    /// Config file (default /etc/lanrage/lanrage.toml, if it exists): `up` runs with it; the
+    /// other commands read api.listen from it (`doctor` also the network keys).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address of the daemon's local API, HOST:PORT (overrides the config file).
-    #[arg(long, global = true, value_name = "HOST:PORT")]
+    /// Address of the daemon's local API, HOST:PORT, for the commands that talk to the daemon
+    /// (overrides api.listen from the config file; also accepted after the command).
+    #[arg(long, value_name = "HOST:PORT")]
     pub api: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+impl Cli {
+    /// `--api` as given after the command, else before it (`lanrage --api X status`).
+    pub fn api_flag(&self) -> Option<&str> {
+        let after = match &self.command {
+            Command::Up => None,
+            Command::Party { api, .. }
+            | Command::Status { api, .. }
+            | Command::Ui { api }
+            | Command::Doctor { api, .. } => api.as_deref(),
+        };
+        after.or(self.api.as_deref())
+    }
+}
+
+/// Why `lanrage up` refuses its arguments, if it does: `--api` does nothing for the daemon
+/// (which listens on api.listen from its config), so `lanrage --api X up` is refused rather
+/// than silently ignored.
+pub fn up_arguments_problem(cli: &Cli) -> Option<&'static str> {
+    (matches!(cli.command, Command::Up) && cli.api.is_some()).then_some(
+        "--api is for the commands that talk to the daemon; `lanrage up` listens on api.listen \
+         from its config file (--config)",
+    )
+}
+
 /// Top-level commands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the daemon in the foreground (needs root for the TUN interface).
+    /// Run the daemon in the foreground (needs root, or CAP_NET_ADMIN, for the party
+    /// interface). scripts/install.sh installs it as the `lanrage` systemd service instead.
     Up,
     /// Create, join, leave and list parties.
     Party {
         /// Which party action.
         #[command(subcommand)]
         action: PartyCommand,
+        /// Address of the daemon's local API, HOST:PORT (overrides api.listen).
+        #[arg(long, global = true, value_name = "HOST:PORT")]
+        api: Option<String>,
     },
     /// Show this node and its party.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Address of the daemon's local API, HOST:PORT (overrides api.listen).
+        #[arg(long, value_name = "HOST:PORT")]
+        api: Option<String>,
     },
     /// Print a one-time login link for the web UI.
     ///
     /// The link works once, within a minute, and logs that browser in. It is opened in a
     /// browser only when the output is a terminal in a desktop session and not under sudo.
-    Ui,
+    Ui {
+        /// Address of the daemon's local API, HOST:PORT (overrides api.listen).
+        #[arg(long, value_name = "HOST:PORT")]
+        api: Option<String>,
+    },
+    /// Check this machine for what keeps lanrage or games from working, and say what to change.
+    ///
+    /// One line per check (OK, WARN or FAIL, and a fix): /dev/net/tun, the daemon and its party,
+    /// the NAT type, the UDP port, host firewalls (nftables, ufw, firewalld) for the UDP port and
+    /// the party interface, the MTU, the clock. Exits 1 if a check failed. Run it with sudo to
+    /// read the firewall rules. It contacts nothing beyond this machine.
+    Doctor {
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+        /// Address of the daemon's local API, HOST:PORT (overrides api.listen).
+        #[arg(long, value_name = "HOST:PORT")]
+        api: Option<String>,
+    },
 }
 
 /// `lanrage party ...`
@@ -109,6 +161,9 @@ pub enum PartyCommand {
 
 /// Runs a client command; returns the process exit code.
 pub fn run_client(cli: &Cli) -> i32 {
+    if let Command::Doctor { json, .. } = &cli.command {
+        return doctor(cli, *json);
+    }
     match client(cli) {
         Ok(()) => 0,
         Err(message) => {
@@ -136,7 +191,7 @@ pub fn sanitize(text: &str) -> Cow<'_, str> {
 }
 
 fn api_addr(cli: &Cli) -> Result<SocketAddr, String> {
-    if let Some(a) = &cli.api {
+    if let Some(a) = cli.api_flag() {
         return resolve_api(a);
     }
     let env: Vec<(String, String)> = std::env::vars().collect();
@@ -284,14 +339,21 @@ impl Api {
                 }
             }
         };
-        let mut resp = result.map_err(|e| CallError::Other(match e {
-            ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => format!(
-                "the lanrage daemon is not running (nothing answers on {}); start it with `sudo lanrage up`",
-                self.addr
-            ),
-            ureq::Error::Timeout(_) => format!("the lanrage daemon on {} did not answer in time", self.addr),
-            other => format!("cannot reach the lanrage daemon on {}: {other}", self.addr),
-        }))?;
+        let mut resp = result.map_err(|e| {
+            CallError::Other(match e {
+                ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+                    format!(
+                        "the lanrage daemon is not running (nothing answers on {}); {}",
+                        self.addr,
+                        crate::doctor::START_DAEMON
+                    )
+                }
+                ureq::Error::Timeout(_) => {
+                    format!("the lanrage daemon on {} did not answer in time", self.addr)
+                }
+                other => format!("cannot reach the lanrage daemon on {}: {other}", self.addr),
+            })
+        })?;
         let status = resp.status();
         let text = resp
             .body_mut()
@@ -338,7 +400,7 @@ fn client(cli: &Cli) -> Result<(), String> {
         Command::Up => {
             return Err("`lanrage up` runs the daemon; it is not a client command".into())
         }
-        Command::Status { json } => {
+        Command::Status { json, .. } => {
             let v = api.get("/status")?;
             if *json {
                 print_json(&mut out, &v)
@@ -346,7 +408,8 @@ fn client(cli: &Cli) -> Result<(), String> {
                 print_status(&mut out, &v)
             }
         }
-        Command::Ui => {
+        Command::Doctor { .. } => return Err("`lanrage doctor` is not an API call".into()),
+        Command::Ui { .. } => {
             let v = api.post("/login/code", None)?;
             let url = v["url"]
                 .as_str()
@@ -369,7 +432,7 @@ fn client(cli: &Cli) -> Result<(), String> {
             }
             return printed.map_err(|e| format!("cannot print: {e}"));
         }
-        Command::Party { action } => match action {
+        Command::Party { action, .. } => match action {
             PartyCommand::Create {
                 name,
                 password,
@@ -428,6 +491,48 @@ fn client(cli: &Cli) -> Result<(), String> {
         },
     };
     printed.map_err(|e| format!("cannot print: {e}"))
+}
+
+/// `lanrage doctor`: the checks of [`crate::doctor`], printed; 1 if any failed.
+fn doctor(cli: &Cli, json: bool) -> i32 {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let origin = match &cli.config {
+        Some(p) => p.display().to_string(),
+        None if Path::new(crate::config::DEFAULT_CONFIG_PATH).exists() => {
+            crate::config::DEFAULT_CONFIG_PATH.to_string()
+        }
+        None => "no config file, defaults".to_string(),
+    };
+    let loaded = Config::load(cli.config.as_deref(), &env)
+        .map(|c| (c, origin.clone()))
+        .map_err(|e| (origin, e.to_string()));
+    let addr = match cli.api_flag() {
+        Some(a) => match resolve_api(a) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("lanrage: {}", sanitize(&e));
+                return 2;
+            }
+        },
+        None => loaded
+            .as_ref()
+            .map(|(c, _)| c.api.listen)
+            .unwrap_or_else(|_| Config::default().api.listen),
+    };
+    let status = Api::new(addr).get("/status");
+    let facts = crate::doctor::Facts::gather(loaded, addr, status);
+    let findings = crate::doctor::diagnose(&facts);
+    let mut out = io::stdout().lock();
+    let printed = if json {
+        print_json(&mut out, &crate::doctor::render_json(&findings))
+    } else {
+        out.write_all(crate::doctor::render_text(&findings).as_bytes())
+    };
+    if let Err(e) = printed.and_then(|()| out.flush()) {
+        eprintln!("lanrage: cannot print: {e}");
+        return 1;
+    }
+    crate::doctor::exit_code(&findings)
 }
 
 /// Open a browser only where it lands in front of the person who asked: on a terminal (not when
@@ -845,6 +950,70 @@ mod tests {
         use unicode_width::UnicodeWidthStr;
         let col = |l: &str, needle: &str| l[..l.find(needle).unwrap()].width();
         assert_eq!(col(header, "ID"), col(row, "h "));
+    }
+
+    #[test]
+    fn api_is_an_option_of_the_commands_that_talk_to_the_daemon() {
+        use clap::CommandFactory;
+        let help = |args: &[&str]| {
+            let mut cmd = Cli::command();
+            cmd.build(); // propagates `party --api` to its subcommands
+            let mut sub = &mut cmd;
+            for a in args {
+                sub = sub.find_subcommand_mut(a).unwrap();
+            }
+            sub.render_long_help().to_string()
+        };
+        assert!(!help(&["up"]).contains("--api"), "{}", help(&["up"]));
+        for cmd in [
+            &["status"][..],
+            &["ui"],
+            &["doctor"],
+            &["party", "list"],
+            &["party", "join"],
+        ] {
+            assert!(help(cmd).contains("--api <HOST:PORT>"), "{cmd:?}");
+        }
+        let parse = |args: &[&str]| Cli::try_parse_from(args).unwrap();
+        for args in [
+            &["lanrage", "--api", "127.0.0.1:1", "status"][..],
+            &["lanrage", "status", "--api", "127.0.0.1:1"],
+            &["lanrage", "party", "--api", "127.0.0.1:1", "list"],
+            &["lanrage", "party", "list", "--api", "127.0.0.1:1"],
+            &[
+                "lanrage",
+                "--api",
+                "127.0.0.1:9",
+                "party",
+                "leave",
+                "--api",
+                "127.0.0.1:1",
+            ],
+            &["lanrage", "doctor", "--json", "--api", "127.0.0.1:1"],
+        ] {
+            let cli = parse(args);
+            assert_eq!(cli.api_flag(), Some("127.0.0.1:1"), "{args:?}");
+            assert_eq!(up_arguments_problem(&cli), None);
+        }
+        assert!(Cli::try_parse_from(["lanrage", "up", "--api", "x:1"]).is_err());
+        let cli = parse(&["lanrage", "--api", "x:1", "up"]);
+        assert!(up_arguments_problem(&cli).unwrap().contains("api.listen"));
+        assert_eq!(up_arguments_problem(&parse(&["lanrage", "up"])), None);
+    }
+
+    #[test]
+    fn a_stopped_daemon_is_answered_with_how_the_readme_starts_it() {
+        // Nothing listens on loopback port 1.
+        let e = Api::new("127.0.0.1:1".parse().unwrap())
+            .get("/status")
+            .unwrap_err();
+        assert!(
+            e.ends_with(
+                "not running (nothing answers on 127.0.0.1:1); start it: `sudo systemctl start \
+                 lanrage` (or `sudo lanrage up` in a terminal)"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -647,6 +647,34 @@ mod tests {
     }
 
     #[test]
+    fn unknown_key_suggests_the_closest_known_one() {
+        let f = write("[network]\nmtux = 1400\n");
+        let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(
+            err.ends_with("unknown key `network.mtux`; did you mean `network.mtu`?"),
+            "{err}"
+        );
+        let f = write("[node]\noperator_group = \"lanrage\"\n");
+        let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("did you mean `api.operator_group`?"), "{err}");
+        let f = write("[network]\ncolour = \"red\"\n");
+        let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(
+            err.ends_with("unknown key `network.colour`") && !err.contains("did you mean"),
+            "{err}"
+        );
+        let env = vec![("LANRAGE__NETWORK__MTUX".to_string(), "1".to_string())];
+        let err = Config::load(Some(write("").path()), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("environment variable LANRAGE__NETWORK__MTUX")
+                && err.contains("did you mean `network.mtu` (LANRAGE__NETWORK__MTU)?"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_value_names_key_and_file() {
         let f = write("[network]\nmtu = \"big\"\n");
         let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod discovery;
+pub mod doctor;
 pub mod identity;
 pub mod ids;
 pub mod lan;

@@ -6,6 +6,10 @@ use lanrage::config::Config;
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(problem) = lanrage::cli::up_arguments_problem(&cli) {
+        eprintln!("lanrage: {problem}");
+        std::process::exit(2);
+    }
     if !matches!(cli.command, Command::Up) {
         // `lanrage status | head -1`: a reader that went away ends the CLI quietly, like any
         // Unix tool, instead of a "failed printing to stdout" panic. (The daemon keeps Rust's
@@ -43,9 +47,13 @@ fn main() {
         }
     };
     let result = runtime.block_on(lanrage::daemon::run(cfg));
-    // Blocking work stuck on a hung share or socket must not keep the process alive: the daemon
-    // already bounded each shutdown step, so whatever is still running is abandoned.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    // The daemon has finished every shutdown step that matters (each bounded: goodbyes, mDNS,
+    // discovery file, the party state) before it logs "stopped". What may still run is blocking
+    // work nobody waits for any more, above all a control-server long poll (a blocking HTTP call
+    // that lasts up to half a minute): waiting for it (as `shutdown_timeout` did, up to its
+    // bound) only delays the exit after "stopped". So the runtime is dropped without waiting
+    // and the process ends at once, abandoning those threads.
+    runtime.shutdown_background();
     if let Err(e) = result {
         eprintln!("lanrage: {e:#}");
         std::process::exit(1);

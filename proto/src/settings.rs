@@ -2,7 +2,8 @@
 //! overrides, merged by the `config` crate, for both `lanrage` and `lanrage-relay`. Unknown keys
 //! and bad values are refused with a message naming the key and where it came from (the file or
 //! the environment variable); the set of known keys is derived from the config struct itself, so
-//! it cannot drift. Keys a binary no longer has can be listed as retired
+//! it cannot drift; an unknown key is answered with the closest known one ("did you mean"). Keys
+//! a binary no longer has can be listed as retired
 //! ([`Settings::RETIRED_KEYS`]): a file or variable naming one still loads, with a warning.
 
 use std::collections::BTreeSet;
@@ -23,12 +24,15 @@ pub enum ConfigError {
         message: String,
     },
     /// A key the program does not know (a typo, most likely).
-    #[error("{origin}: unknown key `{key}`")]
+    #[error("{origin}: unknown key `{key}`{}", did_you_mean(.suggestion))]
     UnknownKey {
         /// File or environment variable.
         origin: String,
         /// Dotted key.
         key: String,
+        /// The known key it most likely meant (see [`closest_key`]), as written where the
+        /// unknown one came from (a dotted key, or an environment variable).
+        suggestion: Option<String>,
     },
     /// A value of the wrong type or out of range.
     #[error("{origin}: bad value for `{key}`: {message}")]
@@ -115,7 +119,12 @@ pub fn load_with_warnings<T: Settings>(
                 }
                 dropped = true;
             } else if !known.contains(&key) {
-                return Err(ConfigError::UnknownKey { origin, key });
+                let suggestion = closest_key(&key, &known).map(|k| format!("`{k}`"));
+                return Err(ConfigError::UnknownKey {
+                    origin,
+                    key,
+                    suggestion,
+                });
             }
         }
         let text = if dropped {
@@ -143,9 +152,12 @@ pub fn load_with_warnings<T: Settings>(
             continue;
         }
         if !known.contains(&key) {
+            let suggestion = closest_key(&key, &known)
+                .map(|k| format!("`{k}` ({prefix}{})", k.replace('.', "__").to_uppercase()));
             return Err(ConfigError::UnknownKey {
                 origin: format!("environment variable {name}"),
                 key,
+                suggestion,
             });
         }
         let set = if lists.contains(&key) {
@@ -210,6 +222,35 @@ pub fn load_with_warnings<T: Settings>(
     Ok((cfg, warnings))
 }
 
+fn did_you_mean(suggestion: &Option<String>) -> String {
+    suggestion
+        .as_ref()
+        .map(|s| format!("; did you mean {s}?"))
+        .unwrap_or_default()
+}
+
+/// The known key closest to the unknown `key`: by edit distance on the dotted key (Damerau-
+/// Levenshtein from `strsim`, so a swapped pair of letters counts once), where the same key name
+/// in another section counts as one edit (`node.operator_group` → `api.operator_group`). Only
+/// near misses are suggested (at most a quarter of the key's length, at least one and at most
+/// three edits); ties go to the first key in order.
+pub fn closest_key<'a>(key: &str, known: &'a BTreeSet<String>) -> Option<&'a str> {
+    let leaf = |k: &str| k.rsplit('.').next().map(str::to_owned);
+    let limit = (key.chars().count() / 4).clamp(1, 3);
+    known
+        .iter()
+        .map(|k| {
+            let mut d = strsim::damerau_levenshtein(key, k);
+            if key.contains('.') && leaf(key) == leaf(k) {
+                d = d.min(1);
+            }
+            (d, k.as_str())
+        })
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
 /// Every dotted key `T` knows, and those that hold lists.
 pub fn known_keys<T: Settings>() -> (BTreeSet<String>, BTreeSet<String>) {
     let table = toml::Table::try_from(T::with_all_keys()).unwrap_or_default();
@@ -248,4 +289,35 @@ fn key_in(message: &str) -> String {
         .find(|k| k.contains('.'))
         .map(|k| k.split('[').next().unwrap_or(k).to_string())
         .unwrap_or_else(|| "?".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closest_key_suggests_near_misses_only() {
+        let known: BTreeSet<String> = [
+            "network.mtu",
+            "network.listen_port",
+            "api.listen",
+            "api.operator_group",
+            "node.name",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(closest_key("network.mtux", &known), Some("network.mtu"));
+        assert_eq!(closest_key("netwrok.mtu", &known), Some("network.mtu"));
+        assert_eq!(
+            closest_key("network.listen_prot", &known),
+            Some("network.listen_port")
+        );
+        assert_eq!(
+            closest_key("node.operator_group", &known),
+            Some("api.operator_group")
+        );
+        assert_eq!(closest_key("colour.scheme", &known), None);
+        assert_eq!(closest_key("x", &known), None);
+    }
 }

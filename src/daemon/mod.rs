@@ -269,7 +269,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let party = control.engine.roster().map(|r| r.party);
         if control.engine.leave(Instant::now()).is_ok() {
             if let Some(party) = party {
-                tracing::info!(%party, "stopping: told the party; `lanrage up` rejoins it");
+                tracing::info!(%party, "stopping: told the party; the next start rejoins it");
             }
             control.shutting_down_drain().await;
         }

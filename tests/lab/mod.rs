@@ -528,6 +528,9 @@ pub struct NodeOpts {
     pub env: Vec<(String, String)>,
     /// `control.server` (the control server's URL); unset = no `[control]` section at all.
     pub control_server: Option<String>,
+    /// A command that execs the daemon (e.g. `setpriv --bounding-set=...`), so the child the lab
+    /// started is still the daemon itself; empty = none.
+    pub wrapper: Vec<String>,
 }
 
 impl NodeOpts {
@@ -546,7 +549,14 @@ impl NodeOpts {
             operator_group: None,
             env: Vec::new(),
             control_server: None,
+            wrapper: Vec::new(),
         }
+    }
+
+    /// Starts the daemon behind `wrapper` (see [`NodeOpts::wrapper`]).
+    pub fn wrapper(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     /// Sets `[control] server = url`.
@@ -692,7 +702,9 @@ impl Node {
             self.name, self.ns
         );
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns, &bin(), "up", "--config"])
+        cmd.args(["netns", "exec", &self.ns])
+            .args(&self.opts.wrapper)
+            .args([bin().as_str(), "up", "--config"])
             .arg(&self.config_path);
         clean_env(&mut cmd);
         cmd.env(
