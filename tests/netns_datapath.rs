@@ -80,9 +80,15 @@ fn bulk_tcp(from: &str, to: &str, to_ip: Ipv4Addr, port: u16, what: &str) {
         let n = server
             .read(&mut buf)
             .unwrap_or_else(|e| panic!("{what}: reading after {got} of {BULK} bytes: {e}"));
-        assert!(n > 0, "{what}: connection closed after {got} of {BULK} bytes");
+        assert!(
+            n > 0,
+            "{what}: connection closed after {got} of {BULK} bytes"
+        );
         if let Some(k) = (0..n).find(|&k| buf[k] != pattern(got + k)) {
-            panic!("{what}: byte {} damaged (segments lost, reordered or corrupted)", got + k);
+            panic!(
+                "{what}: byte {} damaged (segments lost, reordered or corrupted)",
+                got + k
+            );
         }
         got += n;
         assert!(
@@ -122,8 +128,8 @@ fn offload_view(status: &Value) -> String {
 /// none of it (`!on`).
 fn expect_offloads(node: &Node, on: bool, what: &str) {
     let st = node.status();
-    let used = ["offload_split", "offload_coalesced", "udp_segmented_sends"]
-        .map(|k| count(&st, k) > 0);
+    let used =
+        ["offload_split", "offload_coalesced", "udp_segmented_sends"].map(|k| count(&st, k) > 0);
     if on {
         assert!(
             used.iter().all(|&u| u),
@@ -175,8 +181,20 @@ fn bulk_tcp_is_batched_and_arrives_intact_direct_and_relayed() {
     expect_conn(&lab, 0, 1, "direct");
     expect_conn(&lab, 2, 3, "relayed");
     for (a, b, what) in [(0, 1, "direct"), (2, 3, "relayed")] {
-        bulk_tcp(lab.ns(a), lab.ns(b), vips[b], 40300, &format!("{what} {a}->{b}"));
-        bulk_tcp(lab.ns(b), lab.ns(a), vips[a], 40301, &format!("{what} {b}->{a}"));
+        bulk_tcp(
+            lab.ns(a),
+            lab.ns(b),
+            vips[b],
+            40300,
+            &format!("{what} {a}->{b}"),
+        );
+        bulk_tcp(
+            lab.ns(b),
+            lab.ns(a),
+            vips[a],
+            40301,
+            &format!("{what} {b}->{a}"),
+        );
         for i in [a, b] {
             expect_offloads(lab.node(i), true, what);
         }
@@ -190,7 +208,9 @@ fn offloads_off_and_tun_devices_carry_bulk_tcp_intact() {
     let Some(mut lab) = Lab::new("dpmixed", 4) else {
         return;
     };
-    lab.spawn_all(&[0], |o| defaults(o).env("LANRAGE__NETWORK__OFFLOAD", "false"));
+    lab.spawn_all(&[0], |o| {
+        defaults(o).env("LANRAGE__NETWORK__OFFLOAD", "false")
+    });
     lab.spawn_all(&[1], defaults);
     let vips = lan_party(&lab, &[0, 1], "mixed");
     bulk_tcp(lab.ns(0), lab.ns(1), vips[1], 40310, "offload off -> on");
@@ -203,7 +223,9 @@ fn offloads_off_and_tun_devices_carry_bulk_tcp_intact() {
         offload_view(&st)
     );
 
-    lab.spawn_all(&[2, 3], |o| defaults(o).env("LANRAGE__NETWORK__DEVICE", "tun"));
+    lab.spawn_all(&[2, 3], |o| {
+        defaults(o).env("LANRAGE__NETWORK__DEVICE", "tun")
+    });
     let vips = lan_party(&lab, &[2, 3], "tun");
     bulk_tcp(lab.ns(2), lab.ns(3), vips[1], 40320, "tun 2->3");
     bulk_tcp(lab.ns(3), lab.ns(2), vips[0], 40321, "tun 3->2");

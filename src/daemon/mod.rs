@@ -1419,6 +1419,12 @@ impl Control {
         counters.insert("arp_answered".to_string(), load(&s.arp_answered));
         counters.insert("wg_handshakes".to_string(), load(&s.handshakes));
         counters.insert("offload_split".to_string(), load(&s.offload_split));
+        counters.insert("codel_dropped".to_string(), load(&s.codel_dropped));
+        counters.insert(
+            "device_write_errors".to_string(),
+            load(&s.device_write_errors),
+        );
+        counters.insert("codel_marked".to_string(), load(&s.codel_marked));
         counters.insert("offload_coalesced".to_string(), load(&s.offload_coalesced));
         counters.insert(
             "udp_segmented_sends".to_string(),

@@ -36,6 +36,7 @@
 //! written to the device, never sent back into the tunnel, so nothing loops.
 
 pub mod batch;
+pub mod codel;
 pub mod ether;
 pub mod offload;
 pub mod packet;
@@ -76,11 +77,33 @@ const BUF: usize = 65536;
 pub const CONTROL_QUEUE: usize = 1024;
 /// Roaming reports queued for the control task before new ones are dropped.
 pub const ROAM_QUEUE: usize = 256;
-/// Device reads handled per wake-up before the send batch goes out (what is already queued,
-/// never waited for).
-const DEVICE_DRAIN: usize = 64;
+/// Small packets read from the device per wake-up before the send batch goes out (what is
+/// already queued, never waited for), so that a flood of small datagrams leaves in segmented
+/// sends. A TCP burst (a super-packet) ends the round: it is a batch of its own, and reading
+/// burst after burst before yielding held everything else back (measured: ping under a download
+/// 0.5–0.9 ms on average with one burst per round, 2–3 ms with 4, 4–11 ms with 8; BENCHMARKS.md).
+const DEVICE_DRAIN: usize = 8;
 /// Bytes kept free before each outgoing datagram for a relay `Data` header.
 pub const HEADROOM: usize = lanrage_proto::frame::DATA_HEADER_LEN;
+
+/// How long a received datagram waited in the socket, and when it was taken out.
+#[derive(Clone, Copy)]
+struct Queued {
+    sojourn: Duration,
+    now: Instant,
+}
+
+/// What the receive path carries from datagram to datagram.
+struct Rx<'a> {
+    /// Room for answers to the network (handshake responses).
+    out: &'a mut [u8],
+    /// Decrypted packets waiting for the device.
+    device: &'a mut DeviceBatch,
+    roam: &'a mpsc::Sender<RoamReport>,
+    inbound: &'a mut Gate,
+    codel: &'a mut codel::Codel,
+    queued: Queued,
+}
 
 /// "Peer `key` sent an authenticated packet from this address": input for the path layer.
 pub type RoamReport = ([u8; 32], SocketAddr);
@@ -133,8 +156,15 @@ pub struct Stats {
     pub offload_split: AtomicU64,
     /// Super-packets coalesced from decrypted segments and written to the device (GRO).
     pub offload_coalesced: AtomicU64,
+    /// Writes to the party device that failed (the kernel refused the frame).
+    pub device_write_errors: AtomicU64,
     /// Segmented UDP sends (several datagrams in one call, GSO).
     pub udp_segmented_sends: AtomicU64,
+    /// TCP data segments dropped by CoDel: a download had parked a standing queue in the
+    /// socket ([`codel`]).
+    pub codel_dropped: AtomicU64,
+    /// TCP data segments marked Congestion Experienced by CoDel instead (ECN flows).
+    pub codel_marked: AtomicU64,
     /// Broadcast and multicast forwarded and dropped, by kind and reason.
     pub broadcast: GateStats,
 }
@@ -600,6 +630,7 @@ impl Tunnel {
             self.udp_gro,
         );
         let mut inbound = Gate::inbound(&self.broadcast);
+        let mut codel = codel::Codel::new(Instant::now());
         loop {
             let filled = match self.udp.recv(&mut bufs, &mut meta).await {
                 Ok(n) => n,
@@ -621,38 +652,44 @@ impl Tunnel {
             for (buf, m) in bufs.iter().zip(&meta).take(filled) {
                 let stride = if m.stride == 0 { m.len } else { m.stride };
                 let len = m.len.min(buf.len());
+                // How long these waited in the socket (the kernel stamped their arrival).
+                let queued = Queued {
+                    sojourn: m.timestamp.map_or(Duration::ZERO, |at| {
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .saturating_sub(at)
+                    }),
+                    now: Instant::now(),
+                };
                 for datagram in buf[..len].chunks(stride.max(1)) {
                     if !device.has_room() {
                         self.write_device_batch(&mut device).await;
                     }
-                    self.handle_datagram(
-                        m.addr,
-                        datagram,
-                        &mut out,
-                        &mut device,
-                        &control,
-                        &roam,
-                        &mut inbound,
-                    )
-                    .await;
+                    let mut rx = Rx {
+                        out: &mut out,
+                        device: &mut device,
+                        roam: &roam,
+                        inbound: &mut inbound,
+                        codel: &mut codel,
+                        queued,
+                    };
+                    self.handle_datagram(m.addr, datagram, &control, &mut rx)
+                        .await;
                 }
             }
             self.write_device_batch(&mut device).await;
         }
     }
 
-    /// One received datagram: relay frames unwrapped, WireGuard decrypted (into `device`),
+    /// One received datagram: relay frames unwrapped, WireGuard decrypted (into `rx.device`),
     /// lanrage's own messages and STUN to the control task.
-    #[allow(clippy::too_many_arguments)]
     async fn handle_datagram(
         &self,
         src: SocketAddr,
         datagram: &[u8],
-        out: &mut [u8],
-        device: &mut DeviceBatch,
         control: &mpsc::Sender<(SocketAddr, Vec<u8>)>,
-        roam: &mpsc::Sender<RoamReport>,
-        inbound: &mut Gate,
+        rx: &mut Rx<'_>,
     ) {
         let mut datagram = datagram;
         let mut src = src;
@@ -680,10 +717,7 @@ impl Tunnel {
             }
         }
         match kind {
-            DatagramKind::WireGuard => {
-                self.handle_wireguard(src, datagram, out, device, roam, inbound)
-                    .await
-            }
+            DatagramKind::WireGuard => self.handle_wireguard(src, datagram, rx).await,
             DatagramKind::Control
             | DatagramKind::Probe
             | DatagramKind::Relay
@@ -715,15 +749,15 @@ impl Tunnel {
         }
     }
 
-    async fn handle_wireguard(
-        &self,
-        src: SocketAddr,
-        datagram: &[u8],
-        out: &mut [u8],
-        device: &mut DeviceBatch,
-        roam: &mpsc::Sender<RoamReport>,
-        inbound: &mut Gate,
-    ) {
+    async fn handle_wireguard(&self, src: SocketAddr, datagram: &[u8], rx: &mut Rx<'_>) {
+        let Rx {
+            out,
+            device,
+            roam,
+            inbound,
+            codel,
+            queued,
+        } = rx;
         // MACs and the handshake rate limit first, before any Diffie-Hellman on our side.
         let packet =
             match self
@@ -836,6 +870,16 @@ impl Tunnel {
                             Verdict::DropSilently => break,
                         }
                     }
+                    let act = codel::action(pkt);
+                    if act != codel::Action::Exempt && codel.should_drop(queued.sojourn, queued.now)
+                    {
+                        if act == codel::Action::Drop {
+                            bump(&self.stats.codel_dropped);
+                            break;
+                        }
+                        codel::mark_ce(&mut slot[..len]);
+                        bump(&self.stats.codel_marked);
+                    }
                     bump(&self.stats.rx_packets);
                     device.commit(len);
                     break;
@@ -873,7 +917,8 @@ impl Tunnel {
         }
         for frame in device.frames() {
             if let Err(e) = self.tun.send(frame).await {
-                tracing::trace!(error = %e, "device write failed");
+                bump(&self.stats.device_write_errors);
+                tracing::trace!(error = %e, len = frame.len(), "device write failed");
             }
         }
         device.clear();
@@ -928,17 +973,21 @@ impl Tunnel {
                 }
             };
             let mut n = n;
-            for _ in 0..DEVICE_DRAIN {
-                self.handle_device_read(
-                    &mut buf,
-                    n,
-                    &mut segs,
-                    &mut tx,
-                    &mut device_mac,
-                    &mut everyone,
-                    &mut outbound,
-                )
-                .await;
+            for round in 1.. {
+                let burst = self
+                    .handle_device_read(
+                        &mut buf,
+                        n,
+                        &mut segs,
+                        &mut tx,
+                        &mut device_mac,
+                        &mut everyone,
+                        &mut outbound,
+                    )
+                    .await;
+                if burst || round == DEVICE_DRAIN {
+                    break; // a burst is a batch of its own; see DEVICE_DRAIN
+                }
                 n = match self.tun.try_recv(&mut buf) {
                     Ok(n) => n,
                     Err(e) => {
@@ -954,7 +1003,7 @@ impl Tunnel {
     }
 
     /// One read from the device: ARP answered, IPv4 packets (split first if a super-packet)
-    /// encrypted into `tx`.
+    /// encrypted into `tx`. Returns whether it was a super-packet.
     #[allow(clippy::too_many_arguments)]
     async fn handle_device_read(
         &self,
@@ -965,7 +1014,7 @@ impl Tunnel {
         device_mac: &mut [u8; 6],
         everyone: &mut Vec<Arc<Peer>>,
         outbound: &mut Gate,
-    ) {
+    ) -> bool {
         let (frame, split) = if self.vnet {
             match offload::device_read(buf, n, self.link, segs) {
                 Ok(DeviceRead::One) => (&buf[VNET_HLEN..n], 0),
@@ -976,7 +1025,7 @@ impl Tunnel {
                 Err(e) => {
                     tracing::trace!(error = ?e, "device read dropped");
                     bump(&self.stats.not_ipv4);
-                    return;
+                    return false;
                 }
             }
         } else {
@@ -994,7 +1043,7 @@ impl Tunnel {
             for i in 0..split {
                 self.route(segs.get(i), tx, everyone, outbound).await;
             }
-            return;
+            return true;
         }
         let pkt = match self.device {
             DeviceKind::Tun => frame,
@@ -1002,15 +1051,16 @@ impl Tunnel {
                 ether::Frame::Ipv4(p) => p,
                 ether::Frame::ArpRequest(request) => {
                     self.answer_arp(&request).await;
-                    return;
+                    return false;
                 }
                 ether::Frame::Other => {
                     bump(&self.stats.not_ipv4);
-                    return;
+                    return false;
                 }
             },
         };
         self.route(pkt, tx, everyone, outbound).await;
+        false
     }
 
     /// One IPv4 packet from the device: to its member, or (broadcast, multicast) through the
@@ -1096,7 +1146,7 @@ impl Tunnel {
             self.flush(tx).await;
             tx.restart();
         }
-        if tx.is_full() {
+        if tx.is_full() || packet::urgent(pkt) {
             self.flush(tx).await;
         }
     }

@@ -27,6 +27,26 @@ pub fn ipv4_src(packet: &[u8]) -> Option<Ipv4Addr> {
     ))
 }
 
+/// Bytes of data a TCP segment carries, `None` for anything but a whole IPv4 TCP segment.
+pub fn tcp_payload_len(packet: &[u8]) -> Option<usize> {
+    let &vihl = packet.first()?;
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
+    if vihl >> 4 != 4 || ihl < 20 || packet.get(9) != Some(&6) || total > packet.len() {
+        return None;
+    }
+    let tcp_header = usize::from(packet.get(ihl + 12)? >> 4) * 4;
+    total.checked_sub(ihl + tcp_header)
+}
+
+/// Whether a packet must leave at once rather than wait in a send batch for more: TCP segments
+/// without data (the ACKs that clock the other side's transfer, SYN, FIN, RST) and ICMP (pings
+/// measure latency). Batched ACKs reach the sender in bursts, and it answers in bursts that
+/// queue in front of everything else.
+pub fn urgent(packet: &[u8]) -> bool {
+    packet.get(9) == Some(&1) || tcp_payload_len(packet) == Some(0)
+}
+
 /// Whether a packet that arrived through the tunnel may be written to the TUN device: only what
 /// is addressed to this member (its virtual IP), to everyone on the party subnet (its
 /// broadcast, limited broadcast) or to a multicast group. Anything else would be a member using

@@ -157,7 +157,6 @@ impl UdpEdge {
 /// quinn-udp forbids fragmentation (IP_PMTUDISC_PROBE, for QUIC's own path MTU discovery); the
 /// party relies on the kernel's default instead: DF set, and datagrams fragmented once a router
 /// said the path is narrower, so a game's big datagram still arrives behind a small-MTU link.
-/// Receive timestamps are not used either.
 fn restore_fragmentation(socket: &std::net::UdpSocket) {
     use std::os::fd::AsRawFd;
     let fd = socket.as_raw_fd();
