@@ -455,6 +455,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         })?;
 
+    let caps = Arc::new(sockets.first().map_or_else(
+        || crate::batch::Caps::new(false, false),
+        |s| crate::batch::Caps::probe(s),
+    ));
+    tracing::info!(
+        mmsg = caps.mmsg(),
+        gso = caps.gso(),
+        "udp batching (recvmmsg/sendmmsg, UDP GSO)"
+    );
     let mut tasks = Vec::new();
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -465,6 +474,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 relay.clone(),
                 sockets.clone(),
                 idx,
+                caps.clone(),
             )));
         }
     }

@@ -3,14 +3,13 @@
 //! datagrams to the STUN responder (whose answers then need the per-source and global STUN budget,
 //! [`crate::stun::StunLimiter`]), anything else is counted and dropped.
 //!
-//! Each receive task owns one 64 KiB receive buffer and one small reply buffer for its whole life,
-//! and forwards data frames from the receive buffer itself, so forwarding allocates nothing. Several
-//! tasks (one per CPU, at most 4) receive on each socket so the table's lock, not one core, is the
-//! limit. Sends try the non-blocking path first and only wait for socket space when the kernel
-//! buffer is full.
+//! Each receive task owns its receive batch and its outbox ([`crate::batch`]) for its whole life
+//! and forwards data frames from the receive buffers themselves, so forwarding allocates nothing.
+//! A batch of datagrams takes one `recvmmsg`, one lock of the session table and one `sendmmsg`
+//! (with plain `recv_from`/`send_to` where the kernel refuses those). Several tasks (one per CPU,
+//! at most 4) receive on each socket so the table's lock, not one core, is the limit. Sends only
+//! wait for socket space when the kernel buffer is full.
 
-use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,9 +18,10 @@ use lanrage_proto::frame;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
+use crate::batch::{Caps, Outbox, RecvBatch};
 use crate::sessions::Verdict;
 use crate::state::Relay;
-use crate::stun::{Answer, Ignored, Layout, ANSWER_BUF};
+use crate::stun::{Answer, Ignored, Layout};
 
 /// Binds every socket of the layout (in index order), with the configured buffer sizes.
 pub fn bind_sockets(layout: &Layout, buffer_bytes: usize) -> anyhow::Result<Vec<Arc<UdpSocket>>> {
@@ -50,44 +50,76 @@ pub fn bind_sockets(layout: &Layout, buffer_bytes: usize) -> anyhow::Result<Vec<
     Ok(out)
 }
 
-async fn send(sock: &UdpSocket, bytes: &[u8], to: SocketAddr) -> io::Result<()> {
-    match sock.try_send_to(bytes, to) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            sock.send_to(bytes, to).await.map(|_| ())
+/// Receives on socket `idx` until the task is aborted: a batch of datagrams at a time
+/// ([`RecvBatch`]), decided under one lock of the session table, sent with one `sendmmsg`
+/// ([`Outbox`]).
+pub async fn serve_socket(
+    relay: Arc<Relay>,
+    sockets: Arc<Vec<Arc<UdpSocket>>>,
+    idx: usize,
+    caps: Arc<Caps>,
+) {
+    let sock = sockets[idx].clone();
+    let mut rx = RecvBatch::new();
+    let mut tx = Outbox::new();
+    loop {
+        if let Err(e) = rx.recv(&sock, &caps).await {
+            // ICMP errors surface here on some systems; they are not fatal.
+            tracing::trace!(error = %e, "udp recv");
+            continue;
         }
-        Err(e) => Err(e),
+        decide(&relay, idx, &rx, &mut tx, Instant::now());
+        let failed = tx.flush(&sockets, &rx, &caps).await;
+        if failed > 0 {
+            relay
+                .metrics
+                .send_errors
+                .fetch_add(failed as u64, Ordering::Relaxed);
+        }
     }
 }
 
-/// Receives on socket `idx` until the task is aborted.
-pub async fn serve_socket(relay: Arc<Relay>, sockets: Arc<Vec<Arc<UdpSocket>>>, idx: usize) {
-    let sock = sockets[idx].clone();
-    let mut buf = vec![0u8; 65536].into_boxed_slice();
-    let mut out = vec![0u8; ANSWER_BUF].into_boxed_slice();
-    loop {
-        let (n, from) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                // ICMP errors surface here on some systems; they are not fatal.
-                tracing::trace!(error = %e, "udp recv");
+/// What to send for each datagram of `rx` (received on socket `idx`): relay frames go to the
+/// session table (locked once for the whole batch), STUN-looking datagrams to the STUN
+/// responder and its budget, anything else is counted and dropped.
+pub fn decide(relay: &Relay, idx: usize, rx: &RecvBatch, tx: &mut Outbox, now: Instant) {
+    let n = rx.len();
+    let relay_frames = (0..n)
+        .filter(|&i| frame::is_relay_frame(rx.get(i).1))
+        .count();
+    if relay_frames > 0 {
+        let mut table = relay.table.lock();
+        for i in 0..n {
+            let (from, d) = rx.get(i);
+            if !frame::is_relay_frame(d) {
                 continue;
             }
-        };
-        let d = &buf[..n];
-        let now = Instant::now();
-        let sent = if frame::is_relay_frame(d) {
-            let verdict = relay.table.lock().handle(now, idx, from, d, &mut out);
-            match verdict {
-                Verdict::Forward { via, to } => send(&sockets[via], d, to).await,
-                Verdict::Reply { via, to, len } => send(&sockets[via], &out[..len], to).await,
+            match table.handle(now, idx, from, d, tx.reply_buf()) {
+                Verdict::Forward { via, to } => {
+                    tx.forward(via, to, rx, i);
+                }
+                Verdict::Reply { via, to, len } => {
+                    tx.reply(via, to, len);
+                }
                 Verdict::Drop {
                     hint: Some(len), ..
-                } => send(&sock, &out[..len], from).await,
-                Verdict::Drop { hint: None, .. } => Ok(()),
+                } => {
+                    tx.reply(idx, from, len);
+                }
+                Verdict::Drop { hint: None, .. } => {}
             }
-        } else if n >= 20 && d[0] & 0xC0 == 0 {
-            match relay.stun.answer(idx, from, d, &mut out) {
+        }
+    }
+    if relay_frames == n {
+        return;
+    }
+    for i in 0..n {
+        let (from, d) = rx.get(i);
+        if frame::is_relay_frame(d) {
+            continue;
+        }
+        if d.len() >= 20 && d[0] & 0xC0 == 0 {
+            match relay.stun.answer(idx, from, d, tx.reply_buf()) {
                 Answer::Send {
                     via,
                     to,
@@ -101,19 +133,16 @@ pub async fn serve_socket(relay: Arc<Relay>, sockets: Arc<Vec<Arc<UdpSocket>>>, 
                             &relay.metrics.stun_success
                         };
                         m.fetch_add(1, Ordering::Relaxed);
-                        send(&sockets[via], &out[..len], to).await
+                        tx.reply(via, to, len);
                     } else {
                         relay.metrics.stun_limited.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
                     }
                 }
                 Answer::Ignore(Ignored::WouldAmplify) => {
                     relay.metrics.stun_oversized.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
                 }
                 Answer::Ignore(_) => {
                     relay.metrics.stun_ignored.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
                 }
             }
         } else {
@@ -121,11 +150,6 @@ pub async fn serve_socket(relay: Arc<Relay>, sockets: Arc<Vec<Arc<UdpSocket>>>, 
                 .metrics
                 .unknown_protocol
                 .fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        };
-        if let Err(e) = sent {
-            relay.metrics.send_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::trace!(error = %e, "udp send");
         }
     }
 }
