@@ -854,7 +854,7 @@ mod tests {
         for i in 0..n {
             tx.forward(0, peer.local_addr().unwrap(), &rx, i);
         }
-        assert_eq!(tx.flush(&[relay.clone()], &rx, &caps).await, 0);
+        assert_eq!(tx.flush(std::slice::from_ref(&relay), &rx, &caps).await, 0);
         let got = drain(&peer, 6).await;
         let want: Vec<Vec<u8>> = [
             (0u8, 1000usize),
