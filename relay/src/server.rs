@@ -404,9 +404,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         purge_verifiers(&relay, &mut store);
     }
 
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
     let sockets = Arc::new(crate::udp::bind_sockets(
         &relay.layout,
         relay.cfg.udp.socket_buffer_bytes,
+        workers,
     )?);
     let listener = listen(relay.cfg.control.listen, "control.listen").await?;
     let metrics_listener =
@@ -455,7 +459,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         })?;
 
-    let caps = Arc::new(sockets.first().map_or_else(
+    let caps = Arc::new(sockets.first().and_then(|g| g.first()).map_or_else(
         || crate::batch::Caps::new(false, false),
         |s| crate::batch::Caps::probe(s),
     ));
@@ -465,15 +469,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "udp batching (recvmmsg/sendmmsg, UDP GSO)"
     );
     let mut tasks = Vec::new();
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 4);
-    for idx in 0..sockets.len() {
-        for _ in 0..workers {
+    for (idx, group) in sockets.iter().enumerate() {
+        for worker in 0..group.len() {
             tasks.push(tokio::spawn(crate::udp::serve_socket(
                 relay.clone(),
                 sockets.clone(),
                 idx,
+                worker,
                 caps.clone(),
             )));
         }

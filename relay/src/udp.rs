@@ -6,10 +6,13 @@
 //! Each receive task owns its receive batch and its outbox ([`crate::batch`]) for its whole life
 //! and forwards data frames from the receive buffers themselves, so forwarding allocates nothing.
 //! A batch of datagrams takes one `recvmmsg`, one lock of the session table and one `sendmmsg`
-//! (with plain `recv_from`/`send_to` where the kernel refuses those). Several tasks (one per CPU,
-//! at most 4) receive on each socket so the table's lock, not one core, is the limit. Sends only
-//! wait for socket space when the kernel buffer is full.
+//! (with plain `recv_from`/`send_to` where the kernel refuses those). Each address has a group of
+//! sockets (one per CPU, at most 4, sharing the address with `SO_REUSEPORT`), one receive task
+//! each, so the table's lock, not one core, is the limit; the kernel keeps each flow on one socket,
+//! so frames of a flow are forwarded in the order they came. Sends only wait for socket space when
+//! the kernel buffer is full.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,43 +26,83 @@ use crate::sessions::Verdict;
 use crate::state::Relay;
 use crate::stun::{Answer, Ignored, Layout};
 
-/// Binds every socket of the layout (in index order), with the configured buffer sizes.
-pub fn bind_sockets(layout: &Layout, buffer_bytes: usize) -> anyhow::Result<Vec<Arc<UdpSocket>>> {
+fn bind_one(
+    addr: SocketAddr,
+    buffer_bytes: usize,
+    reuse_port: bool,
+) -> std::io::Result<std::net::UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = s.set_only_v6(false);
+    }
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    let _ = s.set_recv_buffer_size(buffer_bytes);
+    let _ = s.set_send_buffer_size(buffer_bytes);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+/// Binds every socket of the layout (in index order), with the configured buffer sizes: a group
+/// of `workers` sockets per address. With more than one, the group shares the address with
+/// `SO_REUSEPORT`, and the kernel hands each flow (source and destination address and port) to
+/// one socket of the group, so each receive task sees its flows whole and in order and several
+/// cores forward at once. The address is first bound alone, so a port another program holds
+/// (even one that set `SO_REUSEPORT` itself) is still "already in use".
+pub fn bind_sockets(
+    layout: &Layout,
+    buffer_bytes: usize,
+    workers: usize,
+) -> anyhow::Result<Vec<Vec<Arc<UdpSocket>>>> {
     let mut out = Vec::new();
     for spec in &layout.sockets {
-        let addr = spec.bind;
-        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
-            .map_err(|e| anyhow::anyhow!("udp socket for {addr}: {e}"))?;
-        if addr.is_ipv6() {
-            let _ = s.set_only_v6(false);
-        }
-        let _ = s.set_recv_buffer_size(buffer_bytes);
-        let _ = s.set_send_buffer_size(buffer_bytes);
-        s.set_nonblocking(true)?;
-        s.bind(&addr.into()).map_err(|e| {
-            let origin = if spec.configured {
-                "udp.listen"
-            } else {
-                "the RFC 5780 cross socket derived from udp.listen"
-            };
+        let origin = if spec.configured {
+            "udp.listen"
+        } else {
+            "the RFC 5780 cross socket derived from udp.listen"
+        };
+        let what = |addr: SocketAddr, e: std::io::Error| {
             anyhow::anyhow!("cannot bind UDP {addr} ({origin}): {e}")
-        })?;
-        let std: std::net::UdpSocket = s.into();
-        out.push(Arc::new(UdpSocket::from_std(std)?));
+        };
+        let alone = bind_one(spec.bind, buffer_bytes, false).map_err(|e| what(spec.bind, e))?;
+        let group = if workers <= 1 {
+            vec![alone]
+        } else {
+            let addr = alone.local_addr()?;
+            drop(alone);
+            (0..workers)
+                .map(|_| bind_one(addr, buffer_bytes, true).map_err(|e| what(addr, e)))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        };
+        out.push(
+            group
+                .into_iter()
+                .map(|s| UdpSocket::from_std(s).map(Arc::new))
+                .collect::<std::io::Result<Vec<_>>>()?,
+        );
     }
     Ok(out)
 }
 
-/// Receives on socket `idx` until the task is aborted: a batch of datagrams at a time
-/// ([`RecvBatch`]), decided under one lock of the session table, sent with one `sendmmsg`
-/// ([`Outbox`]).
+/// Receives on member `worker` of socket group `idx` until the task is aborted: a batch of
+/// datagrams at a time ([`RecvBatch`]), decided under one lock of the session table, sent with
+/// one `sendmmsg` ([`Outbox`]) from this worker's member of each group.
 pub async fn serve_socket(
     relay: Arc<Relay>,
-    sockets: Arc<Vec<Arc<UdpSocket>>>,
+    groups: Arc<Vec<Vec<Arc<UdpSocket>>>>,
     idx: usize,
+    worker: usize,
     caps: Arc<Caps>,
 ) {
-    let sock = sockets[idx].clone();
+    let sockets: Vec<Arc<UdpSocket>> = groups
+        .iter()
+        .filter_map(|g| g.get(worker).or_else(|| g.first()).cloned())
+        .collect();
+    let Some(sock) = sockets.get(idx).cloned() else {
+        return;
+    };
     let mut rx = RecvBatch::new();
     let mut tx = Outbox::new();
     loop {
@@ -151,5 +194,45 @@ pub fn decide(relay: &Relay, idx: usize, rx: &RecvBatch, tx: &mut Outbox, now: I
                 .unknown_protocol
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stun::SocketSpec;
+
+    fn layout(bind: SocketAddr) -> Layout {
+        Layout {
+            sockets: vec![SocketSpec {
+                bind,
+                public: bind,
+                cell: None,
+                configured: true,
+            }],
+            grid: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_shares_one_address_and_a_taken_port_stays_taken() {
+        let groups = bind_sockets(&layout("127.0.0.1:0".parse().unwrap()), 1 << 16, 3).unwrap();
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].len(), 3);
+        let addr = groups[0][0].local_addr().unwrap();
+        assert_ne!(addr.port(), 0);
+        for s in &groups[0] {
+            assert_eq!(s.local_addr().unwrap(), addr);
+        }
+        // Another program on the port, even one that shares with SO_REUSEPORT itself.
+        let other = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        other.set_reuse_port(true).unwrap();
+        other
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let taken = other.local_addr().unwrap().as_socket().unwrap();
+        let err = bind_sockets(&layout(taken), 1 << 16, 2).unwrap_err();
+        assert!(err.to_string().contains("cannot bind UDP"), "{err}");
+        assert!(err.to_string().contains("udp.listen"), "{err}");
     }
 }
