@@ -80,8 +80,8 @@ stop_turn() {
   turn_pid=""
 }
 
-echo "| relay | sessions | pps per session and direction | payload | offered pps | forwarded pps | received pps | kernel drops | relay drops | relay CPU | relay CPU us per datagram | generator CPU |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+echo "| relay | sessions | pps per session and direction | payload | offered pps | forwarded pps | received pps | reordered | kernel drops | relay drops | relay CPU | relay CPU us per datagram | generator CPU |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
 run_all() { # $1: extra loadgen args
   start_turn
   "$loadgen" --turn "127.0.0.1:$port" --turn-pid "$turn_pid" --label coturn $1 2>/dev/null

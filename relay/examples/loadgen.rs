@@ -2,7 +2,7 @@
 //! registered peers), binds both sides (each with the bind–challenge–bind round trip), then for
 //! each session sends M packets/s in each direction for S seconds (or, with `--saturate`, as fast
 //! as one sender thread can) and reports offered, forwarded and received packets per second,
-//! drops by reason, the relay's CPU use (from /proc, in % of one core) and its CPU time per
+//! datagrams that arrived after a later one of the same sender (reordered), drops by reason, the relay's CPU use (from /proc, in % of one core) and its CPU time per
 //! received datagram. The generator runs on the same machine and competes for the same cores;
 //! its own CPU is reported too.
 //!
@@ -418,9 +418,10 @@ fn main() {
 
     // Receivers: one thread polling all sockets non-blocking.
     let received = Arc::new(AtomicU64::new(0));
+    let reordered = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let rx = {
-        let (received, stop) = (received.clone(), stop.clone());
+        let (received, reordered, stop) = (received.clone(), reordered.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut fds: Vec<libc::pollfd> = socks
                 .iter()
@@ -431,6 +432,8 @@ fn main() {
                 })
                 .collect();
             let mut buf = [0u8; 2048];
+            // Highest sequence number seen per socket: a lower one arriving later is reordered.
+            let mut highest = vec![0u32; socks.len()];
             while !stop.load(Ordering::Relaxed) {
                 // SAFETY: fds points to a live array of pollfd of the given length.
                 let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
@@ -439,8 +442,20 @@ fn main() {
                 }
                 for (i, fd) in fds.iter_mut().enumerate() {
                     if fd.revents & libc::POLLIN != 0 {
-                        while socks[i].recv(&mut buf).is_ok() {
+                        while let Ok(n) = socks[i].recv(&mut buf) {
                             received.fetch_add(1, Ordering::Relaxed);
+                            if n >= 4 {
+                                let seq = u32::from_be_bytes([
+                                    buf[n - 4],
+                                    buf[n - 3],
+                                    buf[n - 2],
+                                    buf[n - 1],
+                                ]);
+                                if seq < highest[i] {
+                                    reordered.fetch_add(1, Ordering::Relaxed);
+                                }
+                                highest[i] = highest[i].max(seq);
+                            }
                         }
                     }
                     fd.revents = 0;
@@ -458,6 +473,7 @@ fn main() {
     let kernel_before = rcvbuf_errors();
     let sent = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    let mut senders = senders;
     let tx = {
         let sent = sent.clone();
         let (pps, secs, saturate) = (args.pps, args.secs, args.saturate);
@@ -472,7 +488,11 @@ fn main() {
                     (start.elapsed().as_secs_f64() * pps as f64) as u64
                 };
                 while done < due {
-                    for s in &senders {
+                    // Every datagram ends with its sender's sequence number.
+                    let seq = (done as u32 + 1).to_be_bytes();
+                    for s in &mut senders {
+                        let n = s.frame.len();
+                        s.frame[n - 4..].copy_from_slice(&seq);
                         match s.sock.send_to(&s.frame, s.to) {
                             Ok(_) => {
                                 sent.fetch_add(1, Ordering::Relaxed);
@@ -536,7 +556,7 @@ fn main() {
         "lanrage-relay".into()
     };
     println!(
-        "| {} | {} | {} | {} B | {:.0} | {} | {:.0} | {} | {} | {:.0}% | {:.2} | {:.0}% |",
+        "| {} | {} | {} | {} B | {:.0} | {} | {:.0} | {} | {} | {} | {:.0}% | {:.2} | {:.0}% |",
         target,
         args.sessions,
         if args.saturate {
@@ -548,6 +568,7 @@ fn main() {
         offered as f64 / elapsed,
         forwarded,
         got as f64 / elapsed,
+        reordered.load(Ordering::Relaxed),
         kernel_drops,
         if drops.is_empty() && blocked == 0 {
             "0".to_string()
