@@ -404,8 +404,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         purge_verifiers(&relay, &mut store);
     }
 
+    // One receive task per two CPUs (at most 4): a batching task forwards a few hundred
+    // thousand datagrams per second on one core, and the kernel's own network processing (the
+    // larger part of each datagram's cost) needs the others. On a 2-core host, a second task per
+    // address only halved the batches and cost more per datagram (BENCHMARKS.md).
     let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
+        .map_or(1, |n| n.get() / 2)
         .clamp(1, 4);
     let sockets = Arc::new(crate::udp::bind_sockets(
         &relay.layout,

@@ -7,8 +7,8 @@
 //! and forwards data frames from the receive buffers themselves, so forwarding allocates nothing.
 //! A batch of datagrams takes one `recvmmsg`, one lock of the session table and one `sendmmsg`
 //! (with plain `recv_from`/`send_to` where the kernel refuses those). Each address has a group of
-//! sockets (one per CPU, at most 4, sharing the address with `SO_REUSEPORT`), one receive task
-//! each, so the table's lock, not one core, is the limit; the kernel keeps each flow on one socket,
+//! sockets (one per two CPUs, at most 4, sharing the address with `SO_REUSEPORT`), one receive
+//! task each, so the table's lock, not one core, is the limit; the kernel keeps each flow on one socket,
 //! so frames of a flow are forwarded in the order they came. Sends only wait for socket space when
 //! the kernel buffer is full.
 
@@ -212,6 +212,85 @@ mod tests {
             }],
             grid: None,
         }
+    }
+
+    /// Two tasks, each on its own socket of a group, forward eight flows sent as fast as they
+    /// go: every destination sees its flow in order (the kernel keeps a flow on one socket, the
+    /// task's batch keeps it in order). Two tasks reading one shared socket reorder here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_keeps_every_flow_in_order() {
+        let groups = bind_sockets(&layout("127.0.0.1:0".parse().unwrap()), 1 << 22, 2).unwrap();
+        let addr = groups[0][0].local_addr().unwrap();
+        let caps = Arc::new(Caps::probe(&groups[0][0]));
+        let mut dests = Vec::new();
+        for _ in 0..8 {
+            let d = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            d.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+                .unwrap();
+            dests.push(d);
+        }
+        let to: Arc<Vec<SocketAddr>> =
+            Arc::new(dests.iter().map(|d| d.local_addr().unwrap()).collect());
+        let mut tasks = Vec::new();
+        for member in &groups[0] {
+            let (sock, caps, to) = (member.clone(), caps.clone(), to.clone());
+            tasks.push(tokio::spawn(async move {
+                let (mut rx, mut tx) = (RecvBatch::new(), Outbox::new());
+                let sockets = vec![sock.clone()];
+                loop {
+                    let Ok(n) = rx.recv(&sock, &caps).await else {
+                        continue;
+                    };
+                    for i in 0..n {
+                        let flow = usize::from(rx.get(i).1[0]) % to.len();
+                        tx.forward(0, to[flow], &rx, i);
+                    }
+                    tx.flush(&sockets, &rx, &caps).await;
+                }
+            }));
+        }
+        const N: u32 = 3000;
+        let mut threads = Vec::new();
+        for (flow, d) in dests.into_iter().enumerate() {
+            threads.push(std::thread::spawn(move || {
+                let (mut last, mut got, mut late) = (0u32, 0u32, 0u32);
+                let mut buf = [0u8; 64];
+                while let Ok(n) = d.recv(&mut buf) {
+                    if n < 5 || usize::from(buf[0]) != flow {
+                        continue;
+                    }
+                    let seq = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+                    late += u32::from(seq <= last);
+                    last = last.max(seq);
+                    got += 1;
+                    if seq == N {
+                        break;
+                    }
+                }
+                (got, late)
+            }));
+            threads.push(std::thread::spawn(move || {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                for seq in 1..=N {
+                    let mut d = [flow as u8; 40];
+                    d[1..5].copy_from_slice(&seq.to_be_bytes());
+                    let _ = s.send_to(&d, addr);
+                }
+                (0, 0)
+            }));
+        }
+        let results: Vec<(u32, u32)> = tokio::task::spawn_blocking(move || {
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        })
+        .await
+        .unwrap();
+        for t in tasks {
+            t.abort();
+        }
+        let got: u32 = results.iter().map(|r| r.0).sum();
+        let late: u32 = results.iter().map(|r| r.1).sum();
+        assert!(got > 8 * N / 4, "too few arrived to tell: {results:?}");
+        assert_eq!(late, 0, "a flow was reordered: {results:?}");
     }
 
     #[tokio::test]
