@@ -6,6 +6,9 @@
 #
 #   scripts/bench_relay.sh [--rounds 2] [--old /path/to/old/lanrage-relay] [--secs 10]
 #
+# The fixed-rate runs leave scheduling to the kernel; the saturation runs pin the relay to CPU 0
+# and the generator to CPU 1, so they compare what one core of relay forwards.
+#
 # Needs: coturn (apt-get install coturn), a release build:
 #   cargo build --release -p lanrage-relay --bin lanrage-relay --example loadgen
 set -euo pipefail
@@ -80,20 +83,20 @@ stop_turn() {
   turn_pid=""
 }
 
-echo "| relay | sessions | pps per session and direction | payload | offered pps | forwarded pps | received pps | reordered | kernel drops | relay drops | relay CPU | relay CPU us per datagram | generator CPU |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
-run_all() { # $1: extra loadgen args
+echo "| relay | sessions | pps per session and direction | payload | offered pps | forwarded pps | received pps | reordered | kernel drops | relay drops | relay CPU | relay CPU us per datagram | of it user | of it kernel | generator CPU |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+run_all() { # $1: prefix command for the generator ("" or "taskset -c 1"); $2: extra loadgen args
   start_turn
-  "$loadgen" --turn "127.0.0.1:$port" --turn-pid "$turn_pid" --label coturn $1 2>/dev/null
+  $1 "$loadgen" --turn "127.0.0.1:$port" --turn-pid "$turn_pid" --label coturn $2 2>/dev/null
   stop_turn
   if [ -n "$old" ]; then
-    LANRAGE_RELAY_BIN="$old" "$loadgen" --label "lanrage-relay (old)" $1 2>/dev/null
+    LANRAGE_RELAY_BIN="$old" $1 "$loadgen" --label "lanrage-relay (old)" $2 2>/dev/null
   fi
-  LANRAGE_RELAY_BIN="$new" "$loadgen" --label "lanrage-relay" $1 2>/dev/null
+  LANRAGE_RELAY_BIN="$new" $1 "$loadgen" --label "lanrage-relay" $2 2>/dev/null
 }
 for r in $(seq 1 "$rounds"); do
-  run_all "--sessions $sessions --pps $pps --secs $secs --payload $payload"
+  run_all "" "--sessions $sessions --pps $pps --secs $secs --payload $payload"
 done
 for r in $(seq 1 "$rounds"); do
-  run_all "--sessions $sessions --saturate --secs $secs --payload $payload"
+  run_all "taskset -c 1" "--sessions $sessions --saturate --relay-cpu 0 --secs $secs --payload $payload"
 done

@@ -2,9 +2,10 @@
 //! registered peers), binds both sides (each with the bind–challenge–bind round trip), then for
 //! each session sends M packets/s in each direction for S seconds (or, with `--saturate`, as fast
 //! as one sender thread can) and reports offered, forwarded and received packets per second,
-//! datagrams that arrived after a later one of the same sender (reordered), drops by reason, the relay's CPU use (from /proc, in % of one core) and its CPU time per
-//! received datagram. The generator runs on the same machine and competes for the same cores;
-//! its own CPU is reported too.
+//! datagrams that arrived after a later one of the same sender (reordered), drops by reason, the
+//! relay's CPU use (from /proc, in % of one core) and its CPU time per received datagram, in all
+//! and split into user space and kernel (utime, stime). The generator runs on the same machine
+//! and competes for the same cores; its own CPU is reported too.
 //!
 //! With `--turn ADDR` it drives a TURN server (coturn's `turnserver`) in the same shape instead:
 //! per session one TURN client (Allocate with long-term credentials, ChannelBind to its peer)
@@ -76,12 +77,22 @@ struct Args {
     /// The TURN server's process id (for its CPU use).
     #[arg(long, default_value_t = 0)]
     turn_pid: u32,
+    /// Pin the relay (every thread of it; lanrage-relay or --turn-pid) to this CPU, so that
+    /// saturation measures the relay on one core rather than the scheduler's mood.
+    #[arg(long)]
+    relay_cpu: Option<usize>,
     /// Label of the first column of the result row.
     #[arg(long, default_value = "")]
     label: String,
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
+    let (user, system) = cpu_split(pid);
+    user + system
+}
+
+/// utime and stime of `pid`, in clock ticks.
+fn cpu_split(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the ")" of the command name: state is field 3; utime 14, stime 15.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -91,7 +102,7 @@ fn cpu_ticks(pid: u32) -> u64 {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    get(14) + get(15)
+    (get(14), get(15))
 }
 
 /// System-wide UDP receive-buffer overflows (datagrams the kernel dropped because a socket,
@@ -389,6 +400,22 @@ fn setup_turn(args: &Args, server: SocketAddr) -> Setup {
     }
 }
 
+/// Pins every thread of `pid` to `cpu`.
+fn pin(pid: u32, cpu: usize) {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("relay's threads");
+    for t in tasks.flatten() {
+        let Ok(tid) = t.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+            continue;
+        };
+        // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity get valid pointers.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
 fn main() {
     let args = Args::parse();
     let setup_start = Instant::now();
@@ -407,6 +434,9 @@ fn main() {
         args.sessions,
         setup_start.elapsed()
     );
+    if let Some(cpu) = args.relay_cpu {
+        pin(pid, cpu);
+    }
     for s in &senders {
         s.sock.set_nonblocking(true).unwrap();
     }
@@ -468,7 +498,7 @@ fn main() {
     // socket in turn, without pause.
     let before = relay.as_ref().map(metrics).unwrap_or_default();
     let received_before = received.load(Ordering::Relaxed);
-    let cpu_before = cpu_ticks(pid);
+    let cpu_before = cpu_split(pid);
     let self_before = cpu_ticks(std::process::id());
     let kernel_before = rcvbuf_errors();
     let sent = Arc::new(AtomicU64::new(0));
@@ -511,7 +541,7 @@ fn main() {
     };
     let blocked = tx.join().unwrap();
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu_after = cpu_ticks(pid);
+    let cpu_after = cpu_split(pid);
     let self_after = cpu_ticks(std::process::id());
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
@@ -531,9 +561,11 @@ fn main() {
     } else {
         "n/a".into()
     };
-    let relay_secs = (cpu_after - cpu_before) as f64 / tick;
+    let user_secs = (cpu_after.0 - cpu_before.0) as f64 / tick;
+    let system_secs = (cpu_after.1 - cpu_before.1) as f64 / tick;
+    let relay_secs = user_secs + system_secs;
     let relay_cpu = relay_secs / elapsed * 100.0;
-    let us_per = relay_secs * 1e6 / got.max(1) as f64;
+    let per = |secs: f64| secs * 1e6 / got.max(1) as f64;
     let gen_cpu = (self_after - self_before) as f64 / tick / elapsed * 100.0;
     let drops: Vec<String> = after
         .keys()
@@ -556,7 +588,7 @@ fn main() {
         "lanrage-relay".into()
     };
     println!(
-        "| {} | {} | {} | {} B | {:.0} | {} | {:.0} | {} | {} | {} | {:.0}% | {:.2} | {:.0}% |",
+        "| {} | {} | {} | {} B | {:.0} | {} | {:.0} | {} | {} | {} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.0}% |",
         target,
         args.sessions,
         if args.saturate {
@@ -584,7 +616,9 @@ fn main() {
             )
         },
         relay_cpu,
-        us_per,
+        per(relay_secs),
+        per(user_secs),
+        per(system_secs),
         gen_cpu,
     );
 }
