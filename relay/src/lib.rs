@@ -17,9 +17,11 @@
 //! - [`store`]: durable records, the `Store` trait and the journal+snapshot implementation.
 //!
 //! Glue: [`state`] (the shared state and the control-plane operations, with the lock order),
-//! [`http`] (axum routes), [`udp`] (socket tasks), [`metrics`] (Prometheus text), [`identity`]
+//! [`http`] (axum routes), [`udp`] (socket tasks), [`batch`] (their batched
+//! `recvmmsg`/`sendmmsg`/GSO I/O), [`metrics`] (Prometheus text), [`identity`]
 //! (the relay key file), [`config`], [`server`] (start, run, stop).
 
+pub mod batch;
 pub mod challenge;
 pub mod config;
 pub mod http;

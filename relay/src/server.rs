@@ -404,9 +404,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         purge_verifiers(&relay, &mut store);
     }
 
+    // One receive task per two CPUs (at most 4): a batching task forwards a few hundred
+    // thousand datagrams per second on one core, and the kernel's own network processing (the
+    // larger part of each datagram's cost) needs the others. On a 2-core host, a second task per
+    // address only halved the batches and cost more per datagram (BENCHMARKS.md).
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get() / 2)
+        .clamp(1, 4);
     let sockets = Arc::new(crate::udp::bind_sockets(
         &relay.layout,
         relay.cfg.udp.socket_buffer_bytes,
+        workers,
     )?);
     let listener = listen(relay.cfg.control.listen, "control.listen").await?;
     let metrics_listener =
@@ -455,16 +463,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         })?;
 
+    let caps = Arc::new(sockets.first().and_then(|g| g.first()).map_or_else(
+        || crate::batch::Caps::new(false, false),
+        |s| crate::batch::Caps::probe(s),
+    ));
+    tracing::info!(
+        mmsg = caps.mmsg(),
+        gso = caps.gso(),
+        "udp batching (recvmmsg/sendmmsg, UDP GSO)"
+    );
     let mut tasks = Vec::new();
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 4);
-    for idx in 0..sockets.len() {
-        for _ in 0..workers {
+    for (idx, group) in sockets.iter().enumerate() {
+        for worker in 0..group.len() {
             tasks.push(tokio::spawn(crate::udp::serve_socket(
                 relay.clone(),
                 sockets.clone(),
                 idx,
+                worker,
+                caps.clone(),
             )));
         }
     }

@@ -1,6 +1,7 @@
 //! The forwarding hot path allocates nothing: a counting global allocator watches
 //! `SessionTable::handle` for data frames (forwarded, dropped, hinted) and binds (challenge,
-//! cookie check, bound answer).
+//! cookie check, bound answer), and the batched socket I/O around it (`recvmmsg`, GSO and plain
+//! `sendmmsg`, and the one-datagram fallback).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -10,6 +11,7 @@ use std::time::Instant;
 use lanrage_proto::auth::BindKey;
 use lanrage_proto::frame::{data_frame, decode, encode_bind, Bind, Frame};
 use lanrage_proto::ids::{PartyId, PeerId, SessionId};
+use lanrage_relay::batch::{Caps, Outbox, RecvBatch};
 use lanrage_relay::sessions::{SessionLimits, SessionTable, Verdict};
 
 struct Counting;
@@ -129,4 +131,68 @@ fn forwarding_does_not_allocate() {
     assert!(matches!(verdicts[3], Verdict::Drop { hint: Some(_), .. }));
     assert_eq!(t.stats.forwarded_packets, 20_000);
     assert_eq!(t.stats.challenges, 2);
+}
+
+/// Receives `n` datagrams through `rx` (however many calls it takes) and forwards each to `to`.
+async fn relay_round(
+    rx: &mut RecvBatch,
+    tx: &mut Outbox,
+    sockets: &[std::sync::Arc<tokio::net::UdpSocket>],
+    caps: &Caps,
+    to: SocketAddr,
+    n: usize,
+) -> usize {
+    let mut done = 0;
+    let mut failed = 0;
+    while done < n {
+        let got = rx.recv(&sockets[0], caps).await.unwrap_or(0);
+        for i in 0..got {
+            tx.forward(0, to, rx, i);
+        }
+        failed += tx.flush(sockets, rx, caps).await;
+        done += got;
+    }
+    failed
+}
+
+#[test]
+fn batched_socket_io_does_not_allocate() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for caps in [
+            Caps::new(true, true),
+            Caps::new(true, false),
+            Caps::new(false, false),
+        ] {
+            let relay =
+                std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+            let sockets = vec![relay.clone()];
+            let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let (to, relay_addr) = (peer.local_addr().unwrap(), relay.local_addr().unwrap());
+            let mut rx = RecvBatch::new();
+            let mut tx = Outbox::new();
+            let frame = [0x42u8; 140];
+            let mut sink = [0u8; 2048];
+            // A first round outside the watch: the runtime registers the socket then.
+            client.send_to(&frame, relay_addr).unwrap();
+            relay_round(&mut rx, &mut tx, &sockets, &caps, to, 1).await;
+            peer.recv(&mut sink).unwrap();
+            for _ in 0..20 {
+                client.send_to(&frame, relay_addr).unwrap();
+            }
+            COUNT.with(|c| c.set(0));
+            WATCH.with(|w| w.set(true));
+            let failed = relay_round(&mut rx, &mut tx, &sockets, &caps, to, 20).await;
+            WATCH.with(|w| w.set(false));
+            assert_eq!(failed, 0);
+            assert_eq!(COUNT.with(Cell::get), 0, "batched I/O allocated ({caps:?})");
+            for _ in 0..20 {
+                peer.recv(&mut sink).unwrap();
+            }
+        }
+    });
 }
