@@ -340,7 +340,7 @@ def report():
         print()
     if others:
         print("Ratios are lanrage / other: above 1 is better for throughput and packets per "
-              "second, below 1 for latency, retransmits and loss.\n")
+              "second, below 1 for latency.\n")
     if len(others) == 2:
         med = lambda o, k: statistics.median(
             [x for x in (ratio(get(r, "lanrage", k), get(r, o, k)) for r in range(1, rounds + 1))
