@@ -2,7 +2,7 @@
 # Benchmark: lanrage against wireguard-go and GotaTun, between two network namespaces on a veth.
 #
 #   sudo scripts/bench.sh [--only LIST] [--rounds N] [--duration SECS] [--udp-step SECS]
-#                         [--profile] [--no-record] [--title TEXT] [--note TEXT]
+#                         [--profile] [--no-record] [--title TEXT] [--note TEXT] [--keep]
 #
 # Lab: namespaces A (198.51.100.1/24) and B (198.51.100.2/24), joined by a veth pair (MTU 1500).
 # Implementations (--only takes a comma-separated list of these; default: all four):
@@ -15,16 +15,16 @@
 #   veth          no tunnel: the same tests on the underlay addresses (MTU 1500), the lab's ceiling.
 # The three tunnels all run with MTU 1420 (lanrage gets LANRAGE__NETWORK__MTU=1420; its own
 # default is 1400); the script checks the MTU of each tunnel interface before measuring.
-# Per implementation, all B -> A (B sends, A receives, as when A downloads from B):
-#   1. iperf3 TCP for --duration seconds (default 10): throughput and retransmits;
-#   2. iperf3 UDP, 100-byte payloads: packets per second delivered into A, counted by an nftables
+# Per implementation, in this order, all B -> A (B sends, A receives, as when A downloads from B):
+#   1. 200 idle pings at 10 ms, before anything loaded the tunnel: avg, p50, p99, max;
+#   2. iperf3 TCP for --duration seconds (default 10): throughput and retransmits;
+#   3. iperf3 UDP, 100-byte payloads: packets per second delivered into A, counted by an nftables
 #      rule in A that then drops them (no receiving program competes for the CPU). Peak: paced
 #      steps of --udp-step seconds (default 3) at 20k, 30k, 45k, ... packets/s offered, until
 #      two steps in a row lose 10% or more; the best step is reported with its offered rate and
 #      loss (a paced sender costs every implementation the same CPU). Flood: an unpaced sender
 #      (-b 0) for --duration seconds, which takes one of the two cores from the tunnel (how an
 #      implementation holds up when overloaded);
-#   3. 200 idle pings at 10 ms: avg, p50, p99, max;
 #   4. the same 200 pings while an iperf3 TCP transfer B -> A runs for the whole ping run (a game
 #      while someone downloads; a ping's round trip crosses the loaded direction once, so what is
 #      measured is the queue the bulk stream builds in front of small packets).
@@ -34,6 +34,7 @@
 # a dated section to BENCHMARKS.md (--title names the section, --note adds a line; --no-record
 # only prints). --profile runs `perf record -g` on both lanrage daemons during each TCP run and
 # keeps the data and `perf report` summaries in a directory it prints (not removed).
+# --keep keeps the work directory (logs, iperf3 JSON, ping output) and prints its path.
 # --lanrage-only and --wg-only are kept as --only lanrage / --only wireguard-go.
 # Everything runs in the two namespaces; nothing but apt-get and crates.io is contacted, and only
 # to install missing tools. Everything is removed on exit. Not part of the test suite.
@@ -59,6 +60,7 @@ record=1
 duration=10
 rounds=1
 profile=0
+keep=0
 title=""
 note=""
 pings=200
@@ -102,6 +104,7 @@ while (($#)); do
     --rounds) (($# >= 2)) || die "--rounds needs a number"; positive_int --rounds "$2"; rounds=$2; shift ;;
     --udp-step) (($# >= 2)) || die "--udp-step needs seconds"; positive_int --udp-step "$2"; udp_step=$2; shift ;;
     --profile) profile=1 ;;
+    --keep) keep=1 ;;
     --title) (($# >= 2)) || die "--title needs text"; title=$2; shift ;;
     --note) (($# >= 2)) || die "--note needs text"; note=$2; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -205,7 +208,7 @@ cleanup() {
       [[ -f $f ]] && { echo "---- tail of $(basename "$f") ----"; tail -n 30 "$f"; } >&2
     done
   fi
-  rm -rf "$WORK"
+  if ((keep)); then echo "work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
   if [[ -n $PROFILE_DIR ]] && ! compgen -G "$PROFILE_DIR/*" >/dev/null; then rmdir "$PROFILE_DIR"; fi
   exit "$rc"
 }
@@ -516,6 +519,11 @@ measure() {
   local out="$WORK/$tag.result"
   : >"$out"
 
+  # Idle first: nothing has loaded the tunnel yet (after the UDP flood, queues may still drain).
+  log "$impl: $pings idle pings at 10 ms"
+  ip netns exec "$NS_B" ping -n -c "$pings" -i 0.01 -W 1 "$SERVER_IP" >"$WORK/$tag-idle-ping.txt" 2>&1 || true
+  bench_py ping "$WORK/$tag-idle-ping.txt" idle "$pings" >>"$out"
+
   log "$impl: iperf3 TCP ${duration}s B -> A ($SERVER_IP)"
   iperf_server_start "$tag-tcp"
   if ((profile)) && [[ $impl == lanrage ]]; then profile_start "r$round-lanrage-tcp"; fi
@@ -535,11 +543,7 @@ measure() {
   iperf_server_stop
   bench_py udp "$WORK/$tag-flood.json" "$(($(delivered_count) - before))" flood >>"$out"
   stop_counting_udp_in_a
-  sleep 1 # let queues drain before measuring latency
-
-  log "$impl: $pings idle pings at 10 ms"
-  ip netns exec "$NS_B" ping -n -c "$pings" -i 0.01 -W 1 "$SERVER_IP" >"$WORK/$tag-idle-ping.txt" 2>&1 || true
-  bench_py ping "$WORK/$tag-idle-ping.txt" idle "$pings" >>"$out"
+  sleep 1 # let queues drain before the next test
 
   # The transfer starts 2 s before the pings (slow start is over) and ends well after them.
   local load_secs=$((2 + (pings + 99) / 100 + 4))
@@ -747,6 +751,9 @@ if ((record)); then
   if [[ ! -f BENCHMARKS.md ]]; then
     printf '# Benchmarks\n\nSee scripts/bench.sh --help.\n\n' >BENCHMARKS.md
   fi
+  # A blank line between the previous section and this one.
+  if [[ -n $(tail -c 1 BENCHMARKS.md) ]]; then echo >>BENCHMARKS.md; fi
+  if [[ -n $(tail -n 1 BENCHMARKS.md) ]]; then echo >>BENCHMARKS.md; fi
   { cat "$WORK/report.md"; echo; } >>BENCHMARKS.md
   log "appended to BENCHMARKS.md"
 fi
