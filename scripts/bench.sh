@@ -754,6 +754,6 @@ if ((record)); then
   # A blank line between the previous section and this one.
   if [[ -n $(tail -c 1 BENCHMARKS.md) ]]; then echo >>BENCHMARKS.md; fi
   if [[ -n $(tail -n 1 BENCHMARKS.md) ]]; then echo >>BENCHMARKS.md; fi
-  { cat "$WORK/report.md"; echo; } >>BENCHMARKS.md
+  cat "$WORK/report.md" >>BENCHMARKS.md
   log "appended to BENCHMARKS.md"
 fi
