@@ -6,7 +6,7 @@
 //! STUN, probe and relay-control datagrams go to the control task through a bounded channel),
 //! and a 250 ms timer tick for WireGuard's timers. The send and receive paths run on their own
 //! tasks, so a transfer each way uses both cores. Buffers are allocated once per task; nothing
-//! is allocated per data packet.
+//! of ours is allocated per data packet (tun-rs's coalescing copies, see [`offload`]).
 //!
 //! Batching, so that a download costs a few system calls per 64 KiB instead of four per packet:
 //! - the device is opened with offloads ([`offload`]): the kernel hands over TCP bursts of up
@@ -83,6 +83,8 @@ pub const ROAM_QUEUE: usize = 256;
 /// burst after burst before yielding held everything else back (measured: ping under a download
 /// 0.5–0.9 ms on average with one burst per round, 2–3 ms with 4, 4–11 ms with 8; BENCHMARKS.md).
 const DEVICE_DRAIN: usize = 8;
+/// Decrypted packets collected before they are written to the device (coalesced by flow).
+const DEVICE_BATCH: usize = 128;
 /// Bytes kept free before each outgoing datagram for a relay `Data` header.
 pub const HEADROOM: usize = lanrage_proto::frame::DATA_HEADER_LEN;
 
@@ -622,13 +624,7 @@ impl Tunnel {
             .collect();
         let mut meta = vec![quinn_udp::RecvMeta::default(); udp::RECV_BATCH];
         let mut out = vec![0u8; HEADROOM + BUF];
-        let mut device = DeviceBatch::new(
-            offload::MAX_SEGMENTS,
-            BUF,
-            self.link,
-            self.vnet,
-            self.udp_gro,
-        );
+        let mut device = DeviceBatch::new(DEVICE_BATCH, BUF, self.link, self.vnet, self.udp_gro);
         let mut inbound = Gate::inbound(&self.broadcast);
         let mut codel = codel::Codel::new(Instant::now());
         loop {
@@ -957,7 +953,8 @@ impl Tunnel {
     /// segmented send.
     async fn tun_loop(self: Arc<Self>) {
         let head = if self.vnet { VNET_HLEN } else { 0 };
-        let mut buf = vec![0u8; head + BUF];
+        // Room for the virtio-net and link headers and the largest IP packet.
+        let mut buf = vec![0u8; head + self.link + BUF];
         let mut segs = Segments::new(self.mtu + 128);
         let mut tx = SendBatch::new(self.udp.max_segments(), HEADROOM + BUF + 64);
         let mut device_mac = ether::OWN_MAC;
@@ -1029,7 +1026,10 @@ impl Tunnel {
                 }
             }
         } else {
-            (&buf[..n], 0)
+            match buf.get(..n) {
+                Some(frame) => (frame, 0),
+                None => return false, // truncated: longer than any packet we allow
+            }
         };
         if self.device == DeviceKind::Tap {
             if let Some(m) = ether::source_mac(frame).filter(|m| m != device_mac) {

@@ -31,8 +31,8 @@ const GSO_NONE: u8 = 0;
 /// rewrites the header of each packet that is to be written and leaves the packets it merged
 /// into another untouched, so the mark tells them apart.
 const MERGED: u8 = 0xff;
-/// Segments one device read can split into: 64 KiB at the smallest TCP MSS (536) is 123.
-pub const MAX_SEGMENTS: usize = 128;
+/// Segments one device read can split into: 64 KiB at Linux's smallest TCP MSS (48).
+pub const MAX_SEGMENTS: usize = 65535 / 48 + 1;
 
 /// Why a device read was dropped.
 #[derive(Debug, PartialEq, Eq)]
@@ -121,7 +121,7 @@ pub fn device_read(
         _ => return Err(ReadError::Unsupported),
     };
     hdr.csum_start = start;
-    hdr.hdr_len = start + transport;
+    hdr.hdr_len = start.checked_add(transport).ok_or(ReadError::Malformed)?;
     let csum_end = usize::from(start) + usize::from(hdr.csum_offset) + 2;
     if ip.len() < usize::from(hdr.hdr_len) || ip.len() < csum_end {
         return Err(ReadError::Malformed);
@@ -148,7 +148,9 @@ fn finish_checksum(ip: &mut [u8], start: usize, offset: usize) -> Result<(), Rea
 
 /// Decrypted IP packets waiting to be written to the device, coalesced by flow before each
 /// write when the device takes a virtio-net header. Every buffer is allocated once, with room
-/// for a whole super-packet, so coalescing never allocates.
+/// for a whole super-packet. (tun-rs 2.8's coalescing copies each candidate packet into a
+/// short-lived buffer of its own: one allocation per coalesced packet that is not ours to avoid
+/// without writing our own GRO.)
 pub struct DeviceBatch {
     bufs: Vec<Vec<u8>>,
     /// Where each prepared frame starts in its buffer (`None`: merged into another).

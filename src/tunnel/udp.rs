@@ -2,9 +2,11 @@
 //! system call brings in dozens of datagrams) and segmented send (UDP GSO), from `quinn-udp`,
 //! the kept crate behind quinn, which probes what the kernel supports.
 //!
-//! Each offload has a permanent fallback: a kernel (or a NIC driver) that refuses a segmented send
-//! at send time with EIO or EINVAL gets that batch again as single datagrams, and no segmented
-//! sends after that.
+//! Each offload has a fallback: a segmented send the kernel refuses goes out again datagram by
+//! datagram. EIO (a kernel or NIC driver that cannot segment) also ends segmented sends for
+//! good; EMSGSIZE or EINVAL (the path's MTU is below a segment: the kernel fragments single
+//! datagrams but never segmented ones) costs only that batch. The kernel's arrival stamps
+//! (SO_TIMESTAMPNS, switched on by quinn-udp) feed [`super::codel`].
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -129,8 +131,14 @@ impl UdpEdge {
         };
         match result {
             Ok(()) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
-                if !self.no_gso.swap(true, Ordering::Relaxed) {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EMSGSIZE)
+                ) =>
+            {
+                if e.raw_os_error() == Some(libc::EIO) && !self.no_gso.swap(true, Ordering::Relaxed)
+                {
                     tracing::info!(error = %e, "the kernel refused a segmented UDP send; sending datagrams one by one from now on");
                 }
                 self.gso_fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -180,5 +188,54 @@ fn restore_fragmentation(socket: &std::net::UdpSocket) {
     {
         tracing::debug!("could not restore path MTU discovery on the UDP socket");
     }
-    let _ = set(libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CoDel needs the kernel's arrival stamp on every received datagram.
+    #[tokio::test]
+    async fn received_datagrams_carry_the_kernels_arrival_time() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let edge = UdpEdge::new(socket, true).unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender.send_to(b"hello", addr).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let mut bufs = [IoSliceMut::new(&mut buf)];
+        let mut meta = [RecvMeta::default()];
+        let n = edge.recv(&mut bufs, &mut meta).await.unwrap();
+        assert_eq!((n, meta[0].len), (1, 5));
+        let at = meta[0].timestamp.expect("an arrival timestamp");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        assert!(now >= at && now - at < std::time::Duration::from_secs(5));
+    }
+
+    /// A segmented send to a path narrower than a segment is refused by the kernel; every
+    /// datagram still arrives, and segmentation stays on for other batches.
+    #[tokio::test]
+    async fn a_refused_segmented_send_goes_out_datagram_by_datagram() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let edge = UdpEdge::new(socket, true).unwrap();
+        if edge.max_segments() < 2 {
+            return; // no UDP GSO here: nothing to refuse
+        }
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let to = receiver.local_addr().unwrap();
+        // Segments larger than loopback's 64 KiB MTU cannot be sent segmented.
+        let contents = vec![7u8; 2 * 60_000];
+        edge.send(&contents, to, Some(60_000)).await;
+        let mut buf = vec![0u8; 65536];
+        for _ in 0..2 {
+            assert_eq!(receiver.recv(&mut buf).unwrap(), 60_000);
+        }
+        assert_eq!(edge.gso_fallbacks.load(Ordering::Relaxed), 1);
+        assert!(!edge.no_gso.load(Ordering::Relaxed));
+    }
 }
