@@ -1696,9 +1696,12 @@ mod tests {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             };
-            tokio::time::timeout(Duration::from_millis(400), ok)
+            // Each write is an fsync'd rename: on a CI machine busy with builds and network
+            // tests an fsync alone took over 400 ms. What this test pins down is that every
+            // change is written (none is lost to the 50 ms pacing), not the disk's speed.
+            tokio::time::timeout(Duration::from_secs(5), ok)
                 .await
-                .unwrap_or_else(|_| panic!("change {n} written within 400 ms"));
+                .unwrap_or_else(|_| panic!("change {n} written within 5 s"));
         }
         tx.send(Some(None)).unwrap();
         drop(tx);
