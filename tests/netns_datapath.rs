@@ -148,22 +148,6 @@ fn expect_offloads(node: &Node, on: bool, what: &str) {
     eprintln!("{what}: {} {}", node.name, offload_view(&st));
 }
 
-fn conn(lab: &Internet, a: usize, b: usize) -> Option<String> {
-    connection_of(&lab.node(a).status(), &lab.node(b).id())
-}
-
-fn expect_conn(lab: &Internet, a: usize, b: usize, want: &str) {
-    let ok = wait_until(CONN_WITHIN, || {
-        conn(lab, a, b).as_deref() == Some(want) && conn(lab, b, a).as_deref() == Some(want)
-    });
-    assert!(
-        ok,
-        "hosts {a} and {b} should be `{want}`: {:?} / {:?}",
-        conn(lab, a, b),
-        conn(lab, b, a)
-    );
-}
-
 /// A direct pair (two cone NATs) and a relayed pair (two symmetric NATs): bulk TCP both ways
 /// arrives intact, and both ends used every offload path.
 #[test]
@@ -178,8 +162,8 @@ fn bulk_tcp_is_batched_and_arrives_intact_direct_and_relayed() {
         lab.node(i).join_ok(&party, None);
     }
     let vips = mesh((0..4).map(|i| lab.node(i)).collect());
-    expect_conn(&lab, 0, 1, "direct");
-    expect_conn(&lab, 2, 3, "relayed");
+    lab.expect_connection(0, 1, "direct", CONN_WITHIN);
+    lab.expect_connection(2, 3, "relayed", CONN_WITHIN);
     for (a, b, what) in [(0, 1, "direct"), (2, 3, "relayed")] {
         bulk_tcp(
             lab.ns(a),

@@ -71,24 +71,6 @@ fn inet_party(lab: &mut Internet, hosts: &[usize], name: &str) -> Vec<Ipv4Addr> 
     mesh(hosts.iter().map(|&i| lab.node(i)).collect())
 }
 
-/// `connection` host `a` shows for host `b`.
-fn conn(lab: &Internet, a: usize, b: usize) -> Option<String> {
-    connection_of(&lab.node(a).status(), &lab.node(b).id())
-}
-
-/// Waits until hosts `a` and `b` see each other as `want` (`direct` / `relayed`).
-fn expect_conn(lab: &Internet, a: usize, b: usize, want: &str) {
-    let ok = wait_until(CONN_WITHIN, || {
-        conn(lab, a, b).as_deref() == Some(want) && conn(lab, b, a).as_deref() == Some(want)
-    });
-    assert!(
-        ok,
-        "hosts {a} and {b} should be `{want}` within {CONN_WITHIN:?}: {:?} / {:?}",
-        conn(lab, a, b),
-        conn(lab, b, a)
-    );
-}
-
 fn v4(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
 }
@@ -347,11 +329,11 @@ fn broadcast_crosses_nats_exactly_once_and_replies_come_back() {
         return;
     };
     let vips = inet_party(&mut lab, &[0, 1, 2], "bcast");
-    expect_conn(&lab, 1, 2, "relayed");
+    lab.expect_connection(1, 2, "relayed", CONN_WITHIN);
     eprintln!(
         "paths: 1-0 {:?}, 1-2 {:?}",
-        conn(&lab, 1, 0),
-        conn(&lab, 1, 2)
+        lab.connection(1, 0),
+        lab.connection(1, 2)
     );
     let diag = || inet_diag(&lab, &[1, 0, 2]);
     let (s, r1, r2) = (1, 0, 2);
@@ -836,8 +818,8 @@ fn big_datagrams_and_tcp_fit_the_party_mtu() {
         return;
     };
     let vips = inet_party(&mut lab, &[0, 1, 2, 3], "mtu");
-    expect_conn(&lab, 0, 1, "direct");
-    expect_conn(&lab, 2, 3, "relayed");
+    lab.expect_connection(0, 1, "direct", CONN_WITHIN);
+    lab.expect_connection(2, 3, "relayed", CONN_WITHIN);
     for (a, b, what) in [(0, 1, "direct pair"), (2, 3, "relayed pair")] {
         big_datagrams(&lab, a, b, &vips, what);
         tcp_mss(&lab, a, b, &vips, what);

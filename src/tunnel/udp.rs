@@ -105,7 +105,7 @@ impl UdpEdge {
     /// Sends `contents` to `to`: datagrams of `segment` bytes each (the last may be shorter) in
     /// one call, or one datagram when `segment` is `None`.
     pub async fn send(&self, contents: &[u8], to: SocketAddr, segment: Option<usize>) {
-        let segmented = segment.filter(|s| *s < contents.len());
+        let segmented = segment.filter(|s| *s > 0 && *s < contents.len());
         let Some(state) = self.state.as_ref().filter(|_| segmented.is_some()) else {
             self.send_one(contents, to).await;
             return;

@@ -836,6 +836,25 @@ impl Internet {
             .unwrap_or_else(|| panic!("no node spawned on host {i}"))
     }
 
+    /// `connection` host `a`'s daemon shows for host `b` (`direct`, `relayed`, ...).
+    pub fn connection(&self, a: usize, b: usize) -> Option<String> {
+        connection_of(&self.node(a).status(), &self.node(b).id())
+    }
+
+    /// Waits until hosts `a` and `b` see each other as `want` (`direct` / `relayed`).
+    pub fn expect_connection(&self, a: usize, b: usize, want: &str, within: Duration) {
+        let ok = wait_until(within, || {
+            self.connection(a, b).as_deref() == Some(want)
+                && self.connection(b, a).as_deref() == Some(want)
+        });
+        assert!(
+            ok,
+            "hosts {a} and {b} should be `{want}` within {within:?}: {:?} / {:?}",
+            self.connection(a, b),
+            self.connection(b, a)
+        );
+    }
+
     /// Run a command in host `i`'s namespace.
     pub fn exec(&self, i: usize, args: &[&str]) -> CmdOutput {
         exec_in(&self.hosts[i].ns, args)
