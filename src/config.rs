@@ -251,6 +251,9 @@ pub struct NetworkConfig {
     /// Offloads on the party device (TSO/GRO through a virtio-net header) and batched UDP
     /// (GSO/GRO): off only for comparisons and troubleshooting.
     pub offload: bool,
+    /// Real-time priority for the threads that move packets ([`crate::realtime`]), so a game's
+    /// packets do not wait for a CPU behind other programs on a busy machine.
+    pub realtime: bool,
     /// The one UDP port for WireGuard, STUN and lanrage's own messages.
     pub listen_port: u16,
 }
@@ -263,6 +266,7 @@ impl Default for NetworkConfig {
             mtu: 1400,
             device: DeviceKind::Tap,
             offload: true,
+            realtime: true,
             listen_port: 51820,
         }
     }

@@ -17,6 +17,7 @@ pub mod lan;
 pub mod names;
 pub mod party;
 pub mod path;
+pub mod realtime;
 pub mod seal;
 pub mod throttle;
 pub mod tunnel;

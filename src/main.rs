@@ -36,10 +36,14 @@ fn main() {
         // Colour only on a terminal: a log file or the journal gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if cfg.network.realtime {
+        // The park hook runs on the runtime's workers only (never on the blocking pool, where
+        // password hashing runs): each worker enrols itself the first time it goes idle.
+        builder.on_thread_park(lanrage::realtime::enroll_current_worker);
+    }
+    let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lanrage: cannot start the runtime: {e}");

@@ -664,3 +664,151 @@ fn broadcast_flood_is_rate_limited_per_program() {
         "polite broadcasts come from the second program's virtual address"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Real-time packet threads (src/realtime.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// The scheduling policy of every thread of `pid` (field 41 of /proc/PID/task/TID/stat), by
+/// thread id.
+fn thread_policies(pid: u32) -> Vec<(u32, String, u32)> {
+    let mut out = Vec::new();
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // Field 3 (state) is fields[0]; field 41 (policy) is fields[38].
+        let policy = fields
+            .get(38)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(u32::MAX);
+        let tid = entry.file_name().to_string_lossy().parse().unwrap_or(0);
+        out.push((tid, name, policy));
+    }
+    out
+}
+
+const SCHED_RR: u32 = 2;
+
+fn status_counter(status: &serde_json::Value, name: &str) -> u64 {
+    status["counters"][name].as_u64().unwrap_or(0)
+}
+
+/// A member's packet threads run real-time, the blocking pool does not; a bulk transfer that
+/// keeps them busy hands them back to the normal scheduler (so a download can never starve the
+/// machine), and they are real-time again once it ends.
+#[test]
+fn packet_threads_are_realtime_and_give_way_while_busy() {
+    use std::io::{Read, Write};
+    use udp::*;
+    let _alone = alone();
+    let Some(mut lab) = Lab::new("rtguard", 2) else {
+        return;
+    };
+    // Member 0 on one core: its budget is half of it, which a transfer it encrypts exceeds.
+    lab.spawn(
+        0,
+        NodeOpts {
+            wrapper: vec!["taskset".into(), "-c".into(), "0".into()],
+            ..NodeOpts::new(NAMES[0])
+        },
+    );
+    lab.spawn(1, NodeOpts::new(NAMES[1]));
+    let vips = lan_party(&lab, &[0, 1], "rt");
+    let node = lab.node(0);
+    let pid = node.pid().expect("member 0 runs");
+    let rr = |pid: u32| {
+        thread_policies(pid)
+            .into_iter()
+            .filter(|(_, _, p)| *p == SCHED_RR)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || status_counter(
+            &node.status(),
+            "realtime_threads"
+        ) >= 1),
+        "member 0 reports no real-time packet thread: counters {}\n{}",
+        node.status()["counters"],
+        node.log_tail(20)
+    );
+    let realtime = rr(pid);
+    let all = thread_policies(pid);
+    // The worker (one: the daemon sees one core) and the watchdog; never the blocking pool,
+    // the mDNS thread or the main thread.
+    assert!(
+        !realtime.is_empty() && realtime.len() <= 2,
+        "real-time threads of member 0: {realtime:?} of {all:?}"
+    );
+    assert!(
+        all.iter().any(|(_, _, p)| *p != SCHED_RR),
+        "every thread of member 0 is real-time: {all:?}"
+    );
+    let demotions_before = status_counter(&node.status(), "realtime_demotions");
+
+    // A bulk TCP transfer from member 0 to member 1 through the party.
+    let port = 5201;
+    let vip1 = vips[1];
+    let listener = in_netns(lab.ns(1), move || {
+        std::net::TcpListener::bind((vip1, port)).expect("listen on member 1")
+    });
+    let reader = thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        total
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let to = SocketAddr::from((vips[1], port));
+    let writer = {
+        let stop = stop.clone();
+        let mut s = in_netns(lab.ns(0), move || {
+            std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                .expect("connect through the party")
+        });
+        thread::spawn(move || {
+            let chunk = vec![0x5au8; 256 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let demoted = wait_until(Duration::from_secs(15), || {
+        status_counter(&node.status(), "realtime_demotions") > demotions_before
+    });
+    let during = rr(pid);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    let moved = reader.join().expect("reader");
+    eprintln!("MEASURE real-time guard: {moved} bytes moved; real-time threads during: {during:?}");
+    assert!(
+        demoted,
+        "a transfer kept member 0 busy but its packet threads stayed real-time: counters {}",
+        node.status()["counters"]
+    );
+    // Calm again: real-time within the hold (3 s) plus a window (1 s), with margin.
+    assert!(
+        wait_until(Duration::from_secs(12), || {
+            status_counter(&node.status(), "realtime_threads") >= 1 && !rr(pid).is_empty()
+        }),
+        "member 0's packet threads never became real-time again: counters {}, threads {:?}",
+        node.status()["counters"],
+        thread_policies(pid)
+    );
+}

@@ -1419,6 +1419,9 @@ impl Control {
         counters.insert("arp_answered".to_string(), load(&s.arp_answered));
         counters.insert("wg_handshakes".to_string(), load(&s.handshakes));
         counters.insert("offload_split".to_string(), load(&s.offload_split));
+        let rt = crate::realtime::stats();
+        counters.insert("realtime_threads".to_string(), rt.threads);
+        counters.insert("realtime_demotions".to_string(), rt.demotions);
         counters.insert("codel_dropped".to_string(), load(&s.codel_dropped));
         counters.insert(
             "device_write_errors".to_string(),

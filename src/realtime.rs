@@ -1,0 +1,536 @@
+//! Real-time priority for the threads that move packets, with a guard so they never starve the
+//! machine.
+//!
+//! Why: on a busy machine (a download filling the tunnel while a game runs) every packet crosses
+//! several threads (the kernel's, this daemon's, the peer's), and under the normal scheduler each
+//! waits for a CPU slice behind whatever else is runnable. Measured in the two-namespace lab with
+//! both cores saturated by a TCP download: a ping's round trip averaged 6.3 ms (p99 15.9 ms) with
+//! the daemons at normal priority and 0.7 ms (p99 2.9 ms) with their async workers at `SCHED_RR`,
+//! at the same throughput and the same CPU use (BENCHMARKS.md). Kernel WireGuard gets the same
+//! effect by running in softirq context.
+//!
+//! The price of a real-time thread is that it runs before every normal one: a thread stuck at
+//! 100% (a flood, a bug) would take a core from the game. So a watchdog samples each enrolled
+//! thread's CPU time and hands a thread that stays busy ([`BusyGuard`]) back to the normal
+//! scheduler until it calms down: bulk work then competes fairly, as it did before.
+//!
+//! Only tokio's *worker* threads are enrolled (the runtime's park hook runs on workers only):
+//! the blocking pool, where password hashing and file writes run, stays at normal priority.
+//! Needs `CAP_SYS_NICE` or an `RLIMIT_RTPRIO` of at least [`WATCHDOG_PRIORITY`] (the systemd
+//! unit sets `LimitRTPRIO`); without either the daemon runs at normal priority and says so once.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
+
+/// `SCHED_RR` priority of the enrolled workers: the lowest band, below the kernel's own
+/// real-time threads (threaded interrupts run at 50), so only normal programs wait for them.
+pub const WORKER_PRIORITY: i32 = 5;
+/// The watchdog runs just above the workers so a busy worker cannot keep it from acting.
+pub const WATCHDOG_PRIORITY: i32 = WORKER_PRIORITY + 1;
+/// How often the watchdog samples the workers' CPU time.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// The window over which CPU use is judged.
+pub const WINDOW: Duration = Duration::from_secs(1);
+/// A real-time worker busier than this (of one core) over [`WINDOW`] goes back to the normal
+/// scheduler.
+pub const THREAD_DEMOTE_ABOVE: f64 = 0.80;
+/// A demoted one gets its priority back once below this fraction of its limits over [`WINDOW`]...
+pub const PROMOTE_FRACTION: f64 = 0.6;
+/// ...and at least this long after it was demoted (no flapping around the threshold).
+pub const HOLD: Duration = Duration::from_secs(3);
+
+/// How many cores the enrolled workers may use together and stay real-time: all but one (at
+/// least half a core), so normal programs always keep a core's worth even when the busy work
+/// moves between workers (tokio migrates tasks, so one thread's share alone can hide it).
+pub fn process_budget(cpus: usize) -> f64 {
+    (cpus as f64 - 1.0).max(0.5)
+}
+
+/// Times per second all workers together may be put on a CPU and stay real-time. Real-time pays
+/// off for a thread that sleeps and wakes for a little work (a game's packets, the ACKs and
+/// bursts of a download: 2-3 thousand runs a second in the lab at 2.5 Gbit/s). A flood of small
+/// packets wakes it for every packet (10-20 thousand a second), and then preempting the program
+/// that sends them costs more than it saves: batching, which needs the thread to wait its turn,
+/// moves twice the packets (BENCHMARKS.md). So such a flood goes back to the normal scheduler.
+pub const PROCESS_RUNS_ABOVE: f64 = 6000.0;
+
+/// What the guard decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Back to the normal scheduler: bulk work.
+    Demote,
+    /// Real-time again: mostly waiting for packets.
+    Promote,
+}
+
+/// What a thread (or all workers) had used in all at one moment: from `schedstat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time, in ns.
+    pub cpu_ns: u64,
+    /// Times it was put on a CPU.
+    pub runs: u64,
+}
+
+/// Whether something (a thread, or all workers together) may stay real-time, from samples of
+/// its [`Usage`]. Pure: time and usage are arguments.
+#[derive(Debug)]
+pub struct BusyGuard {
+    /// Cores of CPU use over [`WINDOW`] above which it is demoted.
+    cpu_above: f64,
+    /// Runs per second over [`WINDOW`] above which it is demoted.
+    runs_above: f64,
+    /// (when, usage so far), oldest first, spanning at most a little over [`WINDOW`].
+    samples: VecDeque<(Instant, Usage)>,
+    realtime: bool,
+    demoted_at: Option<Instant>,
+}
+
+impl BusyGuard {
+    /// A guard for one worker thread ([`THREAD_DEMOTE_ABOVE`]).
+    pub fn thread() -> Self {
+        Self::with(THREAD_DEMOTE_ABOVE, f64::INFINITY)
+    }
+
+    /// A guard for all workers together on a machine with `cpus` cores ([`process_budget`],
+    /// [`PROCESS_RUNS_ABOVE`]).
+    pub fn process(cpus: usize) -> Self {
+        Self::with(process_budget(cpus), PROCESS_RUNS_ABOVE)
+    }
+
+    fn with(cpu_above: f64, runs_above: f64) -> Self {
+        BusyGuard {
+            cpu_above,
+            runs_above,
+            samples: VecDeque::new(),
+            realtime: true,
+            demoted_at: None,
+        }
+    }
+
+    /// Whether it may be real-time by the guard's last decision.
+    pub fn is_realtime(&self) -> bool {
+        self.realtime
+    }
+
+    /// One sample: the usage so far at `now`. A demoted one is promoted again once both its
+    /// CPU use and its runs are below [`PROMOTE_FRACTION`] of their limits, at least [`HOLD`]
+    /// after the demotion.
+    pub fn observe(&mut self, now: Instant, usage: Usage) -> Option<Change> {
+        self.samples.push_back((now, usage));
+        // Keep one sample at or before the window's start, so the window is always full width.
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|&(at, _)| now.duration_since(at) >= WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        let &(first_at, first) = self.samples.front()?;
+        let span = now.duration_since(first_at);
+        // Judge only a full window: a short burst at start-up is not "busy".
+        if span < WINDOW {
+            return None;
+        }
+        let secs = span.as_secs_f64();
+        let cores = usage.cpu_ns.saturating_sub(first.cpu_ns) as f64 / 1e9 / secs;
+        let runs = usage.runs.saturating_sub(first.runs) as f64 / secs;
+        if self.realtime && (cores > self.cpu_above || runs > self.runs_above) {
+            self.realtime = false;
+            self.demoted_at = Some(now);
+            return Some(Change::Demote);
+        }
+        let held = self
+            .demoted_at
+            .is_none_or(|at| now.duration_since(at) >= HOLD);
+        let calm =
+            cores < self.cpu_above * PROMOTE_FRACTION && runs < self.runs_above * PROMOTE_FRACTION;
+        if !self.realtime && held && calm {
+            self.realtime = true;
+            self.demoted_at = None;
+            return Some(Change::Promote);
+        }
+        None
+    }
+}
+
+/// What the status shows about real-time scheduling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RealtimeStats {
+    /// Worker threads running real-time now.
+    pub threads: u64,
+    /// Times a busy worker was handed back to the normal scheduler.
+    pub demotions: u64,
+    /// Whether the kernel refused real-time priority (no `CAP_SYS_NICE`, no `RLIMIT_RTPRIO`).
+    pub refused: bool,
+}
+
+/// The enrolled workers (thread ids) and the counters: one per process, because the runtime's
+/// hook has no place to keep state of its own.
+struct Registry {
+    tids: Mutex<Vec<libc::pid_t>>,
+    threads: AtomicU64,
+    demotions: AtomicU64,
+    refused: AtomicBool,
+    watchdog: Once,
+}
+
+static REGISTRY: Registry = Registry {
+    tids: Mutex::new(Vec::new()),
+    threads: AtomicU64::new(0),
+    demotions: AtomicU64::new(0),
+    refused: AtomicBool::new(false),
+    watchdog: Once::new(),
+};
+
+thread_local! {
+    static ENROLLED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Makes the calling thread real-time (once per thread; later calls cost a thread-local read).
+/// Meant for tokio's `on_thread_park` hook, which runs on the runtime's workers only.
+pub fn enroll_current_worker() {
+    if ENROLLED.with(|e| e.replace(true)) {
+        return;
+    }
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    match set_policy(tid, true) {
+        Ok(()) => {
+            REGISTRY.threads.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut tids) = REGISTRY.tids.lock() {
+                tids.push(tid);
+            }
+            REGISTRY.watchdog.call_once(start_watchdog);
+        }
+        Err(e) => {
+            if !REGISTRY.refused.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    error = %e,
+                    "packets are moved at normal priority (real-time needs CAP_SYS_NICE or \
+                     RLIMIT_RTPRIO); a game's packets may wait longer while the machine is busy"
+                );
+            }
+        }
+    }
+}
+
+/// The counters for the status.
+pub fn stats() -> RealtimeStats {
+    RealtimeStats {
+        threads: REGISTRY.threads.load(Ordering::Relaxed),
+        demotions: REGISTRY.demotions.load(Ordering::Relaxed),
+        refused: REGISTRY.refused.load(Ordering::Relaxed),
+    }
+}
+
+/// `SCHED_RR` at [`WORKER_PRIORITY`] (`realtime`) or back to `SCHED_OTHER`, for one thread.
+fn set_policy(tid: libc::pid_t, realtime: bool) -> std::io::Result<()> {
+    let (policy, priority) = if realtime {
+        // Threads this one starts (tokio's blocking pool grows from its workers) must not
+        // inherit real-time: they run password hashing and file writes.
+        (libc::SCHED_RR | libc::SCHED_RESET_ON_FORK, WORKER_PRIORITY)
+    } else {
+        (libc::SCHED_OTHER, 0)
+    };
+    set_scheduler(tid, policy, priority)
+}
+
+fn set_scheduler(tid: libc::pid_t, policy: libc::c_int, priority: i32) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid sched_param for the duration of the call; on Linux a thread
+    // id names that one thread.
+    if unsafe { libc::sched_setscheduler(tid, policy, &param) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// What `tid` (a thread of this process) has used, from `/proc/self/task/T/schedstat`: CPU time
+/// in ns, time waiting for a CPU, and the number of times it ran.
+fn usage(tid: libc::pid_t) -> Option<Usage> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    let mut fields = text.split_whitespace();
+    let cpu_ns = fields.next()?.parse().ok()?;
+    let runs = fields.nth(1)?.parse().ok()?;
+    Some(Usage { cpu_ns, runs })
+}
+
+/// The watchdog: a thread of its own at [`WATCHDOG_PRIORITY`] (it sleeps nearly all the time).
+fn start_watchdog() {
+    let spawned = std::thread::Builder::new()
+        .name("lanrage-rt-guard".into())
+        .spawn(|| {
+            // SAFETY: gettid has no preconditions.
+            let me = unsafe { libc::gettid() };
+            let policy = libc::SCHED_RR | libc::SCHED_RESET_ON_FORK;
+            if let Err(e) = set_scheduler(me, policy, WATCHDOG_PRIORITY) {
+                tracing::debug!(error = %e, "the real-time watchdog runs at normal priority");
+            }
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let mut watchdog = Watchdog {
+                threads: Vec::new(),
+                all: BusyGuard::process(cpus),
+                total: Usage::default(),
+            };
+            loop {
+                std::thread::sleep(SAMPLE_EVERY);
+                watchdog.round(Instant::now());
+            }
+        });
+    if let Err(e) = spawned {
+        // Without a guard nothing may stay real-time.
+        tracing::warn!(error = %e, "cannot start the real-time watchdog; normal priority");
+        if let Ok(tids) = REGISTRY.tids.lock() {
+            for &tid in tids.iter() {
+                let _ = set_policy(tid, false);
+            }
+        }
+        REGISTRY.threads.store(0, Ordering::Relaxed);
+    }
+}
+
+/// One enrolled worker as the watchdog sees it.
+struct Watched {
+    tid: libc::pid_t,
+    guard: BusyGuard,
+    /// Usage at the last sample (for the process total).
+    last: Usage,
+    /// Whether it runs real-time now (what was last applied).
+    realtime: bool,
+}
+
+/// The watchdog's state: a guard per worker and one for all of them together.
+struct Watchdog {
+    threads: Vec<Watched>,
+    all: BusyGuard,
+    /// Usage of all workers, summed from each one's increments (a thread that ends takes
+    /// nothing back).
+    total: Usage,
+}
+
+impl Watchdog {
+    /// One round over every enrolled worker.
+    fn round(&mut self, now: Instant) {
+        let tids: Vec<libc::pid_t> = match REGISTRY.tids.lock() {
+            Ok(t) => t.clone(),
+            Err(_) => return,
+        };
+        for tid in tids {
+            if !self.threads.iter().any(|w| w.tid == tid) {
+                let last = usage(tid).unwrap_or_default();
+                self.threads.push(Watched {
+                    tid,
+                    guard: BusyGuard::thread(),
+                    last,
+                    realtime: true,
+                });
+            }
+        }
+        let mut total = self.total;
+        self.threads.retain_mut(|w| {
+            let Some(now_used) = usage(w.tid) else {
+                // The thread is gone (the runtime is shutting down).
+                if w.realtime {
+                    REGISTRY.threads.fetch_sub(1, Ordering::Relaxed);
+                }
+                if let Ok(mut tids) = REGISTRY.tids.lock() {
+                    tids.retain(|t| *t != w.tid);
+                }
+                return false;
+            };
+            total.cpu_ns += now_used.cpu_ns.saturating_sub(w.last.cpu_ns);
+            total.runs += now_used.runs.saturating_sub(w.last.runs);
+            w.last = now_used;
+            w.guard.observe(now, now_used);
+            true
+        });
+        self.total = total;
+        if self.all.observe(now, total) == Some(Change::Demote) {
+            tracing::info!(
+                "packet threads are busy most of the time or woken for every packet of a flood: \
+                 normal priority until they calm down"
+            );
+        }
+        for w in &mut self.threads {
+            let want = w.guard.is_realtime() && self.all.is_realtime();
+            if want == w.realtime || set_policy(w.tid, want).is_err() {
+                continue;
+            }
+            w.realtime = want;
+            if want {
+                REGISTRY.threads.fetch_add(1, Ordering::Relaxed);
+            } else {
+                REGISTRY.threads.fetch_sub(1, Ordering::Relaxed);
+                REGISTRY.demotions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guard fed samples every 100 ms, with its clock and usage.
+    struct Sim {
+        g: BusyGuard,
+        t: Instant,
+        used: Usage,
+    }
+
+    impl Sim {
+        fn new(g: BusyGuard) -> Self {
+            let t = Instant::now();
+            let mut g = g;
+            g.observe(t, Usage::default());
+            Sim {
+                g,
+                t,
+                used: Usage::default(),
+            }
+        }
+
+        /// `cores` of CPU and `runs` a second for `for_ms`: the changes decided.
+        fn run(&mut self, cores: f64, runs: u64, for_ms: u64) -> Vec<Change> {
+            let mut changes = Vec::new();
+            for _ in 0..for_ms / 100 {
+                self.t += Duration::from_millis(100);
+                self.used.cpu_ns += (cores * 100_000_000.0) as u64;
+                self.used.runs += runs / 10;
+                changes.extend(self.g.observe(self.t, self.used));
+            }
+            changes
+        }
+    }
+
+    #[test]
+    fn a_thread_that_mostly_waits_stays_realtime() {
+        let mut s = Sim::new(BusyGuard::thread());
+        assert!(s.run(0.5, 50_000, 10_000).is_empty());
+        assert!(s.g.is_realtime());
+    }
+
+    #[test]
+    fn a_thread_busy_for_a_window_is_demoted_and_comes_back_after_the_hold() {
+        let mut s = Sim::new(BusyGuard::thread());
+        assert_eq!(s.run(0.95, 1000, 1_000), vec![Change::Demote]);
+        assert!(!s.g.is_realtime());
+        // Calm at once, but the hold keeps it normal for HOLD.
+        assert!(s.run(0.1, 1000, 2_900).is_empty());
+        assert_eq!(s.run(0.1, 1000, 200), vec![Change::Promote]);
+        assert!(s.g.is_realtime());
+    }
+
+    #[test]
+    fn a_demoted_thread_that_stays_busy_stays_normal() {
+        let mut s = Sim::new(BusyGuard::thread());
+        assert_eq!(s.run(1.0, 1000, 1_000), vec![Change::Demote]);
+        // Between the thresholds: no flapping either way.
+        assert!(s.run(0.7, 1000, 10_000).is_empty());
+        assert!(!s.g.is_realtime());
+    }
+
+    #[test]
+    fn a_short_burst_is_not_busy() {
+        let mut s = Sim::new(BusyGuard::thread());
+        // 500 ms at 100% inside otherwise idle seconds: 50% over any one-second window.
+        assert!(s.run(0.0, 0, 2_000).is_empty());
+        assert!(s.run(1.0, 0, 500).is_empty());
+        assert!(s.run(0.0, 0, 2_000).is_empty());
+        assert!(s.g.is_realtime());
+    }
+
+    #[test]
+    fn nothing_is_judged_before_a_full_window() {
+        let mut s = Sim::new(BusyGuard::thread());
+        assert!(s.run(1.0, 0, 900).is_empty());
+        assert_eq!(s.run(1.0, 0, 100), vec![Change::Demote]);
+    }
+
+    #[test]
+    fn all_workers_together_may_not_take_more_than_all_but_one_core() {
+        assert_eq!(process_budget(1), 0.5);
+        assert_eq!(process_budget(2), 1.0);
+        assert_eq!(process_budget(8), 7.0);
+        // Two workers at 60% each on two cores: each is fine alone, together they are not.
+        let mut s = Sim::new(BusyGuard::process(2));
+        assert_eq!(s.run(1.2, 2000, 1_000), vec![Change::Demote]);
+        assert!(s.run(0.7, 2000, 5_000).is_empty());
+        assert_eq!(s.run(0.5, 2000, 1_000), vec![Change::Promote]);
+        // A download that keeps both workers at 45% (0.9 of a core), 3000 runs a second, as in
+        // the lab at 2.5 Gbit/s, stays real-time.
+        let mut s = Sim::new(BusyGuard::process(2));
+        assert!(s.run(0.9, 3000, 10_000).is_empty());
+    }
+
+    #[test]
+    fn a_flood_that_wakes_the_workers_for_every_packet_goes_back_to_batching() {
+        // 10 000 small packets a second, each its own wake-up: little CPU, many runs.
+        let mut s = Sim::new(BusyGuard::process(2));
+        assert_eq!(s.run(0.6, 11_000, 1_000), vec![Change::Demote]);
+        // Still a flood (batched now, so fewer runs, but above the promotion line).
+        assert!(s.run(0.6, 4_000, 10_000).is_empty());
+        // Over: real-time again.
+        assert_eq!(s.run(0.05, 200, 1_000), vec![Change::Promote]);
+        // A single thread is judged by CPU only (the runs are the process's measure).
+        let mut s = Sim::new(BusyGuard::thread());
+        assert!(s.run(0.3, 50_000, 5_000).is_empty());
+    }
+
+    #[test]
+    fn the_samples_kept_stay_bounded() {
+        let mut s = Sim::new(BusyGuard::thread());
+        s.run(0.3, 100, 60_000);
+        assert!(s.g.samples.len() <= 12, "{}", s.g.samples.len());
+    }
+
+    #[test]
+    fn the_calling_thread_enrolls_once_or_is_refused_cleanly() {
+        // Whatever this process may do (root in CI, a user elsewhere), enrolling twice is one
+        // attempt, and the thread ends as it should: real-time, or refused and normal.
+        std::thread::spawn(|| {
+            enroll_current_worker();
+            enroll_current_worker();
+            // SAFETY: plain query of the calling thread's policy.
+            let policy = unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK;
+            // A thread it starts does not inherit real-time.
+            let child = std::thread::spawn(|| unsafe { libc::sched_getscheduler(0) })
+                .join()
+                .expect("child thread");
+            assert_eq!(child, libc::SCHED_OTHER);
+            let s = stats();
+            if s.refused && s.threads == 0 {
+                assert_eq!(policy, libc::SCHED_OTHER);
+            } else {
+                assert_eq!(policy, libc::SCHED_RR);
+                // Back to normal so the test run is not left with a real-time thread.
+                let _ = set_policy(unsafe { libc::gettid() }, false);
+            }
+        })
+        .join()
+        .expect("enrolling thread");
+    }
+
+    #[test]
+    fn usage_is_read_from_schedstat() {
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() };
+        let before = usage(me).expect("schedstat of this thread");
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let after = usage(me).expect("schedstat of this thread");
+        assert!(after.cpu_ns > before.cpu_ns && after.runs >= before.runs);
+    }
+}
