@@ -1,7 +1,10 @@
 //! Hot paths of the daemon, measured in isolation: datagram demux, control-envelope opening, and
 //! a WireGuard data packet through boringtun (encapsulate on one side, decapsulate on the other),
 //! the per-packet work of the tunnel loops; and a host's password check (argon2id) and rejoin
-//! token check. Run: `cargo bench --bench hot_paths` (`-- password` for the checks alone).
+//! token check; and the offload steps around them: a 64 KiB TCP burst from the device split into
+//! MTU-sized packets, and a burst's decrypted packets coalesced back into one device write. Run:
+//! `cargo bench --bench hot_paths` (`-- password` for the checks alone, `-- offload` for the
+//! split and the coalescing).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
@@ -153,5 +156,82 @@ fn password(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, password);
+/// An IPv4 TCP segment from 10.66.0.2:5000 to 10.66.0.1:6000 with `payload` bytes, checksums
+/// valid.
+fn tcp_segment(seq: u32, payload: usize) -> Vec<u8> {
+    let builder = etherparse::PacketBuilder::ipv4([10, 66, 0, 2], [10, 66, 0, 1], 64)
+        .tcp(5000, 6000, seq, 65535)
+        .ack(1);
+    let mut out = Vec::new();
+    builder
+        .write(&mut out, &vec![0x5a; payload])
+        .expect("build a TCP segment");
+    out
+}
+
+/// The offload steps of the datapath at MTU 1420 (MSS 1380) on the TAP device (14-byte link
+/// header): what one 64 KiB TCP burst costs to split on the way out and to coalesce on the way
+/// in, beside the ~45 seals or opens it also takes (`datapath/wireguard_roundtrip_1420B`).
+fn offload(c: &mut Criterion) {
+    use lanrage::tunnel::offload::{device_read, DeviceBatch, DeviceRead, Segments, VNET_HLEN};
+    use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4};
+    const MSS: usize = 1380;
+    const LINK: usize = 14;
+    let mut g = c.benchmark_group("offload");
+
+    // What the kernel hands the TAP device with TSO: the whole burst, checksum partial.
+    let payload = 47 * MSS; // 64 860 bytes: the largest burst of whole segments under 64 KiB
+    let whole = tcp_segment(1, payload);
+    let mut read = vec![0u8; VNET_HLEN + LINK];
+    VirtioNetHdr {
+        flags: 1, // NEEDS_CSUM
+        gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+        hdr_len: (LINK + 40) as u16,
+        gso_size: MSS as u16,
+        csum_start: (LINK + 20) as u16,
+        csum_offset: 16,
+    }
+    .encode(&mut read[..VNET_HLEN])
+    .expect("encode the virtio-net header");
+    read.extend_from_slice(&whole);
+    let n = read.len();
+    let mut segs = Segments::new(1420);
+    g.throughput(Throughput::Bytes(payload as u64));
+    g.bench_function("split_64KiB_burst", |b| {
+        b.iter_batched_ref(
+            || read.clone(),
+            |buf| match device_read(buf, n, LINK, &mut segs) {
+                Ok(DeviceRead::Split(k)) => k,
+                other => panic!("{other:?}"),
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    // The same burst decrypted on the other side: 47 segments of one flow into the device
+    // batch (the copy stands for the decryption writing into its slot), coalesced into one
+    // frame.
+    let segments: Vec<Vec<u8>> = (0..47u32)
+        .map(|i| tcp_segment(1 + i * MSS as u32, MSS))
+        .collect();
+    let mut batch = DeviceBatch::new(128, 1420, LINK, true, false);
+    g.bench_function("coalesce_64KiB_burst", |b| {
+        b.iter(|| {
+            for s in &segments {
+                if let Some(slot) = batch.slot(1420) {
+                    slot[..s.len()].copy_from_slice(s);
+                    batch.commit(s.len());
+                }
+            }
+            batch.prepare(|_, eth| eth.fill(0xee));
+            let frames = batch.frames().count();
+            batch.clear();
+            assert_eq!(frames, 1);
+            frames
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, password, offload);
 criterion_main!(benches);

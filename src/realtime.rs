@@ -38,8 +38,10 @@ pub const WINDOW: Duration = Duration::from_secs(1);
 /// A real-time worker busier than this (of one core) over [`WINDOW`] goes back to the normal
 /// scheduler.
 pub const THREAD_DEMOTE_ABOVE: f64 = 0.80;
-/// A demoted one gets its priority back once below this fraction of its limits over [`WINDOW`]...
-pub const PROMOTE_FRACTION: f64 = 0.6;
+/// A demoted one gets its priority back once its CPU use is below its limit and its runs below
+/// this fraction of theirs over [`WINDOW`]... (CPU has no band of its own: a download that
+/// stays just under the limit, as it does in the lab, must get real-time back after a flood.)
+pub const PROMOTE_RUNS_FRACTION: f64 = 0.6;
 /// ...and at least this long after it was demoted (no flapping around the threshold).
 pub const HOLD: Duration = Duration::from_secs(3);
 
@@ -117,9 +119,9 @@ impl BusyGuard {
         self.realtime
     }
 
-    /// One sample: the usage so far at `now`. A demoted one is promoted again once both its
-    /// CPU use and its runs are below [`PROMOTE_FRACTION`] of their limits, at least [`HOLD`]
-    /// after the demotion.
+    /// One sample: the usage so far at `now`. A demoted one is promoted again once its CPU use
+    /// is below its limit and its runs below [`PROMOTE_RUNS_FRACTION`] of theirs, at least
+    /// [`HOLD`] after the demotion.
     pub fn observe(&mut self, now: Instant, usage: Usage) -> Option<Change> {
         self.samples.push_back((now, usage));
         // Keep one sample at or before the window's start, so the window is always full width.
@@ -148,8 +150,7 @@ impl BusyGuard {
         let held = self
             .demoted_at
             .is_none_or(|at| now.duration_since(at) >= HOLD);
-        let calm =
-            cores < self.cpu_above * PROMOTE_FRACTION && runs < self.runs_above * PROMOTE_FRACTION;
+        let calm = cores < self.cpu_above && runs < self.runs_above * PROMOTE_RUNS_FRACTION;
         if !self.realtime && held && calm {
             self.realtime = true;
             self.demoted_at = None;
@@ -434,8 +435,8 @@ mod tests {
     fn a_demoted_thread_that_stays_busy_stays_normal() {
         let mut s = Sim::new(BusyGuard::thread());
         assert_eq!(s.run(1.0, 1000, 1_000), vec![Change::Demote]);
-        // Between the thresholds: no flapping either way.
-        assert!(s.run(0.7, 1000, 10_000).is_empty());
+        // Still above the line: stays normal, however long.
+        assert!(s.run(0.85, 1000, 10_000).is_empty());
         assert!(!s.g.is_realtime());
     }
 
@@ -464,7 +465,7 @@ mod tests {
         // Two workers at 60% each on two cores: each is fine alone, together they are not.
         let mut s = Sim::new(BusyGuard::process(2));
         assert_eq!(s.run(1.2, 2000, 1_000), vec![Change::Demote]);
-        assert!(s.run(0.7, 2000, 5_000).is_empty());
+        assert!(s.run(1.05, 2000, 5_000).is_empty());
         assert_eq!(s.run(0.5, 2000, 1_000), vec![Change::Promote]);
         // A download that keeps both workers at 45% (0.9 of a core), 3000 runs a second, as in
         // the lab at 2.5 Gbit/s, stays real-time.
@@ -479,8 +480,9 @@ mod tests {
         assert_eq!(s.run(0.6, 11_000, 1_000), vec![Change::Demote]);
         // Still a flood (batched now, so fewer runs, but above the promotion line).
         assert!(s.run(0.6, 4_000, 10_000).is_empty());
-        // Over: real-time again.
-        assert_eq!(s.run(0.05, 200, 1_000), vec![Change::Promote]);
+        // Over, and a download goes on (0.9 of a core, 3000 runs a second, as in the lab): it
+        // gets real-time back, not only an idle daemon.
+        assert_eq!(s.run(0.9, 3000, 1_000), vec![Change::Promote]);
         // A single thread is judged by CPU only (the runs are the process's measure).
         let mut s = Sim::new(BusyGuard::thread());
         assert!(s.run(0.3, 50_000, 5_000).is_empty());

@@ -1422,6 +1422,7 @@ impl Control {
         let rt = crate::realtime::stats();
         counters.insert("realtime_threads".to_string(), rt.threads);
         counters.insert("realtime_demotions".to_string(), rt.demotions);
+        counters.insert("realtime_refused".to_string(), u64::from(rt.refused));
         counters.insert("codel_dropped".to_string(), load(&s.codel_dropped));
         counters.insert(
             "device_write_errors".to_string(),

@@ -402,6 +402,7 @@ fn check_daemon(status: &Result<Value, String>, api: SocketAddr, port: u16) -> V
             ));
         }
     }
+    out.push(check_priority(&v["counters"]));
     match node["control_server"].as_str() {
         None => out.push(Finding::ok(
             "control",
@@ -437,6 +438,32 @@ fn check_daemon(status: &Result<Value, String>, api: SocketAddr, port: u16) -> V
         }
     }
     out
+}
+
+/// Whether the daemon's packet threads run real-time (src/realtime.rs), from its counters.
+fn check_priority(counters: &Value) -> Finding {
+    let n = |k: &str| counters[k].as_u64().unwrap_or(0);
+    if n("realtime_refused") > 0 {
+        Finding::warn(
+            "priority",
+            "packets are moved at normal priority: the kernel refused real-time (no CAP_SYS_NICE, \
+             RLIMIT_RTPRIO 0), so a game's packets may wait while the machine is busy",
+            "run the daemon from the systemd unit (it sets LimitRTPRIO=6) or as root; \
+             `[network] realtime = false` if you want normal priority",
+        )
+    } else if n("realtime_threads") > 0 {
+        Finding::ok("priority", "packet threads run real-time")
+    } else if n("realtime_demotions") > 0 {
+        Finding::ok(
+            "priority",
+            "packet threads are busy (bulk traffic or a flood): normal priority until they calm down",
+        )
+    } else {
+        Finding::ok(
+            "priority",
+            "packet threads at normal priority ([network] realtime = false)",
+        )
+    }
 }
 
 fn check_udp_port(bound: Option<bool>, running: bool, port: u16) -> Finding {
@@ -1069,6 +1096,31 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("modprobe tun"));
+    }
+
+    #[test]
+    fn a_daemon_refused_real_time_is_a_warning_with_the_fix() {
+        let mut x = facts();
+        let status = |counters: Value| {
+            serde_json::json!({
+                "node": {"id": "n1", "name": "alice", "nat_type": "unknown"},
+                "party": null, "joining": null, "counters": counters
+            })
+        };
+        x.status = Ok(status(
+            serde_json::json!({"realtime_refused": 1, "realtime_threads": 0}),
+        ));
+        let f = diagnose(&x);
+        let p = find(&f, "priority");
+        assert_eq!(p.level, Level::Warn);
+        assert!(p.fix.as_deref().unwrap().contains("LimitRTPRIO"), "{p:?}");
+        assert_eq!(exit_code(&f), 0);
+        x.status = Ok(status(
+            serde_json::json!({"realtime_refused": 0, "realtime_threads": 2}),
+        ));
+        let f = diagnose(&x);
+        assert_eq!(find(&f, "priority").level, Level::Ok);
+        assert!(find(&f, "priority").message.contains("real-time"));
     }
 
     #[test]

@@ -228,7 +228,8 @@ mod tests {
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
         let to = receiver.local_addr().unwrap();
-        // Segments larger than loopback's 64 KiB MTU cannot be sent segmented.
+        // Two 60 000-byte segments: 120 000 bytes is more than one UDP send may carry, so the
+        // kernel refuses the segmented send (EMSGSIZE), as it does behind a narrow path.
         let contents = vec![7u8; 2 * 60_000];
         edge.send(&contents, to, Some(60_000)).await;
         let mut buf = vec![0u8; 65536];
