@@ -877,6 +877,7 @@ impl Tunnel {
                         bump(&self.stats.codel_marked);
                     }
                     bump(&self.stats.rx_packets);
+                    crate::realtime::note_packet(len);
                     device.commit(len);
                     break;
                 }
@@ -1137,6 +1138,7 @@ impl Tunnel {
         }
         peer.count_tx(pkt.len());
         bump(&self.stats.tx_packets);
+        crate::realtime::note_packet(pkt.len());
         if slot.get(head) != Some(&4) {
             // No session yet: boringtun queued the packet and gave us a handshake initiation.
             self.send(&slot[..head + len], to).await;
