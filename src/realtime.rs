@@ -9,6 +9,10 @@
 //! at the same throughput and the same CPU use (BENCHMARKS.md). Kernel WireGuard gets the same
 //! effect by running in softirq context.
 //!
+//! Real-time only while the CPUs the daemon may use are busy ([`MachineLoad`]): on an idle
+//! machine there is no queue for a CPU to skip, and a real-time wake-up is placed on another
+//! CPU more often, which cost idle pings about 40 us in the lab.
+//!
 //! The price of a real-time thread is that it runs before every normal one: a thread stuck at
 //! 100% (a flood, a bug) would take a core from the game. So a watchdog samples each enrolled
 //! thread's CPU time and hands a thread that stays busy ([`BusyGuard`]) back to the normal
@@ -176,9 +180,81 @@ impl BusyGuard {
     }
 }
 
+/// CPU time of the CPUs the daemon may run on, from `/proc/stat`, in clock ticks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// user, nice, system, irq, softirq and steal.
+    pub busy: u64,
+    /// `busy` plus idle and iowait.
+    pub total: u64,
+}
+
+/// The machine counts as busy once its CPUs were busy more than this over [`BUSY_WINDOW`]...
+pub const BUSY_ABOVE: f64 = 0.85;
+/// ...a short window, so real-time starts within a few hundred milliseconds of a download.
+pub const BUSY_WINDOW: Duration = Duration::from_millis(300);
+/// It is calm again below this over [`WINDOW`].
+pub const CALM_BELOW: f64 = 0.6;
+
+/// Whether the CPUs the daemon may use are busy, from samples of [`CpuTimes`]: only then does
+/// a packet wait for a CPU behind other programs, so only then is real-time worth it. Measured
+/// on the whole machine (every program's use), so it does not change when our own threads
+/// change priority. Pure: time and CPU times are arguments.
+#[derive(Debug, Default)]
+pub struct MachineLoad {
+    samples: VecDeque<(Instant, CpuTimes)>,
+    busy: bool,
+    /// When it became busy: calm is judged only over a window that is all after it.
+    busy_since: Option<Instant>,
+}
+
+impl MachineLoad {
+    /// Whether the machine is busy by the last sample.
+    pub fn is_busy(&self) -> bool {
+        self.busy
+    }
+
+    /// One sample: `times` so far at `now`.
+    pub fn observe(&mut self, now: Instant, times: CpuTimes) {
+        self.samples.push_back((now, times));
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|&(at, _)| now.duration_since(at) >= WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        // The busy fraction since the newest sample at least `over` old.
+        let since = |over: Duration| {
+            let &(_, then) = self
+                .samples
+                .iter()
+                .rev()
+                .find(|(at, _)| now.duration_since(*at) >= over)?;
+            let total = times.total.saturating_sub(then.total);
+            (total > 0).then(|| times.busy.saturating_sub(then.busy) as f64 / total as f64)
+        };
+        let busy_for = self.busy_since.map(|at| now.duration_since(at));
+        if !self.busy {
+            if since(BUSY_WINDOW).is_some_and(|f| f > BUSY_ABOVE) {
+                self.busy = true;
+                self.busy_since = Some(now);
+            }
+        } else if busy_for.is_some_and(|d| d >= WINDOW)
+            && since(WINDOW).is_some_and(|f| f < CALM_BELOW)
+        {
+            self.busy = false;
+            self.busy_since = None;
+        }
+    }
+}
+
 /// What the status shows about real-time scheduling.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RealtimeStats {
+    /// Worker threads enrolled (real-time whenever the machine is busy and they are not bulk).
+    pub enrolled: u64,
     /// Worker threads running real-time now.
     pub threads: u64,
     /// Times a busy worker was handed back to the normal scheduler.
@@ -191,6 +267,7 @@ pub struct RealtimeStats {
 /// hook has no place to keep state of its own.
 struct Registry {
     tids: Mutex<Vec<libc::pid_t>>,
+    enrolled: AtomicU64,
     threads: AtomicU64,
     demotions: AtomicU64,
     refused: AtomicBool,
@@ -199,6 +276,7 @@ struct Registry {
 
 static REGISTRY: Registry = Registry {
     tids: Mutex::new(Vec::new()),
+    enrolled: AtomicU64::new(0),
     threads: AtomicU64::new(0),
     demotions: AtomicU64::new(0),
     refused: AtomicBool::new(false),
@@ -209,17 +287,19 @@ thread_local! {
     static ENROLLED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Makes the calling thread real-time (once per thread; later calls cost a thread-local read).
-/// Meant for tokio's `on_thread_park` hook, which runs on the runtime's workers only.
+/// Hands the calling thread to the watchdog, which makes it real-time while the machine is busy
+/// (once per thread; later calls cost a thread-local read). Meant for tokio's `on_thread_park`
+/// hook, which runs on the runtime's workers only.
 pub fn enroll_current_worker() {
     if ENROLLED.with(|e| e.replace(true)) {
         return;
     }
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
-    match set_policy(tid, true) {
+    // Whether the kernel allows it at all, found out now, for the log and `lanrage doctor`.
+    match set_policy(tid, true).and_then(|()| set_policy(tid, false)) {
         Ok(()) => {
-            REGISTRY.threads.fetch_add(1, Ordering::Relaxed);
+            REGISTRY.enrolled.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut tids) = REGISTRY.tids.lock() {
                 tids.push(tid);
             }
@@ -240,6 +320,7 @@ pub fn enroll_current_worker() {
 /// The counters for the status.
 pub fn stats() -> RealtimeStats {
     RealtimeStats {
+        enrolled: REGISTRY.enrolled.load(Ordering::Relaxed),
         threads: REGISTRY.threads.load(Ordering::Relaxed),
         demotions: REGISTRY.demotions.load(Ordering::Relaxed),
         refused: REGISTRY.refused.load(Ordering::Relaxed),
@@ -271,6 +352,46 @@ fn set_scheduler(tid: libc::pid_t, policy: libc::c_int, priority: i32) -> std::i
     }
 }
 
+/// [`CpuTimes`] of the CPUs in `cpus` (all when empty), from `/proc/stat`.
+fn cpu_times(cpus: &[usize]) -> Option<CpuTimes> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut sum = CpuTimes::default();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("cpu") else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let Some(Ok(cpu)) = fields.next().map(str::parse::<usize>) else {
+            continue; // the "cpu" line (all CPUs together) or not a CPU line
+        };
+        if !cpus.is_empty() && !cpus.contains(&cpu) {
+            continue;
+        }
+        let v: Vec<u64> = fields.take(8).filter_map(|f| f.parse().ok()).collect();
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = v[..] else {
+            return None;
+        };
+        let busy = user + nice + system + irq + softirq + steal;
+        sum.busy += busy;
+        sum.total += busy + idle + iowait;
+    }
+    (sum.total > 0).then_some(sum)
+}
+
+/// The CPUs this process may run on (empty: unknown, count them all).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
 /// CPU time `tid` (a thread of this process) has used, in ns, from
 /// `/proc/self/task/T/schedstat`.
 fn cpu_ns(tid: libc::pid_t) -> Option<u64> {
@@ -294,6 +415,8 @@ fn start_watchdog() {
                 threads: Vec::new(),
                 all: BusyGuard::process(cpus),
                 total_ns: 0,
+                load: MachineLoad::default(),
+                cpus: allowed_cpus(),
             };
             loop {
                 std::thread::sleep(SAMPLE_EVERY);
@@ -326,6 +449,10 @@ struct Watched {
 struct Watchdog {
     threads: Vec<Watched>,
     all: BusyGuard,
+    /// Whether the machine is busy (real-time only then).
+    load: MachineLoad,
+    /// The CPUs the daemon may run on (what "the machine" is for [`MachineLoad`]).
+    cpus: Vec<usize>,
     /// CPU time of all workers, summed from each one's increments (a thread that ends takes
     /// nothing back).
     total_ns: u64,
@@ -345,7 +472,7 @@ impl Watchdog {
                     tid,
                     guard: BusyGuard::thread(),
                     last_ns,
-                    realtime: true,
+                    realtime: false,
                 });
             }
         }
@@ -377,14 +504,20 @@ impl Watchdog {
             cpu_ns: total,
             small: SMALL_PACKETS.load(Ordering::Relaxed),
         };
+        match cpu_times(&self.cpus) {
+            Some(times) => self.load.observe(now, times),
+            // No /proc/stat: as if always busy (the guards still apply).
+            None => self.load.busy = true,
+        }
         if self.all.observe(now, all) == Some(Change::Demote) {
             tracing::info!(
                 "packet threads are busy most of the time, or moving a flood of small packets: \
                  normal priority until they calm down"
             );
         }
+        let busy = self.load.is_busy();
         for w in &mut self.threads {
-            let want = w.guard.is_realtime() && self.all.is_realtime();
+            let want = busy && w.guard.is_realtime() && self.all.is_realtime();
             if want == w.realtime || set_policy(w.tid, want).is_err() {
                 continue;
             }
@@ -393,7 +526,10 @@ impl Watchdog {
                 REGISTRY.threads.fetch_add(1, Ordering::Relaxed);
             } else {
                 REGISTRY.threads.fetch_sub(1, Ordering::Relaxed);
-                REGISTRY.demotions.fetch_add(1, Ordering::Relaxed);
+                if busy {
+                    // Not the machine calming down: the guard found bulk work.
+                    REGISTRY.demotions.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -520,6 +656,50 @@ mod tests {
         assert!(SMALL_PACKETS.load(Ordering::Relaxed) > before);
     }
 
+    /// Feeds `load` samples every 100 ms with `cpus` CPUs `busy` (0..1) for `for_ms`.
+    fn load_run(
+        load: &mut MachineLoad,
+        t: &mut Instant,
+        times: &mut CpuTimes,
+        busy: f64,
+        for_ms: u64,
+    ) {
+        const CPUS: u64 = 2;
+        for _ in 0..for_ms / 100 {
+            *t += Duration::from_millis(100);
+            // 100 ticks a second per CPU.
+            times.total += 10 * CPUS;
+            times.busy += (10.0 * CPUS as f64 * busy) as u64;
+            load.observe(*t, *times);
+        }
+    }
+
+    #[test]
+    fn real_time_starts_soon_after_the_machine_gets_busy_and_ends_when_it_calms() {
+        let (mut load, mut t, mut times) =
+            (MachineLoad::default(), Instant::now(), CpuTimes::default());
+        load.observe(t, times);
+        load_run(&mut load, &mut t, &mut times, 0.2, 3_000);
+        assert!(!load.is_busy(), "an idle machine");
+        load_run(&mut load, &mut t, &mut times, 1.0, 400);
+        assert!(load.is_busy(), "busy within 400 ms of a download");
+        // Still mostly busy: no flapping.
+        load_run(&mut load, &mut t, &mut times, 0.7, 3_000);
+        assert!(load.is_busy());
+        load_run(&mut load, &mut t, &mut times, 0.1, 1_100);
+        assert!(!load.is_busy(), "calm again after a second");
+    }
+
+    #[test]
+    fn proc_stat_is_read() {
+        let all = cpu_times(&[]).expect("/proc/stat");
+        assert!(all.total >= all.busy && all.total > 0);
+        assert!(!allowed_cpus().is_empty());
+        let first = allowed_cpus()[0];
+        let one = cpu_times(&[first]).expect("one CPU's times");
+        assert!(one.total <= all.total);
+    }
+
     #[test]
     fn the_samples_kept_stay_bounded() {
         let mut s = Sim::new(BusyGuard::thread());
@@ -541,14 +721,11 @@ mod tests {
                 .join()
                 .expect("child thread");
             assert_eq!(child, libc::SCHED_OTHER);
+            // Enrolled or refused, the thread is normal until the watchdog finds the machine
+            // busy.
+            assert_eq!(policy, libc::SCHED_OTHER);
             let s = stats();
-            if s.refused && s.threads == 0 {
-                assert_eq!(policy, libc::SCHED_OTHER);
-            } else {
-                assert_eq!(policy, libc::SCHED_RR);
-                // Back to normal so the test run is not left with a real-time thread.
-                let _ = set_policy(unsafe { libc::gettid() }, false);
-            }
+            assert!(s.refused || s.enrolled >= 1, "{s:?}");
         })
         .join()
         .expect("enrolling thread");

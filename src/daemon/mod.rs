@@ -1420,6 +1420,7 @@ impl Control {
         counters.insert("wg_handshakes".to_string(), load(&s.handshakes));
         counters.insert("offload_split".to_string(), load(&s.offload_split));
         let rt = crate::realtime::stats();
+        counters.insert("realtime_enrolled".to_string(), rt.enrolled);
         counters.insert("realtime_threads".to_string(), rt.threads);
         counters.insert("realtime_demotions".to_string(), rt.demotions);
         counters.insert("realtime_refused".to_string(), u64::from(rt.refused));

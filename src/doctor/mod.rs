@@ -451,12 +451,14 @@ fn check_priority(counters: &Value) -> Finding {
             "run the daemon from the systemd unit (it sets LimitRTPRIO=6) or as root; \
              `[network] realtime = false` if you want normal priority",
         )
-    } else if n("realtime_threads") > 0 {
-        Finding::ok("priority", "packet threads run real-time")
-    } else if n("realtime_demotions") > 0 {
+    } else if n("realtime_enrolled") > 0 {
         Finding::ok(
             "priority",
-            "packet threads are busy (bulk traffic or a flood): normal priority until they calm down",
+            format!(
+                "packet threads get real-time priority while the machine is busy ({} of {} now)",
+                n("realtime_threads"),
+                n("realtime_enrolled")
+            ),
         )
     } else {
         Finding::ok(
@@ -1116,7 +1118,7 @@ mod tests {
         assert!(p.fix.as_deref().unwrap().contains("LimitRTPRIO"), "{p:?}");
         assert_eq!(exit_code(&f), 0);
         x.status = Ok(status(
-            serde_json::json!({"realtime_refused": 0, "realtime_threads": 2}),
+            serde_json::json!({"realtime_refused": 0, "realtime_enrolled": 2, "realtime_threads": 0}),
         ));
         let f = diagnose(&x);
         assert_eq!(find(&f, "priority").level, Level::Ok);
