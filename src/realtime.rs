@@ -110,7 +110,15 @@ pub struct BusyGuard {
     samples: VecDeque<(Instant, Usage)>,
     realtime: bool,
     demoted_at: Option<Instant>,
+    /// CPU demotions in a row, each within [`STRIKES_FOR`] of the one before: each doubles the hold.
+    strikes: u32,
 }
+
+/// A demotion within this long of the previous one counts as a repeat ([`BusyGuard`]): work
+/// that is bulk at real-time but fits under the limit at normal priority would otherwise flap.
+pub const STRIKES_FOR: Duration = Duration::from_secs(60);
+/// The hold never grows past [`HOLD`] times 2 to this power (48 s).
+pub const MAX_STRIKES: u32 = 4;
 
 impl BusyGuard {
     /// A guard for one worker thread ([`THREAD_DEMOTE_ABOVE`]).
@@ -131,7 +139,13 @@ impl BusyGuard {
             samples: VecDeque::new(),
             realtime: true,
             demoted_at: None,
+            strikes: 0,
         }
+    }
+
+    /// How long a demotion holds now: [`HOLD`], doubled for each repeat.
+    pub fn hold(&self) -> Duration {
+        HOLD * 2u32.pow(self.strikes.min(MAX_STRIKES))
     }
 
     /// Whether it may be real-time by the guard's last decision.
@@ -163,17 +177,28 @@ impl BusyGuard {
         let cores = usage.cpu_ns.saturating_sub(first.cpu_ns) as f64 / 1e9 / secs;
         let small = usage.small.saturating_sub(first.small) as f64 / secs;
         if self.realtime && (cores > self.cpu_above || small > self.small_above) {
+            // Only CPU flaps: it is lower at normal priority than at real-time. Small packets
+            // are counted the same at either, so a flood stays demoted without help.
+            let repeat = cores > self.cpu_above
+                && self
+                    .demoted_at
+                    .is_some_and(|at| now.duration_since(at) < STRIKES_FOR);
+            self.strikes = if repeat {
+                (self.strikes + 1).min(MAX_STRIKES)
+            } else {
+                0
+            };
             self.realtime = false;
             self.demoted_at = Some(now);
             return Some(Change::Demote);
         }
         let held = self
             .demoted_at
-            .is_none_or(|at| now.duration_since(at) >= HOLD);
+            .is_none_or(|at| now.duration_since(at) >= self.hold());
         let calm = cores < self.cpu_above && small < self.small_above * PROMOTE_SMALL_FRACTION;
         if !self.realtime && held && calm {
+            // demoted_at stays: a demotion soon after this one is a repeat.
             self.realtime = true;
-            self.demoted_at = None;
             return Some(Change::Promote);
         }
         None
@@ -209,6 +234,14 @@ pub struct MachineLoad {
 }
 
 impl MachineLoad {
+    /// No sample to be had: busy from `now` (calm again once samples show it).
+    pub fn assume_busy(&mut self, now: Instant) {
+        if !self.busy {
+            self.busy = true;
+            self.busy_since = Some(now);
+        }
+    }
+
     /// Whether the machine is busy by the last sample.
     pub fn is_busy(&self) -> bool {
         self.busy
@@ -296,8 +329,13 @@ pub fn enroll_current_worker() {
     }
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
-    // Whether the kernel allows it at all, found out now, for the log and `lanrage doctor`.
-    match set_policy(tid, true).and_then(|()| set_policy(tid, false)) {
+    // Whether the kernel allows it at all (both ways), found out now, for the log and
+    // `lanrage doctor`.
+    let allowed = set_policy(tid, true).and_then(|()| set_policy(tid, false));
+    if allowed.is_err() {
+        let _ = set_policy(tid, false); // never leave it real-time unwatched
+    }
+    match allowed {
         Ok(()) => {
             REGISTRY.enrolled.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut tids) = REGISTRY.tids.lock() {
@@ -334,7 +372,10 @@ fn set_policy(tid: libc::pid_t, realtime: bool) -> std::io::Result<()> {
         // inherit real-time: they run password hashing and file writes.
         (libc::SCHED_RR | libc::SCHED_RESET_ON_FORK, WORKER_PRIORITY)
     } else {
-        (libc::SCHED_OTHER, 0)
+        // Keeping the flag: clearing it takes CAP_SYS_NICE, which the systemd unit does not
+        // grant (it allows real-time through RLIMIT_RTPRIO alone), so a plain SCHED_OTHER would
+        // be refused and leave the thread real-time.
+        (libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK, 0)
     };
     set_scheduler(tid, policy, priority)
 }
@@ -400,6 +441,8 @@ fn cpu_ns(tid: libc::pid_t) -> Option<u64> {
 }
 
 /// The watchdog: a thread of its own at [`WATCHDOG_PRIORITY`] (it sleeps nearly all the time).
+/// It is the only one that makes workers real-time, so if it cannot run above them, or fails,
+/// none is.
 fn start_watchdog() {
     let spawned = std::thread::Builder::new()
         .name("lanrage-rt-guard".into())
@@ -408,7 +451,9 @@ fn start_watchdog() {
             let me = unsafe { libc::gettid() };
             let policy = libc::SCHED_RR | libc::SCHED_RESET_ON_FORK;
             if let Err(e) = set_scheduler(me, policy, WATCHDOG_PRIORITY) {
-                tracing::debug!(error = %e, "the real-time watchdog runs at normal priority");
+                // Below the workers it could not act on them when they are busy.
+                refuse("the watchdog cannot run above the packet threads", &e);
+                return;
             }
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
             let mut watchdog = Watchdog {
@@ -420,19 +465,38 @@ fn start_watchdog() {
             };
             loop {
                 std::thread::sleep(SAMPLE_EVERY);
-                watchdog.round(Instant::now());
+                let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    watchdog.round(Instant::now())
+                }));
+                if round.is_err() {
+                    tracing::warn!(
+                        "the real-time watchdog failed; packets move at normal priority"
+                    );
+                    demote_all();
+                    return;
+                }
             }
         });
     if let Err(e) = spawned {
-        // Without a guard nothing may stay real-time.
-        tracing::warn!(error = %e, "cannot start the real-time watchdog; normal priority");
-        if let Ok(tids) = REGISTRY.tids.lock() {
-            for &tid in tids.iter() {
-                let _ = set_policy(tid, false);
-            }
-        }
-        REGISTRY.threads.store(0, Ordering::Relaxed);
+        refuse("cannot start the real-time watchdog", &e);
     }
+}
+
+/// No real-time from now on: says why once, for the log and `lanrage doctor`.
+fn refuse(why: &str, e: &std::io::Error) {
+    demote_all();
+    if !REGISTRY.refused.swap(true, Ordering::Relaxed) {
+        tracing::info!(error = %e, "{why}; packets are moved at normal priority");
+    }
+}
+
+/// Every enrolled worker back to normal priority, for good.
+fn demote_all() {
+    let tids = REGISTRY.tids.lock().unwrap_or_else(|e| e.into_inner());
+    for &tid in tids.iter() {
+        let _ = set_policy(tid, false);
+    }
+    REGISTRY.threads.store(0, Ordering::Relaxed);
 }
 
 /// One enrolled worker as the watchdog sees it.
@@ -461,10 +525,11 @@ struct Watchdog {
 impl Watchdog {
     /// One round over every enrolled worker.
     fn round(&mut self, now: Instant) {
-        let tids: Vec<libc::pid_t> = match REGISTRY.tids.lock() {
-            Ok(t) => t.clone(),
-            Err(_) => return,
-        };
+        let tids: Vec<libc::pid_t> = REGISTRY
+            .tids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for tid in tids {
             if !self.threads.iter().any(|w| w.tid == tid) {
                 let last_ns = cpu_ns(tid).unwrap_or(0);
@@ -479,8 +544,10 @@ impl Watchdog {
         let mut total = self.total_ns;
         self.threads.retain_mut(|w| {
             let Some(cpu) = cpu_ns(w.tid) else {
-                // The thread is gone (the runtime is shutting down).
+                // The thread is gone (the runtime is shutting down), or its schedstat cannot be
+                // read (no file descriptor left?): never leave it real-time unwatched.
                 if w.realtime {
+                    let _ = set_policy(w.tid, false);
                     REGISTRY.threads.fetch_sub(1, Ordering::Relaxed);
                 }
                 if let Ok(mut tids) = REGISTRY.tids.lock() {
@@ -506,8 +573,8 @@ impl Watchdog {
         };
         match cpu_times(&self.cpus) {
             Some(times) => self.load.observe(now, times),
-            // No /proc/stat: as if always busy (the guards still apply).
-            None => self.load.busy = true,
+            // No /proc/stat: as if busy (the guards still apply).
+            None => self.load.assume_busy(now),
         }
         if self.all.observe(now, all) == Some(Change::Demote) {
             tracing::info!(
@@ -596,6 +663,28 @@ mod tests {
         // Still above the line: stays normal, however long.
         assert!(s.run(0.85, 1000, 10_000).is_empty());
         assert!(!s.g.is_realtime());
+    }
+
+    #[test]
+    fn work_that_keeps_coming_back_waits_longer_each_time() {
+        let mut s = Sim::new(BusyGuard::thread());
+        let mut holds = Vec::new();
+        for _ in 0..6 {
+            // Bulk at real-time, just under the limit at normal priority.
+            assert_eq!(s.run(0.95, 0, 1_000), vec![Change::Demote]);
+            holds.push(s.g.hold());
+            let mut waited = 0;
+            while s.run(0.75, 0, 100).is_empty() {
+                waited += 100;
+                assert!(waited < 60_000, "never promoted");
+            }
+        }
+        let secs: Vec<u64> = holds.iter().map(|h| h.as_secs()).collect();
+        assert_eq!(secs, vec![3, 6, 12, 24, 48, 48]);
+        // A minute of calm real-time later, a demotion holds 3 s again.
+        assert!(s.run(0.2, 0, 61_000).is_empty());
+        assert_eq!(s.run(0.95, 0, 1_000), vec![Change::Demote]);
+        assert_eq!(s.g.hold(), HOLD);
     }
 
     #[test]
@@ -729,6 +818,62 @@ mod tests {
         })
         .join()
         .expect("enrolling thread");
+    }
+
+    /// Drops CAP_SYS_NICE from the calling thread's effective set (capabilities are per thread
+    /// on Linux); false if that is not possible here.
+    fn drop_cap_sys_nice() -> bool {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_SYS_NICE: u32 = 23;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset with a v3 header and two data structs, as the kernel expects.
+        unsafe {
+            if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
+                return false;
+            }
+            data[0].effective &= !(1 << CAP_SYS_NICE);
+            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) == 0
+        }
+    }
+
+    #[test]
+    fn a_thread_goes_back_to_normal_without_cap_sys_nice() {
+        // The systemd unit allows real-time through RLIMIT_RTPRIO, without CAP_SYS_NICE; then
+        // the kernel refuses to clear SCHED_RESET_ON_FORK, so going back to normal must keep it.
+        std::thread::spawn(|| {
+            // SAFETY: gettid has no preconditions.
+            let me = unsafe { libc::gettid() };
+            if set_policy(me, true).is_err() {
+                return; // no real-time here at all: nothing to check
+            }
+            if !drop_cap_sys_nice() {
+                let _ = set_policy(me, false);
+                return;
+            }
+            let back = set_policy(me, false);
+            // SAFETY: plain query of the calling thread's policy.
+            let policy = unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK;
+            assert!(back.is_ok(), "{back:?}");
+            assert_eq!(policy, libc::SCHED_OTHER);
+        })
+        .join()
+        .expect("test thread");
     }
 
     #[test]

@@ -463,7 +463,7 @@ fn check_priority(counters: &Value) -> Finding {
     } else {
         Finding::ok(
             "priority",
-            "packet threads at normal priority ([network] realtime = false)",
+            "packet threads at normal priority ([network] realtime = false, or just started)",
         )
     }
 }
