@@ -80,6 +80,19 @@ pub fn note_packet(len: usize) {
     }
 }
 
+/// Adds a sample taken at `now`, keeping one at or before the start of the [`WINDOW`] that ends
+/// now (so a window is always full width once there is one) and none older.
+fn push_sample<T>(samples: &mut VecDeque<(Instant, T)>, now: Instant, sample: T) {
+    samples.push_back((now, sample));
+    while samples.len() > 2
+        && samples
+            .get(1)
+            .is_some_and(|(at, _)| now.duration_since(*at) >= WINDOW)
+    {
+        samples.pop_front();
+    }
+}
+
 /// What the guard decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -157,16 +170,7 @@ impl BusyGuard {
     /// is below its limit and its small packets below [`PROMOTE_SMALL_FRACTION`] of theirs, at
     /// least [`HOLD`] after the demotion.
     pub fn observe(&mut self, now: Instant, usage: Usage) -> Option<Change> {
-        self.samples.push_back((now, usage));
-        // Keep one sample at or before the window's start, so the window is always full width.
-        while self.samples.len() > 2
-            && self
-                .samples
-                .get(1)
-                .is_some_and(|&(at, _)| now.duration_since(at) >= WINDOW)
-        {
-            self.samples.pop_front();
-        }
+        push_sample(&mut self.samples, now, usage);
         let &(first_at, first) = self.samples.front()?;
         let span = now.duration_since(first_at);
         // Judge only a full window: a short burst at start-up is not "busy".
@@ -249,15 +253,7 @@ impl MachineLoad {
 
     /// One sample: `times` so far at `now`.
     pub fn observe(&mut self, now: Instant, times: CpuTimes) {
-        self.samples.push_back((now, times));
-        while self.samples.len() > 2
-            && self
-                .samples
-                .get(1)
-                .is_some_and(|&(at, _)| now.duration_since(at) >= WINDOW)
-        {
-            self.samples.pop_front();
-        }
+        push_sample(&mut self.samples, now, times);
         // The busy fraction since the newest sample at least `over` old.
         let since = |over: Duration| {
             let &(_, then) = self
