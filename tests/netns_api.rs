@@ -48,6 +48,15 @@ struct OperatorAccount {
 static ACCOUNTS: AtomicUsize = AtomicUsize::new(0);
 
 impl OperatorAccount {
+    /// The operator group's id.
+    fn gid(&self) -> u32 {
+        nix::unistd::Group::from_name(&self.group)
+            .expect("read /etc/group")
+            .expect("the operator group exists")
+            .gid
+            .as_raw()
+    }
+
     fn create() -> Self {
         let n = ACCOUNTS.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
@@ -193,11 +202,7 @@ fn operator_group_member_drives_the_daemon_without_root() {
     };
     let account = OperatorAccount::create();
     let alice = lab.spawn(0, NodeOpts::new("alice").operator_group(&account.group));
-    let gid = nix::unistd::Group::from_name(&account.group)
-        .unwrap()
-        .unwrap()
-        .gid
-        .as_raw();
+    let gid = account.gid();
     let meta = std::fs::metadata(alice.token_file()).expect("token file");
     assert_eq!(meta.mode() & 0o777, 0o640);
     assert_eq!((meta.uid(), meta.gid()), (0, gid));
@@ -715,11 +720,7 @@ fn the_services_capabilities_are_enough_to_host_a_party() {
         &format!("/proc/sys/net/ipv6/conf/{LAB_IFACE}/disable_ipv6"),
     ]);
     assert_eq!(sysctl.stdout.trim(), "1", "{sysctl:?}");
-    let gid = nix::unistd::Group::from_name(&account.group)
-        .unwrap()
-        .unwrap()
-        .gid
-        .as_raw();
+    let gid = account.gid();
     let meta = std::fs::metadata(alice.token_file()).expect("token file");
     assert_eq!(meta.gid(), gid);
     assert!(
