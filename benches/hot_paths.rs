@@ -173,7 +173,7 @@ fn tcp_segment(seq: u32, payload: usize) -> Vec<u8> {
 /// header): what one 64 KiB TCP burst costs to split on the way out and to coalesce on the way
 /// in, beside the ~45 seals or opens it also takes (`datapath/wireguard_roundtrip_1420B`).
 fn offload(c: &mut Criterion) {
-    use lanrage::tunnel::offload::{device_read, DeviceBatch, DeviceRead, Segments, VNET_HLEN};
+    use lanrage::datapath::offload::{device_read, DeviceBatch, DeviceRead, Segments, VNET_HLEN};
     use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4};
     const MSS: usize = 1380;
     const LINK: usize = 14;

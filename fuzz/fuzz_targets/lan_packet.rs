@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use lanrage::config::BroadcastConfig;
 use lanrage::lan::gate::Gate;
-use lanrage::tunnel::ether;
+use lanrage::datapath::ether;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

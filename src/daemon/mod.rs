@@ -1344,7 +1344,7 @@ impl Control {
     }
 
     fn status(&self) -> StatusView {
-        let s = &self.tunnel.stats;
+        let s = self.tunnel.stats();
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         let mut counters: HashMap<String, u64> = HashMap::from([
             ("udp_garbage".to_string(), load(&s.garbage)),

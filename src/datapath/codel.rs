@@ -112,7 +112,7 @@ pub enum Action {
 
 /// Which [`Action`] applies to `packet` (an IPv4 packet).
 pub fn action(packet: &[u8]) -> Action {
-    match crate::tunnel::packet::tcp_payload_len(packet) {
+    match crate::datapath::packet::tcp_payload_len(packet) {
         // Not TCP, or a pure ACK (or SYN, FIN, RST without data).
         None | Some(0) => Action::Exempt,
         Some(_) if packet[1] & 0x03 == 0 => Action::Drop,
