@@ -78,6 +78,8 @@ pub const ROAM_QUEUE: usize = 256;
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
 /// WireGuard overhead on a data packet: the 16-byte header and the 16-byte tag.
 const WG_OVERHEAD: usize = 32;
+/// A WireGuard handshake initiation's length.
+const HANDSHAKE_INIT_LEN: usize = 148;
 
 /// "Peer `key` sent an authenticated packet from this address": input for the path layer.
 pub type RoamReport = ([u8; 32], SocketAddr);
@@ -394,13 +396,14 @@ impl Datapath {
     }
 
     /// A handshake initiation for `peer` to its endpoint (`force`: even if one is under way).
+    /// The handshake starts even when there is nowhere to send it yet (no endpoint, or a relay
+    /// route not known yet): WireGuard's timers then repeat it ([`Datapath::handle_timeout`]).
     fn handshake_initiation(&self, peer: &Peer, force: bool) -> Option<Datagram> {
-        let route = self.wire_route(peer.endpoint()?)?;
         let mut d = Datagram {
             buf: [0u8; HEADROOM + 256],
-            start: HEADROOM - route.head(),
+            start: HEADROOM,
             len: 0,
-            to: route.to,
+            to: SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         let len = match peer
             .tunn
@@ -410,7 +413,10 @@ impl Datapath {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return None,
         };
+        let route = self.wire_route(peer.endpoint()?)?;
+        d.start = HEADROOM - route.head();
         d.len = route.head() + len;
+        d.to = route.to;
         route.frame(&mut d.buf[d.start..]).then_some(d)
     }
 

@@ -12,7 +12,7 @@ use boringtun::noise::TunnResult;
 use super::offload::{self, DeviceRead, Segments, VNET_HLEN};
 use super::peers::Peer;
 use super::transmit::{Transmit, Transmits};
-use super::{bump, ether, packet, Datapath, HEADROOM, WG_OVERHEAD};
+use super::{bump, ether, packet, Datapath, HANDSHAKE_INIT_LEN, HEADROOM, WG_OVERHEAD};
 use crate::config::DeviceKind;
 use crate::lan::gate::{self, Gate, Verdict};
 
@@ -205,7 +205,10 @@ fn encrypt_into(dp: &Datapath, peer: &Peer, pkt: &[u8], tx: &mut Transmits) {
     };
     let head = route.head();
     let to: SocketAddr = route.to;
-    let Some(slot) = tx.slot(to, head + pkt.len() + WG_OVERHEAD + 16) else {
+    // Room for the encrypted packet, or for the handshake initiation boringtun writes instead
+    // when there is no session (a ping is shorter than one).
+    let room = (pkt.len() + WG_OVERHEAD + 16).max(HANDSHAKE_INIT_LEN);
+    let Some(slot) = tx.slot(to, head + room) else {
         bump(&dp.stats.tx_queue_full);
         return;
     };

@@ -590,3 +590,127 @@ fn a_handshake_flood_is_answered_with_cookies_before_any_diffie_hellman() {
     );
     assert!(a.dp.stats.handshakes.load(Ordering::Relaxed) < HANDSHAKE_RATE_LIMIT);
 }
+
+/// A datapath that knows one peer, directly and through a relay, on an offloading TAP device:
+/// every path of both directions is reachable from hostile bytes.
+fn exposed() -> (Datapath, Inbound, Outbound, SocketAddr) {
+    let me = Identity::generate();
+    let shape = DeviceShape {
+        kind: DeviceKind::Tap,
+        vnet: true,
+        udp_gro: true,
+        mtu: 1420,
+    };
+    let dp = Datapath::new(
+        me.secret.clone(),
+        "10.66.0.0/16".parse().unwrap(),
+        shape,
+        &Default::default(),
+    );
+    dp.set_address(Some(Ipv4Addr::new(10, 66, 0, 2)));
+    let peer = Node::new(3, DeviceKind::Tap);
+    dp.set_peers(&[peer.spec()], Instant::now());
+    let relay = SocketAddr::from(([203, 0, 113, 1], 3478));
+    dp.set_relay_route(SessionId(1), Some(relay));
+    let inbound = Inbound::new(&dp, Instant::now());
+    let outbound = Outbound::new(&dp, 64);
+    (dp, inbound, outbound, relay)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Whatever arrives on the socket is handled or counted, never a panic.
+    #[test]
+    fn hostile_datagrams_never_panic(
+        head in proptest::prop_oneof![
+            proptest::strategy::Just(vec![]),
+            proptest::strategy::Just(vec![1u8, 0, 0, 0]),
+            proptest::strategy::Just(vec![2u8, 0, 0, 0]),
+            proptest::strategy::Just(vec![4u8, 0, 0, 0]),
+            proptest::strategy::Just(b"RL".to_vec()),
+            proptest::strategy::Just(crate::wire::MAGIC.to_vec()),
+        ],
+        body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+        from_relay in proptest::prelude::any::<bool>(),
+    ) {
+        let (dp, mut inbound, _, relay) = exposed();
+        let mut d = head;
+        d.extend_from_slice(&body);
+        let from = if from_relay { relay } else { SocketAddr::from(([192, 0, 2, 3], 51820)) };
+        let _ = inbound.handle_udp(&dp, Instant::now(), from, &d, Duration::from_millis(9));
+        while inbound.poll_transmit().is_some() {}
+        while inbound.poll_roam().is_some() {}
+        let _ = inbound.poll_device(&dp).count();
+    }
+
+    /// Whatever the device hands over (virtio-net header, Ethernet, IP) is sent, answered or
+    /// counted, never a panic.
+    #[test]
+    fn hostile_device_reads_never_panic(
+        bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000),
+    ) {
+        let (dp, _, mut outbound, _) = exposed();
+        let mut buf = vec![0u8; offload::VNET_HLEN + ether::ETH_HLEN + BUF];
+        buf[..bytes.len()].copy_from_slice(&bytes);
+        outbound.handle_device(&dp, Instant::now(), &mut buf, bytes.len());
+        let _ = outbound.poll_device_write();
+        outbound.flush();
+        while outbound.poll_transmit().is_some() {}
+    }
+}
+
+/// `b` as `a` knows it gets a fresh WireGuard state: no session, no handshake under way (as
+/// after a session expired).
+fn forget_session(a: &Node, b: &Node) {
+    let peer = a.dp.peers.read().by_key(&b.id.public).cloned().unwrap();
+    *peer.tunn.lock() = boringtun::noise::Tunn::new(
+        a.id.secret.clone(),
+        x25519_dalek::PublicKey::from(b.id.public),
+        None,
+        None,
+        peer.index,
+        Some(a.dp.limiter.clone()),
+    );
+}
+
+#[test]
+fn a_ping_to_a_peer_without_a_session_starts_the_handshake_and_arrives_after_it() {
+    let (mut a, mut b) = pair(DeviceKind::Tun);
+    forget_session(&a, &b);
+    let ping = ping(a.ip, b.ip);
+    let init = a.read_device(&ping);
+    assert_eq!(init.len(), 1, "the handshake leaves at once");
+    assert_eq!(init[0].contents.len(), HANDSHAKE_INIT_LEN);
+    assert_eq!((init[0].to, init[0].contents[0]), (b.addr, 1));
+    let mut answers = Vec::new();
+    assert!(b.receive(a.addr, &init, &mut answers).is_empty());
+    // The response completes a's handshake, and the ping WireGuard held goes out after it.
+    let mut held = Vec::new();
+    a.receive(b.addr, &answers, &mut held);
+    assert!(!held.is_empty(), "the held ping (after a keepalive)");
+    assert!(held.iter().all(|h| h.to == b.addr && h.contents[0] == 4));
+    assert_eq!(b.receive(a.addr, &held, &mut Vec::new()), vec![ping]);
+}
+
+#[test]
+fn a_relayed_peer_whose_route_is_not_known_yet_still_starts_its_handshake() {
+    let (a, b) = pair(DeviceKind::Tun);
+    forget_session(&a, &b);
+    let session = SessionId(5);
+    let vaddr = vaddr::vaddr(session);
+    assert!(
+        a.dp.set_endpoint(&b.id.public, Some(vaddr)).is_none(),
+        "nowhere to send"
+    );
+    assert_eq!(a.dp.stats.relay_no_route.load(Ordering::Relaxed), 1);
+    let peer = a.dp.peers.read().by_key(&b.id.public).cloned().unwrap();
+    let mut buf = [0u8; 256];
+    let again = matches!(
+        peer.tunn
+            .lock()
+            .format_handshake_initiation(&mut buf, false),
+        boringtun::noise::TunnResult::Done
+    );
+    assert!(again, "one is under way: WireGuard's timers repeat it");
+}

@@ -18,9 +18,10 @@ use std::net::SocketAddr;
 /// The most bytes one segmented send may carry (a UDP datagram's limit, less headers).
 pub const MAX_BATCH_BYTES: usize = 65_000;
 /// The most bytes waiting to be sent before new datagrams are refused. The edge sends what is
-/// ready after every device read, so this is never reached by the datapath's own work (the
-/// most one read makes is a 64 KiB burst for each of [`crate::wire::MAX_MEMBERS`] members);
-/// it bounds memory whatever happens.
+/// ready after every device read, and what was sent no longer takes room (the open batch moves
+/// to the start), so the datapath's own work stays far below this (the most one read makes is
+/// a 64 KiB burst for each of [`crate::wire::MAX_MEMBERS`] members); it bounds memory whatever
+/// happens.
 pub const MAX_QUEUED_BYTES: usize = 4 << 20;
 
 /// One send for the I/O edge: `contents` to `to`, cut into datagrams of `segment` bytes (the last
@@ -112,6 +113,8 @@ impl Transmits {
         let Some(to) = self.slot_to.take() else {
             return;
         };
+        debug_assert!(self.end + len <= self.buf.len(), "longer than its slot");
+        let len = len.min(self.buf.len() - self.end);
         let start = self.end;
         self.end += len;
         match &mut self.open {
@@ -161,8 +164,16 @@ impl Transmits {
         if !self.has_ready() {
             self.sealed.clear();
             self.next = 0;
-            if self.open.is_none() {
-                self.end = 0;
+            match &mut self.open {
+                None => self.end = 0,
+                Some(open) if open.start > 0 => {
+                    // Everything before it was sent: the open batch moves to the start, so the
+                    // buffer holds at most what one round of reads has not sent yet.
+                    self.buf.copy_within(open.start..open.start + open.bytes, 0);
+                    open.start = 0;
+                    self.end = open.bytes;
+                }
+                Some(_) => {}
             }
             return None;
         }
@@ -284,9 +295,13 @@ mod tests {
         put(&mut t, to(1), 100, 1);
         put(&mut t, to(2), 100, 2);
         assert_eq!(drain(&mut t), vec![(100, to(1), None, 1)]);
+        assert_eq!(t.end, 100, "the open batch moved to the start");
         put(&mut t, to(2), 100, 3);
         t.seal();
-        assert_eq!(drain(&mut t), vec![(200, to(2), Some(100), 3)]);
+        let moved = t.poll_transmit().unwrap();
+        assert!(moved.contents[..100].iter().all(|&x| x == 2));
+        assert!(moved.contents[100..].iter().all(|&x| x == 3));
+        assert_eq!(drain(&mut t), vec![]);
         assert_eq!(t.end, 0);
     }
 
