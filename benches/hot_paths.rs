@@ -2,9 +2,10 @@
 //! a WireGuard data packet through boringtun (encapsulate on one side, decapsulate on the other),
 //! the per-packet work of the tunnel loops; and a host's password check (argon2id) and rejoin
 //! token check; and the offload steps around them: a 64 KiB TCP burst from the device split into
-//! MTU-sized packets, and a burst's decrypted packets coalesced back into one device write. Run:
-//! `cargo bench --bench hot_paths` (`-- password` for the checks alone, `-- offload` for the
-//! split and the coalescing).
+//! MTU-sized packets, and a burst's decrypted packets coalesced back into one device write; and a
+//! burst through each direction of the sans-IO datapath core, everything but the system calls.
+//! Run: `cargo bench --bench hot_paths` (`-- password` for the checks alone, `-- offload` for the
+//! split and the coalescing, `-- core` for the datapath core).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
@@ -233,5 +234,126 @@ fn offload(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, password, offload);
+/// Two datapaths (TUN-shaped, no offloads) that completed a handshake through their cores.
+fn core_pair() -> (
+    lanrage::datapath::Datapath,
+    lanrage::datapath::Outbound,
+    lanrage::datapath::Datapath,
+    lanrage::datapath::Inbound,
+) {
+    use lanrage::config::DeviceKind;
+    use lanrage::datapath::{Datapath, DeviceShape, Inbound, Outbound};
+    use lanrage::party::PeerSpec;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    let shape = DeviceShape {
+        kind: DeviceKind::Tun,
+        vnet: false,
+        udp_gro: false,
+        mtu: 1420,
+    };
+    let node = |last: u8| {
+        let id = Identity::generate();
+        let dp = Datapath::new(
+            id.secret.clone(),
+            "10.66.0.0/16".parse().expect("subnet"),
+            shape,
+            &Default::default(),
+        );
+        dp.set_address(Some(Ipv4Addr::new(10, 66, 0, last)));
+        let spec = PeerSpec {
+            key: id.public,
+            ip: Ipv4Addr::new(10, 66, 0, last),
+            endpoint: Some(SocketAddr::from(([192, 0, 2, last], 51820))),
+            observed: false,
+        };
+        (dp, spec)
+    };
+    let (a, spec_a) = node(1);
+    let (b, spec_b) = node(2);
+    let mut a_in = Inbound::new(&a, Instant::now());
+    let mut b_in = Inbound::new(&b, Instant::now());
+    let init = a.set_peers(std::slice::from_ref(&spec_b), Instant::now());
+    let _ = b.set_peers(std::slice::from_ref(&spec_a), Instant::now());
+    let now = Instant::now();
+    let from_a = spec_a.endpoint.expect("endpoint");
+    let from_b = spec_b.endpoint.expect("endpoint");
+    let mut to_a = Vec::new();
+    for d in &init {
+        let _ = b_in.handle_udp(&b, now, from_a, d.bytes(), Duration::ZERO);
+    }
+    while let Some(t) = b_in.poll_transmit() {
+        to_a.push(t.contents.to_vec());
+    }
+    let mut to_b = Vec::new();
+    for d in &to_a {
+        let _ = a_in.handle_udp(&a, now, from_b, d, Duration::ZERO);
+    }
+    while let Some(t) = a_in.poll_transmit() {
+        to_b.push(t.contents.to_vec());
+    }
+    for d in &to_b {
+        let _ = b_in.handle_udp(&b, now, from_a, d, Duration::ZERO);
+    }
+    let a_out = Outbound::new(&a, 64);
+    (a, a_out, b, b_in)
+}
+
+/// A burst of 45 packets of 1400 bytes (a 64 KiB TCP window's worth) through each direction of
+/// the datapath core: encrypt and batch into one segmented send; decrypt into the device batch.
+fn core(c: &mut Criterion) {
+    use std::time::Duration;
+    const BURST: usize = 45;
+    let (a, mut a_out, b, mut b_in) = core_pair();
+    let mut g = c.benchmark_group("core");
+    g.throughput(Throughput::Bytes((BURST * 1400) as u64));
+    let mut pkt = ipv4_packet(1400);
+    pkt[12..16].copy_from_slice(&[10, 66, 0, 1]);
+    pkt[16..20].copy_from_slice(&[10, 66, 0, 2]);
+    let mut buf = vec![0u8; 65536];
+    let mut encrypt_burst = |buf: &mut Vec<u8>, sink: &mut dyn FnMut(&[u8], Option<usize>)| {
+        for _ in 0..BURST {
+            buf[..pkt.len()].copy_from_slice(&pkt);
+            a_out.handle_device(&a, Instant::now(), buf, pkt.len());
+        }
+        a_out.flush();
+        while let Some(t) = a_out.poll_transmit() {
+            sink(t.contents, t.segment);
+        }
+    };
+    g.bench_function("outbound_45x1400B", |bench| {
+        bench.iter(|| {
+            let mut sends = 0;
+            encrypt_burst(&mut buf, &mut |_, _| sends += 1);
+            assert_eq!(sends, 1, "one segmented send");
+        })
+    });
+    let from = std::net::SocketAddr::from(([192, 0, 2, 1], 51820));
+    g.bench_function("inbound_45x1400B", |bench| {
+        bench.iter_batched(
+            || {
+                let mut datagrams = Vec::with_capacity(BURST);
+                encrypt_burst(&mut buf, &mut |contents, segment| {
+                    let seg = segment.unwrap_or(contents.len());
+                    datagrams.extend(contents.chunks(seg).map(<[u8]>::to_vec));
+                });
+                datagrams
+            },
+            |datagrams| {
+                let now = Instant::now();
+                for d in &datagrams {
+                    let _ = b_in.handle_udp(&b, now, from, d, Duration::ZERO);
+                }
+                let frames = b_in.poll_device(&b).count();
+                b_in.device_written();
+                assert_eq!(frames, BURST);
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, password, offload, core);
 criterion_main!(benches);
