@@ -11,6 +11,7 @@ use boringtun::noise::{Packet, TunnResult};
 use super::offload::DeviceBatch;
 use super::peers::Peer;
 use super::transmit::{Transmit, Transmits};
+use super::view::{PeerRoute, View};
 use super::{bump, codel, ether, packet, Datapath, RoamReport, BUF, HEADROOM};
 use crate::lan::gate::{self, Gate, Verdict};
 use crate::path::vaddr;
@@ -32,9 +33,15 @@ pub struct ForControl<'a> {
 }
 
 /// Tells the path layer (through `roam`) that `peer` was heard from `src` when that is not its
-/// endpoint, once per new address.
-fn note_source(roam: &mut Vec<RoamReport>, dp: &Datapath, peer: &Peer, src: SocketAddr) {
-    if peer.endpoint() == Some(src) {
+/// `endpoint`, once per new address.
+fn note_source(
+    roam: &mut Vec<RoamReport>,
+    dp: &Datapath,
+    peer: &Peer,
+    endpoint: Option<SocketAddr>,
+    src: SocketAddr,
+) {
+    if endpoint == Some(src) {
         return;
     }
     let mut last = peer.reported.lock();
@@ -66,6 +73,8 @@ pub struct Inbound {
     roam_next: usize,
     /// Largest packet the device takes (the MTU plus room).
     room: usize,
+    /// This direction's copy of the peers and relay routes.
+    view: View,
 }
 
 impl Inbound {
@@ -80,6 +89,7 @@ impl Inbound {
             roam: Vec::with_capacity(super::ROAM_QUEUE),
             roam_next: 0,
             room: shape.mtu + 256,
+            view: View::default(),
         }
     }
 
@@ -151,13 +161,14 @@ impl Inbound {
         datagram: &'a [u8],
         sojourn: Duration,
     ) -> Option<ForControl<'a>> {
+        self.view.refresh(dp);
         let mut datagram = datagram;
         let mut src = src;
         let mut kind = classify(datagram);
         if kind == DatagramKind::Relay {
             match lanrage_proto::frame::decode(datagram) {
                 Ok(lanrage_proto::frame::Frame::Data { session, payload }) => {
-                    if dp.relay_of(session.0) != Some(src) {
+                    if self.view.relay_of(session.0) != Some(src) {
                         bump(&dp.stats.relay_unexpected);
                         return None;
                     }
@@ -206,23 +217,32 @@ impl Inbound {
         }
     }
 
-    fn find_peer(dp: &Datapath, packet: &Packet) -> Option<Arc<Peer>> {
-        let peers = dp.peers.read();
+    /// The peer a WireGuard message is for, with its endpoint.
+    fn find_peer(&self, dp: &Datapath, packet: &Packet) -> Option<PeerRoute> {
         match packet {
             Packet::HandshakeInit(init) => {
+                // Rare, and the only lookup by key: from the shared table.
                 let half = parse_handshake_anon(&dp.secret, &dp.public, init).ok()?;
-                peers.by_key(&half.peer_static_public).cloned()
+                let peer = dp.peers.read().by_key(&half.peer_static_public).cloned()?;
+                Some(match self.view.by_index(peer.index) {
+                    Some(r) if Arc::ptr_eq(&r.peer, &peer) => r.clone(),
+                    _ => PeerRoute {
+                        endpoint: peer.endpoint(),
+                        peer,
+                    },
+                })
             }
-            Packet::HandshakeResponse(p) => peers.by_receiver_index(p.receiver_idx).cloned(),
-            Packet::PacketCookieReply(p) => peers.by_receiver_index(p.receiver_idx).cloned(),
-            Packet::PacketData(p) => peers.by_receiver_index(p.receiver_idx).cloned(),
+            Packet::HandshakeResponse(p) => self.view.by_receiver_index(p.receiver_idx).cloned(),
+            Packet::PacketCookieReply(p) => self.view.by_receiver_index(p.receiver_idx).cloned(),
+            Packet::PacketData(p) => self.view.by_receiver_index(p.receiver_idx).cloned(),
         }
     }
 
     /// Queues an answer to `to` (through its relay if virtual).
     fn answer(&mut self, dp: &Datapath, to: SocketAddr, bytes: &[u8]) {
-        if let Some(route) = dp.wire_route(to) {
-            super::push_alone(&mut self.transmits, route, bytes, &dp.stats);
+        match self.view.wire_route(to) {
+            Some(route) => super::push_alone(&mut self.transmits, route, bytes, &dp.stats),
+            None => bump(&dp.stats.relay_no_route),
         }
     }
 
@@ -252,7 +272,7 @@ impl Inbound {
                 return;
             }
         };
-        let Some(peer) = Self::find_peer(dp, &packet) else {
+        let Some(PeerRoute { peer, endpoint }) = self.find_peer(dp, &packet) else {
             bump(&dp.stats.wg_unknown_peer);
             return;
         };
@@ -301,13 +321,14 @@ impl Inbound {
                 Next::Network(len) => {
                     // A handshake answer or queued packets: send, then ask for more. Answers
                     // go where the message came from; queued data goes to the endpoint.
-                    note_source(&mut self.roam, dp, &peer, src);
+                    note_source(&mut self.roam, dp, &peer, endpoint, src);
                     let to = if matches!(packet, Packet::PacketData(_)) {
-                        peer.endpoint().unwrap_or(src)
+                        endpoint.unwrap_or(src)
                     } else {
                         src
                     };
-                    let Some(route) = dp.wire_route(to) else {
+                    let Some(route) = self.view.wire_route(to) else {
+                        bump(&dp.stats.relay_no_route);
                         input = &[];
                         continue;
                     };
@@ -326,7 +347,7 @@ impl Inbound {
                     input = &[];
                 }
                 Next::Tunnel(len, addr) => {
-                    note_source(&mut self.roam, dp, &peer, src);
+                    note_source(&mut self.roam, dp, &peer, endpoint, src);
                     if len == 0 {
                         break; // keepalive
                     }

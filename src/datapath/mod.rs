@@ -37,6 +37,7 @@ mod outbound;
 pub mod packet;
 pub mod peers;
 pub mod transmit;
+mod view;
 
 #[cfg(test)]
 mod tests;
@@ -254,6 +255,9 @@ pub struct Datapath {
     address: AtomicU32,
     /// Relay session → the relay UDP address its `Data` frames go to (set by the path layer).
     relays: RwLock<HashMap<u64, SocketAddr>>,
+    /// Counts changes to the peers, their endpoints and the relay routes, so each direction
+    /// knows when to copy them again ([`view`]).
+    generation: AtomicU64,
     /// Drop and traffic counters.
     pub stats: Stats,
 }
@@ -279,6 +283,7 @@ impl Datapath {
             subnet,
             address: AtomicU32::new(0),
             relays: RwLock::new(HashMap::new()),
+            generation: AtomicU64::new(1),
             stats: Stats::default(),
         }
     }
@@ -286,6 +291,11 @@ impl Datapath {
     /// The device this datapath reads and writes.
     pub fn shape(&self) -> DeviceShape {
         self.shape
+    }
+
+    /// The peers, an endpoint or a relay route changed: the directions copy them again.
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Our virtual IP, if any.
@@ -313,6 +323,7 @@ impl Datapath {
             .peers
             .write()
             .apply(specs, &self.secret, &self.limiter, now);
+        self.changed();
         added
             .iter()
             .filter_map(|peer| {
@@ -329,6 +340,7 @@ impl Datapath {
             .peers
             .write()
             .reset(key, &self.secret, &self.limiter, now)?;
+        self.changed();
         tracing::debug!(ip = %peer.ip, "tunnel peer restarted; new WireGuard session");
         self.handshake_initiation(&peer, false)
     }
@@ -341,6 +353,7 @@ impl Datapath {
         let peer = self.peers.read().by_key(key).cloned()?;
         let was = std::mem::replace(&mut *peer.endpoint.lock(), endpoint);
         *peer.reported.lock() = None;
+        self.changed();
         let fresh = peer.tunn.lock().time_since_last_handshake().is_none();
         if was != endpoint && endpoint.is_some() && fresh {
             return self.handshake_initiation(&peer, true);
@@ -359,6 +372,8 @@ impl Datapath {
                 relays.remove(&session.0);
             }
         }
+        drop(relays);
+        self.changed();
     }
 
     fn relay_of(&self, session: u64) -> Option<SocketAddr> {
@@ -434,11 +449,6 @@ impl Datapath {
             tx_packets: p.tx_packets.load(Ordering::Relaxed),
             rx_packets: p.rx_packets.load(Ordering::Relaxed),
         })
-    }
-
-    /// Whether `ip` is a member's (the TAP device's ARP answers).
-    fn is_member(&self, ip: Ipv4Addr) -> bool {
-        self.peers.read().by_ip(&ip).is_some()
     }
 
     /// The roaming report for `key` did not reach the control task: report again next time.

@@ -4,14 +4,13 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Instant;
 
 use boringtun::noise::TunnResult;
 
 use super::offload::{self, DeviceRead, Segments, VNET_HLEN};
-use super::peers::Peer;
 use super::transmit::{Transmit, Transmits};
+use super::view::{PeerRoute, View};
 use super::{bump, ether, packet, Datapath, HANDSHAKE_INIT_LEN, HEADROOM, WG_OVERHEAD};
 use crate::config::DeviceKind;
 use crate::lan::gate::{self, Gate, Verdict};
@@ -24,8 +23,8 @@ pub struct Outbound {
     transmits: Transmits,
     /// The MAC the device's frames carry (a changed one is told to [`Datapath`]).
     device_mac: [u8; 6],
-    /// Scratch list of every peer, for packets for everyone.
-    everyone: Vec<Arc<Peer>>,
+    /// This direction's copy of the peers and relay routes.
+    view: View,
     /// Broadcast and multicast from this machine's programs.
     gate: Gate,
     /// A frame for the device (an ARP answer), behind a virtio-net header when the device
@@ -43,7 +42,7 @@ impl Outbound {
             segs: Segments::new(dp.shape.mtu + 128),
             transmits: Transmits::new(max_segments, HEADROOM + super::BUF + 64),
             device_mac: ether::OWN_MAC,
-            everyone: Vec::new(),
+            view: View::default(),
             gate: Gate::outbound(&dp.broadcast),
             device_write: Vec::with_capacity(VNET_HLEN + 64),
             device_write_ready: false,
@@ -75,6 +74,7 @@ impl Outbound {
     /// if a super-packet) encrypted into the send batches. Returns whether it was a
     /// super-packet (a batch of its own: the edge ends its round of reads).
     pub fn handle_device(&mut self, dp: &Datapath, now: Instant, buf: &mut [u8], n: usize) -> bool {
+        self.view.refresh(dp);
         let shape = dp.shape;
         let (frame, split) = if shape.vnet {
             match offload::device_read(buf, n, shape.link(), &mut self.segs) {
@@ -108,10 +108,10 @@ impl Outbound {
                 let seg = self.segs.get(i);
                 route(
                     dp,
+                    &self.view,
                     now,
                     seg,
                     &mut self.transmits,
-                    &mut self.everyone,
                     &mut self.gate,
                 );
             }
@@ -122,7 +122,7 @@ impl Outbound {
             DeviceKind::Tap => match ether::parse(frame) {
                 ether::Frame::Ipv4(p) => p,
                 ether::Frame::ArpRequest(request) => {
-                    let reply = ether::arp_reply(&request, |ip| dp.is_member(ip));
+                    let reply = ether::arp_reply(&request, |ip| self.view.by_ip(&ip).is_some());
                     if let Some(reply) = reply {
                         bump(&dp.stats.arp_answered);
                         self.device_write.clear();
@@ -142,10 +142,10 @@ impl Outbound {
         };
         route(
             dp,
+            &self.view,
             now,
             pkt,
             &mut self.transmits,
-            &mut self.everyone,
             &mut self.gate,
         );
         false
@@ -156,19 +156,18 @@ impl Outbound {
 /// every member.
 fn route(
     dp: &Datapath,
+    view: &View,
     now: Instant,
     pkt: &[u8],
     tx: &mut Transmits,
-    everyone: &mut Vec<Arc<Peer>>,
     gate: &mut Gate,
 ) {
     let Some(dst) = packet::ipv4_dst(pkt) else {
         bump(&dp.stats.not_ipv4);
         return;
     };
-    let target = dp.peers.read().by_ip(&dst).cloned();
-    if let Some(peer) = target {
-        encrypt_into(dp, &peer, pkt, tx);
+    if let Some(target) = view.by_ip(&dst) {
+        encrypt_into(dp, view, target, pkt, tx);
     } else if let Some(kind) = gate::kind_of(dst, &dp.subnet) {
         let ours = dp.address().unwrap_or(Ipv4Addr::UNSPECIFIED);
         let count = match gate.check(pkt, ours, now) {
@@ -180,29 +179,29 @@ fn route(
             }
             Verdict::DropSilently => return,
         };
-        everyone.clear();
-        everyone.extend(dp.peers.read().iter().cloned());
-        if count && !everyone.is_empty() {
+        if count && !view.everyone().is_empty() {
             dp.stats.broadcast.forwarded(kind);
         }
-        for peer in everyone.iter() {
-            encrypt_into(dp, peer, pkt, tx);
+        for target in view.everyone() {
+            encrypt_into(dp, view, target, pkt, tx);
         }
     } else {
         bump(&dp.stats.no_route);
     }
 }
 
-/// Encrypts `pkt` for `peer` into the send batches. A packet that must not wait (see
+/// Encrypts `pkt` for `target` into the send batches. A packet that must not wait (see
 /// [`packet::urgent`]) seals its batch, so it leaves after this read.
-fn encrypt_into(dp: &Datapath, peer: &Peer, pkt: &[u8], tx: &mut Transmits) {
-    let Some(ep) = peer.endpoint() else {
+fn encrypt_into(dp: &Datapath, view: &View, target: &PeerRoute, pkt: &[u8], tx: &mut Transmits) {
+    let Some(ep) = target.endpoint else {
         bump(&dp.stats.no_endpoint);
         return;
     };
-    let Some(route) = dp.wire_route(ep) else {
+    let Some(route) = view.wire_route(ep) else {
+        bump(&dp.stats.relay_no_route);
         return;
     };
+    let peer = &target.peer;
     let head = route.head();
     let to: SocketAddr = route.to;
     // Room for the encrypted packet, or for the handshake initiation boringtun writes instead

@@ -714,3 +714,34 @@ fn a_relayed_peer_whose_route_is_not_known_yet_still_starts_its_handshake() {
     );
     assert!(again, "one is under way: WireGuard's timers repeat it");
 }
+
+#[test]
+fn each_direction_sees_a_changed_endpoint_or_peer_set_from_the_next_packet() {
+    let (mut a, mut b) = pair(DeviceKind::Tun);
+    let pkt = udp(a.ip, b.ip, 27015, 10);
+    a.read_device(&pkt);
+    assert_eq!(a.end_round()[0].to, b.addr);
+    // The path layer moves b: a's next packet goes there.
+    let moved = SocketAddr::from(([198, 51, 100, 7], 40000));
+    a.dp.set_endpoint(&b.id.public, Some(moved));
+    a.read_device(&pkt);
+    let out = a.end_round();
+    assert_eq!(out[0].to, moved);
+    // b hears a from a new address only after its own endpoint for a changed too.
+    let a_moved = SocketAddr::from(([198, 51, 100, 8], 40000));
+    b.receive(a_moved, &out, &mut Vec::new());
+    assert_eq!(b.inbound.poll_roam(), Some((a.id.public, a_moved)));
+    b.dp.set_endpoint(&a.id.public, Some(a_moved));
+    a.read_device(&pkt);
+    b.receive(a_moved, &a.end_round(), &mut Vec::new());
+    assert_eq!(b.inbound.poll_roam(), None, "heard from its endpoint");
+    // b leaves the party: nothing goes to it, and what it still sends is refused.
+    b.read_device(&udp(b.ip, a.ip, 1, 10));
+    let from_b = b.end_round();
+    a.dp.set_peers(&[], Instant::now());
+    a.read_device(&pkt);
+    assert!(a.end_round().is_empty());
+    assert_eq!(a.dp.stats.no_route.load(Ordering::Relaxed), 1);
+    assert!(a.receive(b.addr, &from_b, &mut Vec::new()).is_empty());
+    assert_eq!(a.dp.stats.wg_unknown_peer.load(Ordering::Relaxed), 1);
+}
