@@ -1,6 +1,7 @@
 //! The receive direction, sans-IO: a datagram from the UDP socket in, decrypted packets for the
 //! party device, answers for the network, control datagrams and roaming reports out.
 
+use std::borrow::Cow;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +54,28 @@ fn note_source(
         *last = Some(src);
     } else {
         bump(&dp.stats.roam_dropped);
+    }
+}
+
+/// The peer a WireGuard message is for, with its endpoint: from the direction's view, without
+/// touching the peer's shared reference count.
+fn find_peer<'v>(view: &'v View, dp: &Datapath, packet: &Packet) -> Option<Cow<'v, PeerRoute>> {
+    match packet {
+        Packet::HandshakeInit(init) => {
+            // Rare, and the only lookup by key: from the shared table.
+            let half = parse_handshake_anon(&dp.secret, &dp.public, init).ok()?;
+            let peer = dp.peers.read().by_key(&half.peer_static_public).cloned()?;
+            Some(match view.by_index(peer.index) {
+                Some(r) if Arc::ptr_eq(&r.peer, &peer) => Cow::Borrowed(r),
+                _ => Cow::Owned(PeerRoute {
+                    endpoint: peer.endpoint(),
+                    peer,
+                }),
+            })
+        }
+        Packet::HandshakeResponse(p) => view.by_receiver_index(p.receiver_idx).map(Cow::Borrowed),
+        Packet::PacketCookieReply(p) => view.by_receiver_index(p.receiver_idx).map(Cow::Borrowed),
+        Packet::PacketData(p) => view.by_receiver_index(p.receiver_idx).map(Cow::Borrowed),
     }
 }
 
@@ -217,27 +240,6 @@ impl Inbound {
         }
     }
 
-    /// The peer a WireGuard message is for, with its endpoint.
-    fn find_peer(&self, dp: &Datapath, packet: &Packet) -> Option<PeerRoute> {
-        match packet {
-            Packet::HandshakeInit(init) => {
-                // Rare, and the only lookup by key: from the shared table.
-                let half = parse_handshake_anon(&dp.secret, &dp.public, init).ok()?;
-                let peer = dp.peers.read().by_key(&half.peer_static_public).cloned()?;
-                Some(match self.view.by_index(peer.index) {
-                    Some(r) if Arc::ptr_eq(&r.peer, &peer) => r.clone(),
-                    _ => PeerRoute {
-                        endpoint: peer.endpoint(),
-                        peer,
-                    },
-                })
-            }
-            Packet::HandshakeResponse(p) => self.view.by_receiver_index(p.receiver_idx).cloned(),
-            Packet::PacketCookieReply(p) => self.view.by_receiver_index(p.receiver_idx).cloned(),
-            Packet::PacketData(p) => self.view.by_receiver_index(p.receiver_idx).cloned(),
-        }
-    }
-
     /// Queues an answer to `to` (through its relay if virtual).
     fn answer(&mut self, dp: &Datapath, to: SocketAddr, bytes: &[u8]) {
         match self.view.wire_route(to) {
@@ -272,10 +274,11 @@ impl Inbound {
                 return;
             }
         };
-        let Some(PeerRoute { peer, endpoint }) = self.find_peer(dp, &packet) else {
+        let Some(target) = find_peer(&self.view, dp, &packet) else {
             bump(&dp.stats.wg_unknown_peer);
             return;
         };
+        let (peer, endpoint) = (&*target.peer, target.endpoint);
         // Decrypted packets land in the device batch's next buffer; answers for the network
         // (handshake responses, packets queued during a handshake) are copied out of it.
         let room = datagram.len().max(self.room);
@@ -321,7 +324,7 @@ impl Inbound {
                 Next::Network(len) => {
                     // A handshake answer or queued packets: send, then ask for more. Answers
                     // go where the message came from; queued data goes to the endpoint.
-                    note_source(&mut self.roam, dp, &peer, endpoint, src);
+                    note_source(&mut self.roam, dp, peer, endpoint, src);
                     let to = if matches!(packet, Packet::PacketData(_)) {
                         endpoint.unwrap_or(src)
                     } else {
@@ -347,7 +350,7 @@ impl Inbound {
                     input = &[];
                 }
                 Next::Tunnel(len, addr) => {
-                    note_source(&mut self.roam, dp, &peer, endpoint, src);
+                    note_source(&mut self.roam, dp, peer, endpoint, src);
                     if len == 0 {
                         break; // keepalive
                     }

@@ -29,10 +29,10 @@ pub struct Peer {
     pub tunn: Mutex<Tunn>,
     /// Where to send: set only by the path layer (a direct address or a relay's virtual
     /// endpoint, [`crate::path::vaddr`]).
-    pub endpoint: Mutex<Option<SocketAddr>>,
+    pub(super) endpoint: Mutex<Option<SocketAddr>>,
     /// The last source address reported to the path layer that was not `endpoint` (so a
     /// roaming peer is reported once, not per packet).
-    pub reported: Mutex<Option<SocketAddr>>,
+    pub(super) reported: Mutex<Option<SocketAddr>>,
     /// When it was added (for "connecting" vs "failed").
     pub added: Instant,
     /// Payload bytes sent to it.

@@ -745,3 +745,33 @@ fn each_direction_sees_a_changed_endpoint_or_peer_set_from_the_next_packet() {
     assert!(a.receive(b.addr, &from_b, &mut Vec::new()).is_empty());
     assert_eq!(a.dp.stats.wg_unknown_peer.load(Ordering::Relaxed), 1);
 }
+
+#[test]
+fn after_a_peer_restarts_both_directions_use_its_new_session() {
+    let (mut a, mut b) = pair(DeviceKind::Tun);
+    // Both cores have copied their view (one packet each way).
+    let pkt = udp(a.ip, b.ip, 27015, 10);
+    a.read_device(&pkt);
+    assert_eq!(b.receive(a.addr, &a.end_round(), &mut Vec::new()).len(), 1);
+    // a restarted, as b learns from the party: a new WireGuard state and receiver index.
+    let init =
+        b.dp.reset_peer(&a.id.public, Instant::now())
+            .expect("a handshake");
+    forget_session(&a, &b);
+    let mut answers = Vec::new();
+    a.receive(b.addr, &[from_datagram(init)], &mut answers);
+    b.receive(a.addr, &answers, &mut Vec::new());
+    // Data both ways on the new session.
+    let back = udp(b.ip, a.ip, 40000, 20);
+    b.read_device(&back);
+    assert_eq!(
+        a.receive(b.addr, &b.end_round(), &mut Vec::new()),
+        vec![back]
+    );
+    a.read_device(&pkt);
+    assert_eq!(
+        b.receive(a.addr, &a.end_round(), &mut Vec::new()),
+        vec![pkt]
+    );
+    assert_eq!(b.dp.stats.wg_unknown_peer.load(Ordering::Relaxed), 0);
+}

@@ -7,6 +7,10 @@
 //! so [`Datapath`] counts them in one generation number; a core compares it (one atomic load per
 //! call) and copies the tables again only when it moved. The `Tunn` of each peer is still
 //! behind its own lock: both directions must use the same WireGuard state.
+//!
+//! A direction that handles nothing keeps its copy: a peer that left stays referenced (never
+//! used) until that direction's next packet. Timers and the control task's sends read the shared
+//! tables, so nothing is sent from a stale copy.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
