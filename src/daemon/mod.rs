@@ -1439,6 +1439,7 @@ impl Control {
             "udp_gso_fallbacks".to_string(),
             self.tunnel.udp_gso_fallbacks(),
         );
+        counters.insert("tx_queue_full".to_string(), load(&s.tx_queue_full));
         StatusView {
             broadcast,
             node: NodeView {
