@@ -33,7 +33,8 @@
 # implementation and the ratios lanrage / wireguard-go and lanrage / GotaTun, and appends it as
 # a dated section to BENCHMARKS.md (--title names the section, --note adds a line; --no-record
 # only prints). --profile runs `perf record -g` on both lanrage daemons during each TCP run and
-# keeps the data and `perf report` summaries in a directory it prints (not removed).
+# each 100-byte flood and keeps the data and `perf report` summaries in a directory it prints
+# (not removed).
 # --keep keeps the work directory (logs, iperf3 JSON, ping output) and prints its path.
 # --lanrage-only and --wg-only are kept as --only lanrage / --only wireguard-go.
 # Everything runs in the two namespaces; nothing but apt-get and crates.io is contacted, and only
@@ -545,7 +546,9 @@ measure() {
   iperf_server_start "$tag-flood"
   local before
   before=$(delivered_count)
+  if ((profile)) && [[ $impl == lanrage ]]; then profile_start "r$round-lanrage-flood"; fi
   iperf_client "$tag-flood" -u -l 100 -b 0 -t "$duration"
+  if ((profile)) && [[ $impl == lanrage ]]; then profile_stop; fi
   iperf_server_stop
   bench_py udp "$WORK/$tag-flood.json" "$(($(delivered_count) - before))" flood >>"$out"
   stop_counting_udp_in_a
@@ -730,7 +733,7 @@ if [[ -n $(git status --porcelain 2>/dev/null | grep -v '^??' || true) ]]; then 
 versions=""
 for impl in "${impls[@]}"; do versions+="; $impl: $(version_of "$impl")"; done
 meta="scripts/bench.sh at $commit${versions}. Tunnels at MTU $MTU (lanrage via LANRAGE__NETWORK__MTU; its default is 1400). $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), Linux $(uname -r), load average before / after the run $LOAD_BEFORE / $LOAD_AFTER. B -> A: iperf3 TCP ${duration} s; iperf3 UDP 100-byte payloads, peak = the best of paced steps of ${udp_step} s at 20k, 30k, 45k... packets/s until two steps in a row lose >= 10%, flood = unpaced (-b 0) for ${duration} s (delivered = counted by nftables arriving in A, then dropped: no receiving program); $pings pings at 10 ms idle and again during an iperf3 TCP transfer. $rounds round(s)."
-if ((profile)); then meta+=" With --profile: perf was recording the lanrage daemons during lanrage's TCP runs."; fi
+if ((profile)); then meta+=" With --profile: perf was recording the lanrage daemons during lanrage's TCP runs and 100-byte floods."; fi
 env_order=()
 for ((round = 1; round <= rounds; round++)); do env_order+=("BENCH_ORDER_$round=${ORDER[$round]}"); done
 env BENCH_WORK="$WORK" BENCH_ROUNDS="$rounds" BENCH_IMPLS="${impls[*]}" BENCH_STAMP="$stamp" \
@@ -748,7 +751,7 @@ if ((profile)); then
     perf report -i "$data" --stdio --no-children 2>/dev/null | head -n 400 >"${data%.data}-callers.txt" || true
   done
   echo
-  echo "perf profiles of the lanrage daemons (A receives, B sends) during the TCP runs: $PROFILE_DIR"
+  echo "perf profiles of the lanrage daemons (A receives, B sends) during the TCP runs and floods: $PROFILE_DIR"
   echo "  *.txt flat self time (perf report --stdio --no-children), *-callers.txt with call chains,"
   echo "  *.data for perf report -i FILE"
 fi
