@@ -119,10 +119,11 @@ pub struct Stats {
     pub not_ipv4: AtomicU64,
     /// Packets to a peer without a known endpoint.
     pub no_endpoint: AtomicU64,
-    /// Data packets sent through the tunnel.
-    pub tx_packets: AtomicU64,
-    /// Data packets received through the tunnel.
-    pub rx_packets: AtomicU64,
+    /// Data packets sent through the tunnel (counted per packet by the sending direction: on a
+    /// cache line of its own, away from the receiving direction's).
+    pub tx_packets: CachePadded<AtomicU64>,
+    /// Data packets received through the tunnel (the receiving direction's own line).
+    pub rx_packets: CachePadded<AtomicU64>,
     /// ARP requests for members answered on the TAP device.
     pub arp_answered: AtomicU64,
     /// WireGuard handshakes completed (as initiator or responder).
@@ -446,10 +447,10 @@ impl Datapath {
             endpoint: p.endpoint(),
             last_handshake,
             added: p.added,
-            tx_bytes: p.tx_bytes.load(Ordering::Relaxed),
-            rx_bytes: p.rx_bytes.load(Ordering::Relaxed),
-            tx_packets: p.tx_packets.load(Ordering::Relaxed),
-            rx_packets: p.rx_packets.load(Ordering::Relaxed),
+            tx_bytes: p.tx.bytes.load(Ordering::Relaxed),
+            rx_bytes: p.rx.bytes.load(Ordering::Relaxed),
+            tx_packets: p.tx.packets.load(Ordering::Relaxed),
+            rx_packets: p.rx.packets.load(Ordering::Relaxed),
         })
     }
 

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -35,14 +36,39 @@ pub struct Peer {
     pub(super) reported: Mutex<Option<SocketAddr>>,
     /// When it was added (for "connecting" vs "failed").
     pub added: Instant,
-    /// Payload bytes sent to it.
-    pub tx_bytes: AtomicU64,
-    /// Payload bytes received from it.
-    pub rx_bytes: AtomicU64,
-    /// Packets sent to it.
-    pub tx_packets: AtomicU64,
-    /// Packets received from it.
-    pub rx_packets: AtomicU64,
+    /// What was sent to it (written by the sending direction, on a cache line of its own).
+    pub tx: CachePadded<Traffic>,
+    /// What was received from it (written by the receiving direction, on its own line).
+    pub rx: CachePadded<Traffic>,
+}
+
+/// Packets and payload bytes one way, counted per packet. Each direction's counters sit on a
+/// cache line of their own: next to each other, the two cores that send and receive would
+/// take the line from each other for every packet of a transfer with traffic both ways (TCP
+/// data one way, its ACKs the other).
+#[derive(Default)]
+pub struct Traffic {
+    /// Payload bytes.
+    pub bytes: AtomicU64,
+    /// Packets.
+    pub packets: AtomicU64,
+}
+
+impl Traffic {
+    /// Counts one packet of `n` payload bytes (relaxed: statistics only).
+    #[inline]
+    pub fn count(&self, n: usize) {
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        self.packets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A copy, for a peer whose WireGuard state starts afresh but whose totals go on.
+    fn carried(&self) -> CachePadded<Traffic> {
+        CachePadded::new(Traffic {
+            bytes: AtomicU64::new(self.bytes.load(Ordering::Relaxed)),
+            packets: AtomicU64::new(self.packets.load(Ordering::Relaxed)),
+        })
+    }
 }
 
 impl Peer {
@@ -137,10 +163,8 @@ impl PeerTable {
                         endpoint: Mutex::new(old_endpoint.or(spec.endpoint)),
                         reported: Mutex::new(None),
                         added: now,
-                        tx_bytes: AtomicU64::new(0),
-                        rx_bytes: AtomicU64::new(0),
-                        tx_packets: AtomicU64::new(0),
-                        rx_packets: AtomicU64::new(0),
+                        tx: CachePadded::default(),
+                        rx: CachePadded::default(),
                     });
                     self.by_key.insert(spec.key, peer.clone());
                     added.push(peer);
@@ -180,10 +204,8 @@ impl PeerTable {
             endpoint: Mutex::new(old.endpoint()),
             reported: Mutex::new(None),
             added: now,
-            tx_bytes: AtomicU64::new(old.tx_bytes.load(Ordering::Relaxed)),
-            rx_bytes: AtomicU64::new(old.rx_bytes.load(Ordering::Relaxed)),
-            tx_packets: AtomicU64::new(old.tx_packets.load(Ordering::Relaxed)),
-            rx_packets: AtomicU64::new(old.rx_packets.load(Ordering::Relaxed)),
+            tx: old.tx.carried(),
+            rx: old.rx.carried(),
         });
         self.by_key.insert(*key, peer.clone());
         self.by_index = self.by_key.values().map(|p| (p.index, p.clone())).collect();
@@ -202,18 +224,16 @@ impl PeerTable {
 }
 
 impl Peer {
-    /// Counts payload bytes (relaxed: statistics only).
+    /// Counts a packet of `n` payload bytes sent.
     #[inline]
     pub fn count_tx(&self, n: usize) {
-        self.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-        self.tx_packets.fetch_add(1, Ordering::Relaxed);
+        self.tx.count(n);
     }
 
-    /// Counts payload bytes received.
+    /// Counts a packet of `n` payload bytes received.
     #[inline]
     pub fn count_rx(&self, n: usize) {
-        self.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.rx.count(n);
     }
 }
 

@@ -21,6 +21,11 @@ use super::peers::Peer;
 use super::{Datapath, WireRoute};
 use crate::path::vaddr;
 
+/// A map looked up per packet, hashed with aHash (randomly keyed, like std's SipHash, and
+/// several times faster for these small keys). Its keys are ours (members, relay sessions);
+/// packets only look them up, so there is no hash flooding to defend against.
+type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
 /// One peer as a core sees it.
 #[derive(Clone)]
 pub struct PeerRoute {
@@ -35,10 +40,10 @@ pub struct PeerRoute {
 pub struct View {
     /// The generation copied (0: never; the datapath starts at 1).
     generation: u64,
-    by_ip: HashMap<Ipv4Addr, PeerRoute>,
-    by_index: HashMap<u32, PeerRoute>,
+    by_ip: FastMap<Ipv4Addr, PeerRoute>,
+    by_index: FastMap<u32, PeerRoute>,
     everyone: Vec<PeerRoute>,
-    relays: HashMap<u64, SocketAddr>,
+    relays: FastMap<u64, SocketAddr>,
 }
 
 impl View {
@@ -71,7 +76,9 @@ impl View {
                 self.everyone.push(route);
             }
         }
-        self.relays.clone_from(&dp.relays.read());
+        self.relays.clear();
+        self.relays
+            .extend(dp.relays.read().iter().map(|(&k, &v)| (k, v)));
     }
 
     /// The member with virtual IP `ip`.
