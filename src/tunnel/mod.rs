@@ -342,7 +342,8 @@ impl Tunnel {
                         io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset
                     ) =>
                 {
-                    // ICMP port-unreachable from an earlier send surfaces here on Linux.
+                    // An ICMP error from an earlier send (Linux reports none to an unconnected
+                    // socket without IP_RECVERR, but other kernels may).
                     continue;
                 }
                 Err(e) => {
