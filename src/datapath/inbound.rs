@@ -134,6 +134,9 @@ impl Inbound {
         let broadcast = dp.subnet.broadcast();
         let supers = self.device.prepare(|pkt, head| {
             let (Some(src), Some(dst)) = (packet::ipv4_src(pkt), packet::ipv4_dst(pkt)) else {
+                // Not reached (only checked IPv4 packets are committed); the slot is not
+                // zeroed, so never leave an earlier frame's bytes in the header.
+                head.fill(0);
                 return;
             };
             if let Ok(header) = <&mut [u8; ether::ETH_HLEN]>::try_from(head) {
@@ -387,7 +390,7 @@ impl Inbound {
                         bump(&dp.stats.codel_marked);
                     }
                     bump(&dp.stats.rx_packets);
-                    crate::realtime::note_packet(len);
+                    crate::realtime::note_packet(crate::realtime::Way::Received, len);
                     self.device.commit(len);
                     break;
                 }

@@ -201,7 +201,8 @@ impl DeviceBatch {
     }
 
     /// The next free buffer, from [`PACKET_AT`] on: decrypt into it, then [`DeviceBatch::commit`].
-    /// `None` when the batch is full.
+    /// `None` when the batch is full. Not zeroed: it may hold an earlier packet (another peer's
+    /// plaintext), so read only what was written into it.
     pub fn slot(&mut self, max_packet: usize) -> Option<&mut [u8]> {
         let buf = self.bufs.get_mut(self.len)?;
         buf.set_len(PACKET_AT + max_packet);
@@ -298,11 +299,15 @@ impl DeviceBatch {
 /// One pending packet's buffer. Its bytes are initialized once, up to the most it has held, and
 /// never again: the packet's end is `len`. Why: a `Vec` cut to each packet's length would zero
 /// the next slot (an MTU and more) for every packet, which was 9% of the receive side's CPU at
-/// 100-byte packets. tun-rs's coalescing grows the first packet of a flow through
-/// [`ExpandBuffer`], within the capacity it checks first.
+/// 100-byte packets. tun-rs's coalescing grows a flow's packet through [`ExpandBuffer`]
+/// (appending to the first, or prepending into a later one and swapping the two), within the
+/// capacity it checks first.
 struct PacketBuf {
     bytes: Vec<u8>,
     len: usize,
+    /// What tun-rs may fill: the header room and the largest super-packet the kernel takes
+    /// (kept apart from the `Vec`'s capacity, which an oversized slot could raise).
+    capacity: usize,
 }
 
 impl PacketBuf {
@@ -310,6 +315,7 @@ impl PacketBuf {
         PacketBuf {
             bytes: Vec::with_capacity(capacity),
             len: 0,
+            capacity,
         }
     }
 
@@ -336,7 +342,7 @@ impl AsMut<[u8]> for PacketBuf {
 
 impl ExpandBuffer for PacketBuf {
     fn buf_capacity(&self) -> usize {
-        self.bytes.capacity()
+        self.capacity
     }
 
     fn buf_resize(&mut self, new_len: usize, value: u8) {
@@ -427,6 +433,12 @@ mod tests {
         let lone = tcp(1, 10, 0x55);
         let frames = round(std::slice::from_ref(&lone));
         assert_eq!(frames.len(), 1);
+        let hdr = VirtioNetHdr::decode(&frames[0][..VNET_HLEN]).unwrap();
+        assert_eq!(
+            (hdr.gso_type, hdr.gso_size, hdr.flags),
+            (GSO_NONE, 0, 0),
+            "no stale offload header in front of it"
+        );
         assert_eq!(
             &frames[0][VNET_HLEN + 14..],
             &lone[..],

@@ -220,7 +220,7 @@ fn encrypt_into(dp: &Datapath, view: &View, target: &PeerRoute, pkt: &[u8], tx: 
     }
     peer.count_tx(pkt.len());
     bump(&dp.stats.tx_packets);
-    crate::realtime::note_packet(pkt.len());
+    crate::realtime::note_packet(crate::realtime::Way::Sent, pkt.len());
     let data = slot.get(head) == Some(&4);
     tx.commit(head + len);
     if !data || packet::urgent(pkt) {

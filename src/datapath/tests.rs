@@ -774,4 +774,7 @@ fn after_a_peer_restarts_both_directions_use_its_new_session() {
         vec![pkt]
     );
     assert_eq!(b.dp.stats.wg_unknown_peer.load(Ordering::Relaxed), 0);
+    // The totals go on across the restart: one packet each way before it, one after.
+    let status = b.dp.peer_status(&a.id.public).expect("a is a peer");
+    assert_eq!((status.rx_packets, status.tx_packets), (2, 1));
 }
