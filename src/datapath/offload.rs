@@ -455,6 +455,38 @@ mod tests {
         assert!(ip[540..].iter().all(|&b| b == 2));
     }
 
+    /// However large a buffer's allocation grew, one flow is coalesced into super-packets of
+    /// at most 64 KiB (an IP length field), and no payload is lost.
+    #[test]
+    fn super_packets_stay_within_64_kib_even_after_an_oversized_slot() {
+        let mut batch = DeviceBatch::new(64, 1400, 14, true, false);
+        let _ = batch.slot(200_000); // grows the first buffer's allocation past its capacity
+        let packets: Vec<_> = (0..50u32).map(|i| tcp(1 + i * 1400, 1400, 7)).collect();
+        for pkt in &packets {
+            let slot = batch.slot(1500).unwrap();
+            slot[..pkt.len()].copy_from_slice(pkt);
+            batch.commit(pkt.len());
+        }
+        let mut frames = Vec::new();
+        batch.drain(|_, eth| eth.fill(0), |f| frames.push(f.to_vec()));
+        assert!(
+            frames.len() >= 2,
+            "70 000 bytes of payload need two super-packets"
+        );
+        let mut payload = 0;
+        for f in &frames {
+            let ip = &f[VNET_HLEN + 14..];
+            assert_eq!(
+                ipv4_len(ip),
+                ip.len(),
+                "the IP length field holds the whole packet"
+            );
+            assert!(ip.len() <= 65535);
+            payload += ip.len() - 40;
+        }
+        assert_eq!(payload, 50 * 1400);
+    }
+
     #[test]
     fn what_does_not_coalesce_is_written_alone_with_an_empty_header() {
         let mut batch = DeviceBatch::new(8, 1400, 14, true, false);
