@@ -447,10 +447,10 @@ impl Datapath {
             endpoint: p.endpoint(),
             last_handshake,
             added: p.added,
-            tx_bytes: p.tx.bytes.load(Ordering::Relaxed),
-            rx_bytes: p.rx.bytes.load(Ordering::Relaxed),
-            tx_packets: p.tx.packets.load(Ordering::Relaxed),
-            rx_packets: p.rx.packets.load(Ordering::Relaxed),
+            tx_bytes: p.traffic.tx.bytes.load(Ordering::Relaxed),
+            rx_bytes: p.traffic.rx.bytes.load(Ordering::Relaxed),
+            tx_packets: p.traffic.tx.packets.load(Ordering::Relaxed),
+            rx_packets: p.traffic.rx.packets.load(Ordering::Relaxed),
         })
     }
 

@@ -36,9 +36,18 @@ pub struct Peer {
     pub(super) reported: Mutex<Option<SocketAddr>>,
     /// When it was added (for "connecting" vs "failed").
     pub added: Instant,
-    /// What was sent to it (written by the sending direction, on a cache line of its own).
+    /// What was sent to and received from it. Shared with the `Peer` that replaces this one
+    /// when the member restarts, so the totals go on and a packet counted on the old one by a
+    /// core that has not seen the change yet is not lost.
+    pub traffic: Arc<PeerTraffic>,
+}
+
+/// A peer's totals, each direction's on a cache line of its own.
+#[derive(Default)]
+pub struct PeerTraffic {
+    /// Sent to it (written by the sending direction).
     pub tx: CachePadded<Traffic>,
-    /// What was received from it (written by the receiving direction, on its own line).
+    /// Received from it (written by the receiving direction).
     pub rx: CachePadded<Traffic>,
 }
 
@@ -60,14 +69,6 @@ impl Traffic {
     pub fn count(&self, n: usize) {
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
         self.packets.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A copy, for a peer whose WireGuard state starts afresh but whose totals go on.
-    fn carried(&self) -> CachePadded<Traffic> {
-        CachePadded::new(Traffic {
-            bytes: AtomicU64::new(self.bytes.load(Ordering::Relaxed)),
-            packets: AtomicU64::new(self.packets.load(Ordering::Relaxed)),
-        })
     }
 }
 
@@ -163,8 +164,7 @@ impl PeerTable {
                         endpoint: Mutex::new(old_endpoint.or(spec.endpoint)),
                         reported: Mutex::new(None),
                         added: now,
-                        tx: CachePadded::default(),
-                        rx: CachePadded::default(),
+                        traffic: Arc::default(),
                     });
                     self.by_key.insert(spec.key, peer.clone());
                     added.push(peer);
@@ -204,8 +204,7 @@ impl PeerTable {
             endpoint: Mutex::new(old.endpoint()),
             reported: Mutex::new(None),
             added: now,
-            tx: old.tx.carried(),
-            rx: old.rx.carried(),
+            traffic: old.traffic.clone(),
         });
         self.by_key.insert(*key, peer.clone());
         self.by_index = self.by_key.values().map(|p| (p.index, p.clone())).collect();
@@ -227,13 +226,13 @@ impl Peer {
     /// Counts a packet of `n` payload bytes sent.
     #[inline]
     pub fn count_tx(&self, n: usize) {
-        self.tx.count(n);
+        self.traffic.tx.count(n);
     }
 
     /// Counts a packet of `n` payload bytes received.
     #[inline]
     pub fn count_rx(&self, n: usize) {
-        self.rx.count(n);
+        self.traffic.rx.count(n);
     }
 }
 
